@@ -1,0 +1,121 @@
+"""The one exception family of pyqvm.
+
+Every error pyqvm raises on purpose derives from `PyqvmError`::
+
+    PyqvmError
+     ├─ SpecError          bad VM description; the message names the field and the fix
+     ├─ HostError          the host cannot do it (KVM unusable, missing tool or package); says the fix
+     ├─ ImageError         building or finding the built-in guest image failed
+     ├─ LaunchError        QEMU refused the argv or died before the guest was ready
+     ├─ VMStateError       operation not valid in the VM's current state
+     ├─ VMExitedError      QEMU went away during an operation
+     ├─ PyqvmTimeoutError  a bounded wait ran out (also a TimeoutError)
+     ├─ QMPCommandError    QEMU answered a QMP command with an error
+     └─ GuestError         the guest agent failed or a guest command could not run
+
+Errors carry the data a caller needs (argv, exit code, stderr and console
+tails) as attributes, not only inside the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class PyqvmError(Exception):
+    """Base class of every error pyqvm raises on purpose."""
+
+
+class SpecError(PyqvmError, ValueError):
+    """A VM description is invalid.
+
+    ``field`` is the dotted path of the offending field (e.g. ``disks[1].path``).
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+
+class HostError(PyqvmError):
+    """The host lacks something pyqvm needs; the message says how to fix it."""
+
+
+class ImageError(PyqvmError):
+    """The built-in guest image could not be built or found."""
+
+
+def _tail(text: str, lines: int) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+class LaunchError(PyqvmError):
+    """QEMU refused its command line or died before the guest became ready."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argv: Sequence[str] = (),
+        exitcode: int | None = None,
+        stderr: str = "",
+        console: str = "",
+    ) -> None:
+        self.reason = message
+        self.argv = list(argv)
+        self.exitcode = exitcode
+        self.stderr = stderr
+        self.console = console
+        parts = [message]
+        if exitcode is not None:
+            parts.append(f"QEMU exit code: {exitcode}")
+        if stderr.strip():
+            parts.append("QEMU stderr:\n" + _tail(stderr, 20))
+        if console.strip():
+            parts.append("console tail:\n" + _tail(console, 20))
+        super().__init__("\n".join(parts))
+
+
+class VMStateError(PyqvmError):
+    """The operation is not valid in the VM's current state."""
+
+
+class VMExitedError(PyqvmError):
+    """QEMU exited while an operation was in progress."""
+
+
+class PyqvmTimeoutError(PyqvmError, TimeoutError):
+    """A bounded wait ran out."""
+
+
+class QMPCommandError(PyqvmError):
+    """QEMU answered a QMP command with an error.
+
+    ``command`` is the QMP command, ``error_class`` QEMU's error class
+    (e.g. ``GenericError``) and ``description`` QEMU's own text.
+    """
+
+    def __init__(self, command: str, error_class: str, description: str) -> None:
+        super().__init__(f"QMP {command!r} failed ({error_class}): {description}")
+        self.command = command
+        self.error_class = error_class
+        self.description = description
+
+
+class GuestError(PyqvmError):
+    """The guest agent failed, or a command could not be run in the guest."""
+
+
+__all__ = [
+    "GuestError",
+    "HostError",
+    "ImageError",
+    "LaunchError",
+    "PyqvmError",
+    "PyqvmTimeoutError",
+    "QMPCommandError",
+    "SpecError",
+    "VMExitedError",
+    "VMStateError",
+]
