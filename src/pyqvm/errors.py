@@ -4,7 +4,7 @@ Every error pyqvm raises on purpose derives from `PyqvmError`::
 
     PyqvmError
      ├─ SpecError          bad VM description; the message names the field and the fix
-     ├─ HostError          the host cannot do it (KVM unusable, missing tool or package); says the fix
+     ├─ HostError          the host cannot do it (KVM unusable, missing package); says the fix
      ├─ ImageError         building or finding the built-in guest image failed
      ├─ LaunchError        QEMU refused the argv or died before the guest was ready
      ├─ VMStateError       operation not valid in the VM's current state

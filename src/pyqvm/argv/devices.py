@@ -1,0 +1,197 @@
+"""Guest devices per profile: disks, NICs, PV extras, host devices.
+
+The three profiles follow the openSUSE virtualization guide's modes:
+
+- ``emulated`` (full virtualization): devices unmodified guests drive —
+  e1000 (pc) / e1000e (q35) NICs, AHCI disks on q35, IDE on pc;
+- ``virtio`` (PV-on-HVM): virtio-blk/scsi, virtio-net, virtio-rng,
+  virtio-balloon, virtio-serial;
+- ``passthrough``: the virtio set plus vfio-pci host devices.
+
+The guest agent channel is virtio-serial in every profile: it is pyqvm's
+management path, not part of the guest's emulated hardware.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyqvm.argv.escape import qjson
+from pyqvm.errors import SpecError
+from pyqvm.spec import Disk, Network, VMSpec
+
+
+@dataclass(frozen=True, slots=True)
+class DiskFile:
+    """What QEMU opens for one disk: ``overlay`` (qcow2 in the runtime dir) over the spec's file."""
+
+    overlay: Path | None = None
+
+
+def bus_kind(spec: VMSpec) -> str:
+    """``pci`` or ``mmio`` (microvm's virtio-mmio transport)."""
+    return "mmio" if spec.machine == "microvm" else "pci"
+
+
+def virtio(spec: VMSpec, kind: str) -> str:
+    """The virtio driver for this machine: ``virtio-blk-pci`` or ``virtio-blk-device``."""
+    return f"virtio-{kind}-{'device' if bus_kind(spec) == 'mmio' else 'pci'}"
+
+
+def disk_interface(spec: VMSpec, disk: Disk) -> str:
+    if disk.interface != "auto":
+        return disk.interface
+    if spec.profile == "emulated":
+        return "ahci" if spec.machine == "q35" else "ide"
+    return "virtio-blk"
+
+
+def nic_model(spec: VMSpec, net: Network) -> str:
+    model = net.model
+    if model == "auto":
+        if spec.profile == "emulated":
+            model = "e1000e" if spec.machine == "q35" else "e1000"
+        else:
+            model = "virtio"
+    return virtio(spec, "net") if model == "virtio" else model
+
+
+class _IdePorts:
+    """Hands out AHCI ports (q35: ide.0..ide.5) or IDE bus/unit pairs (pc: 2 buses x 2 units)."""
+
+    def __init__(self, machine: str) -> None:
+        if machine == "q35":
+            self._free: list[dict[str, object]] = [{"bus": f"ide.{i}"} for i in range(6)]
+        elif machine == "pc":
+            self._free = [{"bus": f"ide.{b}", "unit": u} for b in range(2) for u in range(2)]
+        else:
+            self._free = []
+        self._machine = machine
+
+    def take(self, where: str) -> dict[str, object]:
+        if not self._free:
+            n = {"q35": 6, "pc": 4}.get(self._machine, 0)
+            raise SpecError(
+                where, f"machine {self._machine!r} has only {n} AHCI/IDE ports; use virtio-blk"
+            )
+        return self._free.pop(0)
+
+
+def disk_args(spec: VMSpec, files: Mapping[str, DiskFile]) -> list[str]:
+    """``-blockdev`` (JSON) and ``-device`` arguments for disks and CD-ROMs."""
+    argv: list[str] = []
+    ide = _IdePorts(spec.machine)
+    scsi_bus: str | None = None
+    for i, disk in enumerate(spec.disks):
+        where = f"disks[{i}]"
+        argv += ["-blockdev", qjson(_blockdev(disk, files.get(disk.id, DiskFile())))]
+        iface = disk_interface(spec, disk)
+        dev: dict[str, object] = {"id": disk.id, "drive": disk.id}
+        if iface == "virtio-blk":
+            dev["driver"] = virtio(spec, "blk")
+        elif iface == "virtio-scsi":
+            if scsi_bus is None:
+                scsi_bus = "scsi0"
+                argv += ["-device", qjson({"driver": virtio(spec, "scsi"), "id": scsi_bus})]
+            dev |= {"driver": "scsi-hd", "bus": f"{scsi_bus}.0"}
+        else:
+            dev |= {"driver": "ide-hd", **ide.take(f"{where}.interface")}
+        if spec.kernel is None and i == 0:
+            dev["bootindex"] = 0
+        argv += ["-device", qjson(dev)]
+    for i, cd in enumerate(spec.cdroms):
+        node = f"cd{i}"
+        argv += [
+            "-blockdev",
+            qjson(
+                {
+                    "driver": "raw",
+                    "node-name": node,
+                    "read-only": True,
+                    "file": {"driver": "file", "filename": str(cd), "read-only": True},
+                }
+            ),
+            "-device",
+            qjson({"driver": "ide-cd", "id": node, "drive": node, **ide.take(f"cdroms[{i}]")}),
+        ]
+    return argv
+
+
+def _blockdev(disk: Disk, f: DiskFile) -> dict[str, object]:
+    base: dict[str, object] = {
+        "driver": disk.format,
+        "file": {"driver": "file", "filename": str(disk.path)},
+    }
+    if disk.ephemeral and not disk.readonly:
+        if f.overlay is None:
+            raise ValueError(f"disk {disk.id!r} is ephemeral but no overlay was made for it")
+        # The overlay names its backing file explicitly: QEMU never reparses a
+        # path stored in an image header, and the base is opened read-only.
+        base |= {"node-name": f"{disk.id}-base", "read-only": True}
+        return {
+            "driver": "qcow2",
+            "node-name": disk.id,
+            "file": {"driver": "file", "filename": str(f.overlay)},
+            "backing": base,
+        }
+    return base | {"node-name": disk.id, "read-only": disk.readonly}
+
+
+def net_args(spec: VMSpec, accel: str) -> list[str]:
+    argv: list[str] = []
+    for net in spec.networks:
+        if net.mode == "none":
+            continue
+        netdev: dict[str, object] = {"id": net.id, "type": net.mode}
+        if net.mode == "user":
+            if net.forwards:
+                netdev["hostfwd"] = [
+                    {"str": f"{f.protocol}:{f.host_address}:{f.host_port}-:{f.guest_port}"}
+                    for f in net.forwards
+                ]
+        else:
+            netdev |= {"ifname": net.tap, "script": "no", "downscript": "no"}
+            if accel == "kvm" and spec.profile != "emulated":
+                netdev["vhost"] = True
+        argv += ["-netdev", qjson(netdev)]
+        argv += [
+            "-device",
+            qjson({"driver": nic_model(spec, net), "id": net.id, "netdev": net.id, "mac": net.mac}),
+        ]
+    return argv
+
+
+def pv_extra_args(spec: VMSpec) -> list[str]:
+    """virtio-rng and virtio-balloon (PV profiles only)."""
+    if spec.profile == "emulated":
+        return []
+    argv: list[str] = []
+    if spec.rng:
+        argv += [
+            "-object",
+            qjson({"qom-type": "rng-builtin", "id": "pq-rng"}),
+            "-device",
+            qjson({"driver": virtio(spec, "rng"), "id": "pq-rng-dev", "rng": "pq-rng"}),
+        ]
+    if spec.balloon:
+        argv += ["-device", qjson({"driver": virtio(spec, "balloon"), "id": "pq-balloon"})]
+    return argv
+
+
+def hostdev_args(spec: VMSpec) -> list[str]:
+    argv: list[str] = []
+    for h in spec.host_devices:
+        dev: dict[str, object] = {
+            "driver": "vfio-pci",
+            "id": h.id,
+            "host": h.address,
+            "addr": h.guest_address,
+        }
+        if h.rombar is not None:
+            dev["rombar"] = int(h.rombar)
+        if h.multifunction:
+            dev["multifunction"] = True
+        argv += ["-device", qjson(dev)]
+    return argv
