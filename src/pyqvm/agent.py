@@ -28,7 +28,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from pyqvm.errors import GuestError, PyqvmTimeoutError, VMExitedError
+from pyqvm.errors import (
+    GuestCommandError,
+    GuestError,
+    GuestExecError,
+    PyqvmTimeoutError,
+    VMExitedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,40 +48,6 @@ _LOG_MAX = 300
 _NO_REPLY = frozenset(
     {"guest-shutdown", "guest-suspend-disk", "guest-suspend-ram", "guest-suspend-hybrid"}
 )
-
-
-class GuestCommandError(GuestError):
-    """The agent answered a command with an error.
-
-    ``command`` is the QGA command, ``error_class`` the agent's error class
-    (e.g. ``GenericError``) and ``description`` the agent's own text.
-    """
-
-    def __init__(
-        self, command: str, error_class: str, description: str, *, what: str = ""
-    ) -> None:
-        super().__init__(f"{what or repr(command)} failed ({error_class}): {description}")
-        self.command = command
-        self.error_class = error_class
-        self.description = description
-
-
-class GuestExecError(GuestError):
-    """A guest command ran but exited non-zero or was killed by a signal."""
-
-    def __init__(
-        self, argv: Sequence[str], exitcode: int, stderr: bytes, signal: int | None
-    ) -> None:
-        how = f"killed by signal {signal}" if signal is not None else f"exit code {exitcode}"
-        msg = f"guest command {shlex.join(argv)!r} failed: {how}"
-        tail = _tail(stderr.decode("utf-8", "replace"), 20)
-        if tail:
-            msg += "\nstderr:\n" + tail
-        super().__init__(msg)
-        self.argv = list(argv)
-        self.exitcode = exitcode
-        self.stderr = stderr
-        self.signal = signal
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +105,7 @@ class GuestAgent:
         return self._writer is not None
 
     async def connect(self, sock_or_path: socket.socket | str | Path) -> None:
-        """Attach to a connected socket (ownership passes to us) or a unix socket path.
+        """Attach to a connected socket (we own and close it) or a unix socket path.
 
         No traffic happens here; call `wait_ready` before the first command.
         """
@@ -149,6 +121,8 @@ class GuestAgent:
                     str(sock_or_path), limit=_LINE_LIMIT
                 )
         except OSError as e:
+            if isinstance(sock_or_path, socket.socket):
+                sock_or_path.close()  # it was handed to us; don't leak it
             raise GuestError(
                 f"{self.name}: cannot connect to guest agent at {sock_or_path}: {e}"
             ) from e
@@ -218,14 +192,7 @@ class GuestAgent:
         Raises `GuestCommandError` on an error reply, `PyqvmTimeoutError` (the next call
         resyncs first) and `VMExitedError` if the channel closes.
         """
-        async with self._lock:
-            try:
-                async with asyncio.timeout(timeout):
-                    return await self._execute_locked(command, arguments)
-            except TimeoutError as e:
-                raise PyqvmTimeoutError(
-                    f"{self.name}: guest agent did not answer {command!r} within {timeout:g}s"
-                ) from e
+        return await self._call(command, arguments, timeout, "")
 
     async def ping(self, timeout: float = 5.0) -> None:
         """Check that the agent answers."""
@@ -261,9 +228,9 @@ class GuestAgent:
         if env is not None:
             args["env"] = [f"{k}={v}" for k, v in env.items()]
         what = f"guest-exec {shlex.join(argv)!r}"
+        ret = _as_dict(await self._call("guest-exec", args, timeout, what))
+        pid = _field(ret, "pid", int, "guest-exec")
         try:
-            ret = _as_dict(await self.execute("guest-exec", args, timeout=timeout, what=what))
-            pid = _field(ret, "pid", int, "guest-exec")
             # QGA has no exit notification, so polling is the only way to learn the end.
             interval = poll_interval
             while True:
@@ -279,7 +246,7 @@ class GuestAgent:
                 interval = min(interval * 1.5, max(0.2, poll_interval))
         except PyqvmTimeoutError as e:
             raise PyqvmTimeoutError(
-                f"{self.name}: {what} still running in the guest after {timeout:g}s; "
+                f"{self.name}: {what} (guest pid {pid}) still running after {timeout:g}s; "
                 "QGA 7.2 cannot kill it"
             ) from e
         for stream in ("out", "err"):
@@ -349,12 +316,28 @@ class GuestAgent:
 
     # -- internals -------------------------------------------------------------
 
+    async def _call(
+        self,
+        command: str,
+        arguments: Mapping[str, object] | None,
+        timeout: float,
+        what: str,
+    ) -> object:
+        async with self._lock:
+            try:
+                async with asyncio.timeout(timeout):
+                    return await self._execute_locked(command, arguments, what)
+            except TimeoutError as e:
+                raise PyqvmTimeoutError(
+                    f"{self.name}: guest agent did not answer {command!r} within {timeout:g}s"
+                ) from e
+
     async def _open(self, path: str, mode: str, timeout: float) -> int:
-        ret = await self.execute(
+        ret = await self._call(
             "guest-file-open",
             {"path": path, "mode": mode},
-            timeout=timeout,
-            what=f"guest-file-open {path!r} ({mode!r})",
+            timeout,
+            f"guest-file-open {path!r} ({mode!r})",
         )
         if not isinstance(ret, int):
             raise GuestError(f"{self.name}: guest-file-open returned {ret!r}, not a handle")
@@ -365,7 +348,9 @@ class GuestAgent:
         sync_id = random.getrandbits(62)
         # The leading 0xFF flushes a partial request the agent may hold from an
         # earlier writer; the agent answers it with an error that we discard below.
-        self._send(writer, _DELIMITER, {"execute": "guest-sync-delimited", "arguments": {"id": sync_id}})
+        self._send(
+            writer, _DELIMITER, {"execute": "guest-sync-delimited", "arguments": {"id": sync_id}}
+        )
         await self._drain(writer)
         while True:
             msg = await self._recv(reader)
@@ -428,7 +413,7 @@ class GuestAgent:
 
     def _send(self, writer: asyncio.StreamWriter, prefix: bytes, msg: Mapping[str, object]) -> None:
         data = json.dumps(msg, separators=(",", ":")).encode()
-        log.debug("%s -> %s", self.name, _clip(data))
+        log.debug("%s -> %s%s", self.name, "<0xFF>" if prefix else "", _clip(data))
         try:
             writer.write(prefix + data + b"\n")
         except (ConnectionError, RuntimeError) as e:
@@ -445,9 +430,7 @@ class GuestAgent:
         try:
             line = await reader.readuntil(b"\n")
         except asyncio.IncompleteReadError as e:
-            raise VMExitedError(
-                f"{self.name}: guest agent channel closed (QEMU exited?)"
-            ) from e
+            raise VMExitedError(f"{self.name}: guest agent channel closed (QEMU exited?)") from e
         except asyncio.LimitOverrunError as e:
             raise GuestError(f"{self.name}: guest agent reply exceeds {_LINE_LIMIT} bytes") from e
         except ConnectionError as e:
@@ -518,10 +501,6 @@ def _b64field(d: Mapping[str, Any], key: str) -> bytes:
 def _clip(data: bytes) -> str:
     text = data.decode("utf-8", "replace")
     return text if len(text) <= _LOG_MAX else f"{text[:_LOG_MAX]}... ({len(text)} chars)"
-
-
-def _tail(text: str, lines: int) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 __all__ = ["ExecResult", "GuestAgent", "GuestCommandError", "GuestExecError"]

@@ -12,6 +12,8 @@ Every error pyqvm raises on purpose derives from `PyqvmError`::
      ├─ PyqvmTimeoutError  a bounded wait ran out (also a TimeoutError)
      ├─ QMPCommandError    QEMU answered a QMP command with an error
      └─ GuestError         the guest agent failed or a guest command could not run
+          ├─ GuestCommandError  the agent answered with an error (class, description)
+          └─ GuestExecError     a guest command exited non-zero (argv, exit code, stderr)
 
 Errors carry the data a caller needs (argv, exit code, stderr and console
 tails) as attributes, not only inside the message.
@@ -19,6 +21,7 @@ tails) as attributes, not only inside the message.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 
 
@@ -107,8 +110,42 @@ class GuestError(PyqvmError):
     """The guest agent failed, or a command could not be run in the guest."""
 
 
+class GuestCommandError(GuestError):
+    """The agent answered a command with an error.
+
+    ``command`` is the QGA command, ``error_class`` the agent's error class
+    (e.g. ``GenericError``) and ``description`` the agent's own text.
+    """
+
+    def __init__(self, command: str, error_class: str, description: str, *, what: str = "") -> None:
+        super().__init__(f"{what or repr(command)} failed ({error_class}): {description}")
+        self.command = command
+        self.error_class = error_class
+        self.description = description
+
+
+class GuestExecError(GuestError):
+    """A guest command ran but exited non-zero or was killed by a signal."""
+
+    def __init__(
+        self, argv: Sequence[str], exitcode: int, stderr: bytes, signal: int | None
+    ) -> None:
+        how = f"killed by signal {signal}" if signal is not None else f"exit code {exitcode}"
+        msg = f"guest command {shlex.join(argv)!r} failed: {how}"
+        tail = _tail(stderr.decode("utf-8", "replace"), 20)
+        if tail:
+            msg += "\nstderr:\n" + tail
+        super().__init__(msg)
+        self.argv = list(argv)
+        self.exitcode = exitcode
+        self.stderr = stderr
+        self.signal = signal
+
+
 __all__ = [
+    "GuestCommandError",
     "GuestError",
+    "GuestExecError",
     "HostError",
     "ImageError",
     "LaunchError",

@@ -1,0 +1,65 @@
+"""Turn a spec into what one launch on this host needs: the built-in image
+filled in, the accelerator chosen, the QEMU binary found, host devices checked.
+
+Everything here can fail, and does so before QEMU starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pyqvm.argv.build import FAST_BOOT_APPEND
+from pyqvm.errors import HostError, SpecError
+from pyqvm.host.accel import choose_accelerator
+from pyqvm.host.facts import HostFacts, qemu_binary, read_host_facts
+from pyqvm.host.pci import pci_device_dir
+from pyqvm.spec import Disk, KernelBoot, VMSpec
+
+log = logging.getLogger(__name__)
+
+# The built-in guest prints to ttyS0; "quiet" keeps the console (and TCG time) short.
+IMAGE_APPEND = f"console=ttyS0 {FAST_BOOT_APPEND} quiet"
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A spec made concrete for this host."""
+
+    spec: VMSpec
+    accel: Literal["kvm", "tcg"]
+    qemu: Path
+    facts: HostFacts
+    ready_marker: str | None = None
+
+
+def with_image(spec: VMSpec, cache: Path | None = None) -> tuple[VMSpec, str | None]:
+    """Replace ``spec.image`` by the built image's kernel, initrd and base disk."""
+    if spec.image is None:
+        return spec, None
+    from pyqvm import image  # the launcher touches image/ only to find a built image
+
+    img = image.find(spec.image, cache=cache)
+    kernel = KernelBoot(kernel=img.kernel, initrd=img.initrd, append=IMAGE_APPEND)
+    disk = Disk(path=img.disk, format="qcow2", ephemeral=True, id="root")
+    resolved = dataclasses.replace(spec, image=None, kernel=kernel, disks=(disk, *spec.disks))
+    return resolved, img.ready_marker
+
+
+def resolve(
+    spec: VMSpec, *, facts: HostFacts | None = None, image_cache: Path | None = None
+) -> Resolved:
+    """Check ``spec`` against this host and fill in what the host decides."""
+    facts = facts or read_host_facts()
+    accel = choose_accelerator(spec.accelerator, facts.kvm)
+    qemu = qemu_binary(facts, spec.arch)
+    for i, h in enumerate(spec.host_devices):
+        try:
+            pci_device_dir(h.address)
+        except HostError as e:
+            raise SpecError(f"host_devices[{i}].address", str(e)) from None
+    concrete, marker = with_image(spec, image_cache)
+    return Resolved(spec=concrete, accel=accel, qemu=qemu, facts=facts, ready_marker=marker)

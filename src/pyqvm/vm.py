@@ -1,0 +1,432 @@
+"""`AsyncVM`: the one object a user holds for a running guest.
+
+It owns the runtime dir, the QEMU process, the QMP session and the guest
+agent, in that order of creation, and tears them down in reverse::
+
+    async with AsyncVM(VMSpec(image="default")) as vm:
+        result = await vm.run(["uname", "-a"])
+
+Shutdown goes in steps, each bounded: ACPI powerdown (wait for QEMU to
+exit) -> QMP ``quit`` -> SIGTERM -> SIGKILL. Cleanup is shielded from the
+caller's cancellation, and nothing is left behind: no process, socket,
+overlay or directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from qemu.qmp import EventListener
+
+from pyqvm.agent import ExecResult, GuestAgent
+from pyqvm.argv.build import LaunchContext, build_argv
+from pyqvm.argv.devices import DiskFile
+from pyqvm.errors import (
+    HostError,
+    LaunchError,
+    PyqvmError,
+    PyqvmTimeoutError,
+    VMStateError,
+)
+from pyqvm.host.facts import HostFacts
+from pyqvm.process import QemuProcess, RuntimeDir
+from pyqvm.resolve import Resolved, resolve
+from pyqvm.session import EventMatch, QMPSession
+from pyqvm.spec import VMSpec
+
+log = logging.getLogger(__name__)
+
+_CONSOLE_TAIL = 64 * 1024
+
+
+class VMState(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class AsyncVM:
+    """A QEMU guest described by a `VMSpec`; asyncio API.
+
+    ``start()`` returns when the guest is ready (guest agent answers, or the
+    console shows ``ready_pattern``, per ``spec.ready``) and raises
+    `LaunchError` with QEMU's stderr and the console tail if it never gets there.
+    """
+
+    def __init__(
+        self,
+        spec: VMSpec,
+        *,
+        host: HostFacts | None = None,
+        image_cache: Path | None = None,
+    ) -> None:
+        self.spec = spec
+        self._host = host
+        self._image_cache = image_cache
+        self._state = VMState.CREATED
+        self._resolved: Resolved | None = None
+        self._rundir: RuntimeDir | None = None
+        self._process: QemuProcess | None = None
+        self._qmp: QMPSession | None = None
+        self._agent: GuestAgent | None = None
+        self._argv: list[str] = []
+        self._console_log: Path | None = None
+        self._stderr_log: Path | None = None
+        self._last_code: int | None = None
+        self._console_cache = ""
+        #: Seconds from `start` until the guest was ready.
+        self.boot_seconds: float | None = None
+
+    # --- state -------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> VMState:
+        return self._state
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def argv(self) -> list[str]:
+        """The argv QEMU was started with (empty before `start`)."""
+        return list(self._argv)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def accelerator(self) -> str | None:
+        return self._resolved.accel if self._resolved else None
+
+    @property
+    def runtime_dir(self) -> Path | None:
+        return self._rundir.path if self._rundir else None
+
+    def _require(self, *states: VMState) -> None:
+        if self._state not in states:
+            wanted = " or ".join(s.value for s in states)
+            raise VMStateError(f"VM {self.name!r} is {self._state.value}; this needs it {wanted}")
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncVM:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start QEMU and wait until the guest is ready."""
+        self._require(VMState.CREATED)
+        self._state = VMState.STARTING
+        t0 = time.monotonic()
+        try:
+            await self._launch()
+            await self._wait_ready()
+        except BaseException:
+            self._state = VMState.FAILED
+            await asyncio.shield(self._teardown())
+            raise
+        self.boot_seconds = time.monotonic() - t0
+        self._state = VMState.RUNNING
+        log.info("%s: ready after %.2f s (pid %s)", self.name, self.boot_seconds, self.pid)
+
+    async def _launch(self) -> None:
+        self._resolved = resolved = resolve(
+            self.spec, facts=self._host, image_cache=self._image_cache
+        )
+        spec = resolved.spec
+        self._rundir = RuntimeDir()
+        rundir = self._rundir.path
+        self._console_log = spec.serial_log or rundir / "console.log"
+        self._stderr_log = rundir / "qemu.stderr"
+        self._console_log.write_bytes(b"")
+        disk_files = {
+            d.id: DiskFile(
+                overlay=await _make_overlay(d.path, d.format or "raw", rundir / f"{d.id}.qcow2")
+            )
+            for d in spec.disks
+            if d.ephemeral and not d.readonly
+        }
+        qmp_ours, qmp_theirs = socket.socketpair()
+        agent_ours, agent_theirs = socket.socketpair() if spec.guest_agent else (None, None)
+        theirs = [s for s in (qmp_theirs, agent_theirs) if s is not None]
+        try:
+            ctx = LaunchContext(
+                qemu=resolved.qemu,
+                accel=resolved.accel,
+                qmp_fd=qmp_theirs.fileno(),
+                agent_fd=agent_theirs.fileno() if agent_theirs else None,
+                console_log=self._console_log,
+                disk_files=disk_files,
+                tsc_khz=resolved.facts.tsc_khz,
+            )
+            self._argv = build_argv(spec, ctx)
+            log.info("%s: starting %s (accel %s)", self.name, resolved.qemu.name, resolved.accel)
+            log.debug("%s: argv %s", self.name, self._argv)
+            self._process = QemuProcess()
+            await self._process.start(
+                self._argv, pass_fds=[s.fileno() for s in theirs], stderr_path=self._stderr_log
+            )
+        finally:
+            for s in theirs:
+                s.close()
+        self._qmp = QMPSession(self.name)
+        try:
+            await self._until_exit(self._qmp.connect(qmp_ours), "connecting QMP")
+        except BaseException:
+            qmp_ours.close()
+            if agent_ours:
+                agent_ours.close()
+            raise
+        if agent_ours is not None:
+            self._agent = GuestAgent(name=f"{self.name}-agent")
+            await self._agent.connect(agent_ours)
+
+    async def _wait_ready(self) -> None:
+        spec = self.spec
+        mode = spec.effective_ready
+        timeout = spec.ready_timeout
+        if mode == "agent":
+            assert self._agent is not None
+            await self._until_exit(self._agent.wait_ready(timeout), "waiting for the guest agent")
+        elif mode == "console":
+            assert spec.ready_pattern is not None
+            await self._until_exit(
+                self.wait_for_console(spec.ready_pattern, timeout), "waiting for the console"
+            )
+
+    async def _until_exit(self, aw: Any, what: str) -> Any:
+        """Await ``aw``, but fail with `LaunchError` as soon as QEMU exits or ``aw`` fails."""
+        assert self._process is not None
+        task = asyncio.ensure_future(aw)
+        exited = asyncio.ensure_future(self._process.wait(None))
+        try:
+            done, _ = await asyncio.wait({task, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            if not task.done():
+                task.cancel()
+        if task in done and task.exception() is None:
+            return task.result()
+        code = self._process.returncode
+        if task in done and code is None:
+            err = task.exception()
+            assert err is not None
+            if not isinstance(err, PyqvmError):
+                raise err
+            raise self._launch_error(f"{self.name}: failed while {what}: {err}") from err
+        raise self._launch_error(f"{self.name}: QEMU exited while {what}")
+
+    def _launch_error(self, message: str) -> LaunchError:
+        code = self._process.returncode if self._process else None
+        return LaunchError(
+            message,
+            argv=self._argv,
+            exitcode=code,
+            stderr=self._process.stderr_text() if self._process else "",
+            console=self.console_text(),
+        )
+
+    async def stop(self, timeout: float = 10.0) -> int | None:
+        """Shut down in steps (powerdown -> quit -> SIGTERM -> SIGKILL) and remove everything.
+
+        Returns QEMU's exit status (None if it never started). Safe to call twice.
+        """
+        if self._state in (VMState.CREATED, VMState.STOPPED, VMState.FAILED) and not self._process:
+            self._state = VMState.STOPPED if self._state != VMState.FAILED else self._state
+            return None
+        self._state = VMState.STOPPING
+        try:
+            await asyncio.shield(self._graceful(timeout))
+        finally:
+            await asyncio.shield(self._teardown())
+        self._state = VMState.STOPPED
+        return self._last_code
+
+    async def _graceful(self, timeout: float) -> None:
+        proc, qmp = self._process, self._qmp
+        if proc is None or proc.returncode is not None or qmp is None or not qmp.connected:
+            return
+        try:
+            await qmp.execute("system_powerdown", timeout=5)
+            await proc.wait(timeout)
+            return
+        except PyqvmError as e:
+            log.info("%s: no clean powerdown in %g s (%s); sending quit", self.name, timeout, e)
+        try:
+            await qmp.execute("quit", timeout=5)
+            await proc.wait(5)
+        except PyqvmError as e:
+            log.info("%s: quit did not end QEMU (%s); terminating", self.name, e)
+
+    async def kill(self) -> None:
+        """End QEMU at once (SIGKILL) and clean up."""
+        self._state = VMState.STOPPING
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+        await asyncio.shield(self._teardown())
+        self._state = VMState.STOPPED
+
+    async def _teardown(self) -> None:
+        if self._agent is not None:
+            await self._agent.close()
+            self._agent = None
+        if self._qmp is not None:
+            await self._qmp.close()
+            self._qmp = None
+        if self._process is not None:
+            if self._process.returncode is None:
+                await self._process.terminate(5.0)
+            self._last_code = self._process.returncode
+        if self._rundir is not None:
+            # Keep the console for error messages after teardown.
+            self._console_cache = self.console_text()
+            self._rundir.cleanup()
+            self._rundir = None
+
+    # --- console -----------------------------------------------------------------------------
+
+    def console_text(self) -> str:
+        """The serial console output so far (its last 64 KiB)."""
+        if self._console_log is None or not self._console_log.exists():
+            return self._console_cache
+        with open(self._console_log, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - _CONSOLE_TAIL))
+            return f.read().decode("utf-8", "replace")
+
+    async def wait_for_console(self, pattern: str, timeout: float) -> None:
+        """Wait until ``pattern`` (a plain substring) shows on the serial console."""
+        # The console is a file QEMU appends to; polling it is the one wait here that
+        # has no event to wait on.
+        deadline = time.monotonic() + timeout
+        interval = 0.02
+        while pattern not in self.console_text():
+            if time.monotonic() > deadline:
+                raise PyqvmTimeoutError(
+                    f"{self.name}: {pattern!r} not on the console in {timeout:g} s"
+                )
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, 0.25)
+
+    # --- QMP ---------------------------------------------------------------------------------
+
+    @property
+    def qmp(self) -> QMPSession:
+        """The QMP session (for commands pyqvm does not wrap)."""
+        if self._qmp is None:
+            raise VMStateError(f"VM {self.name!r} is {self._state.value}; QMP is not connected")
+        return self._qmp
+
+    async def execute(
+        self, command: str, arguments: Mapping[str, object] | None = None, *, timeout: float = 60.0
+    ) -> Any:
+        """Run a QMP command; see `QMPSession.execute`."""
+        return await self.qmp.execute(command, arguments, timeout=timeout)
+
+    @asynccontextmanager
+    async def events(
+        self, names: str | Iterable[str] = (), match: EventMatch | None = None
+    ) -> AsyncIterator[EventListener]:
+        """Listen for QMP events while the block runs (``async for event in listener``)."""
+        async with self.qmp.events(names, match) as listener:
+            yield listener
+
+    async def pause(self) -> None:
+        self._require(VMState.RUNNING)
+        await self.execute("stop")
+        self._state = VMState.PAUSED
+
+    async def resume(self) -> None:
+        self._require(VMState.PAUSED)
+        await self.execute("cont")
+        self._state = VMState.RUNNING
+
+    # --- guest -------------------------------------------------------------------------------
+
+    @property
+    def agent(self) -> GuestAgent:
+        """The guest agent client."""
+        if self._agent is None:
+            raise VMStateError(
+                f"VM {self.name!r} has no guest agent (guest_agent = false or not started)"
+            )
+        return self._agent
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+        check: bool = False,
+    ) -> ExecResult:
+        """Run a command in the guest through the guest agent and collect its output."""
+        self._require(VMState.RUNNING)
+        result = await self.agent.exec(argv, input=input, env=env, timeout=timeout)
+        if check:
+            result.check()
+        return result
+
+    async def read_file(self, path: str) -> bytes:
+        self._require(VMState.RUNNING, VMState.PAUSED)
+        return await self.agent.read_file(path)
+
+    async def write_file(self, path: str, data: bytes) -> None:
+        self._require(VMState.RUNNING)
+        await self.agent.write_file(path, data)
+
+    async def wait(self, timeout: float | None = None) -> int:
+        """Wait for QEMU to exit on its own (guest powered off); returns its exit status."""
+        if self._process is None:
+            raise VMStateError(f"VM {self.name!r} was never started")
+        code = await self._process.wait(timeout)
+        await self.stop()
+        return code
+
+
+async def _make_overlay(base: Path, fmt: str, overlay: Path) -> Path:
+    """A qcow2 overlay over ``base``: the guest writes there, the base is never written."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base), str(overlay)]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+    except FileNotFoundError:
+        raise HostError(
+            "qemu-img not found; install it with: apt-get install -y qemu-utils"
+        ) from None
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise LaunchError(
+            f"could not create an overlay for {base}: {err.decode(errors='replace').strip()}",
+            argv=argv,
+            exitcode=proc.returncode,
+        )
+    return overlay
+
+
+__all__ = ["AsyncVM", "ExecResult", "VMState"]

@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pyqvm.argv import DiskFile, LaunchContext, build_argv, escape, opts, qjson
+from pyqvm.errors import SpecError
+from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec
+
+
+def ctx(tmp_path: Path, **kw: object) -> LaunchContext:
+    base: dict[str, object] = {
+        "qemu": Path("/usr/bin/qemu-system-x86_64"),
+        "accel": "tcg",
+        "qmp_fd": 5,
+        "agent_fd": 6,
+        "console_log": tmp_path / "console.log",
+    }
+    base.update(kw)
+    return LaunchContext(**base)  # type: ignore[arg-type]
+
+
+def values(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+
+
+def devices(argv: list[str]) -> list[dict[str, object]]:
+    return [json.loads(v) for v in values(argv, "-device")]
+
+
+def test_escape_and_opts() -> None:
+    assert escape("a,b,,c") == "a,,b,,,,c"
+    assert opts("file", {"id": "x", "path": "/t/a,readonly=on", "flag": True, "skip": None}) == (
+        "file,id=x,path=/t/a,,readonly=on,flag=on"
+    )
+    with pytest.raises(ValueError):
+        opts("x", {"bad key": "v"})
+    assert json.loads(qjson({"a": "x,y", "b": None})) == {"a": "x,y"}
+
+
+def test_baseline_is_locked_down(tmp_path: Path) -> None:
+    argv = build_argv(VMSpec(guest_agent=False), ctx(tmp_path, agent_fd=None))
+    assert argv[0] == "/usr/bin/qemu-system-x86_64"
+    assert {"-nodefaults", "-no-user-config"} <= set(argv)
+    assert values(argv, "-display") == ["none"]
+    assert values(argv, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    ]
+    assert not {"-vnc", "-spice", "-qmp", "-monitor"} & set(argv)
+    assert values(argv, "-chardev")[0] == "socket,id=pq-qmp,fd=5"
+    assert values(argv, "-mon") == ["chardev=pq-qmp,mode=control"]
+    assert values(argv, "-accel") == ["tcg"]
+    assert "-cpu" not in argv  # QEMU's default model under TCG
+    assert "-sandbox" not in build_argv(VMSpec(sandbox=False, guest_agent=False), ctx(tmp_path))
+
+
+def test_console_path_is_escaped(tmp_path: Path) -> None:
+    log = tmp_path / "a,logfile=/etc/x"
+    argv = build_argv(VMSpec(guest_agent=False), ctx(tmp_path, console_log=log))
+    assert f"file,id=pq-console,path={str(log).replace(',', ',,')}" in values(argv, "-chardev")
+
+
+def test_virtio_profile(files: dict[str, Path], tmp_path: Path) -> None:
+    spec = VMSpec(
+        kernel=KernelBoot(files["kernel"], files["initrd"], "console=ttyS0"),
+        disks=[Disk(files["qcow2"]), Disk(files["raw"], interface="virtio-scsi", ephemeral=False)],
+        networks=[Network(forwards=[PortForward(2222, 22)])],
+    )
+    ov = tmp_path / "disk0.qcow2"
+    argv = build_argv(spec, ctx(tmp_path, disk_files={"disk0": DiskFile(ov)}))
+    drivers = [d["driver"] for d in devices(argv)]
+    assert drivers == [
+        "virtio-serial-pci",
+        "virtserialport",
+        "virtio-blk-pci",
+        "virtio-scsi-pci",
+        "scsi-hd",
+        "virtio-net-pci",
+        "virtio-rng-pci",
+        "virtio-balloon-pci",
+    ]
+    port = devices(argv)[1]
+    assert port["name"] == "org.qemu.guest_agent.0" and port["chardev"] == "pq-qga"
+    blockdevs = [json.loads(v) for v in values(argv, "-blockdev")]
+    assert blockdevs[0]["file"]["filename"] == str(ov)
+    assert blockdevs[0]["backing"]["file"]["filename"] == str(files["qcow2"])
+    assert blockdevs[0]["backing"]["read-only"] is True
+    assert blockdevs[1] == {
+        "driver": "raw",
+        "node-name": "disk1",
+        "read-only": False,
+        "file": {"driver": "file", "filename": str(files["raw"])},
+    }
+    netdev = json.loads(values(argv, "-netdev")[0])
+    assert netdev["hostfwd"] == [{"str": "tcp:127.0.0.1:2222-:22"}]
+    assert values(argv, "-kernel") == [str(files["kernel"])]
+    assert values(argv, "-append") == ["console=ttyS0"]
+
+
+@pytest.mark.parametrize(
+    ("machine", "nic", "disk_props"),
+    [("q35", "e1000e", {"bus": "ide.0"}), ("pc", "e1000", {"bus": "ide.0", "unit": 0})],
+)
+def test_emulated_profile(
+    files: dict[str, Path], tmp_path: Path, machine: str, nic: str, disk_props: dict[str, object]
+) -> None:
+    spec = VMSpec(
+        machine=machine,  # type: ignore[arg-type]
+        profile="emulated",
+        disks=[Disk(files["raw"], ephemeral=False)],
+        cdroms=[files["raw"]],
+        networks=[Network()],
+    )
+    argv = build_argv(spec, ctx(tmp_path))
+    devs = devices(argv)
+    disk = next(d for d in devs if d["driver"] == "ide-hd")
+    assert {k: disk[k] for k in disk_props} == disk_props
+    assert disk["bootindex"] == 0  # firmware boot from the first disk
+    assert next(d for d in devs if d["driver"] == "ide-cd")["bus"] != disk["bus"] or machine == "pc"
+    assert any(d["driver"] == nic for d in devs)
+    assert not any(
+        str(d["driver"]).startswith(("virtio-rng", "virtio-balloon", "virtio-net", "virtio-blk"))
+        for d in devs
+    )
+
+
+def test_emulated_profile_under_kvm_hides_pv(tmp_path: Path) -> None:
+    argv = build_argv(VMSpec(profile="emulated", guest_agent=False), ctx(tmp_path, accel="kvm"))
+    assert values(argv, "-cpu") == ["host,kvm=off,kvmclock=off"]
+    argv = build_argv(VMSpec(guest_agent=False), ctx(tmp_path, accel="kvm"))
+    assert values(argv, "-cpu") == ["host,kvmclock=on,kvm-pv-eoi=on"]
+    win = build_argv(VMSpec(guest_agent=False, guest_os="windows"), ctx(tmp_path, accel="kvm"))
+    assert "hv-time=on" in values(win, "-cpu")[0]
+
+
+def test_passthrough_profile(tmp_path: Path) -> None:
+    spec = VMSpec(
+        profile="passthrough",
+        host_devices=[
+            HostDevice("01:00.0", guest_address="05.0", rombar=False),
+            HostDevice("0000:02:00.1"),
+        ],
+        guest_agent=False,
+    )
+    devs = devices(build_argv(spec, ctx(tmp_path)))
+    vfio = [d for d in devs if d["driver"] == "vfio-pci"]
+    assert vfio == [
+        {
+            "driver": "vfio-pci",
+            "id": "hostdev0",
+            "host": "0000:01:00.0",
+            "addr": "05.0",
+            "rombar": 0,
+        },
+        {"driver": "vfio-pci", "id": "hostdev1", "host": "0000:02:00.1"},
+    ]
+    assert any(d["driver"] == "virtio-rng-pci" for d in devs)
+
+
+def test_microvm_uses_mmio_and_tsc(files: dict[str, Path], tmp_path: Path) -> None:
+    spec = VMSpec(
+        machine="microvm", kernel=KernelBoot(files["kernel"], append="quiet"), networks=[Network()]
+    )
+    argv = build_argv(spec, ctx(tmp_path, tsc_khz=2100000))
+    assert values(argv, "-append") == ["quiet tsc_early_khz=2100000"]
+    drivers = {d["driver"] for d in devices(argv)}
+    assert {"virtio-serial-device", "virtio-net-device", "virtio-rng-device"} <= drivers
+    assert not any(str(d).endswith("-pci") for d in drivers)
+
+
+def test_too_many_ide_disks(files: dict[str, Path], tmp_path: Path) -> None:
+    spec = VMSpec(
+        machine="pc",
+        profile="emulated",
+        guest_agent=False,
+        disks=[Disk(files["raw"], ephemeral=False, id=f"d{i}") for i in range(5)],
+    )
+    with pytest.raises(SpecError, match=r"disks\[4\]\.interface.*only 4"):
+        build_argv(spec, ctx(tmp_path))
+
+
+def test_tap_and_extra_args(tmp_path: Path) -> None:
+    spec = VMSpec(networks=[Network(mode="tap", tap="tap0")], extra_args=("-S",), guest_agent=False)
+    argv = build_argv(spec, ctx(tmp_path, accel="kvm"))
+    assert json.loads(values(argv, "-netdev")[0]) == {
+        "id": "net0",
+        "type": "tap",
+        "ifname": "tap0",
+        "script": "no",
+        "downscript": "no",
+        "vhost": True,
+    }
+    assert argv[-1] == "-S"

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pyqvm.errors import SpecError
+from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, VMSpec, load_spec, spec_from_dict
+
+
+def test_defaults_are_a_small_virtio_q35_guest() -> None:
+    s = VMSpec()
+    assert (s.machine, s.profile, s.accelerator, s.memory, s.smp) == (
+        "q35",
+        "virtio",
+        "auto",
+        512,
+        1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "mib"), [(512, 512), ("512M", 512), ("2G", 2048), ("1GiB", 1024), ("1048576K", 1024)]
+)
+def test_memory_sizes(value: int | str, mib: int) -> None:
+    assert VMSpec(memory=value).memory == mib  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "words"),
+    [
+        ({"memory": "512X"}, "memory", "use e.g. 512M"),
+        ({"memory": 0}, "memory", "positive"),
+        ({"memory": "-1G"}, "memory", "not a size"),
+        ({"machine": "virt"}, "machine", "q35, pc, microvm"),
+        ({"profile": "fast"}, "profile", "virtio, emulated, passthrough"),
+        ({"accelerator": "hvf"}, "accelerator", "auto, kvm, tcg"),
+        ({"smp": 0}, "smp", "1 to 255"),
+        ({"disks": [{"path": "missing.qcow2"}]}, "disks[0].path", "no such file"),
+        ({"kernel": {"kernel": "nope"}}, "kernel.kernel", "no such file"),
+        ({"host_devices": [{"address": "1:2:3"}]}, "host_devices[0].address", "DDDD:BB:SS.F"),
+        ({"profile": "passthrough"}, "host_devices", "at least one host device"),
+        ({"networks": [{"id": "9net"}]}, "networks[0].id", "valid QEMU id"),
+        ({"networks": [{"id": "a"}, {"id": "a"}]}, "networks[1].id", "already used"),
+        ({"networks": [{"mode": "tap"}]}, "networks[0].tap", "tap interface"),
+        ({"networks": [{"mac": "zz"}]}, "networks[0].mac", "MAC"),
+        ({"bogus": 1}, "bogus", "unknown field"),
+        ({"disks": [{"path": "x", "size": 1}]}, "disks[0].size", "unknown field"),
+        ({"ready": "console"}, "ready_pattern", "ready_pattern"),
+        ({"firmware": "ovmf"}, "ovmf_code", "OVMF_CODE"),
+    ],
+)
+def test_bad_input_names_the_field(data: dict[str, object], field: str, words: str) -> None:
+    with pytest.raises(SpecError) as err:
+        spec_from_dict(data)
+    assert err.value.field == field
+    assert words in str(err.value)
+    assert str(err.value).startswith(f"{field}: ")
+
+
+def test_machine_profile_conflicts(files: dict[str, Path]) -> None:
+    k = KernelBoot(files["kernel"])
+    with pytest.raises(SpecError, match="microvm has no emulated"):
+        VMSpec(machine="microvm", profile="emulated", kernel=k)
+    with pytest.raises(SpecError, match=r"ahci.*q35"):
+        VMSpec(machine="pc", disks=[Disk(files["raw"], interface="ahci")])
+    with pytest.raises(SpecError, match="microvm boots only a kernel"):
+        VMSpec(machine="microvm")
+    with pytest.raises(SpecError, match="either image"):
+        VMSpec(image="default", kernel=k)
+
+
+def test_duplicate_host_device_refused() -> None:
+    with pytest.raises(SpecError, match="listed twice"):
+        VMSpec(host_devices=[HostDevice("01:00.0"), HostDevice("0000:01:00.0")])
+
+
+def test_normalises_paths_ids_and_formats(files: dict[str, Path], tmp_path: Path) -> None:
+    s = VMSpec(
+        disks=[Disk(files["qcow2"]), Disk(files["raw"])],
+        networks=[Network(), Network(mode="none")],
+        host_devices=[HostDevice("01:00.0")],
+    )
+    assert [d.id for d in s.disks] == ["disk0", "disk1"]
+    assert [d.format for d in s.disks] == ["qcow2", "raw"]
+    assert [n.id for n in s.networks] == ["net0", "net1"]
+    assert s.host_devices[0].address == "0000:01:00.0"
+
+
+def test_load_toml_relative_to_file(files: dict[str, Path], tmp_path: Path) -> None:
+    toml = tmp_path / "vm.toml"
+    toml.write_text(
+        """
+name = "web"
+memory = "1G"
+machine = "pc"
+profile = "emulated"
+kernel = { kernel = "vmlinuz", initrd = "initrd.gz", append = "console=ttyS0" }
+[[disks]]
+path = "disk.qcow2"
+[[networks]]
+forwards = [{ host_port = 8080, guest_port = 80 }]
+"""
+    )
+    s = load_spec(toml)
+    assert s.memory == 1024 and s.machine == "pc" and s.name == "web"
+    assert s.kernel is not None and s.kernel.kernel == files["kernel"]
+    assert s.disks[0].path == files["qcow2"] and s.disks[0].format == "qcow2"
+    assert s.networks[0].forwards[0].host_port == 8080
+
+
+def test_load_toml_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("memory = [")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec(tmp_path / "none.toml")
