@@ -41,7 +41,7 @@ from pyqvm.host.facts import HostFacts
 from pyqvm.process import QemuProcess, RuntimeDir
 from pyqvm.resolve import Resolved, resolve
 from pyqvm.session import EventMatch, QMPSession
-from pyqvm.spec import VMSpec
+from pyqvm.spec import Disk, VMSpec
 
 log = logging.getLogger(__name__)
 
@@ -162,27 +162,19 @@ class AsyncVM:
         self._console_log = spec.serial_log or rundir / "console.log"
         self._stderr_log = rundir / "qemu.stderr"
         self._console_log.write_bytes(b"")
-        disk_files = {
-            d.id: DiskFile(
-                overlay=await _make_overlay(d.path, d.format or "raw", rundir / f"{d.id}.qcow2")
-            )
-            for d in spec.disks
-            if d.ephemeral and not d.readonly
-        }
+        for d in overlay_disks(spec):
+            await _make_overlay(d.path, d.format or "raw", _overlay_path(rundir, d.id))
         qmp_ours, qmp_theirs = socket.socketpair()
         agent_ours, agent_theirs = socket.socketpair() if spec.guest_agent else (None, None)
         theirs = [s for s in (qmp_theirs, agent_theirs) if s is not None]
         try:
-            ctx = LaunchContext(
-                qemu=resolved.qemu,
-                accel=resolved.accel,
+            self._argv = launch_argv(
+                resolved,
+                rundir,
+                console_log=self._console_log,
                 qmp_fd=qmp_theirs.fileno(),
                 agent_fd=agent_theirs.fileno() if agent_theirs else None,
-                console_log=self._console_log,
-                disk_files=disk_files,
-                tsc_khz=resolved.facts.tsc_khz,
             )
-            self._argv = build_argv(spec, ctx)
             log.info("%s: starting %s (accel %s)", self.name, resolved.qemu.name, resolved.accel)
             log.debug("%s: argv %s", self.name, self._argv)
             self._process = QemuProcess()
@@ -408,6 +400,53 @@ class AsyncVM:
         return code
 
 
+def overlay_disks(spec: VMSpec) -> list[Disk]:
+    """The disks that get a throw-away overlay."""
+    return [d for d in spec.disks if d.ephemeral and not d.readonly]
+
+
+def _overlay_path(rundir: Path, disk_id: str) -> Path:
+    return rundir / f"{disk_id}.qcow2"
+
+
+def launch_argv(
+    resolved: Resolved,
+    rundir: Path,
+    *,
+    console_log: Path,
+    qmp_fd: int,
+    agent_fd: int | None,
+) -> list[str]:
+    """The argv for one launch of a resolved spec, given its runtime dir and inherited fds."""
+    spec = resolved.spec
+    ctx = LaunchContext(
+        qemu=resolved.qemu,
+        accel=resolved.accel,
+        qmp_fd=qmp_fd,
+        agent_fd=agent_fd,
+        console_log=console_log,
+        disk_files={
+            d.id: DiskFile(overlay=_overlay_path(rundir, d.id)) for d in overlay_disks(spec)
+        },
+        tsc_khz=resolved.facts.tsc_khz,
+    )
+    return build_argv(spec, ctx)
+
+
+def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
+    """The argv `AsyncVM.start` would run for ``spec``, with a placeholder runtime dir
+    (``$PYQVM_RUNDIR``) and the fd numbers QEMU would inherit (3 and 4)."""
+    resolved = resolve(spec, image_cache=image_cache)
+    rundir = Path("$PYQVM_RUNDIR")
+    return launch_argv(
+        resolved,
+        rundir,
+        console_log=resolved.spec.serial_log or rundir / "console.log",
+        qmp_fd=3,
+        agent_fd=4 if resolved.spec.guest_agent else None,
+    )
+
+
 async def _make_overlay(base: Path, fmt: str, overlay: Path) -> Path:
     """A qcow2 overlay over ``base``: the guest writes there, the base is never written."""
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base), str(overlay)]
@@ -429,4 +468,4 @@ async def _make_overlay(base: Path, fmt: str, overlay: Path) -> Path:
     return overlay
 
 
-__all__ = ["AsyncVM", "ExecResult", "VMState"]
+__all__ = ["AsyncVM", "ExecResult", "VMState", "preview_argv"]

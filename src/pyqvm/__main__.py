@@ -1,0 +1,7 @@
+"""``python -m pyqvm``."""
+
+import sys
+
+from pyqvm.cli import main
+
+sys.exit(main())
