@@ -96,6 +96,6 @@ class QMPSession:
     async def close(self) -> None:
         try:
             await self._client.disconnect()
-        except QMPError as e:
+        except (QMPError, EOFError, OSError) as e:
             # A QEMU that died leaves the reader with an error; the session is closed anyway.
             log.debug("%s: QMP disconnect: %s", self.name, e)

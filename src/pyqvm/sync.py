@@ -105,8 +105,8 @@ class VM:
     def start(self) -> None:
         self._run(self._vm.start())
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        result: int | None = self._run(self._vm.stop(timeout))
+    def stop(self, timeout: float = 10.0, *, graceful: bool | None = None) -> int | None:
+        result: int | None = self._run(self._vm.stop(timeout, graceful=graceful))
         return result
 
     def kill(self) -> None:

@@ -241,32 +241,41 @@ class AsyncVM:
             console=self.console_text(),
         )
 
-    async def stop(self, timeout: float = 10.0) -> int | None:
+    async def stop(self, timeout: float = 10.0, *, graceful: bool | None = None) -> int | None:
         """Shut down in steps (powerdown -> quit -> SIGTERM -> SIGKILL) and remove everything.
 
-        Returns QEMU's exit status (None if it never started). Safe to call twice.
+        ``graceful`` asks the guest to power off first (ACPI) and waits up to
+        ``timeout`` for it. By default that happens only when the VM writes to a
+        disk that outlives it; with throw-away overlays there is nothing to keep
+        and QEMU is told to ``quit`` at once. Returns QEMU's exit status (None if
+        it never started). Safe to call twice.
         """
-        if self._state in (VMState.CREATED, VMState.STOPPED, VMState.FAILED) and not self._process:
-            self._state = VMState.STOPPED if self._state != VMState.FAILED else self._state
+        if self._process is None:
+            if self._state is not VMState.FAILED:
+                self._state = VMState.STOPPED
             return None
+        if graceful is None:
+            spec = self._resolved.spec if self._resolved else self.spec
+            graceful = any(not d.ephemeral and not d.readonly for d in spec.disks)
         self._state = VMState.STOPPING
         try:
-            await asyncio.shield(self._graceful(timeout))
+            await asyncio.shield(self._shutdown(timeout if graceful else 0.0))
         finally:
             await asyncio.shield(self._teardown())
         self._state = VMState.STOPPED
         return self._last_code
 
-    async def _graceful(self, timeout: float) -> None:
+    async def _shutdown(self, powerdown_timeout: float) -> None:
         proc, qmp = self._process, self._qmp
         if proc is None or proc.returncode is not None or qmp is None or not qmp.connected:
             return
-        try:
-            await qmp.execute("system_powerdown", timeout=5)
-            await proc.wait(timeout)
-            return
-        except PyqvmError as e:
-            log.info("%s: no clean powerdown in %g s (%s); sending quit", self.name, timeout, e)
+        if powerdown_timeout > 0:
+            try:
+                await qmp.execute("system_powerdown", timeout=5)
+                await proc.wait(powerdown_timeout)
+                return
+            except PyqvmError as e:
+                log.info("%s: no clean powerdown (%s); sending quit", self.name, e)
         try:
             await qmp.execute("quit", timeout=5)
             await proc.wait(5)
