@@ -87,8 +87,7 @@ class AsyncVM:
         self._stderr_log: Path | None = None
         self._last_code: int | None = None
         self._console_cache = ""
-        #: Seconds from `start` until the guest was ready.
-        self.boot_seconds: float | None = None
+        self._boot_seconds: float | None = None
 
     # --- state -------------------------------------------------------------------------------
 
@@ -112,6 +111,11 @@ class AsyncVM:
     @property
     def accelerator(self) -> str | None:
         return self._resolved.accel if self._resolved else None
+
+    @property
+    def boot_seconds(self) -> float | None:
+        """Seconds from `start` until the guest was ready."""
+        return self._boot_seconds
 
     @property
     def runtime_dir(self) -> Path | None:
@@ -148,9 +152,9 @@ class AsyncVM:
             self._state = VMState.FAILED
             await asyncio.shield(self._teardown())
             raise
-        self.boot_seconds = time.monotonic() - t0
+        self._boot_seconds = time.monotonic() - t0
         self._state = VMState.RUNNING
-        log.info("%s: ready after %.2f s (pid %s)", self.name, self.boot_seconds, self.pid)
+        log.info("%s: ready after %.2f s (pid %s)", self.name, self._boot_seconds, self.pid)
 
     async def _launch(self) -> None:
         self._resolved = resolved = resolve(

@@ -69,9 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         "serial console until Ctrl-C.",
     )
     _add_spec_options(run)
-    run.add_argument(
-        "cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...: command to run in the guest"
-    )
+    run.epilog = "The command to run in the guest follows --, e.g.: pyqvm run -- uname -a"
 
     cmdline = sub.add_parser("cmdline", help="print the QEMU command line for a spec")
     _add_spec_options(cmdline)
@@ -191,8 +189,23 @@ def _image_build(flavour: str, force: bool) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse; everything after the first ``--`` is the guest command, never an option of ours."""
+    argv = list(argv)
+    cmd: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, cmd = argv[:i], argv[i + 1 :]
     args = _parser().parse_args(argv)
+    if args.command == "run":
+        args.cmd = cmd
+    elif cmd:
+        _parser().error(f"{args.command} takes no command after --")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     if args.command == "image":
         level = min(level, logging.INFO)  # a long build shows its progress
@@ -203,10 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = spec_from_args(args)
         if args.command == "cmdline":
             return _cmdline(spec, args.json)
-        cmd = list(args.cmd)
-        if cmd and cmd[0] == "--":
-            cmd = cmd[1:]
-        return asyncio.run(_run(spec, cmd))
+        return asyncio.run(_run(spec, args.cmd))
     except PyqvmError as e:
         print(f"pyqvm: error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -214,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["main", "spec_from_args"]
+__all__ = ["main", "parse_args", "spec_from_args"]
 
 
 if __name__ == "__main__":

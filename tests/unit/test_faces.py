@@ -1,0 +1,51 @@
+"""The sync facade and the CLI stay thin and in step with the async core."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+from pyqvm.cli import parse_args, spec_from_args
+from pyqvm.errors import PyqvmError
+from pyqvm.sync import VM
+from pyqvm.vm import AsyncVM
+
+
+def public(cls: type) -> dict[str, object]:
+    return {n: getattr(cls, n) for n in dir(cls) if not n.startswith("_")}
+
+
+def test_sync_and_async_expose_the_same_api() -> None:
+    a, s = public(AsyncVM), public(VM)
+    # The async face hands out its QMP session and agent; the sync face wraps their calls instead.
+    assert set(a) - {"qmp", "agent"} == set(s)
+    for name in set(a) & set(s):
+        if callable(a[name]) and not isinstance(a[name], property):
+            pa = list(inspect.signature(a[name]).parameters)  # type: ignore[arg-type]
+            ps = list(inspect.signature(s[name]).parameters)  # type: ignore[arg-type]
+            assert pa == ps, name
+
+
+def args(*argv: str) -> object:
+    return parse_args(["run", *argv])
+
+
+def test_cli_defaults_to_builtin_guest_with_a_nic() -> None:
+    spec = spec_from_args(args("--", "true"))  # type: ignore[arg-type]
+    assert spec.image == "default" and len(spec.networks) == 1
+    spec = spec_from_args(args("--profile", "emulated", "--net", "none"))  # type: ignore[arg-type]
+    assert spec.image == "full" and spec.networks == ()
+    spec = spec_from_args(args("--forward", "2222:22", "-m", "1G"))  # type: ignore[arg-type]
+    assert spec.networks[0].forwards[0].host_port == 2222 and spec.memory == 1024
+
+
+def test_cli_spec_file_and_kernel(files: dict[str, Path], tmp_path: Path) -> None:
+    toml = tmp_path / "vm.toml"
+    toml.write_text('memory = "1G"\nkernel = "vmlinuz"\n')
+    spec = spec_from_args(args(str(toml), "--smp", "2"))  # type: ignore[arg-type]
+    assert spec.image is None and spec.smp == 2 and spec.memory == 1024
+    assert spec.networks == ()  # a spec file says what NICs it wants
+    with pytest.raises(PyqvmError, match="HOST:GUEST"):
+        spec_from_args(args("--forward", "22"))  # type: ignore[arg-type]
