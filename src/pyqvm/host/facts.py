@@ -1,0 +1,82 @@
+"""`HostFacts`: what pure code downstream needs to know about the host, read once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from pyqvm.errors import HostError
+from pyqvm.host.accel import KvmStatus, host_tsc_khz, kvm_status
+
+__all__ = ["QEMU_PACKAGES", "HostFacts", "qemu_binary", "read_host_facts"]
+
+# QEMU architecture → Debian package that ships qemu-system-<arch>.
+QEMU_PACKAGES: Mapping[str, str] = MappingProxyType(
+    {
+        "x86_64": "qemu-system-x86",
+        "i386": "qemu-system-x86",
+        "aarch64": "qemu-system-arm",
+        "arm": "qemu-system-arm",
+        "riscv64": "qemu-system-misc",
+        "ppc64": "qemu-system-ppc",
+        "s390x": "qemu-system-misc",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HostFacts:
+    """Host facts read once by `read_host_facts`; build by hand in tests."""
+
+    kvm: KvmStatus
+    tsc_khz: int | None
+    qemu_binaries: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def _search_path(root: Path) -> str:
+    dirs = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    if root.resolve() == Path("/"):
+        return os.pathsep.join(dirs)
+    # A fake root: look for the binaries inside it, at the same PATH entries.
+    return os.pathsep.join(str(root / d.lstrip("/")) for d in dirs if d.startswith("/"))
+
+
+def _find_qemu_binaries(root: Path) -> Mapping[str, Path]:
+    path = _search_path(root)
+    found: dict[str, Path] = {}
+    for arch in QEMU_PACKAGES:
+        hit = shutil.which(f"qemu-system-{arch}", path=path)
+        if hit is not None:
+            found[arch] = Path(hit)
+    return MappingProxyType(found)
+
+
+def read_host_facts(root: Path = Path("/")) -> HostFacts:
+    """Read KVM status, TSC rate and the QEMU binaries on PATH (under ``root``)."""
+    return HostFacts(
+        kvm=kvm_status(root),
+        tsc_khz=host_tsc_khz(root),
+        qemu_binaries=_find_qemu_binaries(root),
+    )
+
+
+def qemu_binary(facts: HostFacts, arch: str) -> Path:
+    """The ``qemu-system-<arch>`` binary found on this host.
+
+    Raises:
+        HostError: it is not installed; the message names the package.
+    """
+    try:
+        return facts.qemu_binaries[arch]
+    except KeyError:
+        package = QEMU_PACKAGES.get(arch)
+        fix = (
+            f"install it with: apt-get install -y {package}"
+            if package
+            else "install the QEMU system emulator for that architecture"
+        )
+        raise HostError(f"qemu-system-{arch} not found; {fix}") from None
