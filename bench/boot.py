@@ -1,0 +1,130 @@
+"""Boot-to-ready of the built-in guest: pyqvm vs the identical argv run by hand.
+
+Each round boots the guest once through ``AsyncVM.start()`` and once by hand:
+the same argv (taken from the pyqvm launch of that round, with its own
+socketpairs at the same fd numbers and its own overlay), spawned with plain
+``subprocess.Popen``. "Ready" is the same in both: the guest agent answers
+``guest-sync`` (the same client, `pyqvm.agent.GuestAgent`, polls both).
+Rounds alternate the order so drift in machine load hits both sides.
+
+    python bench/boot.py [-n 7] [--machine q35|pc|microvm] [--image default]
+
+The last line is ``result: boot pyqvm=<median s> baseline=<median s> ratio=<r>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from pyqvm import AsyncVM, VMSpec
+from pyqvm.agent import GuestAgent
+
+
+async def boot_pyqvm(spec: VMSpec) -> tuple[float, list[str]]:
+    vm = AsyncVM(spec)
+    t0 = time.monotonic()
+    await vm.start()
+    elapsed = time.monotonic() - t0
+    argv = vm.argv
+    rundir = vm.runtime_dir
+    assert rundir is not None
+    await vm.stop()
+    return elapsed, [a.replace(str(rundir), "{RUNDIR}") for a in argv]
+
+
+def _fd_of(argv: list[str], chardev: str) -> int:
+    for a in argv:
+        if a.startswith(f"socket,id={chardev},fd="):
+            return int(a.rsplit("=", 1)[1])
+    raise SystemExit(f"no {chardev} chardev in argv")
+
+
+async def boot_by_hand(template: list[str], base_disk: Path) -> float:
+    """The same argv, launched with Popen; returns seconds until the agent answers."""
+    rundir = Path(tempfile.mkdtemp(prefix="bench-"))
+    argv = [a.replace("{RUNDIR}", str(rundir)) for a in template]
+    qmp_fd, qga_fd = _fd_of(argv, "pq-qmp"), _fd_of(argv, "pq-qga")
+    qmp_ours, qmp_theirs = socket.socketpair()
+    qga_ours, qga_theirs = socket.socketpair()
+    # Put QEMU's ends at the fd numbers the argv names.
+    os.dup2(qmp_theirs.fileno(), qmp_fd)
+    os.dup2(qga_theirs.fileno(), qga_fd)
+    agent = GuestAgent(name="bench")
+    t0 = time.monotonic()
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            str(base_disk),
+            str(rundir / "root.qcow2"),
+        ],
+        check=True,
+    )
+    proc = subprocess.Popen(argv, pass_fds=[qmp_fd, qga_fd], stderr=subprocess.DEVNULL)
+    try:
+        for fd in (qmp_fd, qga_fd):
+            os.close(fd)
+        qmp_theirs.close()
+        qga_theirs.close()
+        await agent.connect(qga_ours)
+        await agent.wait_ready(120)
+        elapsed = time.monotonic() - t0
+    finally:
+        await agent.close()
+        proc.kill()
+        proc.wait()
+        qmp_ours.close()
+        shutil.rmtree(rundir, ignore_errors=True)
+    return elapsed
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=7, help="boots per side")
+    ap.add_argument("--machine", default=None, help="machine type (default: the spec default)")
+    ap.add_argument("--image", default="default")
+    args = ap.parse_args()
+
+    from pyqvm import image
+
+    img = image.find(args.image)
+    kw = {"machine": args.machine} if args.machine else {}
+    spec = VMSpec(image=args.image, **kw)
+
+    # Warm-up (not counted): page cache, and the argv template for the by-hand side.
+    _, template = await boot_pyqvm(spec)
+    ours: list[float] = []
+    theirs: list[float] = []
+    for i in range(args.n):
+        if i % 2 == 0:
+            ours.append((await boot_pyqvm(spec))[0])
+            theirs.append(await boot_by_hand(template, img.disk))
+        else:
+            theirs.append(await boot_by_hand(template, img.disk))
+            ours.append((await boot_pyqvm(spec))[0])
+        print(f"round {i + 1}: pyqvm {ours[-1]:.3f} s  by hand {theirs[-1]:.3f} s", flush=True)
+    print(f"machine={spec.machine} image={args.image} kernel={img.kernel.name} n={args.n}")
+    for label, xs in (("pyqvm", ours), ("by hand", theirs)):
+        med = statistics.median(xs)
+        print(f"{label:8}  median {med:.3f} s  min {min(xs):.3f}  max {max(xs):.3f}")
+    p, b = statistics.median(ours), statistics.median(theirs)
+    print(f"result: boot pyqvm={p:.3f} baseline={b:.3f} ratio={p / b:.3f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
