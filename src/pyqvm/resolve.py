@@ -16,6 +16,7 @@ from pyqvm.argv.build import FAST_BOOT_APPEND
 from pyqvm.errors import HostError, SpecError
 from pyqvm.host.accel import choose_accelerator
 from pyqvm.host.facts import HostFacts, qemu_binary, read_host_facts
+from pyqvm.host.kernel import KernelInfo, inspect_kernel
 from pyqvm.host.pci import pci_device_dir
 from pyqvm.spec import Disk, KernelBoot, VMSpec
 
@@ -49,6 +50,24 @@ def with_image(spec: VMSpec, cache: Path | None = None) -> tuple[VMSpec, str | N
     return resolved, img.ready_marker
 
 
+def check_kernel(spec: VMSpec) -> KernelInfo:
+    """The kernel must be one QEMU can boot directly on this arch: an ELF vmlinux with a
+    PVH entry, or a bzImage."""
+    assert spec.kernel is not None
+    info = inspect_kernel(spec.kernel.kernel, "kernel.kernel")
+    if info.arch != spec.arch:
+        raise SpecError(
+            "kernel.kernel", f"'{info.path}' is an {info.arch} kernel; arch is {spec.arch}"
+        )
+    if info.format == "elf" and info.pvh_entry is None and spec.arch == "x86_64":
+        raise SpecError(
+            "kernel.kernel",
+            f"'{info.path}' is an ELF vmlinux without a PVH entry note (CONFIG_PVH); "
+            "QEMU cannot boot it directly: give the bzImage (/boot/vmlinuz-*) instead",
+        )
+    return info
+
+
 def resolve(
     spec: VMSpec, *, facts: HostFacts | None = None, image_cache: Path | None = None
 ) -> Resolved:
@@ -62,4 +81,6 @@ def resolve(
         except HostError as e:
             raise SpecError(f"host_devices[{i}].address", str(e)) from None
     concrete, marker = with_image(spec, image_cache)
+    if spec.kernel is not None:
+        check_kernel(spec)
     return Resolved(spec=concrete, accel=accel, qemu=qemu, facts=facts, ready_marker=marker)

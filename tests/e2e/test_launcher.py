@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pyqvm.errors import LaunchError, SpecError
-from pyqvm.spec import Disk, HostDevice, VMSpec
+from pyqvm.spec import Disk, HostDevice, KernelBoot, VMSpec
 from pyqvm.vm import AsyncVM, VMState
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
@@ -77,3 +77,12 @@ async def test_absent_host_device_is_a_spec_error() -> None:
     vm = AsyncVM(paused(profile="passthrough", host_devices=[HostDevice("0000:7f:1f.7")]))
     with pytest.raises(SpecError, match=r"host_devices\[0\]\.address.*does not exist"):
         await vm.start()
+
+
+async def test_not_a_kernel_is_a_spec_error(tmp_path: Path) -> None:
+    junk = tmp_path / "vmlinuz"
+    junk.write_bytes(b"\x7fELG" + b"\0" * 4096)
+    vm = AsyncVM(VMSpec(kernel=KernelBoot(junk)))
+    with pytest.raises(SpecError, match=r"kernel\.kernel: .*neither"):
+        await vm.start()
+    assert vm.pid is None
