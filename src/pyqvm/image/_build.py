@@ -1,0 +1,388 @@
+"""Building the built-in guest from Debian packages, without installing any of them.
+
+Steps (each logged at INFO): resolve package versions with apt-cache, download
+the .debs, unpack them, pick kernel modules (depmod), write the initramfs,
+extract the PVH vmlinux, make the data disk. The recipe (init script, module
+list, ...) lives in ``recipes/`` next to this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import json
+import logging
+import lzma
+import os
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyqvm.errors import HostError, ImageError, SpecError
+from pyqvm.host.kernel import extract_vmlinux
+from pyqvm.image import _host
+from pyqvm.image._cpio import CpioEntry, NewcWriter
+from pyqvm.image._guest import (
+    KERNEL_CMDLINE,
+    KERNEL_PACKAGES,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    READY_MARKER,
+    GuestImage,
+    cache_dir,
+    cache_key,
+    check_flavour,
+    load_image,
+)
+from pyqvm.image._modules import (
+    ModulePlan,
+    parse_module_list,
+    parse_modules_builtin,
+    parse_modules_dep,
+    plan_modules,
+)
+
+log = logging.getLogger(__name__)
+
+# Bump when the build steps change in a way the recipe files do not show.
+BUILDER_VERSION = "1"
+
+RECIPES = Path(__file__).with_name("recipes")
+DISK_SIZE = "64M"
+DISK_LABEL = "pyqvm-data"
+
+# recipe file -> (path in the initramfs, mode)
+_INITRD_FILES = {
+    "init": ("init", 0o755),
+    "pyqvm-hotplug": ("sbin/pyqvm-hotplug", 0o755),
+    "pyqvm-qga": ("sbin/pyqvm-qga", 0o755),
+    "shutdown": ("sbin/shutdown", 0o755),
+    "modprobe.conf": ("etc/modprobe.d/pyqvm.conf", 0o644),
+}
+_DISK_FILES = ("hello.txt",)
+_DIRS = (
+    "bin", "sbin", "usr/bin", "usr/sbin", "lib", "lib64", "etc/pyqvm", "etc/modprobe.d",
+    "dev", "proc", "sys", "run", "tmp", "mnt/data", "root", "var",
+)  # fmt: skip
+_ETC = {
+    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n",
+    "etc/group": "root:x:0:\n",
+    "etc/hostname": "pyqvm\n",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Inputs:
+    flavour: str
+    kernel: _host.Package
+    busybox: _host.Package
+    agent: _host.Package
+    recipes: dict[str, str]  # file name -> sha256
+
+    def as_dict(self) -> dict[str, str]:
+        d = {
+            "flavour": self.flavour,
+            "builder": BUILDER_VERSION,
+            "kernel": f"{self.kernel.name}={self.kernel.version}",
+            "busybox": f"{self.busybox.name}={self.busybox.version}",
+            "qemu-guest-agent": f"{self.agent.name}={self.agent.version}",
+        }
+        d.update({f"recipe:{name}": digest for name, digest in self.recipes.items()})
+        return d
+
+
+def recipe_digests(directory: Path = RECIPES) -> dict[str, str]:
+    """sha256 of every recipe file, so editing one gives a new image."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.iterdir())
+        if p.is_file()
+    }
+
+
+def _kernel_package(meta: _host.Package) -> tuple[str, str | None]:
+    """The versioned kernel a meta package depends on, and its pinned version if any.
+
+    ``linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)`` -> (name, "6.1.192-2")
+    """
+    for alternative in meta.depends.replace("|", ",").split(","):
+        name, _, constraint = alternative.strip().partition("(")
+        if name.strip().startswith("linux-image-"):
+            op, _, version = constraint.rstrip(")").strip().partition(" ")
+            return name.strip(), (version.strip() if op == "=" else None)
+    raise ImageError(f"cannot tell which kernel {meta.name} depends on ({meta.depends!r})")
+
+
+def _resolve(flavour: str) -> _Inputs:
+    meta = KERNEL_PACKAGES[flavour]
+    log.info("resolving %s, busybox-static and qemu-guest-agent with apt-cache", meta)
+    found = _host.apt_show([meta, "busybox-static", "qemu-guest-agent"])
+    name, pinned = _kernel_package(found[meta])
+    # Each apt-cache run costs ~0.6 s without a pkgcache.bin: skip it when pinned.
+    kernel = (
+        _host.Package(name, pinned, found[meta].arch) if pinned else _host.apt_show([name])[name]
+    )
+    return _Inputs(
+        flavour=flavour,
+        kernel=kernel,
+        busybox=found["busybox-static"],
+        agent=found["qemu-guest-agent"],
+        recipes=recipe_digests(),
+    )
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build(
+    flavour: str = "default", *, force: bool = False, cache: Path | None = None
+) -> GuestImage:
+    """Build (or reuse) the built-in guest image of ``flavour``.
+
+    Inputs are the resolved Debian package versions, the recipe files and the
+    builder version; an image with the same inputs is returned at once unless
+    ``force``. Needs apt lists (``apt-get update``) and, for a new image, the
+    Debian mirror.
+
+    Raises:
+        SpecError: unknown flavour.
+        HostError: a host tool is missing (the message names its package).
+        ImageError: apt, a download or a build step failed.
+    """
+    check_flavour(flavour)
+    root = cache or cache_dir()
+    for name in ("apt-cache", "apt-get", "dpkg-deb", "depmod", "mkfs.ext4", "qemu-img", "ldd"):
+        _host.tool(name)
+    inputs = _resolve(flavour)
+    key = cache_key(inputs.as_dict())
+    images = root / "images"
+    target = images / f"{flavour}-{key}"
+    if not force and (image := load_image(target)) is not None:
+        log.info("guest image %s is up to date (%s)", flavour, target)
+        return image
+    with _locked(root / f".build-{flavour}.lock"):
+        # Another process may have built it while we waited for the lock.
+        if not force and (image := load_image(target)) is not None:
+            log.info("guest image %s is up to date (%s)", flavour, target)
+            return image
+        started = time.monotonic()
+        downloads = root / "downloads"
+        debs = {
+            name: _host.apt_download(pkg, downloads)
+            for name, pkg in (
+                ("kernel", inputs.kernel),
+                ("busybox", inputs.busybox),
+                ("agent", inputs.agent),
+            )
+        }
+        tmp = images / f".tmp-{flavour}-{key}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            manifest = _assemble(tmp, inputs, debs)
+            manifest["key"] = key
+            manifest["inputs"] = inputs.as_dict()
+            manifest["built_at"] = time.time()
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            if target.exists():
+                old = images / f".old-{flavour}-{key}-{os.getpid()}"
+                target.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("built guest image %s in %.1f s: %s", flavour, time.monotonic() - started, target)
+    image = load_image(target)
+    if image is None:
+        raise ImageError(f"the guest image at {target} is incomplete after building it")
+    return image
+
+
+def _assemble(out: Path, inputs: _Inputs, debs: dict[str, Path]) -> dict[str, object]:
+    work = out / "work"
+    kroot, broot, qroot = work / "kernel", work / "busybox", work / "agent"
+    _host.unpack(debs["kernel"], kroot)
+    _host.unpack(debs["busybox"], broot)
+    _host.unpack(debs["agent"], qroot)
+
+    vmlinuzes = sorted((kroot / "boot").glob("vmlinuz-*"))
+    if len(vmlinuzes) != 1:
+        raise ImageError(f"{debs['kernel'].name} holds {len(vmlinuzes)} vmlinuz files, not one")
+    version = vmlinuzes[0].name.removeprefix("vmlinuz-")
+    moddir = next(
+        (d for d in (kroot / "lib/modules" / version, kroot / "usr/lib/modules" / version)
+         if d.is_dir()),
+        None,
+    )  # fmt: skip
+    if moddir is None:
+        raise ImageError(f"{debs['kernel'].name} has no modules for {version}")
+
+    initrd = work / "initrd"
+    plan = _modules(moddir, version, inputs.flavour, initrd)
+    _userland(initrd, broot, qroot)
+    log.info("writing initramfs")
+    _write_initramfs(initrd, out / "initrd.img")
+
+    shutil.copyfile(vmlinuzes[0], out / "vmlinuz")
+    kernel = "vmlinuz"
+    try:
+        extract_vmlinux(out / "vmlinuz", out / "vmlinux")
+        kernel = "vmlinux"
+    except (SpecError, HostError) as e:
+        log.warning("booting the bzImage: no PVH vmlinux for %s: %s", version, e)
+
+    _disk(work / "disk", out / "disk.qcow2")
+    shutil.rmtree(work)
+    return {
+        "format": MANIFEST_FORMAT,
+        "flavour": inputs.flavour,
+        "kernel_version": version,
+        "kernel_package": f"{inputs.kernel.name}={inputs.kernel.version}",
+        "kernel": kernel,
+        "bzimage": "vmlinuz",
+        "initrd": "initrd.img",
+        "disk": "disk.qcow2",
+        "ready_marker": READY_MARKER,
+        "cmdline": KERNEL_CMDLINE,
+        "modules": {
+            "loaded": list(plan.load),
+            "files": list(plan.files),
+            "builtin": list(plan.builtin),
+            "missing": list(plan.missing),
+        },
+    }
+
+
+def _modules(moddir: Path, version: str, flavour: str, initrd: Path) -> ModulePlan:
+    # Debian's package ships no modules.dep; depmod makes one in the unpacked tree.
+    log.info("depmod %s", version)
+    _host.run(["depmod", "-b", str(moddir.parents[2]), version], what="depmod")
+    builtin_file = moddir / "modules.builtin"
+    builtin = parse_modules_builtin(builtin_file.read_text() if builtin_file.exists() else "")
+    wanted = parse_module_list((RECIPES / "modules.txt").read_text(), flavour)
+    plan = plan_modules(wanted, parse_modules_dep((moddir / "modules.dep").read_text()), builtin)
+    log.info(
+        "modules: load %s (%d files); built in: %s; not in this kernel: %s",
+        " ".join(plan.load) or "-",
+        len(plan.files),
+        " ".join(plan.builtin) or "-",
+        " ".join(plan.missing) or "-",
+    )
+    dest = initrd / "lib/modules" / version
+    for rel in plan.files:
+        _copy_module(moddir / rel, dest / rel)
+    for name in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
+        if (moddir / name).exists():
+            shutil.copyfile(moddir / name, dest / name)
+    # busybox modprobe reads modules.dep; depmod writes it for the copied subset.
+    _host.run(["depmod", "-b", str(initrd), version], what="depmod (initramfs)")
+    (initrd / "etc/pyqvm").mkdir(parents=True, exist_ok=True)
+    (initrd / "etc/pyqvm/modules").write_text(" ".join(plan.load) + "\n")
+    return plan
+
+
+def _copy_module(src: Path, dest: Path) -> None:
+    """Copy a module, decompressed: busybox modprobe may lack xz/zstd support."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    name = src.name
+    if name.endswith(".ko"):
+        shutil.copyfile(src, dest)
+        return
+    plain = dest.with_name(name[: name.rindex(".ko") + 3])
+    if name.endswith(".ko.xz"):
+        plain.write_bytes(lzma.decompress(src.read_bytes()))
+    elif name.endswith(".ko.gz"):
+        plain.write_bytes(gzip.decompress(src.read_bytes()))
+    elif name.endswith(".ko.zst"):
+        out = subprocess.run(
+            [_host.tool("zstd"), "-dc", str(src)], capture_output=True, check=False
+        )
+        if out.returncode != 0:
+            raise ImageError(f"cannot decompress {src}: {out.stderr.decode(errors='replace')}")
+        plain.write_bytes(out.stdout)
+    else:
+        raise ImageError(f"unknown kernel module compression: {src}")
+
+
+def _userland(initrd: Path, broot: Path, qroot: Path) -> None:
+    log.info("adding busybox, qemu-ga and the init recipe to the initramfs")
+    for d in _DIRS:
+        (initrd / d).mkdir(parents=True, exist_ok=True)
+    (initrd / "var/run").symlink_to("../run")
+
+    busybox = broot / "bin/busybox"
+    _install(busybox, initrd / "bin/busybox", 0o755)
+    applets = subprocess.run(
+        [str(busybox), "--list-full"], capture_output=True, text=True, check=False
+    )
+    if applets.returncode != 0:
+        raise ImageError(f"cannot list busybox applets: {applets.stderr.strip()}")
+    for applet in applets.stdout.split():
+        link = initrd / applet
+        if not os.path.lexists(link):
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to("/bin/busybox")
+
+    agent = qroot / "usr/sbin/qemu-ga"
+    if not agent.is_file():
+        raise ImageError("the qemu-guest-agent package has no usr/sbin/qemu-ga")
+    _install(agent, initrd / "usr/sbin/qemu-ga", 0o755)
+    # Host libraries: the host runs the same Debian release the package targets.
+    for lib in _host.shared_libraries(agent):
+        _install(lib.resolve(), initrd / lib.relative_to("/"), 0o755)
+
+    for recipe, (path, mode) in _INITRD_FILES.items():
+        dest = initrd / path
+        if dest.is_symlink():
+            dest.unlink()  # our script replaces a busybox applet of that name
+        _install(RECIPES / recipe, dest, mode)
+    for path, text in _ETC.items():
+        (initrd / path).write_text(text)
+
+
+def _install(src: Path, dest: Path, mode: int) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    dest.chmod(mode)
+
+
+def _write_initramfs(tree: Path, dest: Path) -> None:
+    with dest.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+        writer = NewcWriter(gz)
+        writer.add_tree(tree)
+        # The kernel opens /dev/console for init before devtmpfs is mounted.
+        writer.add(CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev_major=5, rdev_minor=1))
+        writer.add(CpioEntry("dev/null", stat.S_IFCHR | 0o666, rdev_major=1, rdev_minor=3))
+        writer.close()
+
+
+def _disk(staging: Path, dest: Path) -> None:
+    log.info("making the data disk (ext4 %s, label %s)", DISK_SIZE, DISK_LABEL)
+    staging.mkdir(parents=True, exist_ok=True)
+    for name in _DISK_FILES:
+        shutil.copyfile(RECIPES / name, staging / name)
+    raw = staging.with_name("disk.raw")
+    _host.run(
+        ["mkfs.ext4", "-q", "-F", "-L", DISK_LABEL, "-E", "root_owner=0:0",
+         "-d", str(staging), str(raw), DISK_SIZE],
+        what="mkfs.ext4",
+    )  # fmt: skip
+    _host.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(dest)],
+        what="qemu-img convert",
+    )
+    raw.unlink()

@@ -1,0 +1,125 @@
+"""The built guest image as the launcher sees it: `GuestImage`, `find`, the cache layout.
+
+Kept free of build machinery, since the launcher imports it at run time.
+
+Cache layout (under `cache_dir`)::
+
+    downloads/                 .deb files, shared by flavours and builds
+    images/<flavour>-<key>/    one built image; <key> hashes every build input
+        vmlinux  vmlinuz  initrd.img  disk.qcow2
+        manifest.json          written last: an image without it does not exist
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyqvm.errors import ImageError, SpecError
+
+log = logging.getLogger(__name__)
+
+FLAVOURS: tuple[str, ...] = ("default", "full")
+
+# Debian's kernel meta package per flavour: "default" boots fastest (virtio only),
+# "full" also drives emulated hardware (e1000/e1000e, AHCI, PIIX IDE).
+KERNEL_PACKAGES = {"default": "linux-image-cloud-amd64", "full": "linux-image-amd64"}
+
+READY_MARKER = "pyqvm-guest-ready"
+
+# Kernel command line for the built-in guest on pc/q35 (microvm also wants
+# tsc_early_khz=<host kHz>). Everything here trims boot time under TCG.
+KERNEL_CMDLINE = (
+    "console=ttyS0 mitigations=off tsc=reliable no_timer_check i8042.noaux i8042.nokbd "
+    "noreplace-smp cryptomgr.notests panic=-1 quiet"
+)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class GuestImage:
+    """A built guest: kernel, initramfs and base disk, ready to boot.
+
+    ``kernel`` is the PVH-capable ELF vmlinux when it could be extracted, else
+    the bzImage. ``disk`` is a base qcow2 (ext4 labelled ``pyqvm-data``) that
+    must only be used as the backing file of an overlay.
+    """
+
+    flavour: str
+    directory: Path
+    kernel: Path
+    bzimage: Path
+    initrd: Path
+    disk: Path
+    kernel_version: str
+    ready_marker: str
+
+
+def cache_dir() -> Path:
+    """``$PYQVM_CACHE_DIR``, else ``$XDG_CACHE_HOME/pyqvm``, else ``~/.cache/pyqvm``."""
+    if explicit := os.environ.get("PYQVM_CACHE_DIR"):
+        return Path(explicit)
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return Path(xdg) / "pyqvm"
+    return Path.home() / ".cache" / "pyqvm"
+
+
+def check_flavour(flavour: str) -> None:
+    if flavour not in FLAVOURS:
+        raise SpecError("flavour", f"unknown guest flavour {flavour!r}; use one of {FLAVOURS}")
+
+
+def cache_key(inputs: Mapping[str, str]) -> str:
+    """Stable short hash of the build inputs (order does not matter)."""
+    blob = json.dumps(dict(sorted(inputs.items())), separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_image(directory: Path) -> GuestImage | None:
+    """The image in ``directory``, or None when it is incomplete or not ours."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        if manifest.get("format") != MANIFEST_FORMAT:
+            return None
+        image = GuestImage(
+            flavour=str(manifest["flavour"]),
+            directory=directory,
+            kernel=directory / manifest["kernel"],
+            bzimage=directory / manifest["bzimage"],
+            initrd=directory / manifest["initrd"],
+            disk=directory / manifest["disk"],
+            kernel_version=str(manifest["kernel_version"]),
+            ready_marker=str(manifest["ready_marker"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    files = (image.kernel, image.bzimage, image.initrd, image.disk)
+    return image if all(p.is_file() for p in files) else None
+
+
+def find(flavour: str = "default", *, cache: Path | None = None) -> GuestImage:
+    """The newest built image of ``flavour``.
+
+    Raises:
+        ImageError: none has been built (the message says how to build one).
+    """
+    check_flavour(flavour)
+    images = (cache or cache_dir()) / "images"
+    found: list[tuple[float, GuestImage]] = []
+    for directory in images.glob(f"{flavour}-*"):
+        image = load_image(directory)
+        if image is not None and image.flavour == flavour:
+            found.append(((directory / MANIFEST).stat().st_mtime, image))
+    if not found:
+        raise ImageError(
+            f"no built-in guest image of flavour {flavour!r} in {images}; "
+            f"run `pyqvm image build --flavour {flavour}`"
+        )
+    return max(found, key=lambda item: item[0])[1]

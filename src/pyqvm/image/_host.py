@@ -1,0 +1,157 @@
+"""Host tools the image builder runs (apt, dpkg-deb, depmod, mkfs.ext4, qemu-img, ldd)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyqvm.errors import HostError, ImageError
+
+log = logging.getLogger(__name__)
+
+# Debian package that ships each tool, for the "install it with" hint.
+TOOL_PACKAGES = {
+    "apt-cache": "apt",
+    "apt-get": "apt",
+    "dpkg-deb": "dpkg",
+    "depmod": "kmod",
+    "mkfs.ext4": "e2fsprogs",
+    "qemu-img": "qemu-utils",
+    "ldd": "libc-bin",
+    "lz4": "lz4",
+    "zstd": "zstd",
+}
+
+# Non-root shells often lack the sbin directories, where depmod and mkfs live.
+_EXTRA_PATH = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
+
+
+def tool(name: str) -> str:
+    """Absolute path of a host tool, or HostError naming the Debian package."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_PATH])
+    found = shutil.which(name, path=search)
+    if found is None:
+        package = TOOL_PACKAGES.get(name, name)
+        raise HostError(
+            f"`{name}` is needed to build the guest image but is not installed; "
+            f"install it with: apt-get install -y {package}"
+        )
+    return found
+
+
+def run(argv: Sequence[str], *, what: str, cwd: Path | None = None) -> str:
+    """Run a tool (no shell) and return its stdout; ImageError with stderr on failure."""
+    exe = tool(argv[0])
+    log.debug("running %s", " ".join(argv))
+    proc = subprocess.run([exe, *argv[1:]], cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
+        raise ImageError(f"{what} failed: `{' '.join(argv)}` exited {proc.returncode}\n{tail}")
+    return proc.stdout
+
+
+@dataclass(frozen=True, slots=True)
+class Package:
+    """A Debian package as apt's candidate: enough to name its .deb file."""
+
+    name: str
+    version: str
+    arch: str
+    depends: str = ""
+
+    @property
+    def deb_name(self) -> str:
+        # apt-get download's file name: the epoch colon is URL-quoted.
+        return f"{self.name}_{self.version.replace(':', '%3a')}_{self.arch}.deb"
+
+
+def _apt_hint(names: Sequence[str], stderr: str) -> ImageError:
+    return ImageError(
+        f"apt does not know {', '.join(names)} ({stderr.strip() or 'no candidate'}); "
+        "run apt-get update (as root), and check that Debian's main archive is in the apt sources"
+    )
+
+
+def apt_show(names: Sequence[str]) -> dict[str, Package]:
+    """Candidate versions of ``names`` from `apt-cache show`."""
+    proc = subprocess.run(
+        [tool("apt-cache"), "show", "--no-all-versions", *names],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found: dict[str, Package] = {}
+    for para in proc.stdout.split("\n\n"):
+        fields = dict(re.findall(r"^([\w-]+):[ \t]*(.*)$", para, re.MULTILINE))
+        if "Package" in fields and "Version" in fields and fields["Package"] not in found:
+            found[fields["Package"]] = Package(
+                fields["Package"],
+                fields["Version"],
+                fields.get("Architecture", "amd64"),
+                fields.get("Depends", ""),
+            )
+    lacking = [n for n in names if n not in found]
+    if lacking:
+        raise _apt_hint(lacking, proc.stderr)
+    return found
+
+
+def apt_download(pkg: Package, downloads: Path) -> Path:
+    """Fetch ``pkg``'s .deb into ``downloads`` unless it is already there."""
+    dest = downloads / pkg.deb_name
+    if dest.is_file():
+        return dest
+    log.info("downloading %s %s", pkg.name, pkg.version)
+    downloads.mkdir(parents=True, exist_ok=True)
+    partial = downloads / f".partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    argv = [tool("apt-get"), "download", "-q"]
+    if os.geteuid() == 0:
+        # apt drops to the _apt user, who cannot write into our cache dir.
+        argv += ["-o", "APT::Sandbox::User=root"]
+    argv.append(f"{pkg.name}={pkg.version}")
+    try:
+        proc = subprocess.run(argv, cwd=partial, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            if "Unable to locate" in proc.stderr or "Can't find a source" in proc.stderr:
+                raise _apt_hint([pkg.name], proc.stderr)
+            tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
+            raise ImageError(f"downloading {pkg.name} {pkg.version} failed:\n{tail}")
+        debs = list(partial.glob("*.deb"))
+        if len(debs) != 1:
+            raise ImageError(f"apt-get download of {pkg.name} produced {len(debs)} files")
+        debs[0].replace(dest)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return dest
+
+
+def unpack(deb: Path, root: Path) -> None:
+    """`dpkg-deb -x`: the package's files under ``root``, nothing installed."""
+    log.info("unpacking %s", deb.name)
+    root.mkdir(parents=True, exist_ok=True)
+    run(["dpkg-deb", "-x", str(deb), str(root)], what=f"unpacking {deb.name}")
+
+
+def shared_libraries(binary: Path) -> list[Path]:
+    """Every shared object ``binary`` loads (the dynamic loader included), per host ldd."""
+    out = run(["ldd", str(binary)], what=f"listing the libraries of {binary.name}")
+    libs: list[Path] = []
+    for line in out.splitlines():
+        line = line.strip()
+        if "not found" in line:
+            raise HostError(
+                f"{binary.name} needs {line.split()[0]}, which this host lacks; "
+                "install it with: apt-get install -y qemu-guest-agent"
+            )
+        match = re.search(r"(/\S+)\s+\(0x", line)
+        if match:
+            libs.append(Path(match.group(1)))
+    return libs

@@ -1,0 +1,84 @@
+"""Kernel module bookkeeping: modules.dep / modules.builtin parsing and dependency order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+_SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
+
+
+def module_name(path: str) -> str:
+    """``kernel/drivers/char/hw_random/virtio-rng.ko.xz`` -> ``virtio_rng``."""
+    base = path.rsplit("/", 1)[-1]
+    for suffix in _SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return base.replace("-", "_")
+
+
+def parse_modules_dep(text: str) -> dict[str, tuple[str, ...]]:
+    """modules.dep -> {module path: paths it depends on (depmod's load order, last first)}."""
+    deps: dict[str, tuple[str, ...]] = {}
+    for line in text.splitlines():
+        path, sep, rest = line.partition(":")
+        if sep:
+            deps[path.strip()] = tuple(rest.split())
+    return deps
+
+
+def parse_modules_builtin(text: str) -> frozenset[str]:
+    return frozenset(module_name(line.strip()) for line in text.splitlines() if line.strip())
+
+
+def parse_module_list(text: str, flavour: str) -> tuple[str, ...]:
+    """The recipe's modules.txt: ``NAME [FLAVOUR...]`` lines; no flavour means all."""
+    names: list[str] = []
+    for raw in text.splitlines():
+        words = raw.split("#", 1)[0].split()
+        if words and (len(words) == 1 or flavour in words[1:]):
+            names.append(module_name(words[0]))
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True, slots=True)
+class ModulePlan:
+    """What to put in the initramfs for a list of wanted modules.
+
+    ``load`` are the wanted names that are loadable modules (give them to
+    modprobe); ``files`` every module path needed, dependencies first.
+    """
+
+    load: tuple[str, ...]
+    files: tuple[str, ...]
+    builtin: tuple[str, ...]
+    missing: tuple[str, ...]
+
+
+def plan_modules(
+    wanted: Iterable[str], deps: Mapping[str, tuple[str, ...]], builtin: frozenset[str]
+) -> ModulePlan:
+    by_name = {module_name(path): path for path in deps}
+    load: list[str] = []
+    built: list[str] = []
+    missing: list[str] = []
+    files: dict[str, None] = {}
+
+    def visit(path: str, stack: tuple[str, ...]) -> None:
+        if path in files or path in stack:
+            return
+        for dep in deps.get(path, ()):
+            visit(dep, (*stack, path))
+        files[path] = None
+
+    for raw in wanted:
+        name = module_name(raw)
+        if name in builtin:
+            built.append(name)
+        elif name in by_name:
+            load.append(name)
+            visit(by_name[name], ())
+        else:
+            missing.append(name)
+    return ModulePlan(tuple(load), tuple(files), tuple(built), tuple(missing))

@@ -1,0 +1,138 @@
+"""Image cache: keys, manifests, find(), host-tool errors; nothing downloaded or booted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pyqvm.errors import HostError, ImageError, SpecError
+from pyqvm.image import FLAVOURS, GuestImage, _build, _host, build, cache_dir, find
+from pyqvm.image._guest import MANIFEST_FORMAT, cache_key, load_image
+
+
+def test_cache_key_is_order_independent_and_input_sensitive() -> None:
+    a = {"flavour": "default", "kernel": "linux-image-x=1", "recipe:init": "abc"}
+    b = dict(reversed(list(a.items())))
+    assert cache_key(a) == cache_key(b)
+    assert cache_key(a) != cache_key({**a, "recipe:init": "abd"})
+    assert len(cache_key(a)) == 16
+
+
+def test_recipe_digests_follow_file_contents(tmp_path: Path) -> None:
+    (tmp_path / "init").write_text("echo one\n")
+    (tmp_path / "modules.txt").write_text("virtio_pci\n")
+    before = _build.recipe_digests(tmp_path)
+    assert set(before) == {"init", "modules.txt"}
+    (tmp_path / "init").write_text("echo two\n")
+    assert _build.recipe_digests(tmp_path)["init"] != before["init"]
+
+
+def test_shipped_recipes_are_complete() -> None:
+    names = set(_build.recipe_digests())
+    assert {*_build._INITRD_FILES, *_build._DISK_FILES, "modules.txt"} <= names
+
+
+def test_kernel_package_from_meta_depends() -> None:
+    meta = _host.Package(
+        "linux-image-cloud-amd64",
+        "6.1.192-2",
+        "amd64",
+        "linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)",
+    )
+    assert _build._kernel_package(meta) == ("linux-image-6.1.0-56-cloud-amd64", "6.1.192-2")
+    loose = _host.Package("m", "1", "amd64", "initramfs-tools | linux-image-6.1.0-1-amd64")
+    assert _build._kernel_package(loose) == ("linux-image-6.1.0-1-amd64", None)
+    with pytest.raises(ImageError, match="cannot tell which kernel"):
+        _build._kernel_package(_host.Package("m", "1", "amd64", "libc6"))
+
+
+def test_deb_file_name_quotes_the_epoch() -> None:
+    pkg = _host.Package("busybox-static", "1:1.35.0-4+deb12u1+b1", "amd64")
+    assert pkg.deb_name == "busybox-static_1%3a1.35.0-4+deb12u1+b1_amd64.deb"
+
+
+def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PYQVM_CACHE_DIR", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("PYQVM_CACHE_DIR")
+    assert cache_dir() == tmp_path / "xdg" / "pyqvm"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "pyqvm"
+
+
+def fake_image(cache: Path, flavour: str, key: str, built_at: float) -> Path:
+    d = cache / "images" / f"{flavour}-{key}"
+    d.mkdir(parents=True)
+    for name in ("vmlinux", "vmlinuz", "initrd.img", "disk.qcow2"):
+        (d / name).write_bytes(b"x")
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "flavour": flavour,
+        "kernel": "vmlinux",
+        "bzimage": "vmlinuz",
+        "initrd": "initrd.img",
+        "disk": "disk.qcow2",
+        "kernel_version": "6.1.0-56-cloud-amd64",
+        "ready_marker": "pyqvm-guest-ready",
+        "built_at": built_at,
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+def test_find_without_images_says_how_to_build(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match=r"run `pyqvm image build --flavour full`"):
+        find("full", cache=tmp_path)
+
+
+def test_find_returns_the_newest_complete_image(tmp_path: Path) -> None:
+    old = fake_image(tmp_path, "default", "aaaa", 1.0)
+    new = fake_image(tmp_path, "default", "bbbb", 2.0)
+    os.utime(old / "manifest.json", (1, 1))
+    fake_image(tmp_path, "full", "cccc", 3.0)
+    broken = fake_image(tmp_path, "default", "dddd", 4.0)
+    (broken / "initrd.img").unlink()  # incomplete: ignored
+    image = find("default", cache=tmp_path)
+    assert isinstance(image, GuestImage)
+    assert image.directory == new and image.kernel == new / "vmlinux"
+    assert image.ready_marker == "pyqvm-guest-ready"
+    assert find("full", cache=tmp_path).flavour == "full"
+    assert load_image(broken) is None
+
+
+def test_unknown_flavour(tmp_path: Path) -> None:
+    assert FLAVOURS == ("default", "full")
+    with pytest.raises(SpecError, match="unknown guest flavour") as err:
+        build("tiny", cache=tmp_path)
+    assert err.value.field == "flavour"
+    with pytest.raises(SpecError):
+        find("tiny", cache=tmp_path)
+
+
+def test_missing_tool_names_the_debian_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = shutil.which
+
+    def which(name: str, path: str | None = None) -> str | None:
+        return None if name == "depmod" else real(name, path=path)
+
+    monkeypatch.setattr("shutil.which", which)
+    with pytest.raises(HostError, match=r"apt-get install -y kmod"):
+        build("default", cache=tmp_path)
+
+
+def test_apt_show_without_lists_says_run_apt_get_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_run(argv: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(argv, 100, "", "E: No packages found\n")
+
+    monkeypatch.setattr("subprocess.run", fake_run)
+    with pytest.raises(ImageError, match="run apt-get update"):
+        _host.apt_show(["linux-image-cloud-amd64"])
