@@ -210,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "image":
         level = min(level, logging.INFO)  # a long build shows its progress
     logging.basicConfig(level=level, format="pyqvm: %(message)s", stream=sys.stderr)
+    if args.verbose < 2:
+        # qemu.qmp logs a traceback when QEMU hangs up; pyqvm's own error already says why.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     try:
         if args.command == "image":
             return _image_build(args.flavour, args.force)
