@@ -55,9 +55,18 @@ async def boot_by_hand(template: list[str], base_disk: Path) -> float:
     qmp_fd, qga_fd = _fd_of(argv, "pq-qmp"), _fd_of(argv, "pq-qga")
     qmp_ours, qmp_theirs = socket.socketpair()
     qga_ours, qga_theirs = socket.socketpair()
-    # Put QEMU's ends at the fd numbers the argv names.
-    os.dup2(qmp_theirs.fileno(), qmp_fd)
-    os.dup2(qga_theirs.fileno(), qga_fd)
+    # Put QEMU's ends at the fd numbers the argv names (moving anything of ours out of the way).
+    for sock, target in ((qmp_theirs, qmp_fd), (qga_theirs, qga_fd)):
+        for other in (qmp_ours, qga_ours):
+            if other.fileno() == target:
+                other_fd = os.dup(target)
+                other.detach()
+                other.__init__(fileno=other_fd)  # type: ignore[misc]
+        if sock.fileno() != target:
+            os.dup2(sock.fileno(), target)
+            sock.close()
+        else:
+            sock.detach()
     agent = GuestAgent(name="bench")
     t0 = time.monotonic()
     subprocess.run(
@@ -79,8 +88,6 @@ async def boot_by_hand(template: list[str], base_disk: Path) -> float:
     try:
         for fd in (qmp_fd, qga_fd):
             os.close(fd)
-        qmp_theirs.close()
-        qga_theirs.close()
         await agent.connect(qga_ours)
         await agent.wait_ready(120)
         elapsed = time.monotonic() - t0
