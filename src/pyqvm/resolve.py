@@ -12,18 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pyqvm.argv.build import FAST_BOOT_APPEND
 from pyqvm.errors import HostError, SpecError
 from pyqvm.host.accel import choose_accelerator
 from pyqvm.host.facts import HostFacts, qemu_binary, read_host_facts
 from pyqvm.host.kernel import KernelInfo, inspect_kernel
 from pyqvm.host.pci import pci_device_dir
-from pyqvm.spec import Disk, KernelBoot, VMSpec
+from pyqvm.spec import IMAGE_DISK_ID, Disk, KernelBoot, VMSpec
 
 log = logging.getLogger(__name__)
-
-# The built-in guest prints to ttyS0; "quiet" keeps the console (and TCG time) short.
-IMAGE_APPEND = f"console=ttyS0 {FAST_BOOT_APPEND} quiet"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,20 +30,18 @@ class Resolved:
     accel: Literal["kvm", "tcg"]
     qemu: Path
     facts: HostFacts
-    ready_marker: str | None = None
 
 
-def with_image(spec: VMSpec, cache: Path | None = None) -> tuple[VMSpec, str | None]:
+def with_image(spec: VMSpec, cache: Path | None = None) -> VMSpec:
     """Replace ``spec.image`` by the built image's kernel, initrd and base disk."""
     if spec.image is None:
-        return spec, None
+        return spec
     from pyqvm import image  # the launcher touches image/ only to find a built image
 
     img = image.find(spec.image, cache=cache)
-    kernel = KernelBoot(kernel=img.kernel, initrd=img.initrd, append=IMAGE_APPEND)
-    disk = Disk(path=img.disk, format="qcow2", ephemeral=True, id="root")
-    resolved = dataclasses.replace(spec, image=None, kernel=kernel, disks=(disk, *spec.disks))
-    return resolved, img.ready_marker
+    kernel = KernelBoot(kernel=img.kernel, initrd=img.initrd, append=image.KERNEL_CMDLINE)
+    disk = Disk(path=img.disk, format="qcow2", ephemeral=True, id=IMAGE_DISK_ID)
+    return dataclasses.replace(spec, image=None, kernel=kernel, disks=(disk, *spec.disks))
 
 
 def check_kernel(spec: VMSpec) -> KernelInfo:
@@ -80,7 +74,7 @@ def resolve(
             pci_device_dir(h.address)
         except HostError as e:
             raise SpecError(f"host_devices[{i}].address", str(e)) from None
-    concrete, marker = with_image(spec, image_cache)
+    concrete = with_image(spec, image_cache)
     if spec.kernel is not None:
         check_kernel(spec)
-    return Resolved(spec=concrete, accel=accel, qemu=qemu, facts=facts, ready_marker=marker)
+    return Resolved(spec=concrete, accel=accel, qemu=qemu, facts=facts)

@@ -50,6 +50,8 @@ _GUEST_PCI_RE = re.compile(r"[0-1]?[0-9a-fA-F](?:\.[0-7])?\Z")
 _MAC_RE = re.compile(r"(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\Z")
 _SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE)
 _QCOW2_MAGIC = b"QFI\xfb"
+#: The id of the built-in image's disk, attached first when ``image`` is set.
+IMAGE_DISK_ID = "root"
 
 
 def parse_size_mib(value: int | str, field_name: str) -> int:
@@ -240,7 +242,7 @@ class VMSpec:
     accelerator: Accelerator = "auto"
     cpu: str | None = None
     smp: int = 1
-    memory: int = 512
+    memory: int | str = 512  # MiB, or a size string ("512M", "2G"); always an int MiB once built
     profile: Profile = "virtio"
     guest_os: GuestOS = "linux"
     image: ImageFlavour | None = None
@@ -350,6 +352,22 @@ class VMSpec:
             raise SpecError(
                 "ovmf_code", 'firmware = "ovmf" needs ovmf_code (e.g. /usr/share/OVMF/OVMF_CODE.fd)'
             )
+        if self.image is not None:
+            for i, d in enumerate(self.disks):
+                if d.id == IMAGE_DISK_ID:
+                    raise SpecError(
+                        f"disks[{i}].id", f"{d.id!r} is the built-in image's disk; pick another id"
+                    )
+        if self.cdroms and self.machine == "microvm":
+            raise SpecError("cdroms", "microvm has no AHCI/IDE bus for a CD-ROM; use q35 or pc")
+        ports = {"q35": 6, "pc": 4}.get(self.machine, 0)
+        ide_users = [f"disks[{i}]" for i, d in enumerate(self.disks) if self._on_ide(d)]
+        ide_users += [f"cdroms[{i}]" for i in range(len(self.cdroms))]
+        if len(ide_users) > ports:
+            raise SpecError(
+                ide_users[ports],
+                f"machine {self.machine!r} has only {ports} AHCI/IDE ports; use virtio-blk",
+            )
         for i, d in enumerate(self.disks):
             iface = d.interface
             if self.machine == "microvm" and iface in ("ahci", "ide", "virtio-scsi"):
@@ -371,6 +389,11 @@ class VMSpec:
                     raise SpecError(
                         f"networks[{i}].model", f"{n.model!r} needs PCI; use virtio on microvm"
                     )
+
+    def _on_ide(self, disk: Disk) -> bool:
+        if disk.interface == "auto":
+            return self.profile == "emulated"
+        return disk.interface in ("ahci", "ide")
 
     @property
     def effective_ready(self) -> Literal["agent", "console", "none"]:

@@ -119,6 +119,9 @@ class VM:
     def console_text(self) -> str:
         return self._vm.console_text()
 
+    def read_console(self, offset: int = 0) -> bytes:
+        return self._vm.read_console(offset)
+
     def wait_for_console(self, pattern: str, timeout: float) -> None:
         self._run(self._vm.wait_for_console(pattern, timeout))
 

@@ -322,6 +322,14 @@ class AsyncVM:
             f.seek(max(0, f.tell() - _CONSOLE_TAIL))
             return f.read().decode("utf-8", "replace")
 
+    def read_console(self, offset: int = 0) -> bytes:
+        """Console bytes from ``offset`` on (for following the console as it grows)."""
+        if self._console_log is None or not self._console_log.exists():
+            return self._console_cache.encode()[offset:]
+        with open(self._console_log, "rb") as f:
+            f.seek(offset)
+            return f.read()
+
     async def wait_for_console(self, pattern: str, timeout: float) -> None:
         """Wait until ``pattern`` (a plain substring) shows on the serial console."""
         # The console is a file QEMU appends to; polling it is the one wait here that
@@ -397,7 +405,7 @@ class AsyncVM:
         return result
 
     async def read_file(self, path: str) -> bytes:
-        self._require(VMState.RUNNING, VMState.PAUSED)
+        self._require(VMState.RUNNING)
         return await self.agent.read_file(path)
 
     async def write_file(self, path: str, data: bytes) -> None:

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from pyqvm.argv import DiskFile, LaunchContext, build_argv, escape, opts, qjson
-from pyqvm.errors import SpecError
 from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec
 
 
@@ -168,17 +167,6 @@ def test_microvm_uses_mmio_and_tsc(files: dict[str, Path], tmp_path: Path) -> No
     drivers = {d["driver"] for d in devices(argv)}
     assert {"virtio-serial-device", "virtio-net-device", "virtio-rng-device"} <= drivers
     assert not any(str(d).endswith("-pci") for d in drivers)
-
-
-def test_too_many_ide_disks(files: dict[str, Path], tmp_path: Path) -> None:
-    spec = VMSpec(
-        machine="pc",
-        profile="emulated",
-        guest_agent=False,
-        disks=[Disk(files["raw"], ephemeral=False, id=f"d{i}") for i in range(5)],
-    )
-    with pytest.raises(SpecError, match=r"disks\[4\]\.interface.*only 4"):
-        build_argv(spec, ctx(tmp_path))
 
 
 def test_tap_and_extra_args(tmp_path: Path) -> None:

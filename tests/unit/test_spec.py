@@ -116,3 +116,14 @@ def test_load_toml_errors(tmp_path: Path) -> None:
         load_spec(bad)
     with pytest.raises(SpecError, match="no such spec file"):
         load_spec(tmp_path / "none.toml")
+
+
+def test_ide_ports_and_cdroms_checked_when_built(files: dict[str, Path]) -> None:
+    disks = [Disk(files["raw"], ephemeral=False, id=f"d{i}") for i in range(4)]
+    with pytest.raises(SpecError, match=r"cdroms\[0\]: machine 'pc' has only 4"):
+        VMSpec(machine="pc", profile="emulated", disks=disks, cdroms=[files["raw"]])
+    VMSpec(machine="pc", profile="emulated", disks=disks)  # exactly four fit
+    with pytest.raises(SpecError, match="microvm has no AHCI/IDE"):
+        VMSpec(machine="microvm", image="default", cdroms=[files["raw"]])
+    with pytest.raises(SpecError, match=r"disks\[0\]\.id: 'root' is the built-in image"):
+        VMSpec(image="default", disks=[Disk(files["raw"], id="root")])

@@ -26,11 +26,6 @@ SANDBOX = {
     "spawn": "deny",
     "resourcecontrol": "deny",
 }
-# Kernel arguments that cut TCG boot time without changing what the guest can do.
-FAST_BOOT_APPEND = (
-    "mitigations=off tsc=reliable no_timer_check i8042.noaux i8042.nokbd "
-    "noreplace-smp cryptomgr.notests"
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 from pyqvm.errors import PyqvmError
 from pyqvm.spec import Network, PortForward, VMSpec, load_spec, spec_from_dict
+from pyqvm.vm import AsyncVM, preview_argv
 
 log = logging.getLogger("pyqvm.cli")
 
@@ -133,8 +134,6 @@ def _forward(text: str) -> PortForward:
 
 
 async def _run(spec: VMSpec, cmd: Sequence[str]) -> int:
-    from pyqvm.vm import AsyncVM
-
     async with AsyncVM(spec) as vm:
         if not cmd:
             return await _show_console(vm)
@@ -146,7 +145,7 @@ async def _run(spec: VMSpec, cmd: Sequence[str]) -> int:
         return result.exitcode if result.signal is None else 128 + result.signal
 
 
-async def _show_console(vm: Any) -> int:
+async def _show_console(vm: AsyncVM) -> int:
     """Copy the serial console to stdout until Ctrl-C or the guest powers off."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -157,11 +156,11 @@ async def _show_console(vm: Any) -> int:
     exited = asyncio.ensure_future(vm.wait())
     try:
         while not stop.is_set() and not exited.done():
-            text = vm.console_text()
-            if len(text) > shown:
-                sys.stdout.write(text[shown:])
+            chunk = vm.read_console(shown)
+            if chunk:
+                sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
-                shown = len(text)
+                shown += len(chunk)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
     finally:
@@ -173,8 +172,6 @@ async def _show_console(vm: Any) -> int:
 
 
 def _cmdline(spec: VMSpec, as_json: bool) -> int:
-    from pyqvm.vm import preview_argv
-
     argv = preview_argv(spec)
     print(json.dumps(argv) if as_json else shlex.join(argv))
     return 0
