@@ -94,6 +94,8 @@ def test_virtio_profile(files: dict[str, Path], tmp_path: Path) -> None:
     }
     netdev = json.loads(values(argv, "-netdev")[0])
     assert netdev["hostfwd"] == [{"str": "tcp:127.0.0.1:2222-:22"}]
+    assert values(argv, "-machine") == ["q35,sata=off,smbus=off"]  # nothing uses the board's AHCI
+    assert next(d for d in devices(argv) if d["driver"] == "virtio-net-pci")["romfile"] == ""
     assert values(argv, "-kernel") == [str(files["kernel"])]
     assert values(argv, "-append") == ["console=ttyS0"]
 
@@ -113,7 +115,9 @@ def test_emulated_profile(
         networks=[Network()],
     )
     argv = build_argv(spec, ctx(tmp_path))
+    assert values(argv, "-machine") == [machine]
     devs = devices(argv)
+    assert "romfile" not in next(d for d in devs if d["driver"] == nic)  # firmware may PXE-boot
     disk = next(d for d in devs if d["driver"] == "ide-hd")
     assert {k: disk[k] for k in disk_props} == disk_props
     assert disk["bootindex"] == 0  # firmware boot from the first disk

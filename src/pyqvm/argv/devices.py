@@ -58,6 +58,11 @@ def nic_model(spec: VMSpec, net: Network) -> str:
     return virtio(spec, "net") if model == "virtio" else model
 
 
+def uses_ide(spec: VMSpec) -> bool:
+    """Whether any disk or CD-ROM sits on the board's AHCI/IDE controller."""
+    return bool(spec.cdroms) or any(disk_interface(spec, d) in ("ahci", "ide") for d in spec.disks)
+
+
 class _IdePorts:
     """Hands out AHCI ports (q35: ide.0..ide.5) or IDE bus/unit pairs (pc: 2 buses x 2 units)."""
 
@@ -156,9 +161,20 @@ def net_args(spec: VMSpec, accel: str) -> list[str]:
             if accel == "kvm" and spec.profile != "emulated":
                 netdev["vhost"] = True
         argv += ["-netdev", qjson(netdev)]
+        # A directly booted kernel never network-boots: skip the iPXE option ROM,
+        # which SeaBIOS would otherwise run (about 0.15 s under TCG).
+        rom = "" if spec.kernel is not None and bus_kind(spec) == "pci" else None
         argv += [
             "-device",
-            qjson({"driver": nic_model(spec, net), "id": net.id, "netdev": net.id, "mac": net.mac}),
+            qjson(
+                {
+                    "driver": nic_model(spec, net),
+                    "id": net.id,
+                    "netdev": net.id,
+                    "mac": net.mac,
+                    "romfile": rom,
+                }
+            ),
         ]
     return argv
 
