@@ -60,11 +60,44 @@ def _runtime_base() -> str | None:
     return base
 
 
+_OWNER = "owner"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): with the pid, unique over time."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _reclaim_stale(base: Path) -> None:
+    """Remove runtime dirs whose owning process is gone (it was killed before cleaning up)."""
+    for d in base.glob("pyqvm-*"):
+        try:
+            pid_s, start = (d / _OWNER).read_text().split()
+            if d.stat().st_uid != os.getuid():
+                continue
+        except (OSError, ValueError):
+            continue  # not ours, or still being set up
+        if _start_time(int(pid_s)) != start:
+            _log.info("removing stale runtime dir %s (owner pid %s is gone)", d, pid_s)
+            shutil.rmtree(d, ignore_errors=True)
+
+
 class RuntimeDir:
-    """A private (mode 0700) directory for one VM; `cleanup` removes it."""
+    """A private (mode 0700) directory for one VM; `cleanup` removes it.
+
+    It records its owner (pid and start time), so a directory left behind by a
+    killed process is removed by the next pyqvm process that makes one.
+    """
 
     def __init__(self) -> None:
-        self._path = Path(tempfile.mkdtemp(prefix="pyqvm-", dir=_runtime_base()))
+        base = _runtime_base()
+        _reclaim_stale(Path(base or tempfile.gettempdir()))
+        self._path = Path(tempfile.mkdtemp(prefix="pyqvm-", dir=base))
+        (self._path / _OWNER).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
 
     @property
     def path(self) -> Path:

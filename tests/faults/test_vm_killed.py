@@ -1,0 +1,49 @@
+"""SIGKILL the Python process that holds a VM: QEMU must die with it, and the runtime dir it
+could not remove is reclaimed by the next pyqvm process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pyqvm.process import RuntimeDir
+
+pytestmark = pytest.mark.qemu
+
+CHILD = Path(__file__).with_name("_vm_child.py")
+
+
+def _gone(pid: int) -> bool:
+    # QEMU was re-parented to init, which reaps it: gone means no /proc entry at all.
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_sigkilled_launcher_leaves_no_qemu_and_no_rundir() -> None:
+    child = subprocess.Popen([sys.executable, str(CHILD)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        info = json.loads(child.stdout.readline())
+        pid, rundir = int(info["pid"]), Path(info["rundir"])
+        assert Path(f"/proc/{pid}").exists() and rundir.is_dir()
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        deadline = time.monotonic() + 10
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(pid), f"QEMU {pid} outlived its launcher"
+        assert rundir.is_dir()  # nothing could run in the killed process
+        RuntimeDir().cleanup()  # the next pyqvm process reclaims it
+        assert not rundir.exists()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
