@@ -7,7 +7,7 @@ socketpairs at the same fd numbers and its own overlay), spawned with plain
 ``guest-sync`` (the same client, `pyqvm.agent.GuestAgent`, polls both).
 Rounds alternate the order so drift in machine load hits both sides.
 
-    python bench/boot.py [-n 7] [--machine q35|pc|microvm] [--image default]
+    python bench/boot.py [-n 7] [--machine q35|pc|microvm] [--image default] [--nic]
 
 The last line is ``result: boot pyqvm=<median s> baseline=<median s> ratio=<r>``.
 """
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pyqvm import AsyncVM, VMSpec
+from pyqvm import AsyncVM, Network, VMSpec
 from pyqvm.agent import GuestAgent
 
 
@@ -105,12 +105,17 @@ async def main() -> None:
     ap.add_argument("-n", type=int, default=7, help="boots per side")
     ap.add_argument("--machine", default=None, help="machine type (default: the spec default)")
     ap.add_argument("--image", default="default")
+    ap.add_argument(
+        "--nic", action="store_true", help="give the guest a user-mode NIC (as `pyqvm run`)"
+    )
     args = ap.parse_args()
 
     from pyqvm import image
 
     img = image.find(args.image)
-    kw = {"machine": args.machine} if args.machine else {}
+    kw: dict[str, object] = {"machine": args.machine} if args.machine else {}
+    if args.nic:
+        kw["networks"] = (Network(),)
     spec = VMSpec(image=args.image, **kw)
 
     # Warm-up (not counted): page cache, and the argv template for the by-hand side.
@@ -125,7 +130,10 @@ async def main() -> None:
             theirs.append(await boot_by_hand(template, img.disk))
             ours.append((await boot_pyqvm(spec))[0])
         print(f"round {i + 1}: pyqvm {ours[-1]:.3f} s  by hand {theirs[-1]:.3f} s", flush=True)
-    print(f"machine={spec.machine} image={args.image} kernel={img.kernel.name} n={args.n}")
+    nic = "user" if spec.networks else "none"
+    print(
+        f"machine={spec.machine} image={args.image} kernel={img.kernel.name} nic={nic} n={args.n}"
+    )
     for label, xs in (("pyqvm", ours), ("by hand", theirs)):
         med = statistics.median(xs)
         print(f"{label:8}  median {med:.3f} s  min {min(xs):.3f}  max {max(xs):.3f}")
