@@ -11,9 +11,18 @@ Every error pyqvm raises on purpose derives from `PyqvmError`::
      ├─ VMExitedError      QEMU went away during an operation
      ├─ PyqvmTimeoutError  a bounded wait ran out (also a TimeoutError)
      ├─ QMPCommandError    QEMU answered a QMP command with an error
-     └─ GuestError         the guest agent failed or a guest command could not run
-          ├─ GuestCommandError  the agent answered with an error (class, description)
-          └─ GuestExecError     a guest command exited non-zero (argv, exit code, stderr)
+     ├─ PassthroughError   a host device cannot be given to this VM (vfio-pci, SR-IOV)
+     │    ├─ DeviceClaimedError     another VM holds the device (names the holder)
+     │    └─ GroupNotViableError    an IOMMU group member blocks it (names member, driver)
+     ├─ GuestError         the guest agent failed or a guest command could not run
+     │    ├─ GuestCommandError  the agent answered with an error (class, description)
+     │    └─ GuestExecError     a guest command exited non-zero (argv, exit code, stderr)
+     └─ OperationError     a VM operation (snapshot, hotplug, migration) failed
+          ├─ JobError           a QMP job (snapshot-save, block-commit, ...) ended with an error
+          ├─ SnapshotError      internal/external snapshot refused or failed
+          ├─ HotplugError       plugging or unplugging a device failed
+          │    └─ UnplugTimeoutError  the guest never released the device (also a PyqvmTimeoutError)
+          └─ MigrationError     live migration or save/restore failed
 
 Errors carry the data a caller needs (argv, exit code, stderr and console
 tails) as attributes, not only inside the message.
@@ -106,6 +115,43 @@ class QMPCommandError(PyqvmError):
         self.description = description
 
 
+class PassthroughError(PyqvmError):
+    """A host device cannot be given to this VM; the message says what to do.
+
+    ``address`` is the host PCI address concerned (empty when none is).
+    """
+
+    def __init__(self, message: str, *, address: str = "") -> None:
+        super().__init__(message)
+        self.address = address
+
+
+class DeviceClaimedError(PassthroughError):
+    """The device belongs to another running VM (``holder``, process ``pid``)."""
+
+    def __init__(self, address: str, holder: str, pid: int) -> None:
+        super().__init__(
+            f"host device {address} is in use by VM {holder!r} (pyqvm process {pid}); "
+            "a device goes to one guest at a time: stop that VM or pick another device",
+            address=address,
+        )
+        self.holder = holder
+        self.pid = pid
+
+
+class GroupNotViableError(PassthroughError):
+    """An IOMMU group cannot go to the guest: ``blocker`` is bound to ``driver``."""
+
+    def __init__(self, address: str, group: int, blocker: str, driver: str, fix: str) -> None:
+        super().__init__(
+            f"IOMMU group {group} of {address} is not viable: {blocker} is bound to {driver}; {fix}",
+            address=address,
+        )
+        self.group = group
+        self.blocker = blocker
+        self.driver = driver
+
+
 class GuestError(PyqvmError):
     """The guest agent failed, or a command could not be run in the guest."""
 
@@ -142,17 +188,69 @@ class GuestExecError(GuestError):
         self.signal = signal
 
 
+class OperationError(PyqvmError):
+    """A VM operation (snapshot, hotplug, migration) was refused or failed."""
+
+
+class JobError(OperationError):
+    """A QMP job ended with an error (or was cancelled).
+
+    ``job_id`` and ``job_type`` name the job (e.g. ``snapshot-save``),
+    ``status`` is the last status seen and ``error`` QEMU's own text.
+    """
+
+    def __init__(self, job_id: str, job_type: str, status: str, error: str) -> None:
+        super().__init__(f"QMP job {job_id!r} ({job_type or 'job'}) failed: {error}")
+        self.job_id = job_id
+        self.job_type = job_type
+        self.status = status
+        self.error = error
+
+
+class SnapshotError(OperationError):
+    """A snapshot (internal or external) was refused or failed."""
+
+
+class HotplugError(OperationError):
+    """Plugging or unplugging a device failed, or the guest never acknowledged an unplug."""
+
+
+class UnplugTimeoutError(HotplugError, PyqvmTimeoutError):
+    """The guest did not release a device in time; it stays plugged, with its backend.
+
+    ``device`` is the device id. QEMU keeps the unplug request: the guest may
+    still release it later; calling unplug again finishes the job.
+    """
+
+    def __init__(self, message: str, device: str) -> None:
+        super().__init__(message)
+        self.device = device
+
+
+class MigrationError(OperationError):
+    """Live migration, or saving/restoring a VM's state, failed."""
+
+
 __all__ = [
+    "DeviceClaimedError",
+    "GroupNotViableError",
     "GuestCommandError",
     "GuestError",
     "GuestExecError",
     "HostError",
+    "HotplugError",
     "ImageError",
+    "JobError",
     "LaunchError",
+    "MigrationError",
+    "OperationError",
+    "PassthroughError",
     "PyqvmError",
     "PyqvmTimeoutError",
     "QMPCommandError",
+    "SnapshotError",
     "SpecError",
+    "UnplugTimeoutError",
     "VMExitedError",
     "VMStateError",
 ]

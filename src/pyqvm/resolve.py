@@ -63,15 +63,22 @@ def check_kernel(spec: VMSpec) -> KernelInfo:
 
 
 def resolve(
-    spec: VMSpec, *, facts: HostFacts | None = None, image_cache: Path | None = None
+    spec: VMSpec,
+    *,
+    facts: HostFacts | None = None,
+    image_cache: Path | None = None,
+    host_root: Path = Path("/"),
 ) -> Resolved:
-    """Check ``spec`` against this host and fill in what the host decides."""
+    """Check ``spec`` against this host and fill in what the host decides.
+
+    ``host_root`` is where host devices are looked up (sysfs under it; tests use fake trees).
+    """
     facts = facts or read_host_facts()
     accel = choose_accelerator(spec.accelerator, facts.kvm)
     qemu = qemu_binary(facts, spec.arch)
     for i, h in enumerate(spec.host_devices):
         try:
-            pci_device_dir(h.address)
+            pci_device_dir(h.address, host_root)
         except HostError as e:
             raise SpecError(f"host_devices[{i}].address", str(e)) from None
     concrete = with_image(spec, image_cache)

@@ -1,7 +1,17 @@
-"""A QMP session on `qemu.qmp`: commands with typed errors, and event waits.
+"""A QMP session on `qemu.qmp`: commands with typed errors, event waits and QMP jobs.
 
-All QMP traffic of pyqvm goes through `qemu.qmp.QMPClient`; this module only
-maps its errors into pyqvm's family and adds bounded waits on events.
+All QMP traffic of pyqvm goes through `qemu.qmp.QMPClient`; this module maps
+its errors into pyqvm's family and adds bounded waits:
+
+- `QMPSession.wait_for_event` waits for one event (by name, with a filter);
+  open a listener with `QMPSession.events` *before* the command that causes
+  the event and pass it in, so the event cannot slip past.
+- `QMPSession.job` starts a QMP job (``snapshot-save``, ``block-commit``,
+  ``blockdev-mirror``, ...) and hands back a `Job` that follows it through
+  ``JOB_STATUS_CHANGE`` events; `QMPSession.run_job` runs one to its end,
+  raises `JobError` with QEMU's own message when it fails, and dismisses it.
+
+Every wait also ends, with `VMExitedError`, when the QMP connection drops.
 """
 
 from __future__ import annotations
@@ -9,18 +19,63 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+from qemu.qmp.protocol import Runstate
 
-from pyqvm.errors import PyqvmTimeoutError, QMPCommandError, VMExitedError
+from pyqvm.errors import JobError, PyqvmError, PyqvmTimeoutError, QMPCommandError, VMExitedError
 
 log = logging.getLogger(__name__)
 
 Event = Mapping[str, Any]
 EventMatch = Callable[[Event], bool]
+#: A filter on an event: a predicate, or a mapping that the event's ``data`` must contain.
+EventFilter = EventMatch | Mapping[str, object]
+
+_T = TypeVar("_T")
+
+#: Job statuses after which a job does nothing more (``null``: already dismissed).
+JOB_FINAL = frozenset({"concluded", "null"})
+
+
+def event_filter(match: EventFilter | None) -> EventMatch | None:
+    """A predicate from a filter: a mapping means "``data`` has these key/values"."""
+    if match is None or callable(match):
+        return match
+    want = dict(match)
+
+    def _match(event: Event) -> bool:
+        data = event.get("data") or {}
+        return all(data.get(k) == v for k, v in want.items())
+
+    return _match
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """One job as ``query-jobs`` reports it (``error`` is None unless it failed)."""
+
+    id: str
+    type: str
+    status: str
+    current_progress: int = 0
+    total_progress: int = 0
+    error: str | None = None
+
+    @classmethod
+    def from_qmp(cls, data: Mapping[str, Any]) -> JobInfo:
+        return cls(
+            id=str(data["id"]),
+            type=str(data.get("type", "")),
+            status=str(data.get("status", "")),
+            current_progress=int(data.get("current-progress", 0)),
+            total_progress=int(data.get("total-progress", 0)),
+            error=data.get("error"),
+        )
 
 
 class QMPSession:
@@ -29,6 +84,7 @@ class QMPSession:
     def __init__(self, name: str) -> None:
         self.name = name
         self._client = QMPClient(name)
+        self._job_seq = 0
 
     async def connect(self, sock: socket.socket, timeout: float = 30.0) -> None:
         """Connect over an already connected socket (one end of a socketpair QEMU holds)."""
@@ -73,25 +129,150 @@ class QMPSession:
 
     @asynccontextmanager
     async def events(
-        self, names: str | Iterable[str] = (), match: EventMatch | None = None
+        self, names: str | Iterable[str] = (), match: EventFilter | None = None
     ) -> AsyncIterator[EventListener]:
         """Listen for events while the block runs; ``async for`` over the listener.
 
         Open the listener *before* issuing the command whose event you await,
-        so the event cannot slip past.
+        so the event cannot slip past. ``match`` is a predicate on the event or
+        a mapping its ``data`` must contain (``{"device": "disk1"}``).
         """
         names = (names,) if isinstance(names, str) else tuple(names)
-        listener = EventListener(names or None, match)
+        listener = EventListener(names or None, event_filter(match))
         with self._client.listen(listener):
             yield listener
 
-    async def next_event(self, listener: EventListener, timeout: float, what: str) -> Event:
-        """The next event on ``listener``; `PyqvmTimeoutError` naming ``what`` after ``timeout``."""
-        try:
-            event: Event = await asyncio.wait_for(listener.get(), timeout)
-        except TimeoutError:
-            raise PyqvmTimeoutError(f"{self.name}: no {what} within {timeout:g} s") from None
+    async def next_event(self, listener: EventListener, timeout: float | None, what: str) -> Event:
+        """The next event on ``listener``.
+
+        Raises `PyqvmTimeoutError` naming ``what`` after ``timeout`` seconds
+        (None: no limit) and `VMExitedError` if the connection drops first.
+        """
+        event: Event = await self._bounded(listener.get(), timeout, what)
+        log.debug("%s: event %s %s", self.name, event.get("event"), event.get("data", ""))
         return event
+
+    async def wait_for_event(
+        self,
+        name: str | Iterable[str],
+        match: EventFilter | None = None,
+        timeout: float | None = 60.0,
+        *,
+        listener: EventListener | None = None,
+    ) -> Event:
+        """Wait for the first event called ``name`` (one name or several) that ``match``es.
+
+        With ``listener`` (from `events`, opened before the command that
+        causes the event) events already queued there count; without it only
+        events arriving from now on do. Raises `PyqvmTimeoutError` after
+        ``timeout`` seconds (None: no limit), `VMExitedError` if QEMU goes away.
+        """
+        names = {name} if isinstance(name, str) else set(name)
+        pred = event_filter(match)
+        what = f"{'/'.join(sorted(names))} event"
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+
+        async def scan(source: EventListener) -> Event:
+            while True:
+                left = None if deadline is None else max(0.0, deadline - loop.time())
+                event = await self.next_event(source, left, what)
+                if event.get("event") in names and (pred is None or pred(event)):
+                    return event
+
+        if listener is not None:
+            return await scan(listener)
+        async with self.events(tuple(names), pred) as own:
+            return await scan(own)
+
+    async def _until_closed(self) -> None:
+        while self._client.runstate is Runstate.RUNNING:
+            await self._client.runstate_changed()
+
+    async def _bounded(self, aw: Awaitable[_T], timeout: float | None, what: str) -> _T:
+        """Await ``aw`` for at most ``timeout`` s, failing early if the connection drops."""
+        if self._client.runstate is not Runstate.RUNNING:
+            raise VMExitedError(f"{self.name}: QMP is not connected (waiting for {what})")
+        task = asyncio.ensure_future(aw)
+        closed = asyncio.ensure_future(self._until_closed())
+        try:
+            done, _ = await asyncio.wait(
+                {task, closed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for t in (task, closed):
+                if not t.done():
+                    t.cancel()
+        if task in done:
+            return task.result()
+        if closed in done:
+            raise VMExitedError(f"{self.name}: QEMU went away while waiting for {what}")
+        raise PyqvmTimeoutError(f"{self.name}: no {what} within {timeout:g} s")
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    async def query_jobs(self, *, timeout: float | None = 60.0) -> list[JobInfo]:
+        """All QMP jobs QEMU knows (``query-jobs``)."""
+        return [JobInfo.from_qmp(j) for j in await self.execute("query-jobs", timeout=timeout)]
+
+    @asynccontextmanager
+    async def job(
+        self,
+        command: str,
+        arguments: Mapping[str, object],
+        *,
+        job_id: str,
+        timeout: float | None = 60.0,
+    ) -> AsyncIterator[Job]:
+        """Start a QMP job and follow it while the block runs.
+
+        ``command`` is sent with ``arguments`` plus ``"job-id": job_id``. The
+        job's ``JOB_STATUS_CHANGE`` events are listened for from before the
+        command is sent. If the block is left before the job ended (an error,
+        a cancellation), the job is cancelled and dismissed, each step bounded.
+        Block jobs should be started with ``"auto-dismiss": False`` so that
+        their error can still be read when they conclude.
+        """
+        args = {"job-id": job_id, **arguments}
+        listener = EventListener(_JOB_EVENTS, _job_filter(job_id))
+        with self._client.listen(listener):
+            await self.execute(command, args, timeout=timeout)
+            job = Job(self, job_id, command, listener)
+            try:
+                yield job
+            finally:
+                if job.status not in JOB_FINAL and self.connected:
+                    await asyncio.shield(job.abandon())
+
+    async def run_job(
+        self,
+        command: str,
+        arguments: Mapping[str, object],
+        *,
+        job_id: str | None = None,
+        timeout: float | None = None,
+        complete_on_ready: bool = False,
+    ) -> JobInfo:
+        """Run a QMP job to its end and dismiss it; returns its final `JobInfo`.
+
+        ``complete_on_ready`` sends ``job-complete`` once the job is ``ready``
+        (an active ``block-commit``, a mirror). Raises `JobError` with QEMU's
+        message if the job fails, `PyqvmTimeoutError` after ``timeout`` s
+        (None: no limit; the job is then cancelled), `QMPCommandError` if QEMU
+        refuses to start it.
+        """
+        self._job_seq += 1
+        jid = job_id or f"pyqvm-{command}-{self._job_seq}"
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
+        async with self.job(command, arguments, job_id=jid, timeout=left()) as job:
+            if complete_on_ready and await job.wait_for("ready", timeout=left()) == "ready":
+                await job.complete(timeout=left())
+            return await job.finish(timeout=left())
 
     async def close(self) -> None:
         try:
@@ -99,3 +280,118 @@ class QMPSession:
         except (QMPError, EOFError, OSError) as e:
             # A QEMU that died leaves the reader with an error; the session is closed anyway.
             log.debug("%s: QMP disconnect: %s", self.name, e)
+
+
+_JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+
+
+def _job_filter(job_id: str) -> EventMatch:
+    def match(event: Event) -> bool:
+        data = event.get("data") or {}
+        key = "id" if event.get("event") == "JOB_STATUS_CHANGE" else "device"
+        return bool(data.get(key) == job_id)
+
+    return match
+
+
+class Job:
+    """A running QMP job, followed through its ``JOB_STATUS_CHANGE`` events.
+
+    Made by `QMPSession.job`. ``status`` is the last status QEMU reported
+    (``created``, ``running``, ``ready``, ``pending``, ``concluded``, ``null``...).
+    Waits never poll: while some jobs run (``snapshot-save``/``-load``) the
+    monitor may not answer at all, but their events arrive once it does.
+    """
+
+    def __init__(
+        self, session: QMPSession, job_id: str, command: str, listener: EventListener
+    ) -> None:
+        self.id = job_id
+        self.command = command
+        self.status = "created"
+        self._session = session
+        self._listener = listener
+        self._block_error: str | None = None
+        self._cancelled = False
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id!r} ({self.command}) {self.status}>"
+
+    def _take(self, event: Event) -> None:
+        data = event.get("data") or {}
+        name = event.get("event")
+        if name == "JOB_STATUS_CHANGE":
+            self.status = str(data.get("status", self.status))
+        elif name == "BLOCK_JOB_COMPLETED" and data.get("error"):
+            self._block_error = str(data["error"])
+        elif name == "BLOCK_JOB_CANCELLED":
+            self._cancelled = True
+
+    def _drain(self) -> None:
+        for event in self._listener.clear():
+            self._take(event)
+
+    async def wait_for(self, *statuses: str, timeout: float | None = None) -> str:
+        """Wait until the job's status is one of ``statuses`` or final; returns the status.
+
+        Raises `PyqvmTimeoutError` after ``timeout`` s, `VMExitedError` if QEMU exits.
+        """
+        want = set(statuses) | JOB_FINAL
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        self._drain()
+        while self.status not in want:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            what = f"job {self.id!r} reaching {'/'.join(sorted(want))} (now {self.status})"
+            self._take(await self._session.next_event(self._listener, left, what))
+        return self.status
+
+    async def info(self, *, timeout: float | None = 60.0) -> JobInfo | None:
+        """The job as ``query-jobs`` reports it now (None once it is dismissed)."""
+        for j in await self._session.query_jobs(timeout=timeout):
+            if j.id == self.id:
+                return j
+        return None
+
+    async def complete(self, *, timeout: float | None = 60.0) -> None:
+        """``job-complete``: finish a ``ready`` job (pivot a mirror, end an active commit)."""
+        await self._session.execute("job-complete", {"id": self.id}, timeout=timeout)
+
+    async def cancel(self, *, timeout: float | None = 60.0) -> None:
+        """``job-cancel``: ask QEMU to stop the job (a ``ready`` mirror stops without pivot)."""
+        self._cancelled = True
+        await self._session.execute("job-cancel", {"id": self.id}, timeout=timeout)
+
+    async def finish(self, *, timeout: float | None = None) -> JobInfo:
+        """Wait for the job to conclude, read its outcome, dismiss it.
+
+        Returns the final `JobInfo`; raises `JobError` with QEMU's message when
+        the job failed or was cancelled.
+        """
+        await self.wait_for(timeout=timeout)
+        info: JobInfo | None = None
+        if self.status == "concluded":
+            info = await self.info()
+            if info is not None:
+                try:
+                    await self._session.execute("job-dismiss", {"id": self.id})
+                except QMPCommandError as e:  # auto-dismissed meanwhile
+                    log.debug("%s: job-dismiss %s: %s", self._session.name, self.id, e)
+            self.status = "null"
+        self._drain()
+        error = (info.error if info else None) or self._block_error
+        if error is None and self._cancelled and info is None:
+            error = "cancelled"
+        if error is not None:
+            raise JobError(self.id, info.type if info else self.command, "concluded", error)
+        return info or JobInfo(id=self.id, type=self.command, status="null")
+
+    async def abandon(self, timeout: float = 30.0) -> None:
+        """Cancel the job if it still runs, wait (bounded) for its end, dismiss it; never raises
+        a `PyqvmError` (it logs instead): this is cleanup after something else failed."""
+        try:
+            if self.status not in JOB_FINAL:
+                await self.cancel(timeout=timeout)
+            await self.finish(timeout=timeout)
+        except PyqvmError as e:
+            log.info("%s: abandoning job %s: %s", self._session.name, self.id, e)

@@ -52,6 +52,8 @@ _SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE)
 _QCOW2_MAGIC = b"QFI\xfb"
 #: The id of the built-in image's disk, attached first when ``image`` is set.
 IMAGE_DISK_ID = "root"
+#: The most q35 pcie-root-ports `VMSpec.hotplug_slots` may reserve (one PCIe slot each).
+MAX_HOTPLUG_SLOTS = 16
 
 
 def parse_size_mib(value: int | str, field_name: str) -> int:
@@ -208,16 +210,24 @@ class Network:
 
 @dataclass(frozen=True, slots=True)
 class HostDevice:
-    """A host PCI device passed through with vfio-pci."""
+    """A host PCI device passed through with vfio-pci.
+
+    ``managed`` (the default) lets pyqvm bind the device to vfio-pci before QEMU
+    starts and give it back to its host driver afterwards; with ``managed = false``
+    the device must already be bound to vfio-pci and pyqvm only checks it.
+    """
 
     address: str
     guest_address: str | None = None
     rombar: bool | None = None
     multifunction: bool = False
     id: str = ""
+    managed: bool = True
 
     def __post_init__(self) -> None:
         _set(self, "address", normalize_pci_address(self.address, "host_device.address"))
+        if not isinstance(self.managed, bool):
+            raise SpecError("host_device.managed", f"{self.managed!r} is not true or false")
         if self.guest_address is not None and not _GUEST_PCI_RE.match(self.guest_address):
             raise SpecError(
                 "host_device.guest_address",
@@ -243,6 +253,12 @@ class VMSpec:
     cpu: str | None = None
     smp: int = 1
     memory: int | str = 512  # MiB, or a size string ("512M", "2G"); always an int MiB once built
+    # Hotplug room (see docs/hotplug.md): q35 pcie-root-ports kept free, vCPUs up to
+    # max_smp, memory up to max_memory (MiB once built) in memory_slots DIMM slots.
+    hotplug_slots: int = 0
+    max_smp: int | None = None
+    max_memory: int | str | None = None
+    memory_slots: int = 0
     profile: Profile = "virtio"
     guest_os: GuestOS = "linux"
     image: ImageFlavour | None = None
@@ -286,6 +302,7 @@ class VMSpec:
         if isinstance(self.smp, bool) or not isinstance(self.smp, int) or not 1 <= self.smp <= 255:
             raise SpecError("smp", f"{self.smp!r} must be a whole number from 1 to 255")
         _set(self, "memory", parse_size_mib(self.memory, "memory"))
+        self._check_hotplug_room()
         if not isinstance(self.ready_timeout, (int, float)) or self.ready_timeout <= 0:
             raise SpecError(
                 "ready_timeout", f"{self.ready_timeout!r} must be a positive number of seconds"
@@ -389,6 +406,42 @@ class VMSpec:
                     raise SpecError(
                         f"networks[{i}].model", f"{n.model!r} needs PCI; use virtio on microvm"
                     )
+
+    def _check_hotplug_room(self) -> None:
+        def whole(name: str, lo: int, hi: int) -> int:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise SpecError(name, f"{v!r} must be a whole number from {lo} to {hi}")
+            return v
+
+        if whole("hotplug_slots", 0, MAX_HOTPLUG_SLOTS) and self.machine != "q35":
+            hint = (
+                'machine "pc" hot-plugs into its pci.0 bus without reserved slots; leave it 0'
+                if self.machine == "pc"
+                else 'microvm has no PCI hotplug; use machine = "q35"'
+            )
+            raise SpecError("hotplug_slots", hint)
+        if self.max_smp is not None:
+            whole("max_smp", 1, 255)
+            if self.max_smp < self.smp:
+                raise SpecError(
+                    "max_smp", f"{self.max_smp} is below smp = {self.smp}; use at least {self.smp}"
+                )
+            if self.machine == "microvm" and self.max_smp > self.smp:
+                raise SpecError("max_smp", 'microvm has no CPU hotplug; use machine = "q35"')
+        slots = whole("memory_slots", 0, 256)
+        if self.max_memory is None:
+            if slots:
+                raise SpecError("memory_slots", "needs max_memory (the most the guest may have)")
+            return
+        _set(self, "max_memory", parse_size_mib(self.max_memory, "max_memory"))
+        assert isinstance(self.memory, int) and isinstance(self.max_memory, int)
+        if self.max_memory < self.memory:
+            raise SpecError(
+                "max_memory", f"{self.max_memory}M is below memory = {self.memory}M"
+            )
+        if self.machine == "microvm":
+            raise SpecError("max_memory", 'microvm has no memory hotplug; use machine = "q35"')
 
     def _on_ide(self, disk: Disk) -> bool:
         if disk.interface == "auto":

@@ -14,16 +14,22 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from qemu.qmp import EventListener
 
 from pyqvm.agent import ExecResult
 from pyqvm.errors import PyqvmTimeoutError
 from pyqvm.host.facts import HostFacts
-from pyqvm.session import Event, EventMatch
+from pyqvm.ops.blockjobs import ChainLink
+from pyqvm.ops.snapshot import SnapshotInfo
+from pyqvm.session import Event, EventFilter
+from pyqvm.spec import Disk, Network
 from pyqvm.spec import VMSpec
 from pyqvm.vm import AsyncVM, VMState
+
+if TYPE_CHECKING:
+    from pyqvm.ops.migration import MigrationStats, MigrationTuning, ProgressCallback, SavedState
 
 
 class SyncEvents:
@@ -99,6 +105,10 @@ class VM:
         return self._vm.runtime_dir
 
     @property
+    def resolved_spec(self) -> VMSpec:
+        return self._vm.resolved_spec
+
+    @property
     def boot_seconds(self) -> float | None:
         return self._vm.boot_seconds
 
@@ -132,7 +142,7 @@ class VM:
 
     @contextmanager
     def events(
-        self, names: str | Iterable[str] = (), match: EventMatch | None = None
+        self, names: str | Iterable[str] = (), match: EventFilter | None = None
     ) -> Iterator[SyncEvents]:
         cm = self._vm.events(names, match)
         listener = self._run(cm.__aenter__())
@@ -140,6 +150,55 @@ class VM:
             yield SyncEvents(self._runner, listener)
         finally:
             self._run(cm.__aexit__(None, None, None))
+
+    # operations: see the AsyncVM methods of the same names
+    def snapshot_save(
+        self, tag: str, *, overwrite: bool = False, timeout: float | None = 600.0
+    ) -> SnapshotInfo:
+        info: SnapshotInfo = self._run(
+            self._vm.snapshot_save(tag, overwrite=overwrite, timeout=timeout)
+        )
+        return info
+
+    def snapshot_load(self, tag: str, *, timeout: float | None = 600.0) -> None:
+        self._run(self._vm.snapshot_load(tag, timeout=timeout))
+
+    def snapshot_delete(self, tag: str, *, timeout: float | None = 600.0) -> None:
+        self._run(self._vm.snapshot_delete(tag, timeout=timeout))
+
+    def snapshot_list(self) -> list[SnapshotInfo]:
+        infos: list[SnapshotInfo] = self._run(self._vm.snapshot_list())
+        return infos
+
+    def disk_snapshot(self, disk: str, path: Path | str | None = None) -> Path:
+        overlay: Path = self._run(self._vm.disk_snapshot(disk, path))
+        return overlay
+
+    def disk_commit(self, disk: str, *, timeout: float | None = 600.0) -> None:
+        self._run(self._vm.disk_commit(disk, timeout=timeout))
+
+    def disk_chain(self, disk: str) -> list[ChainLink]:
+        links: list[ChainLink] = self._run(self._vm.disk_chain(disk))
+        return links
+
+    def hotplug_disk(self, disk: Disk) -> str:
+        ident: str = self._run(self._vm.hotplug_disk(disk))
+        return ident
+
+    def hotplug_nic(self, net: Network | None = None) -> str:
+        ident: str = self._run(self._vm.hotplug_nic(net))
+        return ident
+
+    def hotplug_cpu(self, id: str = "") -> str:
+        ident: str = self._run(self._vm.hotplug_cpu(id))
+        return ident
+
+    def hotplug_memory(self, size: int | str, id: str = "") -> str:
+        ident: str = self._run(self._vm.hotplug_memory(size, id))
+        return ident
+
+    def unplug(self, device: str, *, timeout: float = 30.0) -> None:
+        self._run(self._vm.unplug(device, timeout=timeout))
 
     def pause(self) -> None:
         self._run(self._vm.pause())
@@ -167,3 +226,48 @@ class VM:
 
     def write_file(self, path: str, data: bytes) -> None:
         self._run(self._vm.write_file(path, data))
+
+    def start_incoming(self, *, overlays: Mapping[str, Path] | None = None) -> None:
+        self._run(self._vm.start_incoming(overlays=overlays))
+
+    def migrate(
+        self,
+        dst: VM,
+        *,
+        transport: Literal["unix", "tcp"] = "unix",
+        address: str | None = None,
+        storage: Literal["shared", "copied"] = "shared",
+        tuning: MigrationTuning | None = None,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = 600.0,
+    ) -> MigrationStats:
+        from pyqvm.ops.migration import migrate_between_loops
+
+        return migrate_between_loops(
+            self._run,
+            dst._run,
+            self._vm,
+            dst._vm,
+            transport=transport,
+            address=address,
+            storage=storage,
+            tuning=tuning,
+            progress=progress,
+            timeout=timeout,
+        )
+
+    def save(
+        self,
+        directory: Path | str,
+        *,
+        resume: bool = False,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = 600.0,
+    ) -> SavedState:
+        saved: SavedState = self._run(
+            self._vm.save(directory, resume=resume, progress=progress, timeout=timeout)
+        )
+        return saved
+
+    def restore(self, directory: Path | str, *, timeout: float | None = 600.0) -> None:
+        self._run(self._vm.restore(directory, timeout=timeout))

@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from qemu.qmp import EventListener
 
@@ -38,10 +39,19 @@ from pyqvm.errors import (
     VMStateError,
 )
 from pyqvm.host.facts import HostFacts
+from pyqvm.passthrough import Passthrough, PassthroughHost, assign
 from pyqvm.process import QemuProcess, RuntimeDir
 from pyqvm.resolve import Resolved, resolve
-from pyqvm.session import EventMatch, QMPSession
-from pyqvm.spec import Disk, VMSpec
+from pyqvm.ops import blockjobs as _blockjobs
+from pyqvm.ops import hotplug as _hotplug
+from pyqvm.ops import snapshot as _snapshot
+from pyqvm.ops.blockjobs import ChainLink
+from pyqvm.ops.snapshot import SnapshotInfo
+from pyqvm.session import EventFilter, QMPSession
+from pyqvm.spec import Disk, Network, VMSpec
+
+if TYPE_CHECKING:
+    from pyqvm.ops.migration import MigrationStats, MigrationTuning, ProgressCallback, SavedState
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +61,10 @@ _CONSOLE_TAIL = 64 * 1024
 class VMState(enum.Enum):
     CREATED = "created"
     STARTING = "starting"
+    INMIGRATE = "inmigrate"  # a migration destination waiting for (or receiving) the guest
     RUNNING = "running"
     PAUSED = "paused"
+    MIGRATING = "migrating"  # the source of an outgoing migration
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
@@ -72,10 +84,14 @@ class AsyncVM:
         *,
         host: HostFacts | None = None,
         image_cache: Path | None = None,
+        passthrough_host: PassthroughHost | None = None,
     ) -> None:
         self.spec = spec
         self._host = host
         self._image_cache = image_cache
+        # Where host devices are prepared (sysfs root, writer, claims); tests use fakes.
+        self._pt_host = passthrough_host or PassthroughHost()
+        self._passthrough: Passthrough | None = None
         self._state = VMState.CREATED
         self._resolved: Resolved | None = None
         self._rundir: RuntimeDir | None = None
@@ -88,6 +104,7 @@ class AsyncVM:
         self._last_code: int | None = None
         self._console_cache = ""
         self._boot_seconds: float | None = None
+        self._adopt: dict[str, Path] = {}
 
     # --- state -------------------------------------------------------------------------------
 
@@ -116,6 +133,11 @@ class AsyncVM:
     def boot_seconds(self) -> float | None:
         """Seconds from `start` until the guest was ready."""
         return self._boot_seconds
+
+    @property
+    def resolved_spec(self) -> VMSpec:
+        """The spec as launched (the built-in image replaced by its kernel and disk)."""
+        return self._resolved.spec if self._resolved else self.spec
 
     @property
     def runtime_dir(self) -> Path | None:
@@ -156,18 +178,68 @@ class AsyncVM:
         self._state = VMState.RUNNING
         log.info("%s: ready after %.2f s (pid %s)", self.name, self._boot_seconds, self.pid)
 
-    async def _launch(self) -> None:
+    async def start_incoming(self, *, overlays: Mapping[str, Path] | None = None) -> None:
+        """Start QEMU as a migration destination (``-incoming defer``).
+
+        Returns once QMP is connected; the guest does not run until a migration
+        (`pyqvm.ops.migration`) brings it here, so the state is ``INMIGRATE``.
+        ``overlays`` maps an ephemeral disk's id to an existing overlay file to
+        open instead of a fresh one (shared storage: the source's overlay). The
+        file is hard-linked into this VM's runtime dir, so either side's cleanup
+        leaves the other's disk intact (symlinked if it is on another filesystem).
+        """
+        self._require(VMState.CREATED)
+        self._adopt = {k: Path(v) for k, v in (overlays or {}).items()}
+        self._state = VMState.STARTING
+        t0 = time.monotonic()
+        try:
+            await self._launch(incoming="defer")
+        except BaseException:
+            self._state = VMState.FAILED
+            await asyncio.shield(self._teardown())
+            raise
+        self._state = VMState.INMIGRATE
+        log.info(
+            "%s: waiting for an incoming migration after %.2f s (pid %s)",
+            self.name,
+            time.monotonic() - t0,
+            self.pid,
+        )
+
+    def _set_state(self, state: VMState) -> None:
+        # For pyqvm.ops: operations move a VM between states (migrating, and back).
+        self._state = state
+
+    async def _finish_incoming(self, timeout: float | None = None) -> None:
+        # For pyqvm.ops.migration: the guest runs here now; wait for its agent to answer.
+        # (A console ready pattern was printed on the source's console, not here.)
+        self._require(VMState.INMIGRATE)
+        if self._agent is not None and self.spec.effective_ready == "agent":
+            try:
+                await self._agent.wait_ready(timeout or self.spec.ready_timeout)
+            except BaseException:
+                self._state = VMState.FAILED
+                raise
+        self._state = VMState.RUNNING
+        log.info("%s: guest running here after migration (pid %s)", self.name, self.pid)
+
+    async def _launch(self, incoming: str | None = None) -> None:
         self._resolved = resolved = resolve(
-            self.spec, facts=self._host, image_cache=self._image_cache
+            self.spec, facts=self._host, image_cache=self._image_cache, host_root=self._pt_host.root
         )
         spec = resolved.spec
+        if spec.host_devices:  # claim, check and bind to vfio-pci; undone in _teardown
+            self._passthrough = assign(spec, self._pt_host)
         self._rundir = RuntimeDir()
         rundir = self._rundir.path
         self._console_log = spec.serial_log or rundir / "console.log"
         self._stderr_log = rundir / "qemu.stderr"
         self._console_log.write_bytes(b"")
         for d in overlay_disks(spec):
-            await _make_overlay(d.path, d.format or "raw", _overlay_path(rundir, d.id))
+            if d.id in self._adopt:
+                _adopt_overlay(self._adopt[d.id], _overlay_path(rundir, d.id))
+            else:
+                await _make_overlay(d.path, d.format or "raw", _overlay_path(rundir, d.id))
         qmp_ours, qmp_theirs = socket.socketpair()
         agent_ours, agent_theirs = socket.socketpair() if spec.guest_agent else (None, None)
         theirs = [s for s in (qmp_theirs, agent_theirs) if s is not None]
@@ -178,6 +250,7 @@ class AsyncVM:
                 console_log=self._console_log,
                 qmp_fd=qmp_theirs.fileno(),
                 agent_fd=agent_theirs.fileno() if agent_theirs else None,
+                incoming=incoming,
             )
             log.info("%s: starting %s (accel %s)", self.name, resolved.qemu.name, resolved.accel)
             log.debug("%s: argv %s", self.name, self._argv)
@@ -260,7 +333,9 @@ class AsyncVM:
             return None
         if graceful is None:
             spec = self._resolved.spec if self._resolved else self.spec
-            graceful = any(not d.ephemeral and not d.readonly for d in spec.disks)
+            graceful = self._state is VMState.RUNNING and any(
+                not d.ephemeral and not d.readonly for d in spec.disks
+            )
         self._state = VMState.STOPPING
         try:
             await asyncio.shield(self._shutdown(timeout if graceful else 0.0))
@@ -305,6 +380,10 @@ class AsyncVM:
             if self._process.returncode is None:
                 await self._process.terminate(5.0)
             self._last_code = self._process.returncode
+        if self._passthrough is not None:
+            # Only now that QEMU is gone does vfio-pci let go of the devices.
+            self._passthrough.release()
+            self._passthrough = None
         if self._rundir is not None:
             # Keep the console for error messages after teardown.
             self._console_cache = self.console_text()
@@ -361,9 +440,12 @@ class AsyncVM:
 
     @asynccontextmanager
     async def events(
-        self, names: str | Iterable[str] = (), match: EventMatch | None = None
+        self, names: str | Iterable[str] = (), match: EventFilter | None = None
     ) -> AsyncIterator[EventListener]:
-        """Listen for QMP events while the block runs (``async for event in listener``)."""
+        """Listen for QMP events while the block runs (``async for event in listener``).
+
+        ``match`` is a predicate on the event, or a mapping its ``data`` must contain.
+        """
         async with self.qmp.events(names, match) as listener:
             yield listener
 
@@ -376,6 +458,64 @@ class AsyncVM:
         self._require(VMState.PAUSED)
         await self.execute("cont")
         self._state = VMState.RUNNING
+
+    # --- operations (each in pyqvm.ops) ------------------------------------------------------
+
+    async def snapshot_save(
+        self, tag: str, *, overwrite: bool = False, timeout: float | None = 600.0
+    ) -> SnapshotInfo:
+        """Save RAM, device state and every writable disk as internal snapshot ``tag``.
+
+        See `pyqvm.ops.snapshot.save`; raises `SnapshotError`.
+        """
+        return await _snapshot.save(self, tag, overwrite=overwrite, timeout=timeout)
+
+    async def snapshot_load(self, tag: str, *, timeout: float | None = 600.0) -> None:
+        """Return the VM to internal snapshot ``tag``; see `pyqvm.ops.snapshot.load`."""
+        await _snapshot.load(self, tag, timeout=timeout)
+
+    async def snapshot_delete(self, tag: str, *, timeout: float | None = 600.0) -> None:
+        """Delete internal snapshot ``tag`` from every disk holding it."""
+        await _snapshot.delete(self, tag, timeout=timeout)
+
+    async def snapshot_list(self) -> list[SnapshotInfo]:
+        """The internal snapshots on the VM's writable disks, oldest first."""
+        return await _snapshot.list_snapshots(self)
+
+    async def disk_snapshot(self, disk: str, path: Path | str | None = None) -> Path:
+        """Put a new qcow2 overlay on ``disk`` (external snapshot); returns its path.
+
+        See `pyqvm.ops.blockjobs.snapshot`; raises `SnapshotError`.
+        """
+        return await _blockjobs.snapshot(self, disk, path)
+
+    async def disk_commit(self, disk: str, *, timeout: float | None = 600.0) -> None:
+        """Fold ``disk``'s top overlay into the image below it (``block-commit``)."""
+        await _blockjobs.commit(self, disk, timeout=timeout)
+
+    async def disk_chain(self, disk: str) -> list[ChainLink]:
+        """``disk``'s backing chain, top image first."""
+        return await _blockjobs.chain(self, disk)
+
+    async def hotplug_disk(self, disk: Disk) -> str:
+        """Hot-add a virtio-blk disk; returns its device id. See `pyqvm.ops.hotplug`."""
+        return await _hotplug.plug_disk(self, disk)
+
+    async def hotplug_nic(self, net: Network | None = None) -> str:
+        """Hot-add a NIC (default: user-mode, virtio); returns its device id."""
+        return await _hotplug.plug_nic(self, net)
+
+    async def hotplug_cpu(self, id: str = "") -> str:
+        """Hot-add a vCPU (needs ``max_smp``); returns its device id."""
+        return await _hotplug.plug_cpu(self, id)
+
+    async def hotplug_memory(self, size: int | str, id: str = "") -> str:
+        """Hot-add a memory DIMM (needs ``max_memory``/``memory_slots``); returns its id."""
+        return await _hotplug.plug_memory(self, size, id)
+
+    async def unplug(self, device: str, *, timeout: float = 30.0) -> None:
+        """Unplug a device and remove its backend; `UnplugTimeoutError` if the guest holds on."""
+        await _hotplug.unplug(self, device, timeout=timeout)
 
     # --- guest -------------------------------------------------------------------------------
 
@@ -420,6 +560,56 @@ class AsyncVM:
         await self.stop()
         return code
 
+    # --- migration (pyqvm.ops.migration) -----------------------------------------------------
+
+    async def migrate(
+        self,
+        dst: AsyncVM,
+        *,
+        transport: Literal["unix", "tcp"] = "unix",
+        address: str | None = None,
+        storage: Literal["shared", "copied"] = "shared",
+        tuning: MigrationTuning | None = None,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = 600.0,
+    ) -> MigrationStats:
+        """Move this running guest into ``dst`` (same spec, not started); see
+        `pyqvm.ops.migration.migrate`. Raises `MigrationError`; the guest then runs on here."""
+        from pyqvm.ops import migration
+
+        return await migration.migrate(
+            self,
+            dst,
+            transport=transport,
+            address=address,
+            storage=storage,
+            tuning=tuning,
+            progress=progress,
+            timeout=timeout,
+        )
+
+    async def save(
+        self,
+        directory: Path | str,
+        *,
+        resume: bool = False,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = 600.0,
+    ) -> SavedState:
+        """Save the guest's state and disk overlays into ``directory``; then stop (or
+        ``resume``). See `pyqvm.ops.migration.save`."""
+        from pyqvm.ops import migration
+
+        return await migration.save(
+            self, directory, resume=resume, progress=progress, timeout=timeout
+        )
+
+    async def restore(self, directory: Path | str, *, timeout: float | None = 600.0) -> None:
+        """Start this VM (created from the saved VM's spec) from a state `save` wrote."""
+        from pyqvm.ops import migration
+
+        await migration.restore(self, directory, timeout=timeout)
+
 
 def overlay_disks(spec: VMSpec) -> list[Disk]:
     """The disks that get a throw-away overlay."""
@@ -437,6 +627,7 @@ def launch_argv(
     console_log: Path,
     qmp_fd: int,
     agent_fd: int | None,
+    incoming: str | None = None,
 ) -> list[str]:
     """The argv for one launch of a resolved spec, given its runtime dir and inherited fds."""
     spec = resolved.spec
@@ -450,6 +641,7 @@ def launch_argv(
             d.id: DiskFile(overlay=_overlay_path(rundir, d.id)) for d in overlay_disks(spec)
         },
         tsc_khz=resolved.facts.tsc_khz,
+        incoming=incoming,
     )
     return build_argv(spec, ctx)
 
@@ -466,6 +658,17 @@ def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
         qmp_fd=3,
         agent_fd=4 if resolved.spec.guest_agent else None,
     )
+
+
+def _adopt_overlay(existing: Path, overlay: Path) -> None:
+    """Use an existing overlay file (another QEMU's, for shared-storage migration) as ours."""
+    if not existing.is_file():
+        raise LaunchError(f"overlay to take over does not exist: '{existing}'")
+    try:
+        os.link(existing, overlay)
+    except OSError as e:
+        log.info("cannot hard-link %s (%s); using a symlink", existing, e)
+        overlay.symlink_to(existing)
 
 
 async def _make_overlay(base: Path, fmt: str, overlay: Path) -> Path:

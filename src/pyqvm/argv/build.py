@@ -18,6 +18,7 @@ from pyqvm.argv.devices import (
     DiskFile,
     disk_args,
     hostdev_args,
+    hotplug_port_args,
     net_args,
     pv_extra_args,
     uses_ide,
@@ -97,6 +98,20 @@ def machine_arg(spec: VMSpec) -> str:
     return opts(spec.machine, props)
 
 
+def memory_arg(spec: VMSpec) -> str:
+    """``-m``: the boot size, plus ``slots``/``maxmem`` when memory may be hot-added."""
+    if spec.max_memory is None:
+        return f"{spec.memory}M"
+    return opts(f"{spec.memory}M", {"slots": spec.memory_slots, "maxmem": f"{spec.max_memory}M"})
+
+
+def smp_arg(spec: VMSpec) -> str:
+    """``-smp``: the boot vCPUs, plus ``maxcpus`` when vCPUs may be hot-added."""
+    if spec.max_smp is None or spec.max_smp == spec.smp:
+        return str(spec.smp)
+    return opts(str(spec.smp), {"maxcpus": spec.max_smp})
+
+
 def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
     """The complete argv (a list, never a shell string) for ``spec``."""
     if spec.image is not None:
@@ -114,9 +129,9 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         "-accel",
         ctx.accel,
         "-m",
-        f"{spec.memory}M",
+        memory_arg(spec),
         "-smp",
-        str(spec.smp),
+        smp_arg(spec),
         "-display",
         "none",
     ]
@@ -180,6 +195,7 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
     argv += net_args(spec, ctx.accel)
     argv += pv_extra_args(spec)
     argv += hostdev_args(spec)
+    argv += hotplug_port_args(spec)
     if ctx.incoming is not None:
         argv += ["-incoming", ctx.incoming]
     argv += list(spec.extra_args)

@@ -124,6 +124,11 @@ def disk_args(spec: VMSpec, files: Mapping[str, DiskFile]) -> list[str]:
     return argv
 
 
+def blockdev_props(disk: Disk, f: DiskFile) -> dict[str, object]:
+    """The ``-blockdev`` (or QMP ``blockdev-add``) tree for one disk; its node is ``disk.id``."""
+    return _blockdev(disk, f)
+
+
 def _blockdev(disk: Disk, f: DiskFile) -> dict[str, object]:
     base: dict[str, object] = {
         "driver": disk.format,
@@ -144,38 +149,43 @@ def _blockdev(disk: Disk, f: DiskFile) -> dict[str, object]:
     return base | {"node-name": disk.id, "read-only": disk.readonly}
 
 
+def netdev_props(spec: VMSpec, net: Network, accel: str) -> dict[str, object]:
+    """The ``-netdev`` (or QMP ``netdev_add``) members for one NIC's host side."""
+    netdev: dict[str, object] = {"id": net.id, "type": net.mode}
+    if net.mode == "user":
+        if net.forwards:
+            netdev["hostfwd"] = [
+                {"str": f"{f.protocol}:{f.host_address}:{f.host_port}-:{f.guest_port}"}
+                for f in net.forwards
+            ]
+    else:
+        netdev |= {"ifname": net.tap, "script": "no", "downscript": "no"}
+        if accel == "kvm" and spec.profile != "emulated":
+            netdev["vhost"] = True
+    return netdev
+
+
+def nic_props(spec: VMSpec, net: Network) -> dict[str, object]:
+    """The ``-device`` (or QMP ``device_add``) members for one NIC; None members are unset."""
+    # A directly booted kernel never network-boots: skip the iPXE option ROM,
+    # which SeaBIOS would otherwise run (about 0.15 s under TCG).
+    rom = "" if spec.kernel is not None and bus_kind(spec) == "pci" else None
+    return {
+        "driver": nic_model(spec, net),
+        "id": net.id,
+        "netdev": net.id,
+        "mac": net.mac,
+        "romfile": rom,
+    }
+
+
 def net_args(spec: VMSpec, accel: str) -> list[str]:
     argv: list[str] = []
     for net in spec.networks:
         if net.mode == "none":
             continue
-        netdev: dict[str, object] = {"id": net.id, "type": net.mode}
-        if net.mode == "user":
-            if net.forwards:
-                netdev["hostfwd"] = [
-                    {"str": f"{f.protocol}:{f.host_address}:{f.host_port}-:{f.guest_port}"}
-                    for f in net.forwards
-                ]
-        else:
-            netdev |= {"ifname": net.tap, "script": "no", "downscript": "no"}
-            if accel == "kvm" and spec.profile != "emulated":
-                netdev["vhost"] = True
-        argv += ["-netdev", qjson(netdev)]
-        # A directly booted kernel never network-boots: skip the iPXE option ROM,
-        # which SeaBIOS would otherwise run (about 0.15 s under TCG).
-        rom = "" if spec.kernel is not None and bus_kind(spec) == "pci" else None
-        argv += [
-            "-device",
-            qjson(
-                {
-                    "driver": nic_model(spec, net),
-                    "id": net.id,
-                    "netdev": net.id,
-                    "mac": net.mac,
-                    "romfile": rom,
-                }
-            ),
-        ]
+        argv += ["-netdev", qjson(netdev_props(spec, net, accel))]
+        argv += ["-device", qjson(nic_props(spec, net))]
     return argv
 
 
@@ -209,5 +219,20 @@ def hostdev_args(spec: VMSpec) -> list[str]:
             dev["rombar"] = int(h.rombar)
         if h.multifunction:
             dev["multifunction"] = True
+        argv += ["-device", qjson(dev)]
+    return argv
+
+
+def hotplug_port_ids(spec: VMSpec) -> list[str]:
+    """The ids of the q35 ``pcie-root-port``s kept free for hotplug (``spec.hotplug_slots``)."""
+    return [f"pq-hp{i}" for i in range(spec.hotplug_slots)] if spec.machine == "q35" else []
+
+
+def hotplug_port_args(spec: VMSpec) -> list[str]:
+    """Empty ``pcie-root-port``s: on q35 the root complex itself takes no hotplug."""
+    argv: list[str] = []
+    for i, port in enumerate(hotplug_port_ids(spec)):
+        # chassis numbers must be unique per root port; 0 is the root complex's own.
+        dev = {"driver": "pcie-root-port", "id": port, "bus": "pcie.0", "chassis": i + 1}
         argv += ["-device", qjson(dev)]
     return argv

@@ -3,6 +3,7 @@
 pyqvm run [SPEC.toml] [options] [-- CMD ARGS...]   boot, run CMD in the guest, exit with its code
 pyqvm cmdline SPEC.toml [--json]                   print the QEMU argv pyqvm would run
 pyqvm image build [--flavour F] [--force]          build the built-in guest image
+pyqvm doctor [--json] [--for MODE] [--fix]         what this host can run (tcg/kvm/vfio/xen)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pyqvm.cli import doctor as _doctor
 from pyqvm.errors import PyqvmError
 from pyqvm.spec import Network, PortForward, VMSpec, load_spec, spec_from_dict
 from pyqvm.vm import AsyncVM, preview_argv
@@ -83,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     build = isub.add_parser("build", help="build the built-in guest from Debian packages")
     build.add_argument("--flavour", choices=["default", "full", "all"], default="default")
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    _doctor.add_parser(sub)
     return ap
 
 
@@ -213,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "image":
             return _image_build(args.flavour, args.force)
+        if args.command == "doctor":
+            return _doctor.run(args)
         spec = spec_from_args(args)
         if args.command == "cmdline":
             return _cmdline(spec, args.json)

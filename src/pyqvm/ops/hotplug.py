@@ -1,0 +1,373 @@
+"""Hotplug and unplug of disks, NICs, vCPUs and memory in a running guest.
+
+Plugging is QEMU's backend first, then the guest-visible device:
+
+- disk: ``blockdev-add`` (an ephemeral disk gets a qcow2 overlay in the runtime
+  dir) + ``device_add virtio-blk-pci``;
+- NIC: ``netdev_add`` + ``device_add`` (virtio-net-pci, or the spec's model);
+- vCPU: ``device_add`` of a free slot from ``query-hotpluggable-cpus`` (needs
+  ``max_smp`` in the spec);
+- memory: ``object-add memory-backend-ram`` + ``device_add pc-dimm`` (needs
+  ``max_memory`` and ``memory_slots``).
+
+PCI devices need a slot that takes hotplug: on q35 one of the
+``pcie-root-port``s the spec reserves with ``hotplug_slots`` (a free one is
+picked from what ``query-pci`` reports), on pc the pci.0 bus itself.
+
+Unplugging asks the guest to let go (``device_del``), waits for QEMU's
+``DEVICE_DELETED``, then removes the backend. A guest that never lets go
+raises `UnplugTimeoutError`: the device and its backend then stay as they
+were, and a later `unplug` of the same id finishes the job.
+
+The guest may need to bring hot-added vCPUs and memory online itself (the
+built-in guest does not: ``echo 1 > /sys/devices/system/cpu/cpuN/online``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from pyqvm.argv.devices import (
+    DiskFile,
+    blockdev_props,
+    hotplug_port_ids,
+    netdev_props,
+    nic_props,
+    virtio,
+)
+from pyqvm.errors import HotplugError, PyqvmTimeoutError, QMPCommandError, UnplugTimeoutError
+from pyqvm.ops import require_live, runtime_file, unique_id
+from pyqvm.session import Event
+from pyqvm.spec import Disk, Network, check_id, parse_size_mib
+
+if TYPE_CHECKING:
+    from pyqvm.vm import AsyncVM
+
+log = logging.getLogger(__name__)
+
+#: Default bound on waiting for the guest to release a device.
+UNPLUG_TIMEOUT = 30.0
+_MIB = 1024 * 1024
+
+# Per VM: a lock so two plugs never pick the same slot, and the backends of the
+# devices pyqvm plugged (to remove them even when the device went away unseen).
+_locks: weakref.WeakKeyDictionary[AsyncVM, asyncio.Lock] = weakref.WeakKeyDictionary()
+_backends: weakref.WeakKeyDictionary[AsyncVM, dict[str, list[tuple[str, str]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _lock(vm: AsyncVM) -> asyncio.Lock:
+    return _locks.setdefault(vm, asyncio.Lock())
+
+
+def _remember(vm: AsyncVM, device: str, backends: list[tuple[str, str]]) -> None:
+    _backends.setdefault(vm, {})[device] = backends
+
+
+def _clean(props: Mapping[str, object]) -> dict[str, object]:
+    return {k: v for k, v in props.items() if v is not None}
+
+
+async def _peripherals(vm: AsyncVM) -> list[str]:
+    """The ids of all user-created devices (``/machine/peripheral``)."""
+    return [p["name"] for p in await vm.execute("qom-list", {"path": "/machine/peripheral"})]
+
+
+async def _taken_ids(vm: AsyncVM) -> set[str]:
+    nodes = await vm.execute("query-named-block-nodes", {"flat": True})
+    objects = await vm.execute("qom-list", {"path": "/objects"})
+    return (
+        set(await _peripherals(vm)) | {n["node-name"] for n in nodes} | {o["name"] for o in objects}
+    )
+
+
+async def _new_id(vm: AsyncVM, wanted: str, prefix: str, field: str) -> str:
+    taken = await _taken_ids(vm)
+    if not wanted:
+        return unique_id(prefix, sorted(taken))
+    check_id(wanted, field)
+    if wanted in taken:
+        raise HotplugError(
+            f"VM {vm.name!r} already has a device or node {wanted!r}; pick another id"
+        )
+    return wanted
+
+
+async def _free_slot(vm: AsyncVM) -> str | None:
+    """A bus for one more PCI device: a free reserved root port (q35), or None (pc: pci.0)."""
+    spec = vm.resolved_spec
+    if spec.machine == "pc":
+        return None
+    if spec.machine != "q35":
+        raise HotplugError(f"machine {spec.machine!r} has no PCI hotplug; use q35 or pc")
+    ports = hotplug_port_ids(spec)
+    if not ports:
+        raise HotplugError(
+            f"VM {vm.name!r} has no hotplug slot: on q35 a device plugs into a reserved "
+            "pcie-root-port; set hotplug_slots = N in the spec"
+        )
+    used: set[str] = set()
+    for bus in await vm.execute("query-pci"):
+        for dev in bus.get("devices", []):
+            bridge = dev.get("pci_bridge") or {}
+            if dev.get("qdev_id") in ports and bridge.get("devices"):
+                used.add(dev["qdev_id"])
+    for port in ports:
+        if port not in used:
+            return port
+    raise HotplugError(
+        f"VM {vm.name!r}: all {len(ports)} hotplug slots are in use; unplug a device "
+        "or reserve more with hotplug_slots"
+    )
+
+
+async def plug_disk(vm: AsyncVM, disk: Disk) -> str:
+    """Hot-add ``disk`` as a virtio-blk device; returns its device id (``disk.id`` or ``hdN``).
+
+    An ephemeral disk (the default) gets a throw-away qcow2 overlay, so its
+    file is never written. Raises `HotplugError`.
+    """
+    require_live(vm, "hot-plugging a disk")
+    if disk.interface not in ("auto", "virtio-blk"):
+        raise HotplugError(
+            f"disk interface {disk.interface!r} cannot be hot-plugged; use virtio-blk"
+        )
+    spec = vm.resolved_spec
+    async with _lock(vm):
+        ident = await _new_id(vm, disk.id, "hd", "disk.id")
+        disk = dataclasses.replace(disk, id=ident)
+        bus = await _free_slot(vm)
+        files = DiskFile()
+        if disk.ephemeral and not disk.readonly:
+            from pyqvm.vm import _make_overlay
+
+            overlay = runtime_file(vm, f"{ident}.qcow2")
+            await _make_overlay(disk.path, disk.format or "raw", overlay)
+            files = DiskFile(overlay=overlay)
+        try:
+            await vm.execute("blockdev-add", blockdev_props(disk, files))
+        except QMPCommandError as e:
+            raise HotplugError(
+                f"VM {vm.name!r}: cannot open disk {disk.path}: {e.description}"
+            ) from e
+        device = {"driver": virtio(spec, "blk"), "id": ident, "drive": ident, "bus": bus}
+        try:
+            await vm.execute("device_add", _clean(device))
+        except QMPCommandError as e:
+            await vm.execute("blockdev-del", {"node-name": ident})
+            raise HotplugError(
+                f"VM {vm.name!r}: cannot plug disk {ident!r}: {e.description}"
+            ) from e
+        _remember(vm, ident, [("blockdev", ident)])
+    log.info("%s: plugged disk %r (%s) into %s", vm.name, ident, disk.path, bus or "pci.0")
+    return ident
+
+
+async def plug_nic(vm: AsyncVM, net: Network | None = None) -> str:
+    """Hot-add a NIC (default: user-mode networking, virtio); returns its device id."""
+    require_live(vm, "hot-plugging a NIC")
+    net = net or Network()
+    if net.mode == "none":
+        raise HotplugError('a NIC with mode = "none" has nothing to plug; use "user" or "tap"')
+    spec = vm.resolved_spec
+    async with _lock(vm):
+        ident = await _new_id(vm, net.id, "hnic", "network.id")
+        net = dataclasses.replace(net, id=ident)
+        bus = await _free_slot(vm)
+        try:
+            await vm.execute("netdev_add", netdev_props(spec, net, vm.accelerator or "tcg"))
+        except QMPCommandError as e:
+            raise HotplugError(
+                f"VM {vm.name!r}: cannot add network {ident!r}: {e.description}"
+            ) from e
+        device = nic_props(spec, net) | {"bus": bus}
+        try:
+            await vm.execute("device_add", _clean(device))
+        except QMPCommandError as e:
+            await vm.execute("netdev_del", {"id": ident})
+            raise HotplugError(f"VM {vm.name!r}: cannot plug NIC {ident!r}: {e.description}") from e
+        _remember(vm, ident, [("netdev", ident)])
+    log.info("%s: plugged NIC %r into %s", vm.name, ident, bus or "pci.0")
+    return ident
+
+
+async def plug_cpu(vm: AsyncVM, id: str = "") -> str:
+    """Hot-add one vCPU (the lowest free slot); returns its device id.
+
+    Needs ``max_smp`` above ``smp`` in the spec. The guest may have to bring it
+    online (``echo 1 > /sys/devices/system/cpu/cpuN/online``).
+    """
+    require_live(vm, "hot-plugging a vCPU")
+    spec = vm.resolved_spec
+    async with _lock(vm):
+        slots: list[dict[str, Any]] = await vm.execute("query-hotpluggable-cpus")
+        free = [s for s in slots if "qom-path" not in s]
+        if not free:
+            limit = spec.max_smp or spec.smp
+            hint = "raise max_smp" if spec.max_smp else "set max_smp above smp"
+            raise HotplugError(
+                f"VM {vm.name!r} has all its {limit} vCPU(s) plugged; {hint} in the spec"
+            )
+        order = ("node-id", "socket-id", "die-id", "core-id", "thread-id")
+        slot = min(free, key=lambda s: tuple(s["props"].get(k, 0) for k in order))
+        ident = await _new_id(vm, id, "vcpu", "id")
+        try:
+            await vm.execute("device_add", {"driver": slot["type"], "id": ident, **slot["props"]})
+        except QMPCommandError as e:
+            raise HotplugError(
+                f"VM {vm.name!r}: cannot plug vCPU {ident!r}: {e.description}"
+            ) from e
+        _remember(vm, ident, [])
+    log.info("%s: plugged vCPU %r at %s", vm.name, ident, slot["props"])
+    return ident
+
+
+async def plug_memory(vm: AsyncVM, size: int | str, id: str = "") -> str:
+    """Hot-add a ``size`` (MiB, or ``"256M"``) memory DIMM; returns its device id.
+
+    Needs ``max_memory`` and ``memory_slots`` in the spec. Linux uses memory in
+    blocks of 128 MiB; the guest may have to bring them online
+    (``echo online > /sys/devices/system/memory/memoryN/state``).
+    """
+    require_live(vm, "hot-plugging memory")
+    spec = vm.resolved_spec
+    mib = parse_size_mib(size, "size")
+    if spec.max_memory is None or not spec.memory_slots:
+        raise HotplugError(
+            f"VM {vm.name!r} has no room for memory hotplug; set max_memory and "
+            "memory_slots in the spec"
+        )
+    assert isinstance(spec.max_memory, int) and isinstance(spec.memory, int)
+    async with _lock(vm):
+        dimms = [d for d in await vm.execute("query-memory-devices")]
+        plugged = sum(int(d.get("data", {}).get("size", 0)) for d in dimms) // _MIB
+        room = spec.max_memory - spec.memory - plugged
+        if len(dimms) >= spec.memory_slots:
+            raise HotplugError(
+                f"VM {vm.name!r}: all {spec.memory_slots} memory slots are in use; "
+                "raise memory_slots or unplug a DIMM"
+            )
+        if mib > room:
+            raise HotplugError(
+                f"VM {vm.name!r}: {mib}M does not fit: {room}M left below "
+                f"max_memory = {spec.max_memory}M"
+            )
+        ident = await _new_id(vm, id, "dimm", "id")
+        backend = f"{ident}-mem"
+        try:
+            await vm.execute(
+                "object-add", {"qom-type": "memory-backend-ram", "id": backend, "size": mib * _MIB}
+            )
+        except QMPCommandError as e:
+            raise HotplugError(f"VM {vm.name!r}: cannot allocate {mib}M: {e.description}") from e
+        try:
+            await vm.execute("device_add", {"driver": "pc-dimm", "id": ident, "memdev": backend})
+        except QMPCommandError as e:
+            await vm.execute("object-del", {"id": backend})
+            raise HotplugError(
+                f"VM {vm.name!r}: cannot plug DIMM {ident!r}: {e.description}"
+            ) from e
+        _remember(vm, ident, [("object", backend)])
+    log.info("%s: plugged %dM DIMM %r", vm.name, mib, ident)
+    return ident
+
+
+async def _device_backends(vm: AsyncVM, device: str) -> list[tuple[str, str]]:
+    """What a device uses, read from QEMU before it goes: its drive, netdev or memdev."""
+    path = f"/machine/peripheral/{device}"
+    props = {p["name"] for p in await vm.execute("qom-list", {"path": path})}
+    out: list[tuple[str, str]] = []
+    for prop, kind in (("drive", "blockdev"), ("netdev", "netdev"), ("memdev", "object")):
+        if prop not in props:
+            continue
+        value = await vm.execute("qom-get", {"path": path, "property": prop})
+        if isinstance(value, str) and value:
+            out.append((kind, value.rsplit("/", 1)[-1]))
+    return out
+
+
+async def unplug(vm: AsyncVM, device: str, *, timeout: float = UNPLUG_TIMEOUT) -> None:
+    """Unplug ``device`` (a device id): ask the guest, wait for it, then remove the backend.
+
+    Raises `UnplugTimeoutError` when the guest does not release the device
+    within ``timeout`` seconds (the device and its backend then stay; call
+    again to finish), `HotplugError` for an unknown device or QEMU's refusal.
+    """
+    require_live(vm, f"unplugging {device!r}")
+    async with _lock(vm):
+        present = device in await _peripherals(vm)
+        known = _backends.get(vm, {})
+        if not present and device not in known:
+            raise HotplugError(f"VM {vm.name!r} has no device {device!r}")
+        backends = await _device_backends(vm, device) if present else known[device]
+        if present:
+            await _release(vm, device, timeout)
+        for kind, name in backends:
+            await _remove_backend(vm, kind, name)
+        known.pop(device, None)
+        overlay = runtime_file(vm, f"{device}.qcow2")
+        if ("blockdev", device) in backends and overlay.exists():
+            overlay.unlink()
+    log.info("%s: unplugged %r", vm.name, device)
+
+
+async def _release(vm: AsyncVM, device: str, timeout: float) -> None:
+    path = f"/machine/peripheral/{device}"
+
+    def ours(event: Event) -> bool:
+        data = event.get("data") or {}
+        where = str(data.get("path", ""))
+        return data.get("device") == device or where == path or where.startswith(path + "/")
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with vm.qmp.events("DEVICE_DELETED", ours) as listener:
+        try:
+            await vm.execute("device_del", {"id": device})
+        except QMPCommandError as e:
+            # An unplug asked for earlier and still pending is no error: wait on.
+            if "in the process of unplug" not in e.description and "pending" not in e.description:
+                raise HotplugError(
+                    f"VM {vm.name!r}: cannot unplug {device!r}: {e.description}"
+                ) from e
+        while True:
+            try:
+                event = await vm.qmp.wait_for_event(
+                    "DEVICE_DELETED",
+                    timeout=max(0.0, deadline - loop.time()),
+                    listener=listener,
+                )
+            except PyqvmTimeoutError:
+                raise UnplugTimeoutError(
+                    f"VM {vm.name!r}: the guest did not release {device!r} within {timeout:g} s; "
+                    "it stays plugged (QEMU keeps the request: call unplug again to finish, "
+                    "or check that the guest handles hotplug)",
+                    device,
+                ) from None
+            data = event.get("data") or {}
+            if data.get("device") == device or data.get("path") == path:
+                return
+            # QEMU 7.2 reports a vCPU's unplug only by its lapic child's DEVICE_DELETED:
+            # a child's event means "look whether the device itself is gone".
+            if device not in await _peripherals(vm):
+                return
+
+
+async def _remove_backend(vm: AsyncVM, kind: str, name: str) -> None:
+    command, args = {
+        "blockdev": ("blockdev-del", {"node-name": name}),
+        "netdev": ("netdev_del", {"id": name}),
+        "object": ("object-del", {"id": name}),
+    }[kind]
+    try:
+        await vm.execute(command, args)
+    except QMPCommandError as e:
+        raise HotplugError(
+            f"VM {vm.name!r}: the device is gone but its {kind} {name!r} stays: {e.description}"
+        ) from e

@@ -1,0 +1,182 @@
+"""Live migration and save/restore, proven by what the guest sees (through its agent).
+
+A counter loop runs in the guest before the migration; on the destination it must
+still count up from where it was (never reset). Data written to the disk before the
+migration must be readable afterwards from the disk itself (the guest's page cache
+is dropped first, so a copy that only lived in migrated RAM does not count).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+import pyqvm
+from pyqvm import AsyncVM, VMSpec, VMState
+from pyqvm.image import GuestImage
+from pyqvm.ops.migration import MigrationProgress
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
+
+REPO = Path(__file__).resolve().parents[2]
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done"
+
+
+def spec(name: str) -> VMSpec:
+    return VMSpec(image="default", name=name, memory=512, smp=1)
+
+
+async def start_counter(vm: AsyncVM) -> None:
+    # Detached, with no inherited pipes: guest-exec returns at once.
+    await vm.run(["sh", "-c", f"setsid sh -c '{COUNTER}' </dev/null >/dev/null 2>&1 &"], check=True)
+
+
+async def counter(vm: AsyncVM) -> int:
+    return int((await vm.read_file("/tmp/counter")).decode())
+
+
+async def counter_moves(vm: AsyncVM, past: int) -> int:
+    """The counter, once it is beyond ``past`` (bounded by the agent's own timeouts)."""
+    for _ in range(200):
+        value = await counter(vm)
+        if value > past:
+            return value
+        await vm.run(["sleep", "0.1"])
+    raise AssertionError(f"the guest's counter stayed at {past}")
+
+
+async def write_data(vm: AsyncVM) -> str:
+    """2 MiB of random data on the guest's disk; returns its sha256 as the guest computed it."""
+    await vm.run(
+        ["sh", "-c", "dd if=/dev/urandom of=/mnt/data/blob bs=64k count=32 2>/dev/null && sync"],
+        check=True,
+    )
+    return await disk_digest(vm)
+
+
+async def disk_digest(vm: AsyncVM) -> str:
+    out = await vm.run(
+        ["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches && sha256sum /mnt/data/blob"], check=True
+    )
+    return out.stdout_text.split()[0]
+
+
+async def check_moved(src: AsyncVM, dst: AsyncVM, before: int, digest: str) -> None:
+    assert src.state is VMState.STOPPED and src.runtime_dir is None
+    assert dst.state is VMState.RUNNING
+    after = await counter(dst)
+    assert after > before, f"counter went from {before} to {after}: the guest was reset"
+    await counter_moves(dst, after)
+    assert await disk_digest(dst) == digest
+    # The disk stays writable on the destination.
+    await dst.run(["sh", "-c", "echo after > /mnt/data/after && sync"], check=True)
+    assert (await dst.read_file("/mnt/data/after")) == b"after\n"
+
+
+async def test_migrate_over_unix_with_shared_storage(default_image: GuestImage) -> None:
+    src, dst = AsyncVM(spec("mig-src")), AsyncVM(spec("mig-dst"))
+    seen: list[MigrationProgress] = []
+    try:
+        await src.start()
+        digest = await write_data(src)
+        await start_counter(src)
+        before = await counter_moves(src, 0)
+        src_rundir = src.runtime_dir
+        assert src_rundir is not None
+        src_overlay = os.stat(src_rundir / "root.qcow2")
+
+        stats = await src.migrate(dst, transport="unix", storage="shared", progress=seen.append)
+
+        # Shared storage: the destination opened the very file the source wrote.
+        assert dst.runtime_dir is not None
+        dst_overlay = os.stat(dst.runtime_dir / "root.qcow2")
+        assert (dst_overlay.st_dev, dst_overlay.st_ino) == (src_overlay.st_dev, src_overlay.st_ino)
+        await check_moved(src, dst, before, digest)
+        assert stats.transferred > 0 and stats.storage_transferred == 0
+        assert seen and seen[-1].status == "completed" and seen[-1].total > 0
+    finally:
+        await dst.stop()
+        await src.stop()
+
+
+async def test_migrate_over_tcp_with_copied_storage(default_image: GuestImage) -> None:
+    src, dst = AsyncVM(spec("mig-src")), AsyncVM(spec("mig-dst"))
+    try:
+        await src.start()
+        digest = await write_data(src)
+        await start_counter(src)
+        before = await counter_moves(src, 0)
+        src_rundir = src.runtime_dir
+        assert src_rundir is not None
+
+        stats = await src.migrate(dst, transport="tcp", storage="copied")
+
+        # Copied storage: the destination's overlay is its own file, filled over NBD.
+        assert dst.runtime_dir is not None
+        assert os.stat(dst.runtime_dir / "root.qcow2").st_nlink == 1
+        nodes = {
+            b["inserted"]["node-name"]: b["inserted"] for b in await dst.execute("query-block")
+        }
+        assert nodes["root"]["file"].startswith(str(dst.runtime_dir))
+        assert stats.storage_transferred >= 2 * 2**20
+        await check_moved(src, dst, before, digest)
+    finally:
+        await dst.stop()
+        await src.stop()
+
+
+async def test_save_and_restore(default_image: GuestImage, tmp_path: Path) -> None:
+    src = AsyncVM(spec("saved"))
+    restored = AsyncVM(spec("saved"))
+    try:
+        await src.start()
+        digest = await write_data(src)
+        await start_counter(src)
+        before = await counter_moves(src, 0)
+
+        saved = await src.save(tmp_path / "state")
+
+        assert src.state is VMState.STOPPED
+        assert saved.disks == ("root",) and saved.state_file.stat().st_size == saved.size
+        overlay_hash = hashlib.sha256((saved.directory / "root.qcow2").read_bytes()).hexdigest()
+        await restored.restore(saved.directory)
+        assert restored.state is VMState.RUNNING
+        assert await counter(restored) >= before  # resumed where it was saved, not rebooted
+        await counter_moves(restored, before)
+        assert await disk_digest(restored) == digest
+        await restored.run(["sh", "-c", "echo x > /mnt/data/new && sync"], check=True)
+        # The restored VM writes to its own overlay: the saved one stays as it was.
+        after_hash = hashlib.sha256((saved.directory / "root.qcow2").read_bytes()).hexdigest()
+        assert after_hash == overlay_hash
+    finally:
+        await restored.stop()
+        await src.stop()
+
+
+async def test_migrate_example(default_image: GuestImage) -> None:
+    """examples/migrate.py (the sync face) runs as a user would run it."""
+    env = dict(os.environ)
+    src = str(Path(pyqvm.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "examples/migrate.py",
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out_b, err_b = await asyncio.wait_for(proc.communicate(), 600)
+    out, err = out_b.decode(), err_b.decode()
+    report = f"exit {proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err}"
+    assert proc.returncode == 0, report
+    lines = out.splitlines()
+    assert lines[-1] == "ok", report
+    assert any(re.fullmatch(r"migrated: counter \d+ -> \d+, downtime \d+ ms", x) for x in lines)
+    assert any(re.fullmatch(r"restored: counter \d+ -> \d+", x) for x in lines), report
