@@ -144,7 +144,8 @@ class GroupNotViableError(PassthroughError):
 
     def __init__(self, address: str, group: int, blocker: str, driver: str, fix: str) -> None:
         super().__init__(
-            f"IOMMU group {group} of {address} is not viable: {blocker} is bound to {driver}; {fix}",
+            f"IOMMU group {group} of {address} is not viable: "
+            f"{blocker} is bound to {driver}; {fix}",
             address=address,
         )
         self.group = group

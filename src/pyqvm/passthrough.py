@@ -183,9 +183,7 @@ def assign(spec: VMSpec, host: PassthroughHost | None = None) -> Passthrough:
             _restore_stale(pt._devices[-1], host)
         holders = host.claims.holders()
         for d in pt._devices:
-            d.group = check_group_viable(
-                d.spec.address, root, assigning=addresses, holders=holders
-            )
+            d.group = check_group_viable(d.spec.address, root, assigning=addresses, holders=holders)
             if not d.spec.managed:
                 _unmanaged_check(d.spec.address, root)
         for d in pt._devices:

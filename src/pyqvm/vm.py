@@ -39,14 +39,14 @@ from pyqvm.errors import (
     VMStateError,
 )
 from pyqvm.host.facts import HostFacts
-from pyqvm.passthrough import Passthrough, PassthroughHost, assign
-from pyqvm.process import QemuProcess, RuntimeDir
-from pyqvm.resolve import Resolved, resolve
 from pyqvm.ops import blockjobs as _blockjobs
 from pyqvm.ops import hotplug as _hotplug
 from pyqvm.ops import snapshot as _snapshot
 from pyqvm.ops.blockjobs import ChainLink
 from pyqvm.ops.snapshot import SnapshotInfo
+from pyqvm.passthrough import Passthrough, PassthroughHost, assign
+from pyqvm.process import QemuProcess, RuntimeDir
+from pyqvm.resolve import Resolved, resolve
 from pyqvm.session import EventFilter, QMPSession
 from pyqvm.spec import Disk, Network, VMSpec
 

@@ -27,13 +27,15 @@ CHILD = textwrap.dedent(
     from pyqvm.errors import DeviceClaimedError
     from pyqvm.host.claims import ClaimStore
 
-    store, address, vm, go = ClaimStore(Path(sys.argv[1])), sys.argv[2], sys.argv[3], Path(sys.argv[4])
+    store, address, vm = ClaimStore(Path(sys.argv[1])), sys.argv[2], sys.argv[3]
+    go = Path(sys.argv[4])
     while not go.exists():
         time.sleep(0.005)
     try:
         store.claim(address, vm, original_driver="igbvf")
     except DeviceClaimedError as e:
-        print(json.dumps({"won": False, "holder": e.holder, "pid": e.pid, "msg": str(e)}), flush=True)
+        lost = {"won": False, "holder": e.holder, "pid": e.pid, "msg": str(e)}
+        print(json.dumps(lost), flush=True)
     else:
         print(json.dumps({"won": True}), flush=True)
     sys.stdin.read()
@@ -97,7 +99,12 @@ def test_stale_claim_of_a_killed_process_is_reclaimed(store: ClaimStore, tmp_pat
     child.stdout.close()
 
     (rec,) = store.records()
-    assert (rec.vm, rec.pid, rec.alive, rec.original_driver) == ("vm-dead", child.pid, False, "igbvf")
+    assert (rec.vm, rec.pid, rec.alive, rec.original_driver) == (
+        "vm-dead",
+        child.pid,
+        False,
+        "igbvf",
+    )
     assert store.holder(VF) is None
     assert store.stale() == [rec]
     claim = store.claim(VF, "vm-new")
@@ -150,5 +157,7 @@ def test_default_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_unwritable_dir_says_what_to_do(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(HostError, match=r"cannot create the device claims directory.*PYQVM_CLAIMS_DIR"):
+    with pytest.raises(
+        HostError, match=r"cannot create the device claims directory.*PYQVM_CLAIMS_DIR"
+    ):
         ClaimStore(blocker / "claims").claim(VF, "vm")

@@ -13,14 +13,16 @@ from typing import Any
 import pytest
 from fixtures.sysfs import FakeHost, standard_host
 
-from pyqvm.cli import main, parse_args
 from pyqvm.cli import doctor as cli_doctor
+from pyqvm.cli import main, parse_args
 from pyqvm.host.accel import kvm_status
 from pyqvm.host.claims import ClaimStore
 from pyqvm.host.doctor import run_checks
 from pyqvm.host.vfio import MemlockStatus, iommu_status, vfio_pci_loaded
+from pyqvm.spec import VMSpec
 
 ROOT_OK = MemlockStatus(limit=None, ipc_lock=True)
+DEAD_PID = (1 << 22) + 1  # above the largest pid_max Linux allows: never a live process
 
 
 def _exe(path: Path, text: str) -> None:
@@ -58,7 +60,9 @@ def test_kvm_host(tmp_path: Path) -> None:
     report = run_checks(["tcg", "kvm"], tmp_path)
     assert report.usable("tcg") and report.usable("kvm")
     kvm = checks_by_name(report, "kvm")
-    assert kvm["qemu"].reason == f"qemu-system-x86_64 7.2.22 ({tmp_path}/usr/bin/qemu-system-x86_64)"
+    assert (
+        kvm["qemu"].reason == f"qemu-system-x86_64 7.2.22 ({tmp_path}/usr/bin/qemu-system-x86_64)"
+    )
     assert kvm["cpu"].reason == "the CPU advertises vmx"
     assert kvm["module"].reason == "modules loaded: kvm, kvm_intel"
 
@@ -117,11 +121,11 @@ def test_stale_claims_are_reported(tmp_path: Path) -> None:
     claims = ClaimStore(tmp_path / "claims")
     claims.directory.mkdir()
     (claims.directory / "0000:01:00.0.json").write_text(
-        json.dumps({"address": "0000:01:00.0", "vm": "gone", "pid": 1, "start_time": "0"})
+        json.dumps({"address": "0000:01:00.0", "vm": "gone", "pid": DEAD_PID, "start_time": "0"})
     )
     vfio = checks_by_name(run_checks(["vfio"], fake.root, memlock=ROOT_OK, claims=claims), "vfio")
     assert vfio["claims"].status == "warn"
-    assert "0000:01:00.0 (VM 'gone', pid 1)" in vfio["claims"].reason
+    assert f"0000:01:00.0 (VM 'gone', pid {DEAD_PID})" in vfio["claims"].reason
     assert vfio["claims"].fix.startswith("pyqvm doctor --fix")
 
 
@@ -172,15 +176,22 @@ def test_cli_fix_recovers_stale_claims(tmp_path: Path, monkeypatch: pytest.Monke
     claims.directory.mkdir()
     # A dead owner's claim on a device that was never rebound: --fix just drops it.
     (claims.directory / "0000:01:00.0.json").write_text(
-        json.dumps({"address": "0000:01:00.0", "vm": "gone", "pid": 1, "start_time": "0"})
+        json.dumps({"address": "0000:01:00.0", "vm": "gone", "pid": DEAD_PID, "start_time": "0"})
     )
     code, text = _cli(["--fix", "--for", "tcg", "--json"])
     data = json.loads(text)
+    assert code == 0 and data["ok"] is True
     assert data["fixed"] == [
-        {"address": "0000:01:00.0", "vm": "gone", "pid": 1, "restored_to": None, "error": None}
+        {
+            "address": "0000:01:00.0",
+            "vm": "gone",
+            "pid": DEAD_PID,
+            "restored_to": None,
+            "error": None,
+        }
     ]
     assert claims.records() == []
-    code, text = _cli(["--fix", "--for", "tcg"])
+    _, text = _cli(["--fix", "--for", "tcg"])
     assert text.startswith("fixed: nothing to fix")
 
 
@@ -218,3 +229,25 @@ def test_this_machine(tmp_path: Path) -> None:
     for mode, info in modes.items():
         code = main(["doctor", "--for", mode, "--json", "--root", "/"])
         assert code == (0 if info["usable"] else 1), mode
+
+
+def test_xen_hvm_argv(tmp_path: Path) -> None:
+    from pyqvm.errors import HostError, SpecError
+    from pyqvm.xen import xen_device_model, xen_hvm_argv
+
+    argv = xen_hvm_argv(VMSpec(name="hvm", memory="1G", smp=2), qemu=Path("/q"), domid=5)
+    assert argv == [
+        "/q", "-xen-domid", "5", "-nodefaults", "-no-user-config", "-name", "hvm",
+        "-machine", "xenfv", "-m", "1024M", "-smp", "2", "-display", "none",
+    ]  # fmt: skip
+    pc = xen_hvm_argv(VMSpec(), qemu=Path("/q"), domid=5, machine="pc")
+    assert pc[pc.index("-machine") : pc.index("-machine") + 4] == [
+        "-machine",
+        "pc",
+        "-accel",
+        "xen",
+    ]
+    with pytest.raises(SpecError, match="0 is dom0"):
+        xen_hvm_argv(VMSpec(), qemu=Path("/q"), domid=0)
+    with pytest.raises(HostError, match="apt-get install -y qemu-system-xen"):
+        xen_device_model(tmp_path)

@@ -46,7 +46,9 @@ def pt_host(fake: FakeHost, tmp_path: Path) -> PassthroughHost:
 
 def vm_spec(*addresses: str, name: str = "pt", **kw: object) -> VMSpec:
     return VMSpec(
-        name=name, profile="passthrough", host_devices=[HostDevice(a, **kw) for a in addresses]  # type: ignore[arg-type]
+        name=name,
+        profile="passthrough",
+        host_devices=[HostDevice(a, **kw) for a in addresses],  # type: ignore[arg-type]
     )
 
 
@@ -103,8 +105,9 @@ def test_non_viable_group_changes_nothing(fake: FakeHost, pt_host: PassthroughHo
     before = drivers(fake)
     with pytest.raises(GroupNotViableError) as info:
         assign(vm_spec(GPU), pt_host)
-    assert "IOMMU group 3 of 0000:02:00.0 is not viable: 0000:02:00.1 is bound to snd_hda_intel" in (
-        str(info.value)
+    assert (
+        "IOMMU group 3 of 0000:02:00.0 is not viable: 0000:02:00.1 is bound to snd_hda_intel"
+        in (str(info.value))
     )
     assert drivers(fake) == before and fake.io.writes == []
     assert pt_host.claims.records() == []
@@ -159,7 +162,9 @@ def test_absent_device(pt_host: PassthroughHost) -> None:
 
 
 def test_malformed_address_and_managed_flag_in_toml() -> None:
-    with pytest.raises(SpecError, match=r"host_devices\[0\].address: '1:00.0' is not a PCI address"):
+    with pytest.raises(
+        SpecError, match=r"host_devices\[0\].address: '1:00.0' is not a PCI address"
+    ):
         spec_from_dict({"host_devices": [{"address": "1:00.0"}]})
     with pytest.raises(SpecError, match=r"host_devices\[0\].managed"):
         spec_from_dict({"host_devices": [{"address": "01:00.0", "managed": "yes"}]})
@@ -258,3 +263,17 @@ def test_claim_record_is_json(pt_host: PassthroughHost) -> None:
     assign(vm_spec(NIC), pt_host)
     data = json.loads((pt_host.claims.directory / f"{NIC}.json").read_text())
     assert data["vm"] == "pt" and data["pid"] == os.getpid() and data["bound"] is True
+
+
+def test_example_spec_loads_and_becomes_vfio_pci() -> None:
+    from pyqvm.argv.devices import hostdev_args
+    from pyqvm.spec import load_spec
+
+    spec = load_spec(TESTS.parent / "examples" / "passthrough.toml")
+    (dev,) = spec.host_devices
+    assert (dev.address, dev.guest_address, dev.rombar, dev.managed) == (NIC, "05.0", False, True)
+    assert hostdev_args(spec) == [
+        "-device",
+        '{"driver":"vfio-pci","id":"hostdev0","host":"0000:01:00.0","addr":"05.0","rombar":0}',
+    ]
+    assert migration_blocker(spec) is not None

@@ -96,7 +96,9 @@ def test_not_a_pf_and_no_vfs(host: FakeHost, claims: ClaimStore) -> None:
 def test_all_vfs_taken(host: FakeHost, claims: ClaimStore) -> None:
     pf = sriov.set_num_vfs(PF, 1, host.io, host.root)
     claims.claim(pf.vfs[0], "vm-a")
-    with pytest.raises(PassthroughError, match=r"all 1 VFs of 0000:03:00.0 are in use by VMs \(vm-a\)"):
+    with pytest.raises(
+        PassthroughError, match=r"all 1 VFs of 0000:03:00.0 are in use by VMs \(vm-a\)"
+    ):
         sriov.pick_free_vf(PF, claims, host.root)
 
 

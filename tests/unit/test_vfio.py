@@ -21,7 +21,12 @@ def host(tmp_path: Path) -> FakeHost:
 
 def test_pci_device_reads_ids_class_driver_and_group(host: FakeHost) -> None:
     dev = pci.pci_device(NIC, host.root)
-    assert (dev.ids, dev.pci_class, dev.driver, dev.iommu_group) == ("8086:10d3", 0x020000, "e1000e", 2)
+    assert (dev.ids, dev.pci_class, dev.driver, dev.iommu_group) == (
+        "8086:10d3",
+        0x020000,
+        "e1000e",
+        2,
+    )
     assert not dev.is_bridge
     assert pci.pci_device("0000:00:01.0", host.root).is_bridge
     assert [d.address for d in pci.list_pci_devices(host.root)][:3] == [
@@ -153,7 +158,9 @@ def test_write_refused_names_the_file(host: FakeHost) -> None:
         def write(self, path: Path, value: str) -> None:
             raise PermissionError(13, "Permission denied")
 
-    with pytest.raises(PassthroughError, match=r"driver_override.*Permission denied; run pyqvm as root"):
+    with pytest.raises(
+        PassthroughError, match=r"driver_override.*Permission denied; run pyqvm as root"
+    ):
         vfio.bind_to_vfio(NIC, Denied(), host.root)
 
 

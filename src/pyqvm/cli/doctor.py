@@ -60,7 +60,13 @@ def _print_text(report: Report, out: TextIO) -> None:
 
 def _fixed_json(done: list[Recovered]) -> list[dict[str, Any]]:
     return [
-        {"address": r.address, "vm": r.vm, "pid": r.pid, "restored_to": r.restored_to, "error": r.error}
+        {
+            "address": r.address,
+            "vm": r.vm,
+            "pid": r.pid,
+            "restored_to": r.restored_to,
+            "error": r.error,
+        }
         for r in done
     ]
 

@@ -146,7 +146,9 @@ class ClaimStore:
     @contextlib.contextmanager
     def _locked(self, address: str) -> Iterator[None]:
         self._ensure_dir()
-        fd = os.open(self.directory / f"{address}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(
+            self.directory / f"{address}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read-modify-write only: short
             yield

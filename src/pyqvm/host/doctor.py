@@ -236,9 +236,7 @@ def _vfio_checks(
             )
         )
     elif st.cmdline_params:
-        checks.append(
-            Check("vfio", "kernel-parameter", "ok", " ".join(st.cmdline_params))
-        )
+        checks.append(Check("vfio", "kernel-parameter", "ok", " ".join(st.cmdline_params)))
     else:
         checks.append(
             Check(
@@ -247,7 +245,9 @@ def _vfio_checks(
                 "info" if st.enabled or vendor == "amd" else "fail",
                 "no IOMMU parameter on the kernel command line"
                 + (" (AMD enables its IOMMU by default)" if vendor == "amd" else ""),
-                "" if st.enabled else f"add {want} iommu=pt to GRUB_CMDLINE_LINUX in "
+                ""
+                if st.enabled
+                else f"add {want} iommu=pt to GRUB_CMDLINE_LINUX in "
                 "/etc/default/grub, run update-grub, reboot",
             )
         )
@@ -287,7 +287,9 @@ def _vfio_checks(
     need = memory_mib + MEMLOCK_MARGIN_MIB
     limit = "unlimited" if memlock.limit is None else f"{memlock.limit // (1 << 20)} MiB"
     if memlock.allows_mib(need):
-        why = "CAP_IPC_LOCK lifts it" if memlock.ipc_lock and memlock.limit is not None else "enough"
+        why = (
+            "CAP_IPC_LOCK lifts it" if memlock.ipc_lock and memlock.limit is not None else "enough"
+        )
         checks.append(
             Check(
                 "vfio",
@@ -381,7 +383,9 @@ def _xen_checks(root: Path) -> list[Check]:
             )
         )
     else:
-        what = f"/sys/hypervisor/type says {hv!r}" if hv else "no /sys/hypervisor/type, no /proc/xen"
+        what = (
+            f"/sys/hypervisor/type says {hv!r}" if hv else "no /sys/hypervisor/type, no /proc/xen"
+        )
         checks.append(
             Check(
                 "xen",
@@ -432,9 +436,7 @@ def run_checks(
             Check("tcg", "accelerator", "ok", "TCG (software emulation) needs nothing more"),
         ],
         "kvm": lambda: [*_qemu_checks("kvm", root, arch), *_kvm_checks(root)],
-        "vfio": lambda: _vfio_checks(
-            root, memory_mib, memlock or memlock_status(), claims
-        ),
+        "vfio": lambda: _vfio_checks(root, memory_mib, memlock or memlock_status(), claims),
         "xen": lambda: _xen_checks(root),
     }
     for mode in wanted:

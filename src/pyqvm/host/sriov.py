@@ -214,9 +214,7 @@ class VFLink:
             raise PassthroughError("qos needs a vlan and is a priority from 0 to 7")
 
 
-def vf_link_commands(
-    pf: str, vf: str, link: VFLink, root: Path = Path("/")
-) -> list[list[str]]:
+def vf_link_commands(pf: str, vf: str, link: VFLink, root: Path = Path("/")) -> list[list[str]]:
     """The ``ip link`` commands (argv lists) that apply ``link`` to VF ``vf`` of ``pf``.
 
     They act on the PF's network interface, so the PF must have one (its driver

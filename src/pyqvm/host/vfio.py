@@ -57,9 +57,7 @@ _BRIDGE_DRIVERS = frozenset({"pcieport", "shpchp"})
 MEMLOCK_MARGIN_MIB = 1024
 _CAP_IPC_LOCK = 14
 
-_GRUB = (
-    "(Debian: add it to GRUB_CMDLINE_LINUX in /etc/default/grub, run update-grub, reboot)"
-)
+_GRUB = "(Debian: add it to GRUB_CMDLINE_LINUX in /etc/default/grub, run update-grub, reboot)"
 
 
 # --- the kernel command line and the CPU ---------------------------------------------------

@@ -731,6 +731,7 @@ async def _run_migration(
             wait = left if wait is None else (wait if left is None else min(wait, left))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_next_status_event(src, listener), wait)
+    info = await _final_info(src, info)
     ram = info.get("ram") or {}
     return MigrationStats(
         total_time=int(info.get("total-time", 0)) / 1000,
@@ -741,6 +742,23 @@ async def _run_migration(
         wall_time=time.monotonic() - t0,
         storage_transferred=storage_bytes,
     )
+
+
+async def _final_info(src: AsyncVM, info: dict[str, Any]) -> dict[str, Any]:
+    """``query-migrate`` once QEMU has recorded the total time and downtime.
+
+    QEMU reports ``completed`` (and sends the event) a moment before its migration
+    thread records those two numbers, and nothing is announced when it has: ask
+    again, briefly, until they are there.
+    """
+    wait = 0.002
+    for _ in range(12):  # about 8 s in all, at most
+        if info.get("total-time"):
+            break
+        await asyncio.sleep(wait)
+        wait *= 2
+        info = await _status(src)
+    return info
 
 
 def _left(deadline: float | None, loop: asyncio.AbstractEventLoop) -> float | None:
