@@ -57,7 +57,11 @@ def event_filter(match: EventFilter | None) -> EventMatch | None:
 
 @dataclass(frozen=True, slots=True)
 class JobInfo:
-    """One job as ``query-jobs`` reports it (``error`` is None unless it failed)."""
+    """One job as ``query-jobs`` reports it (``error`` is None unless it failed).
+
+    For a job that succeeded, `Job.finish` skips ``query-jobs``: ``type`` is
+    then the command that started it and the progress counters are 0.
+    """
 
     id: str
     type: str
@@ -313,6 +317,7 @@ class Job:
         self._listener = listener
         self._block_error: str | None = None
         self._cancelled = False
+        self._seen: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<Job {self.id!r} ({self.command}) {self.status}>"
@@ -322,6 +327,7 @@ class Job:
         name = event.get("event")
         if name == "JOB_STATUS_CHANGE":
             self.status = str(data.get("status", self.status))
+            self._seen.add(self.status)
         elif name == "BLOCK_JOB_COMPLETED" and data.get("error"):
             self._block_error = str(data["error"])
         elif name == "BLOCK_JOB_CANCELLED":
@@ -371,7 +377,10 @@ class Job:
         await self.wait_for(timeout=timeout)
         info: JobInfo | None = None
         if self.status == "concluded":
-            info = await self.info()
+            # A job that fails or is cancelled always passes through "aborting"; only
+            # then is there an error to read (and a round trip to spend on it).
+            failed = "aborting" in self._seen or self._cancelled
+            info = await self.info() if failed else JobInfo(self.id, self.command, "concluded")
             if info is not None:
                 try:
                     await self._session.execute("job-dismiss", {"id": self.id})

@@ -24,8 +24,7 @@ from pyqvm.host.facts import HostFacts
 from pyqvm.ops.blockjobs import ChainLink
 from pyqvm.ops.snapshot import SnapshotInfo
 from pyqvm.session import Event, EventFilter
-from pyqvm.spec import Disk, Network
-from pyqvm.spec import VMSpec
+from pyqvm.spec import Disk, Network, VMSpec
 from pyqvm.vm import AsyncVM, VMState
 
 if TYPE_CHECKING:

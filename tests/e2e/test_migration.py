@@ -25,6 +25,12 @@ from pyqvm.ops.migration import MigrationProgress
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
 
 REPO = Path(__file__).resolve().parents[2]
+DOC = REPO / "docs" / "migration.md"
+# A python fence right after a "<!-- test -->" line (as in tests/e2e/test_examples.py).
+_RUNNABLE = re.compile(
+    r"^<!-- test -->[ \t]*\n(?:[ \t]*\n)*```python\n(.*?)^```[ \t]*$", re.M | re.S
+)
+DOC_BLOCKS = [m.group(1) for m in _RUNNABLE.finditer(DOC.read_text())]
 COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done"
 
 
@@ -159,24 +165,40 @@ async def test_save_and_restore(default_image: GuestImage, tmp_path: Path) -> No
         await src.stop()
 
 
-async def test_migrate_example(default_image: GuestImage) -> None:
-    """examples/migrate.py (the sync face) runs as a user would run it."""
+async def run_script(*argv: str) -> tuple[int | None, str, str]:
+    """Run a Python script from the repository root, with this pyqvm importable."""
     env = dict(os.environ)
     src = str(Path(pyqvm.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        "examples/migrate.py",
+        *argv,
         cwd=REPO,
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out_b, err_b = await asyncio.wait_for(proc.communicate(), 600)
-    out, err = out_b.decode(), err_b.decode()
-    report = f"exit {proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err}"
-    assert proc.returncode == 0, report
+    out, err = await asyncio.wait_for(proc.communicate(), 600)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_migrate_example(default_image: GuestImage) -> None:
+    """examples/migrate.py (the sync face) runs as a user would run it."""
+    code, out, err = await run_script("examples/migrate.py")
+    report = f"exit {code}\n--- stdout\n{out}\n--- stderr\n{err}"
+    assert code == 0, report
     lines = out.splitlines()
     assert lines[-1] == "ok", report
     assert any(re.fullmatch(r"migrated: counter \d+ -> \d+, downtime \d+ ms", x) for x in lines)
+    assert "source: stopped, destination: running" in lines, report
     assert any(re.fullmatch(r"restored: counter \d+ -> \d+", x) for x in lines), report
+
+
+async def test_doc_block(default_image: GuestImage, tmp_path: Path) -> None:
+    """The runnable block of docs/migration.md works as written."""
+    assert len(DOC_BLOCKS) == 1, f"expected one runnable block in {DOC}"
+    script = tmp_path / "snippet.py"
+    script.write_text(DOC_BLOCKS[0])
+    code, out, err = await run_script(str(script))
+    assert code == 0, f"exit {code}\n--- stdout\n{out}\n--- stderr\n{err}"
+    assert out.splitlines()[-1] == "stopped running", out

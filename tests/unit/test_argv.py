@@ -185,3 +185,20 @@ def test_tap_and_extra_args(tmp_path: Path) -> None:
         "vhost": True,
     }
     assert argv[-1] == "-S"
+
+
+def test_hotplug_room(tmp_path: Path) -> None:
+    spec = VMSpec(
+        guest_agent=False, hotplug_slots=2, max_smp=4, max_memory="2G", memory_slots=3
+    )
+    argv = build_argv(spec, ctx(tmp_path, agent_fd=None))
+    assert values(argv, "-m") == ["512M,slots=3,maxmem=2048M"]
+    assert values(argv, "-smp") == ["1,maxcpus=4"]
+    ports = [d for d in devices(argv) if d["driver"] == "pcie-root-port"]
+    assert ports == [
+        {"driver": "pcie-root-port", "id": "pq-hp0", "bus": "pcie.0", "chassis": 1},
+        {"driver": "pcie-root-port", "id": "pq-hp1", "bus": "pcie.0", "chassis": 2},
+    ]
+    plain = build_argv(VMSpec(guest_agent=False, max_smp=1), ctx(tmp_path, agent_fd=None))
+    assert values(plain, "-m") == ["512M"] and values(plain, "-smp") == ["1"]
+    assert not [d for d in devices(plain) if d["driver"] == "pcie-root-port"]

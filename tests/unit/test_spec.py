@@ -127,3 +127,36 @@ def test_ide_ports_and_cdroms_checked_when_built(files: dict[str, Path]) -> None
         VMSpec(machine="microvm", image="default", cdroms=[files["raw"]])
     with pytest.raises(SpecError, match=r"disks\[0\]\.id: 'root' is the built-in image"):
         VMSpec(image="default", disks=[Disk(files["raw"], id="root")])
+
+
+def test_hotplug_room_fields() -> None:
+    s = VMSpec(hotplug_slots=4, smp=2, max_smp=8, memory="1G", max_memory="4G", memory_slots=2)
+    assert (s.hotplug_slots, s.max_smp, s.max_memory, s.memory_slots) == (4, 8, 4096, 2)
+    assert VMSpec().max_memory is None and VMSpec().max_smp is None
+    assert VMSpec(machine="pc", max_smp=2, max_memory=1024, memory_slots=1).max_memory == 1024
+
+
+@pytest.mark.parametrize(
+    ("kw", "field", "words"),
+    [
+        ({"hotplug_slots": -1}, "hotplug_slots", "0 to 16"),
+        ({"hotplug_slots": 17}, "hotplug_slots", "0 to 16"),
+        ({"hotplug_slots": True}, "hotplug_slots", "whole number"),
+        ({"hotplug_slots": 2, "machine": "pc"}, "hotplug_slots", "pci.0"),
+        ({"smp": 4, "max_smp": 2}, "max_smp", "below smp"),
+        ({"max_smp": 256}, "max_smp", "1 to 255"),
+        ({"memory_slots": 2}, "memory_slots", "needs max_memory"),
+        ({"max_memory": "256M"}, "max_memory", "below memory"),
+        ({"max_memory": "2X"}, "max_memory", "not a size"),
+        ({"memory_slots": 257, "max_memory": "2G"}, "memory_slots", "0 to 256"),
+    ],
+)
+def test_hotplug_room_is_checked(kw: dict[str, object], field: str, words: str) -> None:
+    with pytest.raises(SpecError) as err:
+        VMSpec(**kw)  # type: ignore[arg-type]
+    assert err.value.field == field and words in err.value.message
+
+
+def test_hotplug_room_from_toml_data() -> None:
+    s = spec_from_dict({"max_memory": "1G", "memory_slots": 1, "max_smp": 2, "hotplug_slots": 1})
+    assert (s.max_memory, s.memory_slots, s.max_smp, s.hotplug_slots) == (1024, 1, 2, 1)

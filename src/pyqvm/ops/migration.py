@@ -49,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -61,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from pyqvm import passthrough
 from pyqvm.errors import MigrationError, PyqvmError, VMStateError
 from pyqvm.ops import block_nodes
 from pyqvm.resolve import with_image
@@ -220,22 +220,8 @@ class SavedState:
 
 
 def migration_blocker(spec: VMSpec) -> str | None:
-    """Why this VM cannot be migrated or saved (a host device), or None."""
-    try:
-        passthrough: Any = importlib.import_module("pyqvm.passthrough")
-    except ImportError:
-        passthrough = None
-    check = getattr(passthrough, "migration_blocker", None)
-    if check is not None:
-        reason = check(spec)
-        return str(reason) if reason else None
-    if spec.host_devices:
-        ids = ", ".join(h.id or h.address for h in spec.host_devices)
-        return (
-            f"it has host (vfio-pci) devices ({ids}): their state lives in the hardware, "
-            "so QEMU blocks migration and snapshots; detach them first"
-        )
-    return None
+    """Why this VM cannot be migrated or saved (a vfio-pci host device), or None."""
+    return passthrough.migration_blocker(spec)
 
 
 def _refuse_blocked(vm: AsyncVM, what: str) -> None:
@@ -309,15 +295,21 @@ def _notify(progress: ProgressCallback | None, p: MigrationProgress) -> None:
 
 async def _ensure_running(vm: AsyncVM) -> None:
     """After a failed or cancelled migration: the source's guest must run again."""
+    status = (await vm.execute("query-status", timeout=10))["status"]
+    if status != "running":
+        # QEMU resumes a source whose migration failed by itself; this covers the
+        # states it leaves alone (postmigrate after our own abort, pre-switchover).
+        log.info("%s: guest is %s after the failed migration; resuming it", vm.name, status)
+        await vm.execute("cont", timeout=30)
+    vm._set_state(_vm_state().RUNNING)
+
+
+async def _resume_source(src: AsyncVM) -> None:
+    """The destination failed after the switch-over: the guest goes back to the source."""
     try:
-        status = (await vm.execute("query-status", timeout=10))["status"]
-        if status != "running":
-            # QEMU resumes a source whose migration failed by itself; this covers the
-            # states it leaves alone (postmigrate after our own abort, pre-switchover).
-            log.info("%s: guest is %s after the failed migration; resuming it", vm.name, status)
-            await vm.execute("cont", timeout=30)
-    finally:
-        vm._set_state(_vm_state().RUNNING)
+        await _ensure_running(src)
+    except PyqvmError as e:
+        log.error("%s: could not resume the guest after the failed migration: %s", src.name, e)
 
 
 def _vm_state() -> Any:
@@ -795,8 +787,8 @@ async def _recover_source(src: AsyncVM, jobs: list[str], nodes: list[str]) -> No
         await _ensure_running(src)
     except PyqvmError as e:
         log.warning("%s: cleaning up after the failed migration: %s", src.name, e)
-        if src._process is not None and src._process.returncode is None:
-            src._set_state(_vm_state().RUNNING)
+        alive = src._process is not None and src._process.returncode is None
+        src._set_state(_vm_state().RUNNING if alive else _vm_state().FAILED)
 
 
 async def _wait_job_gone(vm: AsyncVM, job_id: str) -> None:
@@ -861,7 +853,7 @@ async def migrate(
         await accept(dst, incoming, timeout=timeout)
     except BaseException:
         # The destination failed after the switch-over: the guest goes back to the source.
-        await asyncio.shield(_ensure_running(src))
+        await asyncio.shield(_resume_source(src))
         raise
     await src.stop()
     return dataclasses.replace(stats, wall_time=time.monotonic() - t0)
@@ -912,7 +904,7 @@ def migrate_between_loops(
     try:
         run_dst(accept(dst, incoming, timeout=timeout))
     except BaseException:
-        run_src(_ensure_running(src))
+        run_src(_resume_source(src))
         raise
     run_src(src.stop())
     return dataclasses.replace(stats, wall_time=time.monotonic() - t0)

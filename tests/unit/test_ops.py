@@ -1,0 +1,47 @@
+"""Operations refused before QEMU is asked (no QEMU needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyqvm.errors import HotplugError, SnapshotError, VMStateError
+from pyqvm.spec import HostDevice, VMSpec
+from pyqvm.vm import AsyncVM, VMState
+
+
+def running(spec: VMSpec) -> AsyncVM:
+    """A VM that believes it runs but has no QEMU: any QMP call would fail with VMStateError."""
+    vm = AsyncVM(spec)
+    vm._state = VMState.RUNNING
+    return vm
+
+
+@pytest.mark.asyncio
+async def test_snapshot_of_a_vfio_vm_is_refused_up_front() -> None:
+    vm = running(VMSpec(host_devices=(HostDevice("0000:01:00.0"),)))
+    for op in (vm.snapshot_save("s1"), vm.snapshot_load("s1"), vm.snapshot_delete("s1")):
+        with pytest.raises(SnapshotError, match="vfio-pci") as err:
+            await op
+        assert "0000:01:00.0" in str(err.value)
+
+
+@pytest.mark.asyncio
+async def test_operations_need_a_live_vm() -> None:
+    vm = AsyncVM(VMSpec())
+    with pytest.raises(VMStateError, match="created"):
+        await vm.snapshot_save("s1")
+    with pytest.raises(VMStateError, match="created"):
+        await vm.hotplug_nic()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("tag", ["", "  ", "12"])
+async def test_bad_snapshot_tags(tag: str) -> None:
+    with pytest.raises(SnapshotError, match="tag"):
+        await running(VMSpec()).snapshot_save(tag)
+
+
+@pytest.mark.asyncio
+async def test_memory_hotplug_needs_room_in_the_spec() -> None:
+    with pytest.raises(HotplugError, match="max_memory and memory_slots"):
+        await running(VMSpec()).hotplug_memory("256M")
