@@ -437,9 +437,7 @@ class VMSpec:
         _set(self, "max_memory", parse_size_mib(self.max_memory, "max_memory"))
         assert isinstance(self.memory, int) and isinstance(self.max_memory, int)
         if self.max_memory < self.memory:
-            raise SpecError(
-                "max_memory", f"{self.max_memory}M is below memory = {self.memory}M"
-            )
+            raise SpecError("max_memory", f"{self.max_memory}M is below memory = {self.memory}M")
         if self.machine == "microvm":
             raise SpecError("max_memory", 'microvm has no memory hotplug; use machine = "q35"')
 

@@ -188,9 +188,7 @@ def test_tap_and_extra_args(tmp_path: Path) -> None:
 
 
 def test_hotplug_room(tmp_path: Path) -> None:
-    spec = VMSpec(
-        guest_agent=False, hotplug_slots=2, max_smp=4, max_memory="2G", memory_slots=3
-    )
+    spec = VMSpec(guest_agent=False, hotplug_slots=2, max_smp=4, max_memory="2G", memory_slots=3)
     argv = build_argv(spec, ctx(tmp_path, agent_fd=None))
     assert values(argv, "-m") == ["512M,slots=3,maxmem=2048M"]
     assert values(argv, "-smp") == ["1,maxcpus=4"]
