@@ -321,10 +321,10 @@ class AsyncVM:
     async def stop(self, timeout: float = 10.0, *, graceful: bool | None = None) -> int | None:
         """Shut down in steps (powerdown -> quit -> SIGTERM -> SIGKILL) and remove everything.
 
-        ``graceful`` asks the guest to power off first (ACPI) and waits up to
-        ``timeout`` for it. By default that happens only when the VM writes to a
-        disk that outlives it; with throw-away overlays there is nothing to keep
-        and QEMU is told to ``quit`` at once. Returns QEMU's exit status (None if
+        ``graceful`` asks the guest to power off first (through its agent, else by
+        ACPI) and waits up to ``timeout`` for it. By default that happens only when
+        the VM writes to a disk that outlives it; with throw-away overlays there is
+        nothing to keep and QEMU is told to ``quit`` at once. Returns QEMU's exit status (None if
         it never started). Safe to call twice.
         """
         if self._process is None:
@@ -350,7 +350,7 @@ class AsyncVM:
             return
         if powerdown_timeout > 0:
             try:
-                await qmp.execute("system_powerdown", timeout=5)
+                await self._request_poweroff()
                 await proc.wait(powerdown_timeout)
                 return
             except PyqvmError as e:
@@ -360,6 +360,19 @@ class AsyncVM:
             await proc.wait(5)
         except PyqvmError as e:
             log.info("%s: quit did not end QEMU (%s); terminating", self.name, e)
+
+    async def _request_poweroff(self) -> None:
+        """Ask the guest to power off: through its agent when it answers (a guest
+        without an ACPI daemon ignores the power button), else by ACPI."""
+        if self._agent is not None and self._state is VMState.STOPPING:
+            try:
+                await self._agent.execute("guest-shutdown", {"mode": "powerdown"}, timeout=2)
+                log.info("%s: asked the guest agent to power off", self.name)
+                return
+            except PyqvmError as e:
+                log.info("%s: guest agent shutdown failed (%s); trying ACPI", self.name, e)
+        await self.qmp.execute("system_powerdown", timeout=5)
+        log.info("%s: sent ACPI powerdown", self.name)
 
     async def kill(self) -> None:
         """End QEMU at once (SIGKILL) and clean up."""
