@@ -229,7 +229,20 @@ class UnplugTimeoutError(HotplugError, PyqvmTimeoutError):
 
 
 class MigrationError(OperationError):
-    """Live migration, or saving/restoring a VM's state, failed."""
+    """Live migration, or saving/restoring a VM's state, failed.
+
+    ``status`` is the last migration status QEMU reported (``query-migrate``:
+    ``failed``, ``cancelled``, ``active``...; None when refused before QEMU
+    was asked) and ``qemu_error`` QEMU's own reason (its ``error-desc``), when
+    it gave one.
+    """
+
+    def __init__(
+        self, message: str, *, status: str | None = None, qemu_error: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.qemu_error = qemu_error
 
 
 __all__ = [

@@ -10,6 +10,9 @@ its errors into pyqvm's family and adds bounded waits:
   ``blockdev-mirror``, ...) and hands back a `Job` that follows it through
   ``JOB_STATUS_CHANGE`` events; `QMPSession.run_job` runs one to its end,
   raises `JobError` with QEMU's own message when it fails, and dismisses it.
+- `QMPSession.send_fd` hands QEMU an open file descriptor over the QMP
+  socket (SCM_RIGHTS) and names it with ``getfd``, for ``fd:NAME`` URIs and
+  ``"type": "fd"`` socket addresses.
 
 Every wait also ends, with `VMExitedError`, when the QMP connection drops.
 """
@@ -17,6 +20,7 @@ Every wait also ends, with `VMExitedError`, when the QMP connection drops.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -24,10 +28,24 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+from qemu.qmp import (
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    QMPClient,
+    QMPError,
+    StateError,
+)
 from qemu.qmp.protocol import Runstate
 
-from pyqvm.errors import JobError, PyqvmError, PyqvmTimeoutError, QMPCommandError, VMExitedError
+from pyqvm.errors import (
+    JobError,
+    PyqvmError,
+    PyqvmTimeoutError,
+    QMPCommandError,
+    VMExitedError,
+    VMStateError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +107,8 @@ class QMPSession:
         self.name = name
         self._client = QMPClient(name)
         self._job_seq = 0
+        # One fd in flight at a time: QEMU pairs a passed fd with the next getfd.
+        self._fd_lock = asyncio.Lock()
 
     async def connect(self, sock: socket.socket, timeout: float = 30.0) -> None:
         """Connect over an already connected socket (one end of a socketpair QEMU holds)."""
@@ -130,6 +150,45 @@ class QMPSession:
             raise VMExitedError(f"{self.name}: QEMU went away during QMP {command!r}: {e}") from e
         log.debug("%s: <- %s", self.name, result)
         return result
+
+    async def send_fd(self, fd: int, name: str, *, timeout: float | None = 60.0) -> None:
+        """Hand QEMU a copy of the open file descriptor ``fd``, named ``name`` (``getfd``).
+
+        The descriptor goes over the QMP socket (SCM_RIGHTS, which needs the
+        session connected over a UNIX socket, as pyqvm's are); ``getfd`` then
+        names it in QEMU, for ``fd:NAME`` migration URIs or ``"type": "fd"``
+        socket addresses. ``fd`` stays open here: close it when this returns.
+        A ``name`` already in use is replaced (QEMU closes the old descriptor).
+
+        Raises ValueError for a name QEMU would refuse (empty, or starting with a
+        digit) or a closed ``fd``, `VMExitedError` if the session is not connected
+        or QEMU went away, `VMStateError` if the socket cannot carry descriptors,
+        `QMPCommandError` if QEMU refuses ``getfd``, `PyqvmTimeoutError` after
+        ``timeout``.
+        """
+        if not name or name[0].isdigit():
+            raise ValueError(
+                f"fd name {name!r}: QEMU needs a name that does not start with a digit"
+            )
+        async with self._fd_lock:
+            # The fd and the getfd that names it must arrive as one step: no other
+            # send_fd of ours may slip in between (QEMU keeps only the last fd sent).
+            log.debug("%s: -> fd %d (SCM_RIGHTS) for %r", self.name, fd, name)
+            try:
+                self._client.send_fd_scm(fd)
+            except StateError as e:
+                raise VMExitedError(
+                    f"{self.name}: QMP is not connected; cannot pass fd {name!r}: {e}"
+                ) from e
+            except QMPError as e:  # not a UNIX socket
+                raise VMStateError(f"{self.name}: cannot pass fd {name!r} over QMP: {e}") from e
+            except OSError as e:
+                if e.errno == errno.EBADF:
+                    raise ValueError(f"fd {fd} ({name!r}) is not an open file descriptor") from e
+                raise VMExitedError(
+                    f"{self.name}: QEMU went away while passing fd {name!r}: {e}"
+                ) from e
+            await self.execute("getfd", {"fdname": name}, timeout=timeout)
 
     @asynccontextmanager
     async def events(

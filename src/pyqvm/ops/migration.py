@@ -67,7 +67,7 @@ from pyqvm.resolve import with_image
 from pyqvm.spec import Disk, VMSpec
 
 if TYPE_CHECKING:
-    from pyqvm.vm import AsyncVM
+    from pyqvm.vm import AsyncVM, VMState
 
 log = logging.getLogger(__name__)
 
@@ -233,24 +233,28 @@ def _refuse_blocked(vm: AsyncVM, what: str) -> None:
 # --- QMP helpers ----------------------------------------------------------------------------
 
 
+def _configure_commands(
+    tuning: MigrationTuning, side: Literal["source", "destination"]
+) -> list[tuple[str, dict[str, object]]]:
+    """The QMP commands (name, arguments) that apply ``tuning`` on one side, in order."""
+    caps = tuning.capability_states(side)
+    commands: list[tuple[str, dict[str, object]]] = [
+        (
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
+        )
+    ]
+    params = tuning.parameter_values(side)
+    if params:
+        commands.append(("migrate-set-parameters", params))
+    return commands
+
+
 async def _configure(
     vm: AsyncVM, tuning: MigrationTuning, side: Literal["source", "destination"]
 ) -> None:
-    caps = tuning.capability_states(side)
-    await vm.execute(
-        "migrate-set-capabilities",
-        {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
-    )
-    params = tuning.parameter_values(side)
-    if params:
-        await vm.execute("migrate-set-parameters", params)
-
-
-def _send_fd(vm: AsyncVM, fd: int, name: str) -> Awaitable[Any]:
-    """Hand ``fd`` to QEMU over the QMP socket (SCM_RIGHTS) and name it with ``getfd``."""
-    # QMPSession has no fd passing yet: qemu.qmp's send_fd_scm on its client.
-    vm.qmp._client.send_fd_scm(fd)
-    return vm.execute("getfd", {"fdname": name})
+    for command, arguments in _configure_commands(tuning, side):
+        await vm.execute(command, arguments)
 
 
 async def _status(vm: AsyncVM) -> dict[str, Any]:
@@ -258,13 +262,19 @@ async def _status(vm: AsyncVM) -> dict[str, Any]:
     return info
 
 
-def _progress(info: Mapping[str, Any], t0: float, mirrors: Mapping[str, int]) -> MigrationProgress:
+def _progress(
+    info: Mapping[str, Any], elapsed: float, mirrors: Mapping[str, int]
+) -> MigrationProgress:
+    """A `MigrationProgress` from a ``query-migrate`` reply (QEMU's MigrationInfo).
+
+    ``mirrors`` holds the disk copies' ``done``/``left`` bytes (copied storage).
+    """
     ram = info.get("ram") or {}
     page = int(ram.get("page-size") or 4096)
     exp = info.get("expected-downtime")
     return MigrationProgress(
         status=str(info.get("status", "none")),
-        elapsed=time.monotonic() - t0,
+        elapsed=elapsed,
         transferred=int(ram.get("transferred", 0)),
         remaining=int(ram.get("remaining", 0)),
         total=int(ram.get("total", 0)),
@@ -301,6 +311,7 @@ async def _ensure_running(vm: AsyncVM) -> None:
         # states it leaves alone (postmigrate after our own abort, pre-switchover).
         log.info("%s: guest is %s after the failed migration; resuming it", vm.name, status)
         await vm.execute("cont", timeout=30)
+    # No public setter: operations move a VM between states (migrating, and back).
     vm._set_state(_vm_state().RUNNING)
 
 
@@ -312,18 +323,22 @@ async def _resume_source(src: AsyncVM) -> None:
         log.error("%s: could not resume the guest after the failed migration: %s", src.name, e)
 
 
-def _vm_state() -> Any:
+def _vm_state() -> type[VMState]:
+    # Imported late: pyqvm.vm imports this module's users.
     from pyqvm.vm import VMState
 
     return VMState
 
 
 def _parse_address(address: str | None, default_host: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``HOST``, ``:PORT`` or ``[IPv6]:PORT`` -> (host, port); port 0: any."""
     if not address:
         return default_host, 0
     host, sep, port = address.rpartition(":")
     if not sep:
         host, port = address, "0"
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise MigrationError(f"address {address!r}: write an IPv6 address as [ADDR]:PORT")
     host = host.strip("[]") or default_host
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise MigrationError(f"address {address!r}: use HOST:PORT, e.g. 127.0.0.1:4444")
@@ -332,6 +347,33 @@ def _parse_address(address: str | None, default_host: str) -> tuple[str, int]:
 
 def _uri_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _check_options(transport: str, storage: str, address: str | None) -> None:
+    """Refuse a bad transport, storage or TCP address before any QEMU is started."""
+    if transport not in ("unix", "tcp"):
+        raise MigrationError(f"transport {transport!r}: use 'unix' or 'tcp'")
+    if storage not in ("shared", "copied"):
+        raise MigrationError(f"storage {storage!r}: use 'shared' or 'copied'")
+    if transport == "tcp":
+        _parse_address(address, "127.0.0.1")
+
+
+def _incoming_uri(transport: Transport, runtime_dir: Path, address: str | None) -> str:
+    """The ``migrate-incoming`` URI: a socket in ``runtime_dir`` (unix), or
+    ``address`` (tcp; loopback and port 0, i.e. any free one, by default)."""
+    if transport == "unix":
+        return f"unix:{runtime_dir / 'migrate.sock'}"
+    host, port = _parse_address(address, "127.0.0.1")
+    return f"tcp:{_uri_host(host)}:{port}"
+
+
+def _listening_port(info: Mapping[str, Any]) -> int | None:
+    """The TCP port an incoming migration listens on (``socket-address`` of ``query-migrate``)."""
+    for addr in info.get("socket-address") or ():
+        if addr.get("type") == "inet":
+            return int(addr["port"])
+    return None
 
 
 def _nbd_server(nbd: str) -> dict[str, object]:
@@ -355,8 +397,7 @@ async def _writable_disks(vm: AsyncVM) -> list[tuple[str, str, str]]:
     """
     from pyqvm.vm import overlay_disks
 
-    spec = vm._resolved.spec if vm._resolved else vm.spec
-    ephemeral = {d.id for d in overlay_disks(spec)}
+    ephemeral = {d.id for d in overlay_disks(vm.resolved_spec)}
     return [
         (n.device, n.node, "top" if n.node == n.device and n.device in ephemeral else "full")
         for n in await block_nodes(vm)
@@ -386,10 +427,7 @@ async def listen(
     `AsyncVM.start_incoming`. On failure ``dst`` is stopped and removed.
     """
     tuning = tuning or MigrationTuning()
-    if transport not in ("unix", "tcp"):
-        raise MigrationError(f"transport {transport!r}: use 'unix' or 'tcp'")
-    if storage not in ("shared", "copied"):
-        raise MigrationError(f"storage {storage!r}: use 'shared' or 'copied'")
+    _check_options(transport, storage, address)
     _refuse_blocked(dst, "migrate into")
     await dst.start_incoming(overlays=overlays)
     try:
@@ -401,19 +439,13 @@ async def listen(
         exports: tuple[str, ...] = ()
         if storage == "copied":
             nbd, exports = await _export_disks(dst, transport, address)
-        if transport == "unix":
-            uri = f"unix:{dst.runtime_dir / 'migrate.sock'}"
-            await dst.execute("migrate-incoming", {"uri": uri})
-        else:
-            host, port = _parse_address(address, "127.0.0.1")
-            await dst.execute("migrate-incoming", {"uri": f"tcp:{_uri_host(host)}:{port}"})
-            if port == 0:
-                addrs = (await _status(dst)).get("socket-address") or []
-                inet = [a for a in addrs if a.get("type") == "inet"]
-                if not inet:
-                    raise MigrationError(f"{dst.name}: QEMU did not report its listening port")
-                port = int(inet[0]["port"])
-            uri = f"tcp:{_uri_host(host)}:{port}"
+        uri = _incoming_uri(transport, dst.runtime_dir, address)
+        await dst.execute("migrate-incoming", {"uri": uri})
+        if uri.endswith(":0") and transport == "tcp":
+            port = _listening_port(await _status(dst))
+            if port is None:
+                raise MigrationError(f"{dst.name}: QEMU did not report its listening port")
+            uri = f"{uri[: -len(':0')]}:{port}"
     except BaseException:
         await asyncio.shield(dst.kill())
         raise
@@ -442,7 +474,7 @@ async def _export_disks(
             lsock.bind((host, 0))
             lsock.listen(8)
             port = lsock.getsockname()[1]
-            await _send_fd(dst, lsock.fileno(), "pq-nbd-listen")
+            await dst.qmp.send_fd(lsock.fileno(), "pq-nbd-listen")
         await dst.execute(
             "nbd-server-start", {"addr": {"type": "fd", "data": {"str": "pq-nbd-listen"}}}
         )
@@ -482,7 +514,15 @@ async def accept(dst: AsyncVM, incoming: Incoming, *, timeout: float | None = 60
                 event = await dst.qmp.next_event(listener, left, "incoming migration to finish")
                 status = event["data"]["status"]
         if status != "completed":
-            raise MigrationError(f"{dst.name}: incoming migration {status}")
+            qemu_error = None
+            with contextlib.suppress(PyqvmError):  # QEMU usually exits on a failed incoming
+                qemu_error = (await _status(dst)).get("error-desc")
+            raise MigrationError(
+                f"{dst.name}: incoming migration {status}"
+                + (f": {qemu_error}" if qemu_error else ""),
+                status=status,
+                qemu_error=qemu_error,
+            )
         await _stop_exports(dst, incoming)
         run = (await dst.execute("query-status"))["status"]
         if run != "running":
@@ -498,7 +538,7 @@ async def accept(dst: AsyncVM, incoming: Incoming, *, timeout: float | None = 60
                 if isinstance(e, MigrationError)
                 else f"{dst.name}: incoming migration failed: {e}"
             )
-            raise MigrationError(f"{msg}{tail}") from e
+            raise _migration_error(f"{msg}{tail}", e) from e
         raise
 
 
@@ -566,10 +606,10 @@ async def send(
         )
         done = True
     except BaseException as e:
-        await asyncio.shield(_recover_source(src, jobs, nodes))
+        last = await asyncio.shield(_recover_source(src, jobs, nodes))
         if isinstance(e, PyqvmError):
             what = str(e) if isinstance(e, MigrationError) else f"migration to {uri} failed: {e}"
-            raise MigrationError(f"{what}; the guest runs on here ({src.name})") from e
+            raise _migration_error(f"{what}; the guest runs on here ({src.name})", e, last) from e
         raise
     finally:
         if done:
@@ -698,12 +738,17 @@ async def _run_migration(
         while True:
             info = await _status(src)
             status = str(info.get("status", "none"))
-            _notify(progress, _progress(info, t0, await _mirror_totals(src, jobs)))
+            elapsed = time.monotonic() - t0
+            _notify(progress, _progress(info, elapsed, await _mirror_totals(src, jobs)))
             if status == "completed":
                 break
             if status in ("failed", "cancelled"):
-                desc = info.get("error-desc") or status
-                raise MigrationError(f"{src.name}: migration to {uri} {status}: {desc}")
+                qemu_error = info.get("error-desc")
+                raise MigrationError(
+                    f"{src.name}: migration to {uri} {status}: {qemu_error or status}",
+                    status=status,
+                    qemu_error=qemu_error,
+                )
             if status == "pre-switchover":
                 storage_bytes = await _finish_mirrors(src, jobs, _left(deadline, loop))
                 await src.execute("migrate-continue", {"state": "pre-switchover"})
@@ -717,13 +762,19 @@ async def _run_migration(
             left = _left(deadline, loop)
             if left == 0.0:
                 raise MigrationError(
-                    f"{src.name}: migration to {uri} did not finish in {timeout:g} s"
+                    f"{src.name}: migration to {uri} did not finish in {timeout:g} s",
+                    status=status,
                 )
             wait = interval if progress is not None else None
             wait = left if wait is None else (wait if left is None else min(wait, left))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_next_status_event(src, listener), wait)
     info = await _final_info(src, info)
+    return _stats(info, time.monotonic() - t0, storage_bytes)
+
+
+def _stats(info: Mapping[str, Any], wall_time: float, storage_bytes: int) -> MigrationStats:
+    """`MigrationStats` from the ``query-migrate`` reply of a completed migration."""
     ram = info.get("ram") or {}
     return MigrationStats(
         total_time=int(info.get("total-time", 0)) / 1000,
@@ -731,7 +782,7 @@ async def _run_migration(
         setup_time=int(info.get("setup-time", 0)) / 1000,
         transferred=int(ram.get("transferred", 0)),
         passes=int(ram.get("dirty-sync-count", 0)),
-        wall_time=time.monotonic() - t0,
+        wall_time=wall_time,
         storage_transferred=storage_bytes,
     )
 
@@ -765,10 +816,16 @@ async def _next_status_event(src: AsyncVM, listener: Any) -> None:
         log.info("%s: migration %s", src.name, event["data"]["status"])
 
 
-async def _recover_source(src: AsyncVM, jobs: list[str], nodes: list[str]) -> None:
-    """Abort whatever is left of a migration and make sure the source's guest runs."""
+async def _recover_source(src: AsyncVM, jobs: list[str], nodes: list[str]) -> dict[str, Any]:
+    """Abort whatever is left of a migration and make sure the source's guest runs.
+
+    Returns the last ``query-migrate`` seen (its ``status`` updated by the
+    cancellation, if one was needed), or ``{}`` when QEMU could not be asked.
+    """
+    last: dict[str, Any] = {}
     try:
-        status = (await _status(src)).get("status", "none")
+        last = await _status(src)
+        status = last.get("status", "none")
         if status not in _FINAL and status != "none":
             log.info("%s: cancelling the migration (%s)", src.name, status)
             async with src.events("MIGRATION") as listener:
@@ -777,6 +834,7 @@ async def _recover_source(src: AsyncVM, jobs: list[str], nodes: list[str]) -> No
                     status = (await src.qmp.next_event(listener, 30, "migration cancel"))["data"][
                         "status"
                     ]
+            last = {**last, "status": status}
         for jid in list(jobs):
             with contextlib.suppress(PyqvmError):
                 await src.execute("block-job-cancel", {"device": jid, "force": True})
@@ -787,8 +845,24 @@ async def _recover_source(src: AsyncVM, jobs: list[str], nodes: list[str]) -> No
         await _ensure_running(src)
     except PyqvmError as e:
         log.warning("%s: cleaning up after the failed migration: %s", src.name, e)
+        # No public "is QEMU still alive" on AsyncVM: ask its process.
         alive = src._process is not None and src._process.returncode is None
         src._set_state(_vm_state().RUNNING if alive else _vm_state().FAILED)
+    return last
+
+
+def _migration_error(
+    message: str, cause: BaseException, last: Mapping[str, Any] | None = None
+) -> MigrationError:
+    """A `MigrationError` saying ``message`` that keeps what ``cause`` (a
+    `MigrationError`) knew of QEMU's status and reason, else takes them from
+    ``last`` (a ``query-migrate`` reply)."""
+    status = cause.status if isinstance(cause, MigrationError) else None
+    qemu_error = cause.qemu_error if isinstance(cause, MigrationError) else None
+    if last:
+        status = status or last.get("status")
+        qemu_error = qemu_error or last.get("error-desc")
+    return MigrationError(message, status=status, qemu_error=qemu_error)
 
 
 async def _wait_job_gone(vm: AsyncVM, job_id: str) -> None:
@@ -914,9 +988,10 @@ def source_overlays(src: AsyncVM) -> dict[str, Path]:
     """The overlay file of each ephemeral disk of a running VM (for shared-storage migration)."""
     from pyqvm.vm import _overlay_path, overlay_disks
 
-    if src._resolved is None or src.runtime_dir is None:
+    rundir = src.runtime_dir
+    if rundir is None:
         raise VMStateError(f"VM {src.name!r} is {src.state.value}; it has no disks open")
-    return {d.id: _overlay_path(src.runtime_dir, d.id) for d in overlay_disks(src._resolved.spec)}
+    return {d.id: _overlay_path(rundir, d.id) for d in overlay_disks(src.resolved_spec)}
 
 
 # --- save to / restore from files -------------------------------------------------------------
@@ -953,7 +1028,7 @@ async def save(
     fd = os.open(out / _STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         try:
-            await _send_fd(vm, fd, _FD_NAME)
+            await vm.qmp.send_fd(fd, _FD_NAME)
         finally:
             os.close(fd)
         await _configure(vm, MigrationTuning(), "source")
@@ -966,11 +1041,11 @@ async def save(
         manifest = {"name": vm.name, "disks": sorted(overlays), "memory_mib": vm.spec.memory}
         (out / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     except BaseException as e:
-        await asyncio.shield(_recover_saved(vm, was_running))
+        last = await asyncio.shield(_recover_saved(vm, was_running))
         for p in [out / _STATE_FILE, out / _MANIFEST, *(out / f"{d}.qcow2" for d in overlays)]:
             p.unlink(missing_ok=True)
         if isinstance(e, PyqvmError) and not isinstance(e, MigrationError):
-            raise MigrationError(f"{vm.name}: saving to '{out}' failed: {e}") from e
+            raise _migration_error(f"{vm.name}: saving to '{out}' failed: {e}", e, last) from e
         raise
     size = (out / _STATE_FILE).stat().st_size
     log.info("%s: saved to %s (%d MiB) in %.2f s", vm.name, out, size >> 20, time.monotonic() - t0)
@@ -984,12 +1059,13 @@ async def save(
     return SavedState(directory=out, disks=tuple(sorted(overlays)), size=size)
 
 
-async def _recover_saved(vm: AsyncVM, was_running: bool) -> None:
-    await _recover_source(vm, [], [])
+async def _recover_saved(vm: AsyncVM, was_running: bool) -> dict[str, Any]:
+    last = await _recover_source(vm, [], [])
     if not was_running:
         with contextlib.suppress(PyqvmError):
             await vm.execute("stop")
         vm._set_state(_vm_state().PAUSED)
+    return last
 
 
 def restored_spec(spec: VMSpec, saved: Path | str, *, image_cache: Path | None = None) -> VMSpec:
@@ -1037,7 +1113,7 @@ async def restore(vm: AsyncVM, saved: Path | str, *, timeout: float | None = 600
         await _configure(vm, MigrationTuning(), "destination")
         fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            await _send_fd(vm, fd, _FD_NAME)
+            await vm.qmp.send_fd(fd, _FD_NAME)
         finally:
             os.close(fd)
         await vm.execute("migrate-incoming", {"uri": incoming.uri})
@@ -1045,14 +1121,14 @@ async def restore(vm: AsyncVM, saved: Path | str, *, timeout: float | None = 600
         tail = _stderr_tail(vm)
         await asyncio.shield(vm.kill())
         if isinstance(e, PyqvmError):
-            raise MigrationError(
-                f"{vm.name}: restoring from '{directory}' failed: {e}{tail}"
+            raise _migration_error(
+                f"{vm.name}: restoring from '{directory}' failed: {e}{tail}", e
             ) from e
         raise
     try:
         await accept(vm, incoming, timeout=timeout)
     except MigrationError as e:
-        raise MigrationError(f"{vm.name}: restoring from '{directory}' failed: {e}") from e
+        raise _migration_error(f"{vm.name}: restoring from '{directory}' failed: {e}", e) from e
     log.info("%s: restored from %s in %.2f s", vm.name, directory, time.monotonic() - t0)
 
 
