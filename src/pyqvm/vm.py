@@ -15,16 +15,14 @@ overlay or directory.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-import os
 import socket
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from qemu.qmp import EventListener
 
@@ -32,7 +30,6 @@ from pyqvm.agent import ExecResult, GuestAgent
 from pyqvm.argv.build import LaunchContext, build_argv
 from pyqvm.argv.devices import DiskFile
 from pyqvm.errors import (
-    HostError,
     LaunchError,
     PyqvmError,
     PyqvmTimeoutError,
@@ -41,33 +38,22 @@ from pyqvm.errors import (
 from pyqvm.host.facts import HostFacts
 from pyqvm.ops import blockjobs as _blockjobs
 from pyqvm.ops import hotplug as _hotplug
+from pyqvm.ops import migration
 from pyqvm.ops import snapshot as _snapshot
 from pyqvm.ops.blockjobs import ChainLink
+from pyqvm.ops.migration import MigrationStats, MigrationTuning, ProgressCallback, SavedState
 from pyqvm.ops.snapshot import SnapshotInfo
+from pyqvm.overlays import adopt_overlay, make_overlay, overlay_disks, overlay_path
 from pyqvm.passthrough import Passthrough, PassthroughHost, assign
 from pyqvm.process import QemuProcess, RuntimeDir
 from pyqvm.resolve import Resolved, resolve
 from pyqvm.session import EventFilter, QMPSession
 from pyqvm.spec import Disk, Network, VMSpec
-
-if TYPE_CHECKING:
-    from pyqvm.ops.migration import MigrationStats, MigrationTuning, ProgressCallback, SavedState
+from pyqvm.state import VMState
 
 log = logging.getLogger(__name__)
 
 _CONSOLE_TAIL = 64 * 1024
-
-
-class VMState(enum.Enum):
-    CREATED = "created"
-    STARTING = "starting"
-    INMIGRATE = "inmigrate"  # a migration destination waiting for (or receiving) the guest
-    RUNNING = "running"
-    PAUSED = "paused"
-    MIGRATING = "migrating"  # the source of an outgoing migration
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FAILED = "failed"
 
 
 class AsyncVM:
@@ -237,9 +223,9 @@ class AsyncVM:
         self._console_log.write_bytes(b"")
         for d in overlay_disks(spec):
             if d.id in self._adopt:
-                _adopt_overlay(self._adopt[d.id], _overlay_path(rundir, d.id))
+                adopt_overlay(self._adopt[d.id], overlay_path(rundir, d.id))
             else:
-                await _make_overlay(d.path, d.format or "raw", _overlay_path(rundir, d.id))
+                await make_overlay(d.path, d.format or "raw", overlay_path(rundir, d.id))
         qmp_ours, qmp_theirs = socket.socketpair()
         agent_ours, agent_theirs = socket.socketpair() if spec.guest_agent else (None, None)
         theirs = [s for s in (qmp_theirs, agent_theirs) if s is not None]
@@ -588,8 +574,6 @@ class AsyncVM:
     ) -> MigrationStats:
         """Move this running guest into ``dst`` (same spec, not started); see
         `pyqvm.ops.migration.migrate`. Raises `MigrationError`; the guest then runs on here."""
-        from pyqvm.ops import migration
-
         return await migration.migrate(
             self,
             dst,
@@ -611,26 +595,13 @@ class AsyncVM:
     ) -> SavedState:
         """Save the guest's state and disk overlays into ``directory``; then stop (or
         ``resume``). See `pyqvm.ops.migration.save`."""
-        from pyqvm.ops import migration
-
         return await migration.save(
             self, directory, resume=resume, progress=progress, timeout=timeout
         )
 
     async def restore(self, directory: Path | str, *, timeout: float | None = 600.0) -> None:
         """Start this VM (created from the saved VM's spec) from a state `save` wrote."""
-        from pyqvm.ops import migration
-
         await migration.restore(self, directory, timeout=timeout)
-
-
-def overlay_disks(spec: VMSpec) -> list[Disk]:
-    """The disks that get a throw-away overlay."""
-    return [d for d in spec.disks if d.ephemeral and not d.readonly]
-
-
-def _overlay_path(rundir: Path, disk_id: str) -> Path:
-    return rundir / f"{disk_id}.qcow2"
 
 
 def launch_argv(
@@ -651,7 +622,7 @@ def launch_argv(
         agent_fd=agent_fd,
         console_log=console_log,
         disk_files={
-            d.id: DiskFile(overlay=_overlay_path(rundir, d.id)) for d in overlay_disks(spec)
+            d.id: DiskFile(overlay=overlay_path(rundir, d.id)) for d in overlay_disks(spec)
         },
         tsc_khz=resolved.facts.tsc_khz,
         incoming=incoming,
@@ -671,38 +642,6 @@ def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
         qmp_fd=3,
         agent_fd=4 if resolved.spec.guest_agent else None,
     )
-
-
-def _adopt_overlay(existing: Path, overlay: Path) -> None:
-    """Use an existing overlay file (another QEMU's, for shared-storage migration) as ours."""
-    if not existing.is_file():
-        raise LaunchError(f"overlay to take over does not exist: '{existing}'")
-    try:
-        os.link(existing, overlay)
-    except OSError as e:
-        log.info("cannot hard-link %s (%s); using a symlink", existing, e)
-        overlay.symlink_to(existing)
-
-
-async def _make_overlay(base: Path, fmt: str, overlay: Path) -> Path:
-    """A qcow2 overlay over ``base``: the guest writes there, the base is never written."""
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base), str(overlay)]
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-        )
-    except FileNotFoundError:
-        raise HostError(
-            "qemu-img not found; install it with: apt-get install -y qemu-utils"
-        ) from None
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise LaunchError(
-            f"could not create an overlay for {base}: {err.decode(errors='replace').strip()}",
-            argv=argv,
-            exitcode=proc.returncode,
-        )
-    return overlay
 
 
 __all__ = ["AsyncVM", "ExecResult", "VMState", "preview_argv"]

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pyqvm.errors import VMStateError
+from pyqvm.state import VMState
+
 if TYPE_CHECKING:
     from pyqvm.vm import AsyncVM
 
@@ -91,8 +94,5 @@ def unique_id(prefix: str, taken: Sequence[str]) -> str:
 
 def require_live(vm: AsyncVM, what: str) -> None:
     """Raise `VMStateError` unless the VM is running or paused (QEMU is up)."""
-    from pyqvm.errors import VMStateError
-    from pyqvm.vm import VMState
-
     if vm.state not in (VMState.RUNNING, VMState.PAUSED):
         raise VMStateError(f"VM {vm.name!r} is {vm.state.value}; {what} needs it running or paused")

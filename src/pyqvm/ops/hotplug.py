@@ -42,6 +42,7 @@ from pyqvm.argv.devices import (
 )
 from pyqvm.errors import HotplugError, PyqvmTimeoutError, QMPCommandError, UnplugTimeoutError
 from pyqvm.ops import require_live, runtime_file, unique_id
+from pyqvm.overlays import make_overlay
 from pyqvm.session import Event
 from pyqvm.spec import Disk, Network, check_id, parse_size_mib
 
@@ -145,10 +146,8 @@ async def plug_disk(vm: AsyncVM, disk: Disk) -> str:
         bus = await _free_slot(vm)
         files = DiskFile()
         if disk.ephemeral and not disk.readonly:
-            from pyqvm.vm import _make_overlay
-
             overlay = runtime_file(vm, f"{ident}.qcow2")
-            await _make_overlay(disk.path, disk.format or "raw", overlay)
+            await make_overlay(disk.path, disk.format or "raw", overlay)
             files = DiskFile(overlay=overlay)
         try:
             await vm.execute("blockdev-add", blockdev_props(disk, files))

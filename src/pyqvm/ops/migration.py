@@ -63,11 +63,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from pyqvm import passthrough
 from pyqvm.errors import MigrationError, PyqvmError, VMStateError
 from pyqvm.ops import block_nodes
+from pyqvm.overlays import overlay_disks, overlay_path
 from pyqvm.resolve import with_image
 from pyqvm.spec import Disk, VMSpec
+from pyqvm.state import VMState
 
 if TYPE_CHECKING:
-    from pyqvm.vm import AsyncVM, VMState
+    from pyqvm.vm import AsyncVM
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +314,7 @@ async def _ensure_running(vm: AsyncVM) -> None:
         log.info("%s: guest is %s after the failed migration; resuming it", vm.name, status)
         await vm.execute("cont", timeout=30)
     # No public setter: operations move a VM between states (migrating, and back).
-    vm._set_state(_vm_state().RUNNING)
+    vm._set_state(VMState.RUNNING)
 
 
 async def _resume_source(src: AsyncVM) -> None:
@@ -321,13 +323,6 @@ async def _resume_source(src: AsyncVM) -> None:
         await _ensure_running(src)
     except PyqvmError as e:
         log.error("%s: could not resume the guest after the failed migration: %s", src.name, e)
-
-
-def _vm_state() -> type[VMState]:
-    # Imported late: pyqvm.vm imports this module's users.
-    from pyqvm.vm import VMState
-
-    return VMState
 
 
 def _parse_address(address: str | None, default_host: str) -> tuple[str, int]:
@@ -395,7 +390,6 @@ async def _writable_disks(vm: AsyncVM) -> list[tuple[str, str, str]]:
     on both sides, so only the overlay's own data travels (``top``); any other
     disk is copied whole.
     """
-    from pyqvm.vm import overlay_disks
 
     ephemeral = {d.id for d in overlay_disks(vm.resolved_spec)}
     return [
@@ -503,7 +497,7 @@ async def accept(dst: AsyncVM, incoming: Incoming, *, timeout: float | None = 60
     migration fails (or QEMU exits) ``dst`` is killed and removed and
     `MigrationError` is raised.
     """
-    state = _vm_state()
+    state = VMState
     try:
         async with dst.events("MIGRATION") as listener:
             loop = asyncio.get_running_loop()
@@ -583,9 +577,9 @@ async def send(
         uri, storage = target, storage or "shared"
     if storage == "copied" and not nbd:
         raise MigrationError("copied storage needs the destination's nbd address")
-    src._require(_vm_state().RUNNING)
+    src._require(VMState.RUNNING)
     _refuse_blocked(src, "migrate")
-    state = _vm_state()
+    state = VMState
     src._set_state(state.MIGRATING)
     jobs: list[str] = []
     nodes: list[str] = []
@@ -847,7 +841,7 @@ async def _recover_source(src: AsyncVM, jobs: list[str], nodes: list[str]) -> di
         log.warning("%s: cleaning up after the failed migration: %s", src.name, e)
         # No public "is QEMU still alive" on AsyncVM: ask its process.
         alive = src._process is not None and src._process.returncode is None
-        src._set_state(_vm_state().RUNNING if alive else _vm_state().FAILED)
+        src._set_state(VMState.RUNNING if alive else VMState.FAILED)
     return last
 
 
@@ -909,8 +903,8 @@ async def migrate(
     `MigrationError` is raised.
     """
     t0 = time.monotonic()
-    dst._require(_vm_state().CREATED)
-    src._require(_vm_state().RUNNING)
+    dst._require(VMState.CREATED)
+    src._require(VMState.RUNNING)
     _refuse_blocked(src, "migrate")
     overlays = source_overlays(src) if storage == "shared" else None
     incoming = await listen(
@@ -952,8 +946,8 @@ def migrate_between_loops(
     the work in between, so neither side needs its loop running meanwhile.
     """
     t0 = time.monotonic()
-    dst._require(_vm_state().CREATED)
-    src._require(_vm_state().RUNNING)
+    dst._require(VMState.CREATED)
+    src._require(VMState.RUNNING)
     _refuse_blocked(src, "migrate")
     overlays = source_overlays(src) if storage == "shared" else None
     incoming: Incoming = run_dst(
@@ -986,12 +980,11 @@ def migrate_between_loops(
 
 def source_overlays(src: AsyncVM) -> dict[str, Path]:
     """The overlay file of each ephemeral disk of a running VM (for shared-storage migration)."""
-    from pyqvm.vm import _overlay_path, overlay_disks
 
     rundir = src.runtime_dir
     if rundir is None:
         raise VMStateError(f"VM {src.name!r} is {src.state.value}; it has no disks open")
-    return {d.id: _overlay_path(rundir, d.id) for d in overlay_disks(src.resolved_spec)}
+    return {d.id: overlay_path(rundir, d.id) for d in overlay_disks(src.resolved_spec)}
 
 
 # --- save to / restore from files -------------------------------------------------------------
@@ -1012,13 +1005,13 @@ async def save(
     with ``resume=True``. ``directory`` is created; it must not hold a saved
     state already. Restore with `restore`.
     """
-    vm._require(_vm_state().RUNNING, _vm_state().PAUSED)
+    vm._require(VMState.RUNNING, VMState.PAUSED)
     _refuse_blocked(vm, "save")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     if (out / _MANIFEST).exists() or (out / _STATE_FILE).exists():
         raise MigrationError(f"'{out}' already holds a saved VM; use a new directory")
-    state = _vm_state()
+    state = VMState
     was_running = vm.state is state.RUNNING
     overlays = source_overlays(vm)
     t0 = time.monotonic()
@@ -1064,7 +1057,7 @@ async def _recover_saved(vm: AsyncVM, was_running: bool) -> dict[str, Any]:
     if not was_running:
         with contextlib.suppress(PyqvmError):
             await vm.execute("stop")
-        vm._set_state(_vm_state().PAUSED)
+        vm._set_state(VMState.PAUSED)
     return last
 
 
@@ -1103,7 +1096,7 @@ async def restore(vm: AsyncVM, saved: Path | str, *, timeout: float | None = 600
     state_file = directory / _STATE_FILE
     if not state_file.is_file():
         raise MigrationError(f"'{directory}' holds no saved VM state ({_STATE_FILE} missing)")
-    vm._require(_vm_state().CREATED)
+    vm._require(VMState.CREATED)
     vm.spec = restored_spec(vm.spec, directory, image_cache=vm._image_cache)
     _refuse_blocked(vm, "restore")
     t0 = time.monotonic()
