@@ -347,7 +347,6 @@ def test_spawns_from_a_short_lived_thread_survive_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.qemu
-@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
 @pytest.mark.asyncio
 async def test_real_qemu_starts_and_terminates(tmp_path: Path) -> None:
     assert QEMU is not None
@@ -365,7 +364,6 @@ async def test_real_qemu_starts_and_terminates(tmp_path: Path) -> None:
 
 
 @pytest.mark.qemu
-@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
 @pytest.mark.asyncio
 async def test_real_qemu_bad_option_exits_with_stderr(tmp_path: Path) -> None:
     assert QEMU is not None
