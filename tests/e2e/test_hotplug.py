@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from guest_helpers import run_example
 
 from pyqvm import image
 from pyqvm.errors import HotplugError, PyqvmTimeoutError, UnplugTimeoutError
@@ -16,7 +15,6 @@ from pyqvm.vm import AsyncVM, VMState
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
 
-REPO = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
 
 
@@ -157,15 +155,4 @@ async def test_unplug_the_guest_never_acknowledges(
 
 
 async def test_hotplug_example(default_image: image.GuestImage) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "examples/hotplug.py",
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 600)
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text
-    assert text.splitlines()[-1] == "ok", text
+    await run_example("examples/hotplug.py")

@@ -8,16 +8,14 @@ is dropped first, so a copy that only lived in migrated RAM does not count).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from guest_helpers import counter, counter_beyond, run_script, start_counter
 
-import pyqvm
 from pyqvm import AsyncVM, VMSpec, VMState
 from pyqvm.image import GuestImage
 from pyqvm.ops.migration import MigrationProgress
@@ -31,30 +29,10 @@ _RUNNABLE = re.compile(
     r"^<!-- test -->[ \t]*\n(?:[ \t]*\n)*```python\n(.*?)^```[ \t]*$", re.M | re.S
 )
 DOC_BLOCKS = [m.group(1) for m in _RUNNABLE.finditer(DOC.read_text())]
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done"
 
 
 def spec(name: str) -> VMSpec:
     return VMSpec(image="default", name=name, memory=512, smp=1)
-
-
-async def start_counter(vm: AsyncVM) -> None:
-    # Detached, with no inherited pipes: guest-exec returns at once.
-    await vm.run(["sh", "-c", f"setsid sh -c '{COUNTER}' </dev/null >/dev/null 2>&1 &"], check=True)
-
-
-async def counter(vm: AsyncVM) -> int:
-    return int((await vm.read_file("/tmp/counter")).decode())
-
-
-async def counter_moves(vm: AsyncVM, past: int) -> int:
-    """The counter, once it is beyond ``past`` (bounded by the agent's own timeouts)."""
-    for _ in range(200):
-        value = await counter(vm)
-        if value > past:
-            return value
-        await vm.run(["sleep", "0.1"])
-    raise AssertionError(f"the guest's counter stayed at {past}")
 
 
 async def write_data(vm: AsyncVM) -> str:
@@ -78,7 +56,7 @@ async def check_moved(src: AsyncVM, dst: AsyncVM, before: int, digest: str) -> N
     assert dst.state is VMState.RUNNING
     after = await counter(dst)
     assert after > before, f"counter went from {before} to {after}: the guest was reset"
-    await counter_moves(dst, after)
+    await counter_beyond(dst, after)
     assert await disk_digest(dst) == digest
     # The disk stays writable on the destination.
     await dst.run(["sh", "-c", "echo after > /mnt/data/after && sync"], check=True)
@@ -92,7 +70,7 @@ async def test_migrate_over_unix_with_shared_storage(default_image: GuestImage) 
         await src.start()
         digest = await write_data(src)
         await start_counter(src)
-        before = await counter_moves(src, 0)
+        before = await counter_beyond(src, 0)
         src_rundir = src.runtime_dir
         assert src_rundir is not None
         src_overlay = os.stat(src_rundir / "root.qcow2")
@@ -117,7 +95,7 @@ async def test_migrate_over_tcp_with_copied_storage(default_image: GuestImage) -
         await src.start()
         digest = await write_data(src)
         await start_counter(src)
-        before = await counter_moves(src, 0)
+        before = await counter_beyond(src, 0)
         src_rundir = src.runtime_dir
         assert src_rundir is not None
 
@@ -144,7 +122,7 @@ async def test_save_and_restore(default_image: GuestImage, tmp_path: Path) -> No
         await src.start()
         digest = await write_data(src)
         await start_counter(src)
-        before = await counter_moves(src, 0)
+        before = await counter_beyond(src, 0)
 
         saved = await src.save(tmp_path / "state")
 
@@ -154,7 +132,7 @@ async def test_save_and_restore(default_image: GuestImage, tmp_path: Path) -> No
         await restored.restore(saved.directory)
         assert restored.state is VMState.RUNNING
         assert await counter(restored) >= before  # resumed where it was saved, not rebooted
-        await counter_moves(restored, before)
+        await counter_beyond(restored, before)
         assert await disk_digest(restored) == digest
         await restored.run(["sh", "-c", "echo x > /mnt/data/new && sync"], check=True)
         # The restored VM writes to its own overlay: the saved one stays as it was.
@@ -163,23 +141,6 @@ async def test_save_and_restore(default_image: GuestImage, tmp_path: Path) -> No
     finally:
         await restored.stop()
         await src.stop()
-
-
-async def run_script(*argv: str) -> tuple[int | None, str, str]:
-    """Run a Python script from the repository root, with this pyqvm importable."""
-    env = dict(os.environ)
-    src = str(Path(pyqvm.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *argv,
-        cwd=REPO,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 600)
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_migrate_example(default_image: GuestImage) -> None:

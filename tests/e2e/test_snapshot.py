@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from guest_helpers import run_example
 
 from pyqvm import image
 from pyqvm.errors import SnapshotError
@@ -18,7 +17,6 @@ from pyqvm.vm import AsyncVM, VMState
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
 
-REPO = Path(__file__).resolve().parents[2]
 DATA = "/mnt/data"  # the built-in guest mounts its disk ("root", /dev/vda) here
 
 
@@ -125,21 +123,4 @@ async def test_external_snapshot_keeps_base_then_commit(
 
 
 async def test_snapshot_example(default_image: image.GuestImage) -> None:
-    out = await run_example("examples/snapshot.py")
-    assert out.splitlines()[-1] == "ok", out
-
-
-async def run_example(script: str) -> str:
-    """Run an example as a user would; returns its output, asserting it succeeded."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        script,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 600)
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text
-    return text
+    await run_example("examples/snapshot.py")

@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from guest_helpers import counter_beyond, start_counter
 
 from pyqvm import AsyncVM, VMSpec, VMState
 from pyqvm.errors import MigrationError
@@ -21,7 +22,6 @@ from pyqvm.ops.migration import MigrationProgress, MigrationTuning
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
 
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done"
 # ~76 MiB of guest RAM at 16 MiB/s: several seconds, so the faults land mid-migration.
 SLOW = MigrationTuning(max_bandwidth=16 * 2**20)
 
@@ -30,25 +30,11 @@ def spec(name: str) -> VMSpec:
     return VMSpec(image="default", name=name, memory=512, smp=1)
 
 
-async def counter(vm: AsyncVM) -> int:
-    return int((await vm.read_file("/tmp/counter")).decode())
-
-
-async def counter_beyond(vm: AsyncVM, past: int) -> int:
-    for _ in range(200):
-        value = await counter(vm)
-        if value > past:
-            return value
-        await vm.run(["sleep", "0.1"])
-    raise AssertionError(f"the guest's counter stayed at {past}")
-
-
 async def running_source() -> tuple[AsyncVM, int]:
     src = AsyncVM(spec("fault-src"))
     await src.start()
     await src.run(["sh", "-c", "echo kept > /mnt/data/kept && sync"], check=True)
-    cmd = f"setsid sh -c '{COUNTER}' </dev/null >/dev/null 2>&1 &"
-    await src.run(["sh", "-c", cmd], check=True)
+    await start_counter(src)
     return src, await counter_beyond(src, 0)
 
 
