@@ -229,31 +229,34 @@ class AsyncVM:
         qmp_ours, qmp_theirs = socket.socketpair()
         agent_ours, agent_theirs = socket.socketpair() if spec.guest_agent else (None, None)
         theirs = [s for s in (qmp_theirs, agent_theirs) if s is not None]
+        ours = [s for s in (qmp_ours, agent_ours) if s is not None]
         try:
-            self._argv = launch_argv(
-                resolved,
-                rundir,
-                console_log=self._console_log,
-                qmp_fd=qmp_theirs.fileno(),
-                agent_fd=agent_theirs.fileno() if agent_theirs else None,
-                incoming=incoming,
-            )
-            log.info("%s: starting %s (accel %s)", self.name, resolved.qemu.name, resolved.accel)
-            log.debug("%s: argv %s", self.name, self._argv)
-            self._process = QemuProcess()
-            await self._process.start(
-                self._argv, pass_fds=[s.fileno() for s in theirs], stderr_path=self._stderr_log
-            )
-        finally:
-            for s in theirs:
-                s.close()
-        self._qmp = QMPSession(self.name)
-        try:
+            try:
+                self._argv = launch_argv(
+                    resolved,
+                    rundir,
+                    console_log=self._console_log,
+                    qmp_fd=qmp_theirs.fileno(),
+                    agent_fd=agent_theirs.fileno() if agent_theirs else None,
+                    incoming=incoming,
+                )
+                log.info(
+                    "%s: starting %s (accel %s)", self.name, resolved.qemu.name, resolved.accel
+                )
+                log.debug("%s: argv %s", self.name, self._argv)
+                process = QemuProcess()
+                await process.start(
+                    self._argv, pass_fds=[s.fileno() for s in theirs], stderr_path=self._stderr_log
+                )
+                self._process = process  # only a started process: teardown reaps it
+            finally:
+                for s in theirs:  # QEMU holds its own copies now
+                    s.close()
+            self._qmp = QMPSession(self.name)
             await self._until_exit(self._qmp.connect(qmp_ours), "connecting QMP")
         except BaseException:
-            qmp_ours.close()
-            if agent_ours:
-                agent_ours.close()
+            for s in ours:
+                s.close()
             raise
         if agent_ours is not None:
             self._agent = GuestAgent(name=f"{self.name}-agent")
@@ -310,8 +313,8 @@ class AsyncVM:
         ``graceful`` asks the guest to power off first (through its agent, else by
         ACPI) and waits up to ``timeout`` for it. By default that happens only when
         the VM writes to a disk that outlives it; with throw-away overlays there is
-        nothing to keep and QEMU is told to ``quit`` at once. Returns QEMU's exit status (None if
-        it never started). Safe to call twice.
+        nothing to keep and QEMU is told to ``quit`` at once. Returns QEMU's exit
+        status (None if it never started). Safe to call twice.
         """
         if self._process is None:
             if self._state is not VMState.FAILED:

@@ -86,3 +86,21 @@ async def test_not_a_kernel_is_a_spec_error(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match=r"kernel\.kernel: .*neither"):
         await vm.start()
     assert vm.pid is None
+
+
+async def test_exec_failure_closes_everything(tmp_path: Path) -> None:
+    """QEMU that cannot even be executed: a LaunchError, and no descriptor or directory left."""
+    import dataclasses
+    import os
+
+    from pyqvm.host.facts import read_host_facts
+
+    facts = dataclasses.replace(
+        read_host_facts(), qemu_binaries={"x86_64": tmp_path / "no-such-qemu"}
+    )
+    vm = AsyncVM(paused(), host=facts)
+    fds = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(LaunchError, match="no-such-qemu"):
+        await vm.start()
+    assert set(os.listdir("/proc/self/fd")) <= fds
+    assert vm.state is VMState.FAILED and vm.runtime_dir is None
