@@ -123,11 +123,11 @@ async def test_wait_timeout_leaves_it_running_then_terminate(tmp_path: Path) -> 
     assert await p.terminate(5) == -signal.SIGTERM  # again: no-op
 
 
-@pytest.mark.asyncio
-async def test_terminate_escalates_to_sigkill(tmp_path: Path) -> None:
+async def start_ignoring_sigterm(tmp_path: Path) -> QemuProcess:
+    """A child that ignores SIGTERM, returned once the SIG_IGN is in place."""
     p = QemuProcess()
     code = (
-        "import signal, sys, time\n"
+        "import signal, time\n"
         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "print('ready', flush=True)\n"
         "time.sleep(30)\n"
@@ -135,9 +135,15 @@ async def test_terminate_escalates_to_sigkill(tmp_path: Path) -> None:
     out = tmp_path / "out.log"
     await p.start([PY, "-c", code], stderr_path=tmp_path / "err.log", stdout_path=out)
     deadline = time.monotonic() + 10
-    while "ready" not in p.stdout_text():  # the SIG_IGN must be in place first
+    while "ready" not in p.stdout_text():
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
+    return p
+
+
+@pytest.mark.asyncio
+async def test_terminate_escalates_to_sigkill(tmp_path: Path) -> None:
+    p = await start_ignoring_sigterm(tmp_path)
     started = time.monotonic()
     assert await p.terminate(0.2) == -signal.SIGKILL
     assert time.monotonic() - started < 5
@@ -177,19 +183,7 @@ async def test_cancelled_wait_does_not_disturb_the_process(tmp_path: Path) -> No
 
 @pytest.mark.asyncio
 async def test_terminate_finishes_even_if_caller_is_cancelled(tmp_path: Path) -> None:
-    p = QemuProcess()
-    code = (
-        "import signal, time\n"
-        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        "print('ready', flush=True)\n"
-        "time.sleep(30)\n"
-    )
-    out = tmp_path / "out.log"
-    await p.start([PY, "-c", code], stderr_path=tmp_path / "err.log", stdout_path=out)
-    deadline = time.monotonic() + 10
-    while "ready" not in p.stdout_text():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
+    p = await start_ignoring_sigterm(tmp_path)
     stopper = asyncio.ensure_future(p.terminate(0.3))
     await asyncio.sleep(0.05)
     stopper.cancel()
