@@ -44,6 +44,27 @@ def with_image(spec: VMSpec, cache: Path | None = None) -> VMSpec:
     return dataclasses.replace(spec, image=None, kernel=kernel, disks=(disk, *spec.disks))
 
 
+def pick_machine(spec: VMSpec, accel: str, facts: HostFacts) -> VMSpec:
+    """Log what ``machine = "auto"`` picks, and keep microvm off a TCG host whose TSC rate
+    is unknown (the guest's TSC calibration can hang there without ``tsc_early_khz``)."""
+    if spec.machine != "auto":
+        return spec
+    machine = spec.effective_machine
+    if machine == "microvm" and accel == "tcg" and facts.tsc_khz is None:
+        log.warning(
+            "machine auto: q35, not microvm: the host TSC rate is unknown, and a microvm "
+            "guest under TCG can hang calibrating its TSC without tsc_early_khz"
+        )
+        return dataclasses.replace(spec, machine="q35")
+    why = (
+        "a directly booted virtio guest with no hotplug room, cdrom or PCI device"
+        if machine == "microvm"
+        else "the spec needs PCI, IDE or firmware boot"
+    )
+    log.info("machine auto: %s (%s)", machine, why)
+    return spec
+
+
 def check_kernel(spec: VMSpec) -> KernelInfo:
     """The kernel must be one QEMU can boot directly on this arch: an ELF vmlinux with a
     PVH entry, or a bzImage."""
@@ -82,6 +103,7 @@ def resolve(
         except HostError as e:
             raise SpecError(f"host_devices[{i}].address", str(e)) from None
     concrete = with_image(spec, image_cache)
+    concrete = pick_machine(concrete, accel, facts)
     if spec.kernel is not None:
         check_kernel(spec)
     return Resolved(spec=concrete, accel=accel, qemu=qemu, facts=facts)

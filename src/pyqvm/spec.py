@@ -25,7 +25,8 @@ from typing import Any, Literal, get_args
 from pyqvm.errors import SpecError
 
 Arch = Literal["x86_64", "aarch64"]
-Machine = Literal["q35", "pc", "microvm"]
+Machine = Literal["auto", "q35", "pc", "microvm"]
+ConcreteMachine = Literal["q35", "pc", "microvm"]
 Accelerator = Literal["auto", "kvm", "tcg"]
 Profile = Literal["virtio", "emulated", "passthrough"]
 DiskFormat = Literal["qcow2", "raw"]
@@ -248,7 +249,7 @@ class VMSpec:
 
     name: str = "pyqvm"
     arch: Arch = "x86_64"
-    machine: Machine = "q35"
+    machine: Machine = "auto"
     accelerator: Accelerator = "auto"
     cpu: str | None = None
     smp: int = 1
@@ -331,7 +332,8 @@ class VMSpec:
     def _check_consistency(self) -> None:
         if self.image is not None and self.kernel is not None:
             raise SpecError("image", "give either image (built-in guest) or kernel, not both")
-        if self.machine == "microvm":
+        machine = self.effective_machine
+        if machine == "microvm":
             if self.profile == "emulated":
                 raise SpecError("machine", "microvm has no emulated PCI devices; use q35 or pc")
             if self.host_devices:
@@ -375,32 +377,32 @@ class VMSpec:
                     raise SpecError(
                         f"disks[{i}].id", f"{d.id!r} is the built-in image's disk; pick another id"
                     )
-        if self.cdroms and self.machine == "microvm":
+        if self.cdroms and machine == "microvm":
             raise SpecError("cdroms", "microvm has no AHCI/IDE bus for a CD-ROM; use q35 or pc")
-        ports = {"q35": 6, "pc": 4}.get(self.machine, 0)
+        ports = {"q35": 6, "pc": 4}.get(machine, 0)
         ide_users = [f"disks[{i}]" for i, d in enumerate(self.disks) if self._on_ide(d)]
         ide_users += [f"cdroms[{i}]" for i in range(len(self.cdroms))]
         if len(ide_users) > ports:
             raise SpecError(
                 ide_users[ports],
-                f"machine {self.machine!r} has only {ports} AHCI/IDE ports; use virtio-blk",
+                f"machine {machine!r} has only {ports} AHCI/IDE ports; use virtio-blk",
             )
         for i, d in enumerate(self.disks):
             iface = d.interface
-            if self.machine == "microvm" and iface in ("ahci", "ide", "virtio-scsi"):
+            if machine == "microvm" and iface in ("ahci", "ide", "virtio-scsi"):
                 raise SpecError(
                     f"disks[{i}].interface",
                     f"{iface!r} is not available on microvm; use virtio-blk",
                 )
-            if iface == "ahci" and self.machine != "q35":
+            if iface == "ahci" and machine != "q35":
                 raise SpecError(
                     f"disks[{i}].interface", '"ahci" needs machine = "q35"; use "ide" on pc'
                 )
-            if iface == "ide" and self.machine != "pc":
+            if iface == "ide" and machine != "pc":
                 raise SpecError(
                     f"disks[{i}].interface", '"ide" needs machine = "pc"; use "ahci" on q35'
                 )
-        if self.machine == "microvm":
+        if machine == "microvm":
             for i, n in enumerate(self.networks):
                 if n.model in ("e1000", "e1000e"):
                     raise SpecError(
@@ -414,10 +416,11 @@ class VMSpec:
                 raise SpecError(name, f"{v!r} must be a whole number from {lo} to {hi}")
             return v
 
-        if whole("hotplug_slots", 0, MAX_HOTPLUG_SLOTS) and self.machine != "q35":
+        machine = self.effective_machine
+        if whole("hotplug_slots", 0, MAX_HOTPLUG_SLOTS) and machine != "q35":
             hint = (
                 'machine "pc" hot-plugs into its pci.0 bus without reserved slots; leave it 0'
-                if self.machine == "pc"
+                if machine == "pc"
                 else 'microvm has no PCI hotplug; use machine = "q35"'
             )
             raise SpecError("hotplug_slots", hint)
@@ -427,7 +430,7 @@ class VMSpec:
                 raise SpecError(
                     "max_smp", f"{self.max_smp} is below smp = {self.smp}; use at least {self.smp}"
                 )
-            if self.machine == "microvm" and self.max_smp > self.smp:
+            if machine == "microvm" and self.max_smp > self.smp:
                 raise SpecError("max_smp", 'microvm has no CPU hotplug; use machine = "q35"')
         slots = whole("memory_slots", 0, 256)
         if self.max_memory is None:
@@ -438,13 +441,46 @@ class VMSpec:
         assert isinstance(self.memory, int) and isinstance(self.max_memory, int)
         if self.max_memory < self.memory:
             raise SpecError("max_memory", f"{self.max_memory}M is below memory = {self.memory}M")
-        if self.machine == "microvm":
+        if machine == "microvm":
             raise SpecError("max_memory", 'microvm has no memory hotplug; use machine = "q35"')
 
     def _on_ide(self, disk: Disk) -> bool:
         if disk.interface == "auto":
             return self.profile == "emulated"
         return disk.interface in ("ahci", "ide")
+
+    @property
+    def effective_machine(self) -> ConcreteMachine:
+        """The machine type ``machine = "auto"`` means for this spec.
+
+        microvm (no PCI, no firmware: the fastest boot, ~0.2 s ahead of q35 under
+        TCG) for a directly booted Linux guest whose devices are all virtio-mmio
+        capable and that asks for no hotplug room; pc when a disk wants IDE; q35,
+        the general machine, for everything else.
+        """
+        if self.machine != "auto":
+            return self.machine
+        if any(d.interface == "ide" for d in self.disks):
+            return "pc"
+        if self._needs_pci():
+            return "q35"
+        return "microvm"
+
+    def _needs_pci(self) -> bool:
+        """Whether anything in the spec needs a PCI machine (or is opaque to us)."""
+        if self.kernel is None and self.image is None:
+            return True  # firmware boot: SeaBIOS/OVMF disk boot wants PCI storage
+        if self.profile != "virtio" or self.guest_os != "linux" or self.firmware != "seabios":
+            return True
+        if self.host_devices or self.cdroms or self.extra_args:
+            return True  # extra_args are opaque: they may name PCI devices
+        if self.hotplug_slots or self.max_memory is not None or self.memory_slots:
+            return True
+        if self.max_smp is not None and self.max_smp > self.smp:
+            return True
+        if any(d.interface not in ("auto", "virtio-blk") for d in self.disks):
+            return True
+        return any(n.model in ("e1000", "e1000e") for n in self.networks)
 
     @property
     def effective_ready(self) -> Literal["agent", "console", "none"]:

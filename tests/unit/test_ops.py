@@ -45,3 +45,10 @@ async def test_bad_snapshot_tags(tag: str) -> None:
 async def test_memory_hotplug_needs_room_in_the_spec() -> None:
     with pytest.raises(HotplugError, match="max_memory and memory_slots"):
         await running(VMSpec()).hotplug_memory("256M")
+
+
+@pytest.mark.asyncio
+async def test_pci_hotplug_on_an_automatic_microvm_says_how_to_get_q35() -> None:
+    vm = running(VMSpec(image="default"))
+    with pytest.raises(HotplugError, match=r'microvm.*"auto" chose it.*hotplug_slots = N'):
+        await vm.hotplug_nic()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -8,15 +9,65 @@ from pyqvm.errors import SpecError
 from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, VMSpec, load_spec, spec_from_dict
 
 
-def test_defaults_are_a_small_virtio_q35_guest() -> None:
+def test_defaults_are_a_small_virtio_guest_on_an_automatic_machine() -> None:
     s = VMSpec()
     assert (s.machine, s.profile, s.accelerator, s.memory, s.smp) == (
-        "q35",
+        "auto",
         "virtio",
         "auto",
         512,
         1,
     )
+    # Nothing to boot directly: firmware boot, which wants a PCI machine.
+    assert s.effective_machine == "q35"
+
+
+@pytest.mark.parametrize(
+    ("kw", "machine"),
+    [
+        ({}, "microvm"),
+        ({"networks": (Network(),), "smp": 2, "max_smp": 2}, "microvm"),
+        ({"disks": ("auto",)}, "microvm"),
+        ({"hotplug_slots": 1}, "q35"),
+        ({"max_smp": 2}, "q35"),
+        ({"max_memory": "1G", "memory_slots": 1}, "q35"),
+        ({"profile": "emulated"}, "q35"),
+        ({"guest_os": "windows"}, "q35"),
+        ({"cdroms": ("cd.iso",)}, "q35"),
+        ({"extra_args": ("-device", "virtio-gpu-pci")}, "q35"),
+        ({"networks": (Network(model="e1000"),)}, "q35"),
+        ({"disks": ("virtio-scsi",)}, "q35"),
+        ({"disks": ("ide",)}, "pc"),
+        ({"machine": "q35"}, "q35"),
+        ({"machine": "pc"}, "pc"),
+    ],
+)
+def test_auto_machine_is_microvm_only_when_nothing_needs_pci(
+    kw: dict[str, Any], machine: str, tmp_path: Path
+) -> None:
+    """microvm boots fastest; q35 (or pc for IDE) whenever the spec asks for what it lacks."""
+    f = tmp_path / "cd.iso"
+    f.write_bytes(b"")
+    if "disks" in kw:
+        kw["disks"] = tuple(Disk(path=f, format="raw", interface=i) for i in kw["disks"])
+    if "cdroms" in kw:
+        kw["cdroms"] = (f,)
+    s = VMSpec(image="default", **kw)
+    assert s.effective_machine == machine
+
+
+def test_auto_machine_validates_against_the_machine_it_picks(tmp_path: Path) -> None:
+    f = tmp_path / "d.img"
+    f.write_bytes(b"")
+    s = VMSpec(image="default", disks=(Disk(path=f, format="raw", interface="ahci"),))
+    assert s.effective_machine == "q35"
+    # IDE makes auto pick pc, which reserves no hotplug ports.
+    with pytest.raises(SpecError, match=r"hotplug_slots.*leave it 0"):
+        VMSpec(
+            image="default",
+            hotplug_slots=1,
+            disks=(Disk(path=f, format="raw", interface="ide"),),
+        )
 
 
 @pytest.mark.parametrize(
@@ -32,7 +83,7 @@ def test_memory_sizes(value: int | str, mib: int) -> None:
         ({"memory": "512X"}, "memory", "use e.g. 512M"),
         ({"memory": 0}, "memory", "positive"),
         ({"memory": "-1G"}, "memory", "not a size"),
-        ({"machine": "virt"}, "machine", "q35, pc, microvm"),
+        ({"machine": "virt"}, "machine", "auto, q35, pc, microvm"),
         ({"profile": "fast"}, "profile", "virtio, emulated, passthrough"),
         ({"accelerator": "hvf"}, "accelerator", "auto, kvm, tcg"),
         ({"smp": 0}, "smp", "1 to 255"),

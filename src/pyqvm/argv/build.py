@@ -57,7 +57,7 @@ def kernel_append(spec: VMSpec, ctx: LaunchContext) -> str:
     append = spec.kernel.append
     # microvm has no HPET or PM timer: without a known TSC rate the guest's
     # calibration against the PIT can hang under TCG (about 1 boot in 5).
-    if spec.machine == "microvm" and ctx.tsc_khz and "tsc_early_khz=" not in append:
+    if spec.effective_machine == "microvm" and ctx.tsc_khz and "tsc_early_khz=" not in append:
         append = f"{append} tsc_early_khz={ctx.tsc_khz}".strip()
     return append
 
@@ -89,13 +89,13 @@ def cpu_arg(spec: VMSpec, accel: str) -> str | None:
 
 def machine_arg(spec: VMSpec) -> str:
     props: dict[str, str | bool | None] = {}
-    if spec.machine == "q35" and not uses_ide(spec):
+    if spec.effective_machine == "q35" and not uses_ide(spec):
         # The board's AHCI controller and SMBus are not in the spec: leave them out
         # (and SeaBIOS does not probe them, which saves boot time under TCG).
         props |= {"sata": False, "smbus": False}
     if spec.firmware == "ovmf":
         props["pflash0"] = "pq-ovmf-code"
-    return opts(spec.machine, props)
+    return opts(spec.effective_machine, props)
 
 
 def memory_arg(spec: VMSpec) -> str:

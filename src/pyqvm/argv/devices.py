@@ -32,7 +32,7 @@ class DiskFile:
 
 def bus_kind(spec: VMSpec) -> str:
     """``pci`` or ``mmio`` (microvm's virtio-mmio transport)."""
-    return "mmio" if spec.machine == "microvm" else "pci"
+    return "mmio" if spec.effective_machine == "microvm" else "pci"
 
 
 def virtio(spec: VMSpec, kind: str) -> str:
@@ -44,7 +44,7 @@ def disk_interface(spec: VMSpec, disk: Disk) -> str:
     if disk.interface != "auto":
         return disk.interface
     if spec.profile == "emulated":
-        return "ahci" if spec.machine == "q35" else "ide"
+        return "ahci" if spec.effective_machine == "q35" else "ide"
     return "virtio-blk"
 
 
@@ -52,7 +52,7 @@ def nic_model(spec: VMSpec, net: Network) -> str:
     model = net.model
     if model == "auto":
         if spec.profile == "emulated":
-            model = "e1000e" if spec.machine == "q35" else "e1000"
+            model = "e1000e" if spec.effective_machine == "q35" else "e1000"
         else:
             model = "virtio"
     return virtio(spec, "net") if model == "virtio" else model
@@ -87,7 +87,7 @@ class _IdePorts:
 def disk_args(spec: VMSpec, files: Mapping[str, DiskFile]) -> list[str]:
     """``-blockdev`` (JSON) and ``-device`` arguments for disks and CD-ROMs."""
     argv: list[str] = []
-    ide = _IdePorts(spec.machine)
+    ide = _IdePorts(spec.effective_machine)
     scsi_bus: str | None = None
     for i, disk in enumerate(spec.disks):
         where = f"disks[{i}]"
@@ -225,7 +225,9 @@ def hostdev_args(spec: VMSpec) -> list[str]:
 
 def hotplug_port_ids(spec: VMSpec) -> list[str]:
     """The ids of the q35 ``pcie-root-port``s kept free for hotplug (``spec.hotplug_slots``)."""
-    return [f"pq-hp{i}" for i in range(spec.hotplug_slots)] if spec.machine == "q35" else []
+    return (
+        [f"pq-hp{i}" for i in range(spec.hotplug_slots)] if spec.effective_machine == "q35" else []
+    )
 
 
 def hotplug_port_args(spec: VMSpec) -> list[str]:

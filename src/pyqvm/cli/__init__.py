@@ -41,7 +41,7 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--append", help="kernel command line for --kernel")
     g.add_argument("--memory", "-m", help="guest memory, e.g. 512M or 2G")
     g.add_argument("--smp", type=int, help="number of vCPUs")
-    g.add_argument("--machine", choices=["q35", "pc", "microvm"])
+    g.add_argument("--machine", choices=["auto", "q35", "pc", "microvm"])
     g.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default auto)")
     g.add_argument("--profile", choices=["virtio", "emulated", "passthrough"])
     g.add_argument("--net", choices=["user", "none"], help="network (default: one user-mode NIC)")

@@ -100,19 +100,38 @@ async def _new_id(vm: AsyncVM, wanted: str, prefix: str, field: str) -> str:
     return wanted
 
 
-async def _free_slot(vm: AsyncVM) -> str | None:
-    """A bus for one more PCI device: a free reserved root port (q35), or None (pc: pci.0)."""
+def _hotplug_ports(vm: AsyncVM) -> list[str] | None:
+    """The root ports a PCI device may be plugged into (q35), or None (pc: pci.0).
+
+    Checks the spec only, so a machine without PCI hotplug is refused before QEMU is asked.
+    """
     spec = vm.resolved_spec
-    if spec.machine == "pc":
+    machine = spec.effective_machine
+    if machine == "pc":
         return None
-    if spec.machine != "q35":
-        raise HotplugError(f"machine {spec.machine!r} has no PCI hotplug; use q35 or pc")
+    if machine != "q35":
+        chose = (
+            ' (machine = "auto" chose it: no hotplug room was asked for)'
+            if spec.machine == "auto"
+            else ""
+        )
+        raise HotplugError(
+            f"VM {vm.name!r} runs on {machine}, which has no PCI hotplug{chose}; "
+            'set hotplug_slots = N (or machine = "q35") in the spec'
+        )
     ports = hotplug_port_ids(spec)
     if not ports:
         raise HotplugError(
             f"VM {vm.name!r} has no hotplug slot: on q35 a device plugs into a reserved "
             "pcie-root-port; set hotplug_slots = N in the spec"
         )
+    return ports
+
+
+async def _free_slot(vm: AsyncVM, ports: list[str] | None) -> str | None:
+    """A bus for one more PCI device: a free port of ``ports``, or None (pc: pci.0)."""
+    if ports is None:
+        return None
     used: set[str] = set()
     for bus in await vm.execute("query-pci"):
         for dev in bus.get("devices", []):
@@ -140,10 +159,11 @@ async def plug_disk(vm: AsyncVM, disk: Disk) -> str:
             f"disk interface {disk.interface!r} cannot be hot-plugged; use virtio-blk"
         )
     spec = vm.resolved_spec
+    ports = _hotplug_ports(vm)
     async with _lock(vm):
         ident = await _new_id(vm, disk.id, "hd", "disk.id")
         disk = dataclasses.replace(disk, id=ident)
-        bus = await _free_slot(vm)
+        bus = await _free_slot(vm, ports)
         files = DiskFile()
         if disk.ephemeral and not disk.readonly:
             overlay = runtime_file(vm, f"{ident}.qcow2")
@@ -175,10 +195,11 @@ async def plug_nic(vm: AsyncVM, net: Network | None = None) -> str:
     if net.mode == "none":
         raise HotplugError('a NIC with mode = "none" has nothing to plug; use "user" or "tap"')
     spec = vm.resolved_spec
+    ports = _hotplug_ports(vm)
     async with _lock(vm):
         ident = await _new_id(vm, net.id, "hnic", "network.id")
         net = dataclasses.replace(net, id=ident)
-        bus = await _free_slot(vm)
+        bus = await _free_slot(vm, ports)
         try:
             await vm.execute("netdev_add", netdev_props(spec, net, vm.accelerator or "tcg"))
         except QMPCommandError as e:
