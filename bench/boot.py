@@ -7,7 +7,7 @@ socketpairs at the same fd numbers and its own overlay), spawned with plain
 ``guest-sync`` (the same client, `pyqvm.agent.GuestAgent`, polls both).
 Rounds alternate the order so drift in machine load hits both sides.
 
-    python bench/boot.py [-n 7] [--machine q35|pc|microvm] [--image default] [--nic]
+    python bench/boot.py [-n 7] [--machine auto|q35|pc|microvm] [--image default] [--nic]
 
 The last line is ``result: boot pyqvm=<median s> baseline=<median s> ratio=<r>``.
 """
@@ -132,7 +132,7 @@ async def main() -> None:
         print(f"round {i + 1}: pyqvm {ours[-1]:.3f} s  by hand {theirs[-1]:.3f} s", flush=True)
     nic = "user" if spec.networks else "none"
     print(
-        f"machine={spec.machine} image={args.image} kernel={img.kernel.name} nic={nic} n={args.n}"
+        f"machine={spec.machine}:{spec.effective_machine} image={args.image} kernel={img.kernel.name} nic={nic} n={args.n}"
     )
     for label, xs in (("pyqvm", ours), ("by hand", theirs)):
         med = statistics.median(xs)

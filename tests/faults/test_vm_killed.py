@@ -25,12 +25,17 @@ def _gone(pid: int) -> bool:
     return not Path(f"/proc/{pid}").exists()
 
 
-def test_sigkilled_launcher_leaves_no_qemu_and_no_rundir() -> None:
+def test_sigkilled_launcher_leaves_no_qemu_and_no_rundir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A private runtime base: another pyqvm process on this machine would reclaim in /tmp.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     child = subprocess.Popen([sys.executable, str(CHILD)], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
         info = json.loads(child.stdout.readline())
         pid, rundir = int(info["pid"]), Path(info["rundir"])
+        assert rundir.parent == tmp_path
         assert Path(f"/proc/{pid}").exists() and rundir.is_dir()
         os.kill(child.pid, signal.SIGKILL)
         child.wait(10)
