@@ -132,7 +132,8 @@ async def main() -> None:
         print(f"round {i + 1}: pyqvm {ours[-1]:.3f} s  by hand {theirs[-1]:.3f} s", flush=True)
     nic = "user" if spec.networks else "none"
     print(
-        f"machine={spec.machine}:{spec.effective_machine} image={args.image} kernel={img.kernel.name} nic={nic} n={args.n}"
+        f"machine={spec.machine}:{spec.effective_machine} image={args.image} "
+        f"kernel={img.kernel.name} nic={nic} n={args.n}"
     )
     for label, xs in (("pyqvm", ours), ("by hand", theirs)):
         med = statistics.median(xs)
