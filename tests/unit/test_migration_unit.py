@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from json_stream import JSONStream
 
 from pyqvm.errors import (
     MigrationError,
@@ -422,7 +423,7 @@ class FdQEMU(threading.Thread):
     def run(self) -> None:
         version = {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}
         self._send({"QMP": {"version": version, "capabilities": []}})
-        decoder, buf, pending = json.JSONDecoder(), "", None
+        stream, pending = JSONStream(), None
         fd_size = struct.calcsize("@i")
         while True:
             data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(4 * fd_size))
@@ -433,13 +434,7 @@ class FdQEMU(threading.Thread):
                     if pending is not None:
                         os.close(pending)
                     pending = struct.unpack("@i", payload[:fd_size])[0]
-            buf += data.decode()
-            while buf.strip():
-                try:
-                    msg, end = decoder.raw_decode(buf.lstrip())
-                except ValueError:
-                    break
-                buf = buf.lstrip()[end:]
+            for msg in stream.feed(data):
                 reply: dict[str, Any] = {"id": msg.get("id"), "return": {}}
                 name = msg["execute"]
                 if name != "qmp_capabilities":

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from json_stream import JSONStream
 
 from pyqvm.errors import JobError, PyqvmTimeoutError, QMPCommandError, VMExitedError
 from pyqvm.session import QMPSession
@@ -59,15 +60,9 @@ class FakeQEMU:
     @staticmethod
     async def _messages(reader: asyncio.StreamReader) -> AsyncIterator[dict[str, Any]]:
         # The client writes JSON objects back to back, without newlines (as QEMU allows).
-        decoder, buf = json.JSONDecoder(), ""
+        stream = JSONStream()
         while chunk := await reader.read(4096):
-            buf += chunk.decode()
-            while buf.strip():
-                try:
-                    msg, end = decoder.raw_decode(buf.lstrip())
-                except ValueError:
-                    break
-                buf = buf.lstrip()[end:]
+            for msg in stream.feed(chunk):
                 yield msg
 
     def close(self) -> None:
