@@ -51,7 +51,7 @@ from pyqvm.image._modules import (
 log = logging.getLogger(__name__)
 
 # Bump when the build steps change in a way the recipe files do not show.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"  # 2: LZ4 initramfs
 
 RECIPES = Path(__file__).with_name("recipes")
 DISK_SIZE = "64M"
@@ -361,13 +361,23 @@ def _install(src: Path, dest: Path, mode: int) -> None:
 
 
 def _write_initramfs(tree: Path, dest: Path) -> None:
-    with dest.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
-        writer = NewcWriter(gz)
+    """cpio newc, LZ4-compressed in the legacy frame (the one the kernel unpacks).
+
+    LZ4 unpacks about twice as fast as gzip under TCG (0.1 s vs 0.19 s for this
+    initramfs), which shortened boot-to-ready by ~0.1-0.2 s (bench/boot.py).
+    """
+    cpio = dest.with_suffix(".cpio")
+    with cpio.open("wb") as raw:
+        writer = NewcWriter(raw)
         writer.add_tree(tree)
         # The kernel opens /dev/console for init before devtmpfs is mounted.
         writer.add(CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev_major=5, rdev_minor=1))
         writer.add(CpioEntry("dev/null", stat.S_IFCHR | 0o666, rdev_major=1, rdev_minor=3))
         writer.close()
+    _host.run(
+        ["lz4", "-l", "-9", "-q", "-f", str(cpio), str(dest)], what="compressing the initramfs"
+    )
+    cpio.unlink()
 
 
 def _disk(staging: Path, dest: Path) -> None:
