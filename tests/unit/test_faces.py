@@ -41,6 +41,22 @@ def test_cli_defaults_to_builtin_guest_with_a_nic() -> None:
     assert spec.networks[0].forwards[0].host_port == 2222 and spec.memory == 1024
 
 
+@pytest.mark.parametrize(
+    ("argv", "level"),
+    [
+        (["run", "--", "true"], 0),
+        (["-v", "run", "--", "true"], 1),
+        (["run", "-v", "--", "true"], 1),
+        (["run", "-vv", "--", "-v"], 2),  # after --, -v belongs to the guest command
+        (["-v", "cmdline", "-v"], 1),
+        (["doctor", "-vv"], 2),
+        (["image", "build", "-v"], 1),
+    ],
+)
+def test_cli_verbosity_before_or_after_the_subcommand(argv: list[str], level: int) -> None:
+    assert parse_args(argv).verbose == level
+
+
 def test_cli_spec_file_and_kernel(files: dict[str, Path], tmp_path: Path) -> None:
     toml = tmp_path / "vm.toml"
     toml.write_text('memory = "1G"\nkernel = "vmlinuz"\n')

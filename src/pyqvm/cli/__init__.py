@@ -62,10 +62,20 @@ def _parser() -> argparse.ArgumentParser:
         prog="pyqvm", description="Boot QEMU guests and drive them over QMP."
     )
     ap.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    # -v also after the subcommand (`pyqvm run -v ...`); SUPPRESS keeps a top-level -v.
+    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more logging (-vv: debug)",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
         "run",
+        parents=[verbosity],
         help="boot an ephemeral VM and run a command in it",
         description="Boot an ephemeral VM (default: the built-in guest), run CMD in it through "
         "the guest agent, print its output and exit with its exit code. Without CMD, show the "
@@ -74,7 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_spec_options(run)
     run.epilog = "The command to run in the guest follows --, e.g.: pyqvm run -- uname -a"
 
-    cmdline = sub.add_parser("cmdline", help="print the QEMU command line for a spec")
+    cmdline = sub.add_parser(
+        "cmdline", parents=[verbosity], help="print the QEMU command line for a spec"
+    )
     _add_spec_options(cmdline)
     cmdline.add_argument(
         "--json", action="store_true", help="print a JSON list instead of shell words"
@@ -82,10 +94,12 @@ def _parser() -> argparse.ArgumentParser:
 
     image = sub.add_parser("image", help="the built-in guest image")
     isub = image.add_subparsers(dest="image_command", required=True)
-    build = isub.add_parser("build", help="build the built-in guest from Debian packages")
+    build = isub.add_parser(
+        "build", parents=[verbosity], help="build the built-in guest from Debian packages"
+    )
     build.add_argument("--flavour", choices=["default", "full", "all"], default="default")
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    _doctor.add_parser(sub)
+    _doctor.add_parser(sub, parents=[verbosity])
     return ap
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -19,10 +20,13 @@ __all__ = ["add_parser", "run"]
 _MARK = {"ok": "ok", "warn": "warn", "fail": "FAIL", "info": "info"}
 
 
-def add_parser(sub: Any) -> argparse.ArgumentParser:
+def add_parser(
+    sub: Any, parents: Sequence[argparse.ArgumentParser] = ()
+) -> argparse.ArgumentParser:
     """Add the ``doctor`` subcommand to ``sub`` (an argparse subparsers object)."""
     p: argparse.ArgumentParser = sub.add_parser(
         "doctor",
+        parents=list(parents),
         help="check what this host can run (TCG, KVM, VFIO passthrough, Xen) and how to fix it",
         description="Check what each mode needs on this host. Every failing line says the fix. "
         "Exits 1 when the mode asked for with --for (default: tcg) cannot work.",
