@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from guest_helpers import counter, counter_beyond, run_script, start_counter
 
 from pyqvm import AsyncVM, VMSpec, VMState
 from pyqvm.image import GuestImage
-from pyqvm.ops.migration import MigrationProgress
+from pyqvm.ops.migration import MigrationProgress, MigrationStats, MigrationTuning
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
 
@@ -109,6 +111,81 @@ async def test_migrate_over_tcp_with_copied_storage(default_image: GuestImage) -
         }
         assert nodes["root"]["file"].startswith(str(dst.runtime_dir))
         assert stats.storage_transferred >= 2 * 2**20
+        await check_moved(src, dst, before, digest)
+    finally:
+        await dst.stop()
+        await src.stop()
+
+
+# A guest process that rewrites 64 MiB of RAM (a tmpfs file) as fast as it can, so that
+# RAM keeps getting dirty faster than a short downtime can absorb.
+DIRTIER = (
+    "dd if=/dev/urandom of=/tmp/dirty-src bs=1M count=64 2>/dev/null; "
+    "setsid sh -c 'while :; do dd if=/tmp/dirty-src of=/tmp/dirty bs=1M count=64 "
+    "conv=notrunc 2>/dev/null; done' </dev/null >/dev/null 2>&1 &"
+)
+
+
+def _multifd(stats: MigrationStats) -> None:
+    assert stats.multifd_bytes > stats.transferred // 2, stats
+
+
+def _postcopy(stats: MigrationStats) -> None:
+    assert stats.postcopy, stats
+
+
+def _auto_converge(stats: MigrationStats) -> None:
+    assert stats.cpu_throttle >= 60, stats
+
+
+@pytest.mark.parametrize(
+    ("tuning", "transport", "dirty", "check"),
+    [
+        pytest.param(MigrationTuning(multifd_channels=2), "tcp", False, _multifd, id="multifd"),
+        # A 1 ms downtime limit never converges while the guest dirties RAM: after the
+        # first pass pyqvm switches to postcopy, and the destination pulls what is left.
+        pytest.param(
+            MigrationTuning(postcopy=True, max_bandwidth=64 * 2**20, downtime_limit=1),
+            "unix",
+            True,
+            _postcopy,
+            id="postcopy",
+        ),
+        # QEMU's default bandwidth and downtime do not converge with this guest (see
+        # bench/migration.py); auto-converge throttles its vCPU until they do.
+        pytest.param(
+            MigrationTuning(
+                auto_converge=True,
+                max_bandwidth=None,
+                downtime_limit=None,
+                parameters={"cpu-throttle-initial": 60, "cpu-throttle-increment": 30},
+            ),
+            "unix",
+            True,
+            _auto_converge,
+            id="auto-converge",
+        ),
+    ],
+)
+async def test_migration_tuning_is_used(
+    default_image: GuestImage,
+    tuning: MigrationTuning,
+    transport: Literal["unix", "tcp"],
+    dirty: bool,
+    check: Callable[[MigrationStats], None],
+) -> None:
+    """multifd, postcopy and auto-converge each take effect, as QEMU reports, and the guest
+    arrives intact."""
+    src, dst = AsyncVM(spec("tune-src")), AsyncVM(spec("tune-dst"))
+    try:
+        await src.start()
+        digest = await write_data(src)
+        await start_counter(src)
+        if dirty:
+            await src.run(["sh", "-c", DIRTIER], check=True)
+        before = await counter_beyond(src, 0)
+        stats = await src.migrate(dst, transport=transport, tuning=tuning, timeout=120)
+        check(stats)
         await check_moved(src, dst, before, digest)
     finally:
         await dst.stop()

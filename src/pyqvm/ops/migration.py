@@ -193,6 +193,9 @@ class MigrationStats:
     passes: int
     wall_time: float
     storage_transferred: int = 0
+    postcopy: bool = False  # switched to postcopy (the destination ran before RAM was all there)
+    multifd_bytes: int = 0  # RAM sent over the multifd channels
+    cpu_throttle: int = 0  # the highest auto-converge throttle seen, in percent
 
 
 @dataclass(frozen=True, slots=True)
@@ -726,12 +729,15 @@ async def _run_migration(
     deadline = None if timeout is None else loop.time() + timeout
     storage_bytes = 0
     postcopy_started = False
+    throttle = 0
     async with src.events(("MIGRATION", "MIGRATION_PASS")) as listener:
         await src.execute("migrate", {"uri": uri})
         log.info("%s: migrating to %s", src.name, uri)
         while True:
             info = await _status(src)
             status = str(info.get("status", "none"))
+            postcopy_started |= status == "postcopy-active"
+            throttle = max(throttle, int(info.get("cpu-throttle-percentage", 0)))
             elapsed = time.monotonic() - t0
             _notify(progress, _progress(info, elapsed, await _mirror_totals(src, jobs)))
             if status == "completed":
@@ -764,13 +770,15 @@ async def _run_migration(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_next_status_event(src, listener), wait)
     info = await _final_info(src, info)
-    return _stats(info, time.monotonic() - t0, storage_bytes)
+    stats = _stats(info, time.monotonic() - t0, storage_bytes)
+    return dataclasses.replace(stats, postcopy=postcopy_started, cpu_throttle=throttle)
 
 
 def _stats(info: Mapping[str, Any], wall_time: float, storage_bytes: int) -> MigrationStats:
     """`MigrationStats` from the ``query-migrate`` reply of a completed migration."""
     ram = info.get("ram") or {}
     return MigrationStats(
+        multifd_bytes=int(ram.get("multifd-bytes", 0)),
         total_time=int(info.get("total-time", 0)) / 1000,
         downtime=int(info.get("downtime", 0)) / 1000,
         setup_time=int(info.get("setup-time", 0)) / 1000,
