@@ -9,7 +9,7 @@ import pytest
 from guest_helpers import run_example
 
 from pyqvm import image
-from pyqvm.errors import HotplugError, PyqvmTimeoutError, UnplugTimeoutError
+from pyqvm.errors import HotplugError, MigrationError, PyqvmTimeoutError, UnplugTimeoutError
 from pyqvm.spec import Disk, Network, VMSpec
 from pyqvm.vm import AsyncVM, VMState
 
@@ -156,3 +156,51 @@ async def test_unplug_the_guest_never_acknowledges(
 
 async def test_hotplug_example(default_image: image.GuestImage) -> None:
     await run_example("examples/hotplug.py")
+
+
+@pytest.mark.parametrize("storage", ["shared", "copied"])
+async def test_hot_plugged_devices_follow_a_migration(
+    default_image: image.GuestImage, tmp_path: Path, storage: str
+) -> None:
+    """The destination gets what was hot-plugged into the source, with the same ids and
+    slots, before the state arrives; the guest carries on with its disk, NIC, vCPU and DIMM."""
+    raw = tmp_path / "extra.img"
+    raw.write_bytes(b"")
+    os.truncate(raw, 16 * MIB)
+    spec = VMSpec(image="default", hotplug_slots=2, max_smp=2, max_memory="1G", memory_slots=1)
+    src, dst = AsyncVM(spec), AsyncVM(spec)
+    try:
+        await src.start()
+        blocks, nets = await listing(src, "/sys/block"), await listing(src, "/sys/class/net")
+        disk = await src.hotplug_disk(Disk(raw, format="raw", id="extra"))  # ephemeral
+        nic = await src.hotplug_nic(Network(mac="52:54:00:12:34:77"))
+        cpu = await src.hotplug_cpu()
+        dimm = await src.hotplug_memory("128M")
+        await until(src, f"[ $(ls /sys/block | wc -l) -gt {len(blocks)} ]", "the new disk")
+        await until(src, f"[ $(ls /sys/class/net | wc -l) -gt {len(nets)} ]", "the new NIC")
+        (dev,) = await listing(src, "/sys/block") - blocks
+        (eth,) = await listing(src, "/sys/class/net") - nets
+        await sh(src, f"printf migrated | dd of=/dev/{dev} bs=512 seek=7 conv=fsync")
+
+        with pytest.raises(
+            MigrationError, match=r"hot-plugged devices \['dimm0', 'extra', 'hnic0', 'vcpu0'\]"
+        ):
+            await src.save(tmp_path / "saved")  # a restore from the spec would lack them
+        await src.migrate(dst, storage=storage)  # type: ignore[arg-type]
+
+        assert {disk, nic, cpu, dimm} <= await peripherals(dst)
+        await sh(dst, "echo 3 > /proc/sys/vm/drop_caches")
+        assert await sh(dst, f"dd if=/dev/{dev} bs=512 skip=7 count=1 | head -c 8") == "migrated"
+        assert await sh(dst, f"cat /sys/class/net/{eth}/address") == "52:54:00:12:34:77"
+        cpus = await dst.execute("query-hotpluggable-cpus")
+        assert any(c.get("qom-path") == f"/machine/peripheral/{cpu}" for c in cpus)
+        assert await sh(dst, "ls -d /sys/devices/system/cpu/cpu1")  # the guest still has it
+        assert len(await dst.execute("query-memory-devices")) == 1
+        assert raw.stat().st_size == 16 * MIB and raw.read_bytes().count(b"migrated") == 0
+        # The destination knows them as its own: they unplug there.
+        await dst.unplug(disk)
+        await dst.unplug(nic)
+        assert await listing(dst, "/sys/block") == blocks
+    finally:
+        await dst.stop()
+        await src.stop()

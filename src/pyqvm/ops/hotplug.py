@@ -21,6 +21,9 @@ were, and a later `unplug` of the same id finishes the job.
 
 The guest may need to bring hot-added vCPUs and memory online itself (the
 built-in guest does not: ``echo 1 > /sys/devices/system/cpu/cpuN/online``).
+
+Every plug is recorded (`plugged`), so that `replug` can give a migration
+destination the same devices before the guest's state arrives.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import dataclasses
 import logging
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyqvm.argv.devices import (
@@ -42,7 +47,7 @@ from pyqvm.argv.devices import (
 )
 from pyqvm.errors import HotplugError, PyqvmTimeoutError, QMPCommandError, UnplugTimeoutError
 from pyqvm.ops import require_live, runtime_file, unique_id
-from pyqvm.overlays import make_overlay
+from pyqvm.overlays import adopt_overlay, make_overlay
 from pyqvm.session import Event
 from pyqvm.spec import Disk, Network, check_id, parse_size_mib
 
@@ -55,20 +60,88 @@ log = logging.getLogger(__name__)
 UNPLUG_TIMEOUT = 30.0
 _MIB = 1024 * 1024
 
-# Per VM: a lock so two plugs never pick the same slot, and the backends of the
-# devices pyqvm plugged (to remove them even when the device went away unseen).
+
+QMPCommand = tuple[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Plugged:
+    """A device pyqvm hot-plugged, and how to plug it again into another QEMU.
+
+    ``commands`` are the QMP commands that plugged it, in order. A disk's
+    ``blockdev-add`` is left out: it names files of this VM, so `replug`
+    builds it anew from ``disk``.
+    """
+
+    backends: tuple[tuple[str, str], ...]  # (kind, name): what unplug removes after the device
+    commands: tuple[QMPCommand, ...]
+    disk: Disk | None = None
+
+
+# Per VM: a lock so two plugs never pick the same slot, and the devices pyqvm
+# plugged, in plug order (to remove their backends even when the device went away
+# unseen, and to plug them again on a migration destination).
 _locks: weakref.WeakKeyDictionary[AsyncVM, asyncio.Lock] = weakref.WeakKeyDictionary()
-_backends: weakref.WeakKeyDictionary[AsyncVM, dict[str, list[tuple[str, str]]]] = (
-    weakref.WeakKeyDictionary()
-)
+_plugged: weakref.WeakKeyDictionary[AsyncVM, dict[str, Plugged]] = weakref.WeakKeyDictionary()
 
 
 def _lock(vm: AsyncVM) -> asyncio.Lock:
     return _locks.setdefault(vm, asyncio.Lock())
 
 
-def _remember(vm: AsyncVM, device: str, backends: list[tuple[str, str]]) -> None:
-    _backends.setdefault(vm, {})[device] = backends
+def _remember(vm: AsyncVM, device: str, plugged: Plugged) -> None:
+    _plugged.setdefault(vm, {})[device] = plugged
+
+
+def plugged(vm: AsyncVM) -> dict[str, Plugged]:
+    """The devices pyqvm hot-plugged into ``vm`` and that are still there, in plug order."""
+    return dict(_plugged.get(vm, {}))
+
+
+def plugged_overlays(vm: AsyncVM) -> dict[str, Path]:
+    """The throw-away overlay of each hot-plugged ephemeral disk (for shared storage)."""
+    return {
+        device: runtime_file(vm, f"{device}.qcow2")
+        for device, p in plugged(vm).items()
+        if p.disk is not None and p.disk.ephemeral and not p.disk.readonly
+    }
+
+
+async def replug(
+    vm: AsyncVM, devices: Mapping[str, Plugged], *, overlays: Mapping[str, Path] | None = None
+) -> None:
+    """Plug ``devices`` (another VM's `plugged`) into ``vm``, with the same ids and slots.
+
+    For a migration destination, before the guest's state arrives: QEMU accepts
+    ``device_add`` then, and the incoming state needs the same devices. An
+    ephemeral disk opens ``overlays[id]`` (the source's overlay: shared storage)
+    or else a fresh overlay over its file (copied storage fills it).
+    """
+    for device, p in devices.items():
+        if p.disk is not None:
+            files = DiskFile()
+            if p.disk.ephemeral and not p.disk.readonly:
+                overlay = runtime_file(vm, f"{device}.qcow2")
+                if overlays and device in overlays:
+                    adopt_overlay(overlays[device], overlay)
+                else:
+                    await make_overlay(p.disk.path, p.disk.format or "raw", overlay)
+                files = DiskFile(overlay=overlay)
+            await _replay(vm, device, ("blockdev-add", blockdev_props(p.disk, files)))
+        for command in p.commands:
+            await _replay(vm, device, command)
+        _remember(vm, device, p)
+        log.info("%s: plugged %r as the source has it", vm.name, device)
+
+
+async def _replay(vm: AsyncVM, device: str, command: QMPCommand) -> None:
+    name, args = command
+    try:
+        await vm.execute(name, dict(args))
+    except QMPCommandError as e:
+        raise HotplugError(
+            f"VM {vm.name!r}: cannot plug {device!r} as the source has it ({name}): {e.description}"
+        ) from e
 
 
 def _clean(props: Mapping[str, object]) -> dict[str, object]:
@@ -175,15 +248,15 @@ async def plug_disk(vm: AsyncVM, disk: Disk) -> str:
             raise HotplugError(
                 f"VM {vm.name!r}: cannot open disk {disk.path}: {e.description}"
             ) from e
-        device = {"driver": virtio(spec, "blk"), "id": ident, "drive": ident, "bus": bus}
+        device = _clean({"driver": virtio(spec, "blk"), "id": ident, "drive": ident, "bus": bus})
         try:
-            await vm.execute("device_add", _clean(device))
+            await vm.execute("device_add", device)
         except QMPCommandError as e:
             await vm.execute("blockdev-del", {"node-name": ident})
             raise HotplugError(
                 f"VM {vm.name!r}: cannot plug disk {ident!r}: {e.description}"
             ) from e
-        _remember(vm, ident, [("blockdev", ident)])
+        _remember(vm, ident, Plugged((("blockdev", ident),), (("device_add", device),), disk=disk))
     log.info("%s: plugged disk %r (%s) into %s", vm.name, ident, disk.path, bus or "pci.0")
     return ident
 
@@ -200,19 +273,24 @@ async def plug_nic(vm: AsyncVM, net: Network | None = None) -> str:
         ident = await _new_id(vm, net.id, "hnic", "network.id")
         net = dataclasses.replace(net, id=ident)
         bus = await _free_slot(vm, ports)
+        netdev = netdev_props(spec, net, vm.accelerator or "tcg")
         try:
-            await vm.execute("netdev_add", netdev_props(spec, net, vm.accelerator or "tcg"))
+            await vm.execute("netdev_add", netdev)
         except QMPCommandError as e:
             raise HotplugError(
                 f"VM {vm.name!r}: cannot add network {ident!r}: {e.description}"
             ) from e
-        device = nic_props(spec, net) | {"bus": bus}
+        device = _clean(nic_props(spec, net) | {"bus": bus})
         try:
-            await vm.execute("device_add", _clean(device))
+            await vm.execute("device_add", device)
         except QMPCommandError as e:
             await vm.execute("netdev_del", {"id": ident})
             raise HotplugError(f"VM {vm.name!r}: cannot plug NIC {ident!r}: {e.description}") from e
-        _remember(vm, ident, [("netdev", ident)])
+        _remember(
+            vm,
+            ident,
+            Plugged((("netdev", ident),), (("netdev_add", netdev), ("device_add", device))),
+        )
     log.info("%s: plugged NIC %r into %s", vm.name, ident, bus or "pci.0")
     return ident
 
@@ -237,13 +315,14 @@ async def plug_cpu(vm: AsyncVM, id: str = "") -> str:
         order = ("node-id", "socket-id", "die-id", "core-id", "thread-id")
         slot = min(free, key=lambda s: tuple(s["props"].get(k, 0) for k in order))
         ident = await _new_id(vm, id, "vcpu", "id")
+        device = {"driver": slot["type"], "id": ident, **slot["props"]}
         try:
-            await vm.execute("device_add", {"driver": slot["type"], "id": ident, **slot["props"]})
+            await vm.execute("device_add", device)
         except QMPCommandError as e:
             raise HotplugError(
                 f"VM {vm.name!r}: cannot plug vCPU {ident!r}: {e.description}"
             ) from e
-        _remember(vm, ident, [])
+        _remember(vm, ident, Plugged((), (("device_add", device),)))
     log.info("%s: plugged vCPU %r at %s", vm.name, ident, slot["props"])
     return ident
 
@@ -280,20 +359,24 @@ async def plug_memory(vm: AsyncVM, size: int | str, id: str = "") -> str:
             )
         ident = await _new_id(vm, id, "dimm", "id")
         backend = f"{ident}-mem"
+        memory = {"qom-type": "memory-backend-ram", "id": backend, "size": mib * _MIB}
+        dimm = {"driver": "pc-dimm", "id": ident, "memdev": backend}
         try:
-            await vm.execute(
-                "object-add", {"qom-type": "memory-backend-ram", "id": backend, "size": mib * _MIB}
-            )
+            await vm.execute("object-add", memory)
         except QMPCommandError as e:
             raise HotplugError(f"VM {vm.name!r}: cannot allocate {mib}M: {e.description}") from e
         try:
-            await vm.execute("device_add", {"driver": "pc-dimm", "id": ident, "memdev": backend})
+            await vm.execute("device_add", dimm)
         except QMPCommandError as e:
             await vm.execute("object-del", {"id": backend})
             raise HotplugError(
                 f"VM {vm.name!r}: cannot plug DIMM {ident!r}: {e.description}"
             ) from e
-        _remember(vm, ident, [("object", backend)])
+        _remember(
+            vm,
+            ident,
+            Plugged((("object", backend),), (("object-add", memory), ("device_add", dimm))),
+        )
     log.info("%s: plugged %dM DIMM %r", vm.name, mib, ident)
     return ident
 
@@ -322,12 +405,12 @@ async def unplug(vm: AsyncVM, device: str, *, timeout: float = UNPLUG_TIMEOUT) -
     require_live(vm, f"unplugging {device!r}")
     async with _lock(vm):
         present = device in await _peripherals(vm)
-        known = _backends.get(vm, {})
+        known = _plugged.get(vm, {})
         if not present and device not in known:
             raise HotplugError(f"VM {vm.name!r} has no device {device!r}")
         if present:
             await _refuse_tcg_cpu_unplug(vm, device)
-        backends = await _device_backends(vm, device) if present else known[device]
+        backends = await _device_backends(vm, device) if present else list(known[device].backends)
         if present:
             await _release(vm, device, timeout)
         for kind, name in backends:

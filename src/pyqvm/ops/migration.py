@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pyqvm import passthrough
 from pyqvm.errors import MigrationError, PyqvmError, VMStateError
 from pyqvm.ops import block_nodes
+from pyqvm.ops.hotplug import Plugged, plugged, plugged_overlays, replug
 from pyqvm.overlays import overlay_disks, overlay_path
 from pyqvm.resolve import with_image
 from pyqvm.spec import Disk, VMSpec
@@ -413,6 +414,7 @@ async def listen(
     storage: Storage = "shared",
     tuning: MigrationTuning | None = None,
     overlays: Mapping[str, Path] | None = None,
+    devices: Mapping[str, Plugged] | None = None,
 ) -> Incoming:
     """Start ``dst`` as a migration destination and listen for the source.
 
@@ -421,7 +423,9 @@ async def listen(
     ``storage="copied"`` the destination's writable disks are exported over NBD
     (same transport) for the source to mirror into. ``overlays`` (shared storage
     on one host) makes ``dst`` open the source's disk overlays, see
-    `AsyncVM.start_incoming`. On failure ``dst`` is stopped and removed.
+    `AsyncVM.start_incoming`. ``devices`` (the source's `hotplug.plugged`) are
+    plugged into ``dst`` before the state comes, as the source has them. On
+    failure ``dst`` is stopped and removed.
     """
     tuning = tuning or MigrationTuning()
     _check_options(transport, storage, address)
@@ -432,6 +436,8 @@ async def listen(
         # Autostart off: the guest runs here only once the source is known to be done.
         await dst.execute("stop")
         await _configure(dst, tuning, "destination")
+        if devices:
+            await replug(dst, devices, overlays=overlays)
         nbd: str | None = None
         exports: tuple[str, ...] = ()
         if storage == "copied":
@@ -916,14 +922,23 @@ async def migrate(
     _refuse_blocked(src, "migrate")
     overlays = source_overlays(src) if storage == "shared" else None
     incoming = await listen(
-        dst, transport=transport, address=address, storage=storage, tuning=tuning, overlays=overlays
+        dst,
+        transport=transport,
+        address=address,
+        storage=storage,
+        tuning=tuning,
+        overlays=overlays,
+        devices=plugged(src),
     )
     try:
         stats = await send(
             src, incoming, tuning=tuning, progress=progress, timeout=timeout, stop_source=False
         )
-    except BaseException:
+    except BaseException as e:
+        tail = _stderr_tail(dst)  # the destination often knows why the source's send failed
         await asyncio.shield(dst.kill())
+        if isinstance(e, MigrationError) and tail:
+            raise _migration_error(f"{e}\n(destination){tail}", e) from e
         raise
     try:
         await accept(dst, incoming, timeout=timeout)
@@ -966,6 +981,7 @@ def migrate_between_loops(
             storage=storage,
             tuning=tuning,
             overlays=overlays,
+            devices=plugged(src),
         )
     )
     try:
@@ -974,8 +990,11 @@ def migrate_between_loops(
                 src, incoming, tuning=tuning, progress=progress, timeout=timeout, stop_source=False
             )
         )
-    except BaseException:
+    except BaseException as e:
+        tail = _stderr_tail(dst)
         run_dst(dst.kill())
+        if isinstance(e, MigrationError) and tail:
+            raise _migration_error(f"{e}\n(destination){tail}", e) from e
         raise
     try:
         run_dst(accept(dst, incoming, timeout=timeout))
@@ -992,7 +1011,8 @@ def source_overlays(src: AsyncVM) -> dict[str, Path]:
     rundir = src.runtime_dir
     if rundir is None:
         raise VMStateError(f"VM {src.name!r} is {src.state.value}; it has no disks open")
-    return {d.id: overlay_path(rundir, d.id) for d in overlay_disks(src.resolved_spec)}
+    spec_disks = {d.id: overlay_path(rundir, d.id) for d in overlay_disks(src.resolved_spec)}
+    return spec_disks | plugged_overlays(src)
 
 
 # --- save to / restore from files -------------------------------------------------------------
@@ -1015,6 +1035,11 @@ async def save(
     """
     vm._require(VMState.RUNNING, VMState.PAUSED)
     _refuse_blocked(vm, "save")
+    if devices := sorted(plugged(vm)):
+        raise MigrationError(
+            f"cannot save VM {vm.name!r}: it has hot-plugged devices {devices} that a restore "
+            "from its spec would lack; unplug them first, or migrate to a new VM instead"
+        )
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     if (out / _MANIFEST).exists() or (out / _STATE_FILE).exists():
