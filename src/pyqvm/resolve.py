@@ -47,10 +47,22 @@ def with_image(spec: VMSpec, cache: Path | None = None) -> VMSpec:
 def pick_machine(spec: VMSpec, accel: str, facts: HostFacts) -> VMSpec:
     """Log what ``machine = "auto"`` picks, and keep microvm off a TCG host whose TSC rate
     is unknown (the guest's TSC calibration can hang there without ``tsc_early_khz``)."""
-    if spec.machine != "auto":
-        return spec
     machine = spec.effective_machine
-    if machine == "microvm" and accel == "tcg" and facts.tsc_khz is None:
+    append = spec.kernel.append if spec.kernel else ""
+    tsc_risk = (
+        machine == "microvm"
+        and accel == "tcg"
+        and facts.tsc_khz is None
+        and "tsc_early_khz=" not in append
+    )
+    if spec.machine != "auto":
+        if tsc_risk:
+            log.warning(
+                "microvm under TCG without a known host TSC rate: the guest may hang "
+                "calibrating its TSC; put tsc_early_khz=<kHz> on the kernel command line"
+            )
+        return spec
+    if tsc_risk:
         log.warning(
             "machine auto: q35, not microvm: the host TSC rate is unknown, and a microvm "
             "guest under TCG can hang calibrating its TSC without tsc_early_khz"

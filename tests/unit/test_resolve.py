@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
 from pyqvm.host.accel import KvmStatus
 from pyqvm.host.facts import HostFacts
 from pyqvm.resolve import pick_machine
-from pyqvm.spec import VMSpec
+from pyqvm.spec import KernelBoot, VMSpec
 
 TCG_HOST = HostFacts(kvm=KvmStatus(False, "no vmx/svm"), tsc_khz=2596132)
 
@@ -37,3 +38,22 @@ def test_explicit_machines_are_kept() -> None:
     for machine in ("q35", "pc", "microvm"):
         spec = VMSpec(image="default", machine=machine)  # type: ignore[arg-type]
         assert pick_machine(spec, "tcg", facts) is spec
+
+
+def test_explicit_microvm_without_a_tsc_rate_warns(caplog: pytest.LogCaptureFixture) -> None:
+    facts = HostFacts(kvm=TCG_HOST.kvm, tsc_khz=None)
+    spec = VMSpec(image="default", machine="microvm")
+    assert pick_machine(spec, "tcg", facts) is spec
+    assert "tsc_early_khz=<kHz>" in caplog.text
+
+
+def test_no_tsc_warning_when_the_command_line_sets_it(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(b"")
+    boot = KernelBoot(kernel=kernel, append="console=ttyS0 tsc_early_khz=2000000")
+    facts = HostFacts(kvm=TCG_HOST.kvm, tsc_khz=None)
+    spec = pick_machine(VMSpec(kernel=boot), "tcg", facts)
+    assert spec.effective_machine == "microvm"
+    assert not caplog.text
