@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from pyqvm.errors import HotplugError, SnapshotError, VMStateError
-from pyqvm.spec import HostDevice, VMSpec
+from pyqvm.ops.hotplug import Plugged
+from pyqvm.spec import Disk, HostDevice, VMSpec
 from pyqvm.vm import AsyncVM, VMState
 
 
@@ -52,3 +56,18 @@ async def test_pci_hotplug_on_an_automatic_microvm_says_how_to_get_q35() -> None
     vm = running(VMSpec(image="default"))
     with pytest.raises(HotplugError, match=r'microvm.*"auto" chose it.*hotplug_slots = N'):
         await vm.hotplug_nic()
+
+
+def test_plugged_records_survive_json(tmp_path: Path) -> None:
+    raw = tmp_path / "d.img"
+    raw.write_bytes(b"")
+    disk = Plugged(
+        (("blockdev", "hd0"),),
+        (("device_add", {"driver": "virtio-blk-pci", "id": "hd0", "drive": "hd0"}),),
+        disk=Disk(raw, id="hd0"),
+    )
+    nic = Plugged((("netdev", "n"),), (("netdev_add", {"type": "user", "id": "n"}),))
+    for p in (disk, nic):
+        assert Plugged.from_json(json.loads(json.dumps(p.to_json()))) == p
+    with pytest.raises(HotplugError, match="not a hot-plugged device record"):
+        Plugged.from_json({"commands": []})

@@ -77,6 +77,29 @@ class Plugged:
     commands: tuple[QMPCommand, ...]
     disk: Disk | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able form (for a save manifest, or a destination in another process)."""
+        disk = None
+        if self.disk is not None:
+            disk = dataclasses.asdict(self.disk) | {"path": str(self.disk.path)}
+        return {
+            "backends": [list(b) for b in self.backends],
+            "commands": [[name, dict(args)] for name, args in self.commands],
+            "disk": disk,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plugged:
+        try:
+            disk = Disk(**data["disk"]) if data.get("disk") else None
+            return cls(
+                backends=tuple((str(k), str(n)) for k, n in data["backends"]),
+                commands=tuple((str(c), dict(a)) for c, a in data["commands"]),
+                disk=disk,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise HotplugError(f"not a hot-plugged device record: {e}") from None
+
 
 # Per VM: a lock so two plugs never pick the same slot, and the devices pyqvm
 # plugged, in plug order (to remove their backends even when the device went away

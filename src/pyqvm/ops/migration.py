@@ -1035,18 +1035,15 @@ async def save(
     """
     vm._require(VMState.RUNNING, VMState.PAUSED)
     _refuse_blocked(vm, "save")
-    if devices := sorted(plugged(vm)):
-        raise MigrationError(
-            f"cannot save VM {vm.name!r}: it has hot-plugged devices {devices} that a restore "
-            "from its spec would lack; unplug them first, or migrate to a new VM instead"
-        )
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     if (out / _MANIFEST).exists() or (out / _STATE_FILE).exists():
         raise MigrationError(f"'{out}' already holds a saved VM; use a new directory")
     state = VMState
     was_running = vm.state is state.RUNNING
-    overlays = source_overlays(vm)
+    overlays = source_overlays(vm)  # hot-plugged disks' too
+    devices = plugged(vm)
+    disks = sorted(d for d in overlays if d not in devices)
     t0 = time.monotonic()
     if was_running:
         await vm.execute("stop")
@@ -1064,7 +1061,13 @@ async def save(
         # The source's disks are flushed and inactive now: their overlays are stable.
         for disk_id, path in overlays.items():
             shutil.copyfile(path, out / f"{disk_id}.qcow2")
-        manifest = {"name": vm.name, "disks": sorted(overlays), "memory_mib": vm.spec.memory}
+        manifest = {
+            "name": vm.name,
+            "disks": disks,
+            "memory_mib": vm.spec.memory,
+            # Restored before the state is loaded, as a migration destination gets them.
+            "devices": {d: p.to_json() for d, p in devices.items()},
+        }
         (out / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     except BaseException as e:
         last = await asyncio.shield(_recover_saved(vm, was_running))
@@ -1082,7 +1085,7 @@ async def save(
             await vm.execute("stop")
     else:
         await vm.stop()
-    return SavedState(directory=out, disks=tuple(sorted(overlays)), size=size)
+    return SavedState(directory=out, disks=tuple(disks), size=size)
 
 
 async def _recover_saved(vm: AsyncVM, was_running: bool) -> dict[str, Any]:
@@ -1117,6 +1120,20 @@ def restored_spec(spec: VMSpec, saved: Path | str, *, image_cache: Path | None =
     return dataclasses.replace(concrete, disks=tuple(disks))
 
 
+def _saved_devices(directory: Path) -> dict[str, Plugged]:
+    """The hot-plugged devices a save recorded; an ephemeral disk among them opens a fresh
+    overlay over its saved one, as the spec's disks do."""
+    manifest = json.loads((directory / _MANIFEST).read_text())
+    devices: dict[str, Plugged] = {}
+    for device, record in manifest.get("devices", {}).items():
+        p = Plugged.from_json(record)
+        if p.disk is not None and (directory / f"{device}.qcow2").is_file():
+            saved = dataclasses.replace(p.disk, path=directory / f"{device}.qcow2", format="qcow2")
+            p = dataclasses.replace(p, disk=saved)
+        devices[device] = p
+    return devices
+
+
 async def restore(vm: AsyncVM, saved: Path | str, *, timeout: float | None = 600.0) -> None:
     """Start ``vm`` (created, not started) from a state `save` wrote into ``saved``.
 
@@ -1132,11 +1149,13 @@ async def restore(vm: AsyncVM, saved: Path | str, *, timeout: float | None = 600
     vm._require(VMState.CREATED)
     vm.spec = restored_spec(vm.spec, directory, image_cache=vm._image_cache)
     _refuse_blocked(vm, "restore")
+    devices = _saved_devices(directory)
     t0 = time.monotonic()
     await vm.start_incoming()
     incoming = Incoming(uri=f"fd:{_FD_NAME}", storage="shared")
     try:
         await _configure(vm, MigrationTuning(), "destination")
+        await replug(vm, devices)
         fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
             await vm.qmp.send_fd(fd, _FD_NAME)
