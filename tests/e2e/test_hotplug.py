@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -158,45 +159,70 @@ async def test_hotplug_example(default_image: image.GuestImage) -> None:
     await run_example("examples/hotplug.py")
 
 
+@dataclasses.dataclass
+class DiskAndNic:
+    """A hot-plugged ephemeral disk with a word written at one sector, and a NIC."""
+
+    disk: str
+    nic: str
+    dev: str  # as the guest names them
+    eth: str
+    blocks: set[str]  # the guest's block devices before the plug
+    raw: Path
+    word: str
+    mac: str
+
+    async def check(self, vm: AsyncVM) -> None:
+        """``vm`` (the same guest, moved) still has both, and the disk still holds the word."""
+        assert {self.disk, self.nic} <= await peripherals(vm)
+        await sh(vm, "echo 3 > /proc/sys/vm/drop_caches")
+        read = f"dd if=/dev/{self.dev} bs=512 skip=7 count=1 | head -c {len(self.word)}"
+        assert await sh(vm, read) == self.word
+        assert await sh(vm, f"cat /sys/class/net/{self.eth}/address") == self.mac
+        assert self.raw.read_bytes().count(self.word.encode()) == 0  # ephemeral: never written
+
+
+async def plug_disk_and_nic(vm: AsyncVM, tmp_path: Path, word: str, mac: str) -> DiskAndNic:
+    raw = tmp_path / "extra.img"
+    raw.write_bytes(b"")
+    os.truncate(raw, 16 * MIB)
+    blocks, nets = await listing(vm, "/sys/block"), await listing(vm, "/sys/class/net")
+    disk = await vm.hotplug_disk(Disk(raw, format="raw", id="extra"))  # ephemeral
+    nic = await vm.hotplug_nic(Network(mac=mac))
+    await until(vm, f"[ $(ls /sys/block | wc -l) -gt {len(blocks)} ]", "the new disk")
+    await until(vm, f"[ $(ls /sys/class/net | wc -l) -gt {len(nets)} ]", "the new NIC")
+    (dev,) = await listing(vm, "/sys/block") - blocks
+    (eth,) = await listing(vm, "/sys/class/net") - nets
+    await sh(vm, f"printf {word} | dd of=/dev/{dev} bs=512 seek=7 conv=fsync")
+    return DiskAndNic(disk, nic, dev, eth, blocks, raw, word, mac)
+
+
 @pytest.mark.parametrize("storage", ["shared", "copied"])
 async def test_hot_plugged_devices_follow_a_migration(
     default_image: image.GuestImage, tmp_path: Path, storage: str
 ) -> None:
     """The destination gets what was hot-plugged into the source, with the same ids and
     slots, before the state arrives; the guest carries on with its disk, NIC, vCPU and DIMM."""
-    raw = tmp_path / "extra.img"
-    raw.write_bytes(b"")
-    os.truncate(raw, 16 * MIB)
     spec = VMSpec(image="default", hotplug_slots=2, max_smp=2, max_memory="1G", memory_slots=1)
     src, dst = AsyncVM(spec), AsyncVM(spec)
     try:
         await src.start()
-        blocks, nets = await listing(src, "/sys/block"), await listing(src, "/sys/class/net")
-        disk = await src.hotplug_disk(Disk(raw, format="raw", id="extra"))  # ephemeral
-        nic = await src.hotplug_nic(Network(mac="52:54:00:12:34:77"))
+        plugged = await plug_disk_and_nic(src, tmp_path, "migrated", "52:54:00:12:34:77")
         cpu = await src.hotplug_cpu()
         dimm = await src.hotplug_memory("128M")
-        await until(src, f"[ $(ls /sys/block | wc -l) -gt {len(blocks)} ]", "the new disk")
-        await until(src, f"[ $(ls /sys/class/net | wc -l) -gt {len(nets)} ]", "the new NIC")
-        (dev,) = await listing(src, "/sys/block") - blocks
-        (eth,) = await listing(src, "/sys/class/net") - nets
-        await sh(src, f"printf migrated | dd of=/dev/{dev} bs=512 seek=7 conv=fsync")
 
         await src.migrate(dst, storage=storage)  # type: ignore[arg-type]
 
-        assert {disk, nic, cpu, dimm} <= await peripherals(dst)
-        await sh(dst, "echo 3 > /proc/sys/vm/drop_caches")
-        assert await sh(dst, f"dd if=/dev/{dev} bs=512 skip=7 count=1 | head -c 8") == "migrated"
-        assert await sh(dst, f"cat /sys/class/net/{eth}/address") == "52:54:00:12:34:77"
+        await plugged.check(dst)
+        assert {cpu, dimm} <= await peripherals(dst)
         cpus = await dst.execute("query-hotpluggable-cpus")
         assert any(c.get("qom-path") == f"/machine/peripheral/{cpu}" for c in cpus)
         assert await sh(dst, "ls -d /sys/devices/system/cpu/cpu1")  # the guest still has it
         assert len(await dst.execute("query-memory-devices")) == 1
-        assert raw.stat().st_size == 16 * MIB and raw.read_bytes().count(b"migrated") == 0
         # The destination knows them as its own: they unplug there.
-        await dst.unplug(disk)
-        await dst.unplug(nic)
-        assert await listing(dst, "/sys/block") == blocks
+        await dst.unplug(plugged.disk)
+        await dst.unplug(plugged.nic)
+        assert await listing(dst, "/sys/block") == plugged.blocks
     finally:
         await dst.stop()
         await src.stop()
@@ -205,34 +231,20 @@ async def test_hot_plugged_devices_follow_a_migration(
 async def test_hot_plugged_devices_are_saved_and_restored(
     default_image: image.GuestImage, tmp_path: Path
 ) -> None:
-    raw = tmp_path / "extra.img"
-    raw.write_bytes(b"")
-    os.truncate(raw, 16 * MIB)
     spec = VMSpec(image="default", hotplug_slots=2)
     vm, restored = AsyncVM(spec), AsyncVM(spec)
     try:
         await vm.start()
-        blocks, nets = await listing(vm, "/sys/block"), await listing(vm, "/sys/class/net")
-        disk = await vm.hotplug_disk(Disk(raw, format="raw", id="extra"))  # ephemeral
-        nic = await vm.hotplug_nic(Network(mac="52:54:00:12:34:78"))
-        await until(vm, f"[ $(ls /sys/block | wc -l) -gt {len(blocks)} ]", "the new disk")
-        await until(vm, f"[ $(ls /sys/class/net | wc -l) -gt {len(nets)} ]", "the new NIC")
-        (dev,) = await listing(vm, "/sys/block") - blocks
-        (eth,) = await listing(vm, "/sys/class/net") - nets
-        await sh(vm, f"printf saved | dd of=/dev/{dev} bs=512 seek=3 conv=fsync")
+        plugged = await plug_disk_and_nic(vm, tmp_path, "saved", "52:54:00:12:34:78")
 
         saved = await vm.save(tmp_path / "saved")
         assert saved.disks == ("root",)  # the spec's disks; the hot-plugged one rides along
         assert (saved.directory / "extra.qcow2").is_file()
         await restored.restore(saved.directory)
 
-        assert {disk, nic} <= await peripherals(restored)
-        await sh(restored, "echo 3 > /proc/sys/vm/drop_caches")
-        assert await sh(restored, f"dd if=/dev/{dev} bs=512 skip=3 count=1 | head -c 5") == "saved"
-        assert await sh(restored, f"cat /sys/class/net/{eth}/address") == "52:54:00:12:34:78"
-        assert raw.read_bytes().count(b"saved") == 0  # ephemeral: the file was never written
-        await restored.unplug(disk)
-        assert await listing(restored, "/sys/block") == blocks
+        await plugged.check(restored)
+        await restored.unplug(plugged.disk)
+        assert await listing(restored, "/sys/block") == plugged.blocks
     finally:
         await restored.stop()
         await vm.stop()

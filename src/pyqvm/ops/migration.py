@@ -55,7 +55,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -896,6 +896,59 @@ async def _drop_nodes(vm: AsyncVM, nodes: list[str]) -> None:
 
 # --- both sides in one process ----------------------------------------------------------------
 
+# One plan drives both faces: `migrate` (one event loop) and `migrate_between_loops`
+# (two loops, run one step at a time by the sync face). The plan yields each step as
+# (side, awaitable, cleanup) and gets its result back (or its exception thrown in), so
+# the order of steps and the failure handling live in one place.
+Side = Literal["src", "dst"]
+_Step = tuple[Side, Awaitable[Any], bool]
+
+
+def _plan(
+    src: AsyncVM,
+    dst: AsyncVM,
+    transport: Transport,
+    address: str | None,
+    storage: Storage,
+    tuning: MigrationTuning | None,
+    progress: ProgressCallback | None,
+    timeout: float | None,
+) -> Generator[_Step, Any, MigrationStats]:
+    t0 = time.monotonic()
+    dst._require(VMState.CREATED)
+    src._require(VMState.RUNNING)
+    _refuse_blocked(src, "migrate")
+    overlays = source_overlays(src) if storage == "shared" else None
+    listening = listen(
+        dst,
+        transport=transport,
+        address=address,
+        storage=storage,
+        tuning=tuning,
+        overlays=overlays,
+        devices=plugged(src),
+    )
+    incoming: Incoming = yield "dst", listening, False
+    try:
+        sending = send(
+            src, incoming, tuning=tuning, progress=progress, timeout=timeout, stop_source=False
+        )
+        stats: MigrationStats = yield "src", sending, False
+    except BaseException as e:
+        tail = _stderr_tail(dst)  # the destination often knows why the source's send failed
+        yield "dst", dst.kill(), True
+        if isinstance(e, MigrationError) and tail:
+            raise _migration_error(f"{e}\n(destination){tail}", e) from e
+        raise
+    try:
+        yield "dst", accept(dst, incoming, timeout=timeout), False
+    except BaseException:
+        # The destination failed after the switch-over: the guest goes back to the source.
+        yield "src", _resume_source(src), True
+        raise
+    yield "src", src.stop(), False
+    return dataclasses.replace(stats, wall_time=time.monotonic() - t0)
+
 
 async def migrate(
     src: AsyncVM,
@@ -912,42 +965,25 @@ async def migrate(
 
     Returns QEMU's numbers; afterwards ``dst`` runs the guest and ``src`` is
     stopped. ``storage="shared"`` makes ``dst`` open the disks ``src`` has open
-    (its overlays included); ``"copied"`` copies them over NBD first. On any
-    failure ``src`` runs on with its guest intact, ``dst`` is removed, and
+    (its overlays included); ``"copied"`` copies them over NBD first. Devices
+    hot-plugged into ``src`` are plugged into ``dst`` first. On any failure
+    ``src`` runs on with its guest intact, ``dst`` is removed, and
     `MigrationError` is raised.
     """
-    t0 = time.monotonic()
-    dst._require(VMState.CREATED)
-    src._require(VMState.RUNNING)
-    _refuse_blocked(src, "migrate")
-    overlays = source_overlays(src) if storage == "shared" else None
-    incoming = await listen(
-        dst,
-        transport=transport,
-        address=address,
-        storage=storage,
-        tuning=tuning,
-        overlays=overlays,
-        devices=plugged(src),
-    )
-    try:
-        stats = await send(
-            src, incoming, tuning=tuning, progress=progress, timeout=timeout, stop_source=False
-        )
-    except BaseException as e:
-        tail = _stderr_tail(dst)  # the destination often knows why the source's send failed
-        await asyncio.shield(dst.kill())
-        if isinstance(e, MigrationError) and tail:
-            raise _migration_error(f"{e}\n(destination){tail}", e) from e
-        raise
-    try:
-        await accept(dst, incoming, timeout=timeout)
-    except BaseException:
-        # The destination failed after the switch-over: the guest goes back to the source.
-        await asyncio.shield(_resume_source(src))
-        raise
-    await src.stop()
-    return dataclasses.replace(stats, wall_time=time.monotonic() - t0)
+    plan = _plan(src, dst, transport, address, storage, tuning, progress, timeout)
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            _, step, cleanup = plan.throw(error) if error else plan.send(result)
+        except StopIteration as done:
+            stats: MigrationStats = done.value
+            return stats
+        try:
+            # Cleanup runs to the end even when the caller cancels meanwhile.
+            result, error = (await (asyncio.shield(step) if cleanup else step)), None
+        except BaseException as e:
+            result, error = None, e
 
 
 def migrate_between_loops(
@@ -968,41 +1004,20 @@ def migrate_between_loops(
     The same steps, each run on its own VM's loop one after the other: QEMU does
     the work in between, so neither side needs its loop running meanwhile.
     """
-    t0 = time.monotonic()
-    dst._require(VMState.CREATED)
-    src._require(VMState.RUNNING)
-    _refuse_blocked(src, "migrate")
-    overlays = source_overlays(src) if storage == "shared" else None
-    incoming: Incoming = run_dst(
-        listen(
-            dst,
-            transport=transport,
-            address=address,
-            storage=storage,
-            tuning=tuning,
-            overlays=overlays,
-            devices=plugged(src),
-        )
-    )
-    try:
-        stats: MigrationStats = run_src(
-            send(
-                src, incoming, tuning=tuning, progress=progress, timeout=timeout, stop_source=False
-            )
-        )
-    except BaseException as e:
-        tail = _stderr_tail(dst)
-        run_dst(dst.kill())
-        if isinstance(e, MigrationError) and tail:
-            raise _migration_error(f"{e}\n(destination){tail}", e) from e
-        raise
-    try:
-        run_dst(accept(dst, incoming, timeout=timeout))
-    except BaseException:
-        run_src(_resume_source(src))
-        raise
-    run_src(src.stop())
-    return dataclasses.replace(stats, wall_time=time.monotonic() - t0)
+    plan = _plan(src, dst, transport, address, storage, tuning, progress, timeout)
+    run = {"src": run_src, "dst": run_dst}
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            side, step, _ = plan.throw(error) if error else plan.send(result)
+        except StopIteration as done:
+            stats: MigrationStats = done.value
+            return stats
+        try:
+            result, error = run[side](step), None
+        except BaseException as e:
+            result, error = None, e
 
 
 def source_overlays(src: AsyncVM) -> dict[str, Path]:
