@@ -8,9 +8,12 @@ is dropped first, so a copy that only lived in migrated RAM does not count).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -18,9 +21,10 @@ from typing import Literal
 import pytest
 from guest_helpers import counter, counter_beyond, run_script, start_counter
 
-from pyqvm import AsyncVM, VMSpec, VMState
+from pyqvm import AsyncVM, Disk, Network, VMSpec, VMState
 from pyqvm.image import GuestImage
-from pyqvm.ops.migration import MigrationProgress, MigrationStats, MigrationTuning
+from pyqvm.ops.hotplug import plugged
+from pyqvm.ops.migration import MigrationProgress, MigrationStats, MigrationTuning, send
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
 
@@ -189,6 +193,64 @@ async def test_migration_tuning_is_used(
         await check_moved(src, dst, before, digest)
     finally:
         await dst.stop()
+        await src.stop()
+
+
+async def test_migrate_to_a_destination_in_another_process(
+    default_image: GuestImage, tmp_path: Path
+) -> None:
+    """The two-process form (docs/migration.md): listen/accept in a child process, send here,
+    the address and the hot-plugged devices handed over as JSON."""
+    raw = tmp_path / "extra.img"
+    raw.write_bytes(b"")
+    os.truncate(raw, 8 * 2**20)
+    src = AsyncVM(VMSpec(image="default", name="xproc-src", hotplug_slots=2))
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(Path(__file__).with_name("_migration_dst.py")),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        await src.start()
+        await src.hotplug_disk(Disk(raw, format="raw", id="extra"))
+        await src.hotplug_nic(Network(mac="52:54:00:12:34:79"))
+        await src.run(
+            [
+                "sh",
+                "-c",
+                "for i in $(seq 100); do [ -b /dev/vdb ] && break; sleep 0.1; done; "
+                "printf moved > /dev/vdb && sync",
+            ],
+            check=True,
+        )
+        await start_counter(src)
+        before = await counter_beyond(src, 0)
+        request = {
+            "transport": "tcp",
+            "storage": "copied",
+            "devices": {d: p.to_json() for d, p in plugged(src).items()},
+            "command": "cat /tmp/counter; cat /sys/class/net/*/address; head -c 5 /dev/vdb",
+        }
+        child.stdin.write(json.dumps(request).encode() + b"\n")
+        await child.stdin.drain()
+        where = json.loads(await asyncio.wait_for(child.stdout.readline(), 120))
+
+        stats = await send(src, where["uri"], storage="copied", nbd=where["nbd"])
+
+        assert src.state is VMState.STOPPED and stats.storage_transferred > 0
+        out = json.loads(await asyncio.wait_for(child.stdout.readline(), 120))["out"]
+        counter_after, *rest = out.split()
+        assert int(counter_after) > before
+        assert "52:54:00:12:34:79" in rest and rest[-1] == "moved"
+        assert await asyncio.wait_for(child.wait(), 60) == 0
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
         await src.stop()
 
 
