@@ -22,7 +22,11 @@ import time
 from pyqvm import VM, PyqvmError, VMSpec
 from pyqvm.ops.migration import MigrationProgress
 
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done"
+# Written aside and renamed, so a reader never sees the file half-written (empty).
+COUNTER = (
+    "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter.new; "
+    "mv /tmp/counter.new /tmp/counter; sleep 0.05; done"
+)
 
 
 def counter(vm: VM) -> int:

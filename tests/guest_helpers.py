@@ -11,12 +11,18 @@ from pathlib import Path
 from pyqvm.vm import AsyncVM
 
 REPO = Path(__file__).resolve().parents[1]
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done"
+# Written aside and renamed, so a reader never sees the file half-written (empty).
+COUNTER = (
+    "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter.new; "
+    "mv /tmp/counter.new /tmp/counter; sleep 0.05; done"
+)
 
 
 async def start_counter(vm: AsyncVM) -> None:
-    """Start a loop in the guest that counts in /tmp/counter (detached: returns at once)."""
-    await vm.run(["sh", "-c", f"setsid sh -c '{COUNTER}' </dev/null >/dev/null 2>&1 &"], check=True)
+    """Start a loop in the guest that counts in /tmp/counter (detached), once it has counted 1."""
+    start = f"setsid sh -c '{COUNTER}' </dev/null >/dev/null 2>&1 &"
+    wait = "until [ -e /tmp/counter ]; do sleep 0.02; done"
+    await vm.run(["sh", "-c", f"{start} {wait}"], check=True)
 
 
 async def counter(vm: AsyncVM) -> int:

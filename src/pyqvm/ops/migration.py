@@ -548,8 +548,11 @@ async def accept(dst: AsyncVM, incoming: Incoming, *, timeout: float | None = 60
 async def _stop_exports(dst: AsyncVM, incoming: Incoming) -> None:
     if incoming.storage != "copied":
         return
+    # The copy ended before the device state was sent (pause-before-switchover), but a
+    # source in another process may not have closed its NBD connection yet: a "safe"
+    # removal then fails with "still in use". Nothing more can come over it: cut it.
     for device in incoming.exports:
-        await dst.execute("block-export-del", {"id": f"{_MIG_PREFIX}{device}"})
+        await dst.execute("block-export-del", {"id": f"{_MIG_PREFIX}{device}", "mode": "hard"})
     await dst.execute("nbd-server-stop")
 
 
