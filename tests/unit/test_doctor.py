@@ -251,3 +251,21 @@ def test_xen_hvm_argv(tmp_path: Path) -> None:
         xen_hvm_argv(VMSpec(), qemu=Path("/q"), domid=0)
     with pytest.raises(HostError, match="apt-get install -y qemu-system-xen"):
         xen_device_model(tmp_path)
+
+
+@pytest.mark.usefixtures("path_usr_bin")
+@pytest.mark.parametrize(
+    ("cpuinfo", "status", "words"),
+    [
+        ("cpu MHz\t\t: 2596.132\n", "ok", "host TSC 2596132 kHz known"),
+        ("flags\t\t: fpu\n", "warn", 'machine "auto" uses q35'),
+    ],
+)
+def test_microvm_needs_a_known_tsc_rate(
+    tmp_path: Path, cpuinfo: str, status: str, words: str
+) -> None:
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cpuinfo").write_text(cpuinfo)
+    report = run_checks(["tcg"], tmp_path)
+    check = checks_by_name(report, "tcg")["microvm"]
+    assert check.status == status and words in check.reason
