@@ -51,6 +51,8 @@ def test_cli_defaults_to_builtin_guest_with_a_nic() -> None:
         (["-v", "cmdline", "-v"], 1),
         (["doctor", "-vv"], 2),
         (["image", "build", "-v"], 1),
+        (["image", "list"], 0),
+        (["image", "prune", "--dry-run", "-v"], 1),
     ],
 )
 def test_cli_verbosity_before_or_after_the_subcommand(argv: list[str], level: int) -> None:

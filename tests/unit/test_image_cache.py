@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 
 from pyqvm.errors import HostError, ImageError, SpecError
-from pyqvm.image import FLAVOURS, GuestImage, _build, _host, build, cache_dir, find
+from pyqvm.image import (
+    FLAVOURS,
+    GuestImage,
+    _build,
+    _host,
+    build,
+    built_images,
+    cache_dir,
+    find,
+    prune,
+)
 from pyqvm.image._guest import MANIFEST_FORMAT, cache_key, load_image
 
 
@@ -136,3 +146,26 @@ def test_apt_show_without_lists_says_run_apt_get_update(monkeypatch: pytest.Monk
     monkeypatch.setattr("subprocess.run", fake_run)
     with pytest.raises(ImageError, match="run apt-get update"):
         _host.apt_show(["linux-image-cloud-amd64"])
+
+
+def test_prune_keeps_the_newest_of_each_flavour(tmp_path: Path) -> None:
+    dirs = {}
+    for i, (flavour, key) in enumerate(
+        [("default", "old1"), ("default", "old2"), ("default", "new"), ("full", "only")]
+    ):
+        dirs[key] = fake_image(tmp_path, flavour, key, float(i))
+        os.utime(dirs[key] / "manifest.json", (i + 1, i + 1))
+    assert [i.directory for i in built_images(cache=tmp_path)] == [
+        dirs["only"],
+        dirs["new"],
+        dirs["old2"],
+        dirs["old1"],
+    ]
+    would = prune(cache=tmp_path, dry_run=True)
+    assert {i.directory for i in would} == {dirs["old1"], dirs["old2"]}
+    assert all(d.is_dir() for d in dirs.values())
+    gone = prune(cache=tmp_path)
+    assert {i.directory for i in gone} == {dirs["old1"], dirs["old2"]}
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["default-new", "full-only"]
+    assert find("default", cache=tmp_path).directory == dirs["new"]
+    assert prune(cache=tmp_path) == []

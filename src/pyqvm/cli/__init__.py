@@ -99,6 +99,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--flavour", choices=["default", "full", "all"], default="default")
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    isub.add_parser("list", parents=[verbosity], help="list the built images, newest first")
+    prune = isub.add_parser(
+        "prune",
+        parents=[verbosity],
+        help="remove every built image but the newest of each flavour",
+        description="Remove every built image but the newest of each flavour. A state saved "
+        "(VM.save) from a VM on an older image needs that image to be restored.",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="only say what would go")
     _doctor.add_parser(sub, parents=[verbosity])
     return ap
 
@@ -194,12 +203,23 @@ def _cmdline(spec: VMSpec, as_json: bool) -> int:
     return 0
 
 
-def _image_build(flavour: str, force: bool) -> int:
+def _image(args: argparse.Namespace) -> int:
     from pyqvm import image
 
-    for f in image.FLAVOURS if flavour == "all" else (flavour,):
-        img = image.build(f, force=force)
-        print(f"{img.flavour}: {img.directory}")
+    if args.image_command == "build":
+        for f in image.FLAVOURS if args.flavour == "all" else (args.flavour,):
+            img = image.build(f, force=args.force)
+            print(f"{img.flavour}: {img.directory}")
+    elif args.image_command == "list":
+        newest: set[str] = set()
+        for img in image.built_images():
+            size = sum(p.stat().st_size for p in img.directory.iterdir()) >> 20
+            mark = "" if img.flavour in newest else "  (newest: the one VMs use)"
+            newest.add(img.flavour)
+            print(f"{img.flavour:8} {img.kernel_version:24} {size:5d} MiB  {img.directory}{mark}")
+    else:
+        for img in image.prune(dry_run=args.dry_run):
+            print(f"{'would remove' if args.dry_run else 'removed'} {img.directory}")
     return 0
 
 
@@ -229,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     try:
         if args.command == "image":
-            return _image_build(args.flavour, args.force)
+            return _image(args)
         if args.command == "doctor":
             return _doctor.run(args)
         spec = spec_from_args(args)

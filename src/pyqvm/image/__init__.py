@@ -1,7 +1,8 @@
 """The built-in test guest: a Debian kernel, a busybox + qemu-ga initramfs, a data disk.
 
 `build` makes it from Debian packages (cached by its inputs), `find` returns the
-newest built one; the launcher only ever needs `find`. Progress is logged at
+newest built one (the launcher only ever needs `find`), `built_images` lists them
+and `prune` removes all but the newest of each flavour. Progress is logged at
 INFO under ``pyqvm.image``.
 """
 
@@ -11,8 +12,20 @@ from pyqvm.image._guest import (
     KERNEL_CMDLINE,
     READY_MARKER,
     GuestImage,
+    built_images,
     cache_dir,
     find,
+    prune,
 )
 
-__all__ = ["FLAVOURS", "KERNEL_CMDLINE", "READY_MARKER", "GuestImage", "build", "cache_dir", "find"]
+__all__ = [
+    "FLAVOURS",
+    "KERNEL_CMDLINE",
+    "READY_MARKER",
+    "GuestImage",
+    "build",
+    "built_images",
+    "cache_dir",
+    "find",
+    "prune",
+]

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,22 +105,46 @@ def load_image(directory: Path) -> GuestImage | None:
     return image if all(p.is_file() for p in files) else None
 
 
+def built_images(flavour: str | None = None, *, cache: Path | None = None) -> list[GuestImage]:
+    """The complete built images (of ``flavour``, or of every flavour), newest first."""
+    if flavour is not None:
+        check_flavour(flavour)
+    root = (cache or cache_dir()) / "images"
+    found: list[tuple[float, GuestImage]] = []
+    for directory in root.glob(f"{flavour or '*'}-*"):
+        image = load_image(directory)
+        if image is not None and flavour in (None, image.flavour):
+            found.append(((directory / MANIFEST).stat().st_mtime, image))
+    return [image for _, image in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
 def find(flavour: str = "default", *, cache: Path | None = None) -> GuestImage:
     """The newest built image of ``flavour``.
 
     Raises:
         ImageError: none has been built (the message says how to build one).
     """
-    check_flavour(flavour)
-    images = (cache or cache_dir()) / "images"
-    found: list[tuple[float, GuestImage]] = []
-    for directory in images.glob(f"{flavour}-*"):
-        image = load_image(directory)
-        if image is not None and image.flavour == flavour:
-            found.append(((directory / MANIFEST).stat().st_mtime, image))
+    found = built_images(flavour, cache=cache)
     if not found:
+        images = (cache or cache_dir()) / "images"
         raise ImageError(
             f"no built-in guest image of flavour {flavour!r} in {images}; "
             f"run `pyqvm image build --flavour {flavour}`"
         )
-    return max(found, key=lambda item: item[0])[1]
+    return found[0]
+
+
+def prune(*, cache: Path | None = None, dry_run: bool = False) -> list[GuestImage]:
+    """Remove every built image but the newest of each flavour; returns what went.
+
+    A state saved from a VM on an older image names that image's disk as its base
+    (`pyqvm.ops.migration.save`): restoring it needs the image, so prune after.
+    """
+    gone: list[GuestImage] = []
+    for flavour in FLAVOURS:
+        for image in built_images(flavour, cache=cache)[1:]:
+            if not dry_run:
+                log.info("removing %s image %s", image.flavour, image.directory)
+                shutil.rmtree(image.directory)
+            gone.append(image)
+    return gone
