@@ -15,6 +15,7 @@ overlay or directory.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
@@ -91,6 +92,7 @@ class AsyncVM:
         self._console_cache = ""
         self._boot_seconds: float | None = None
         self._adopt: dict[str, Path] = {}
+        self._without_forwards = False
 
     # --- state -------------------------------------------------------------------------------
 
@@ -164,7 +166,9 @@ class AsyncVM:
         self._state = VMState.RUNNING
         log.info("%s: ready after %.2f s (pid %s)", self.name, self._boot_seconds, self.pid)
 
-    async def start_incoming(self, *, overlays: Mapping[str, Path] | None = None) -> None:
+    async def start_incoming(
+        self, *, overlays: Mapping[str, Path] | None = None, without_forwards: bool = False
+    ) -> None:
         """Start QEMU as a migration destination (``-incoming defer``).
 
         Returns once QMP is connected; the guest does not run until a migration
@@ -173,9 +177,12 @@ class AsyncVM:
         open instead of a fresh one (shared storage: the source's overlay). The
         file is hard-linked into this VM's runtime dir, so either side's cleanup
         leaves the other's disk intact (symlinked if it is on another filesystem).
+        ``without_forwards`` leaves out the NICs' host port forwards, which a source
+        on the same host still holds (the migration adds them once it has quit).
         """
         self._require(VMState.CREATED)
         self._adopt = {k: Path(v) for k, v in (overlays or {}).items()}
+        self._without_forwards = without_forwards
         self._state = VMState.STARTING
         t0 = time.monotonic()
         try:
@@ -213,6 +220,11 @@ class AsyncVM:
         self._resolved = resolved = resolve(
             self.spec, facts=self._host, image_cache=self._image_cache, host_root=self._pt_host.root
         )
+        if self._without_forwards:
+            nets = tuple(dataclasses.replace(n, forwards=()) for n in resolved.spec.networks)
+            resolved = dataclasses.replace(
+                resolved, spec=dataclasses.replace(resolved.spec, networks=nets)
+            )
         spec = resolved.spec
         if spec.host_devices:  # claim, check and bind to vfio-pci; undone in _teardown
             self._passthrough = assign(spec, self._pt_host)

@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -21,7 +23,7 @@ from typing import Literal
 import pytest
 from guest_helpers import counter, counter_beyond, run_script, start_counter
 
-from pyqvm import AsyncVM, Disk, Network, VMSpec, VMState
+from pyqvm import AsyncVM, Disk, Network, PortForward, VMSpec, VMState
 from pyqvm.image import GuestImage
 from pyqvm.ops.hotplug import plugged
 from pyqvm.ops.migration import MigrationProgress, MigrationStats, MigrationTuning, send
@@ -251,6 +253,51 @@ async def test_migrate_to_a_destination_in_another_process(
         if child.returncode is None:
             child.kill()
             await child.wait()
+        await src.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _http_get(port: int) -> str:
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/hello", timeout=10) as r:
+            return str(r.read().decode())
+
+    return await asyncio.to_thread(get)
+
+
+async def test_port_forwards_move_with_the_guest(default_image: GuestImage) -> None:
+    """On one host the destination cannot listen on the source's forwarded ports while the
+    source runs: it starts without them and takes them over once the source has quit."""
+    port = _free_port()
+    spec = VMSpec(
+        image="default",
+        name="fwd",
+        networks=(Network(forwards=(PortForward(host_port=port, guest_port=8080),)),),
+    )
+    src, dst = AsyncVM(spec), AsyncVM(spec)
+    try:
+        await src.start()
+        await src.run(
+            [
+                "sh",
+                "-c",
+                "mkdir -p /tmp/www && echo served > /tmp/www/hello && httpd -p 8080 -h /tmp/www",
+            ],
+            check=True,
+        )
+        assert await _http_get(port) == "served\n"
+        await src.migrate(dst)
+        assert src.state is VMState.STOPPED
+        assert await _http_get(port) == "served\n"  # the same guest's httpd, now via dst
+        info = await dst.execute("human-monitor-command", {"command-line": "info usernet"})
+        assert any("HOST_FORWARD" in ln and f" {port} " in ln for ln in info.splitlines()), info
+    finally:
+        await dst.stop()
         await src.stop()
 
 

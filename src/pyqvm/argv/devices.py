@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pyqvm.argv.escape import qjson
 from pyqvm.errors import SpecError
-from pyqvm.spec import Disk, Network, VMSpec
+from pyqvm.spec import Disk, Network, PortForward, VMSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,15 +149,17 @@ def _blockdev(disk: Disk, f: DiskFile) -> dict[str, object]:
     return base | {"node-name": disk.id, "read-only": disk.readonly}
 
 
+def hostfwd_rule(f: PortForward) -> str:
+    """A port forward in slirp's syntax (``-netdev user,hostfwd=`` and HMP ``hostfwd_add``)."""
+    return f"{f.protocol}:{f.host_address}:{f.host_port}-:{f.guest_port}"
+
+
 def netdev_props(spec: VMSpec, net: Network, accel: str) -> dict[str, object]:
     """The ``-netdev`` (or QMP ``netdev_add``) members for one NIC's host side."""
     netdev: dict[str, object] = {"id": net.id, "type": net.mode}
     if net.mode == "user":
         if net.forwards:
-            netdev["hostfwd"] = [
-                {"str": f"{f.protocol}:{f.host_address}:{f.host_port}-:{f.guest_port}"}
-                for f in net.forwards
-            ]
+            netdev["hostfwd"] = [{"str": hostfwd_rule(f)} for f in net.forwards]
     else:
         netdev |= {"ifname": net.tap, "script": "no", "downscript": "no"}
         if accel == "kvm" and spec.profile != "emulated":

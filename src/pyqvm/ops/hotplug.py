@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from pyqvm.argv.devices import (
     DiskFile,
     blockdev_props,
+    hostfwd_rule,
     hotplug_port_ids,
     netdev_props,
     nic_props,
@@ -131,7 +132,11 @@ def plugged_overlays(vm: AsyncVM) -> dict[str, Path]:
 
 
 async def replug(
-    vm: AsyncVM, devices: Mapping[str, Plugged], *, overlays: Mapping[str, Path] | None = None
+    vm: AsyncVM,
+    devices: Mapping[str, Plugged],
+    *,
+    overlays: Mapping[str, Path] | None = None,
+    without_forwards: bool = False,
 ) -> None:
     """Plug ``devices`` (another VM's `plugged`) into ``vm``, with the same ids and slots.
 
@@ -139,6 +144,7 @@ async def replug(
     ``device_add`` then, and the incoming state needs the same devices. An
     ephemeral disk opens ``overlays[id]`` (the source's overlay: shared storage)
     or else a fresh overlay over its file (copied storage fills it).
+    ``without_forwards`` leaves out NICs' host port forwards (see `hostfwds`).
     """
     for device, p in devices.items():
         if p.disk is not None:
@@ -151,10 +157,24 @@ async def replug(
                     await make_overlay(p.disk.path, p.disk.format or "raw", overlay)
                 files = DiskFile(overlay=overlay)
             await _replay(vm, device, ("blockdev-add", blockdev_props(p.disk, files)))
-        for command in p.commands:
-            await _replay(vm, device, command)
+        for name, args in p.commands:
+            if without_forwards and name == "netdev_add":
+                args = {k: v for k, v in args.items() if k != "hostfwd"}
+            await _replay(vm, device, (name, args))
         _remember(vm, device, p)
         log.info("%s: plugged %r as the source has it", vm.name, device)
+
+
+def hostfwds(vm: AsyncVM) -> list[tuple[str, str]]:
+    """(netdev id, rule) of every host port forward of ``vm``'s NICs, hot-plugged ones too."""
+    out = [
+        (n.id, hostfwd_rule(f)) for n in vm.spec.networks if n.mode == "user" for f in n.forwards
+    ]
+    for p in plugged(vm).values():
+        for name, args in p.commands:
+            if name == "netdev_add":
+                out += [(str(args["id"]), str(r["str"])) for r in args.get("hostfwd", ())]
+    return out
 
 
 async def _replay(vm: AsyncVM, device: str, command: QMPCommand) -> None:

@@ -55,7 +55,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pyqvm import passthrough
 from pyqvm.errors import MigrationError, PyqvmError, VMStateError
 from pyqvm.ops import block_nodes
-from pyqvm.ops.hotplug import Plugged, plugged, plugged_overlays, replug
+from pyqvm.ops.hotplug import Plugged, hostfwds, plugged, plugged_overlays, replug
 from pyqvm.overlays import overlay_disks, overlay_path
 from pyqvm.resolve import with_image
 from pyqvm.spec import Disk, VMSpec
@@ -415,6 +415,7 @@ async def listen(
     tuning: MigrationTuning | None = None,
     overlays: Mapping[str, Path] | None = None,
     devices: Mapping[str, Plugged] | None = None,
+    without_forwards: bool = False,
 ) -> Incoming:
     """Start ``dst`` as a migration destination and listen for the source.
 
@@ -424,20 +425,22 @@ async def listen(
     (same transport) for the source to mirror into. ``overlays`` (shared storage
     on one host) makes ``dst`` open the source's disk overlays, see
     `AsyncVM.start_incoming`. ``devices`` (the source's `hotplug.plugged`) are
-    plugged into ``dst`` before the state comes, as the source has them. On
-    failure ``dst`` is stopped and removed.
+    plugged into ``dst`` before the state comes, as the source has them.
+    ``without_forwards`` starts ``dst``'s NICs without their host port forwards
+    (a source on this host still holds the ports; `add_forwards` adds them after).
+    On failure ``dst`` is stopped and removed.
     """
     tuning = tuning or MigrationTuning()
     _check_options(transport, storage, address)
     _refuse_blocked(dst, "migrate into")
-    await dst.start_incoming(overlays=overlays)
+    await dst.start_incoming(overlays=overlays, without_forwards=without_forwards)
     try:
         assert dst.runtime_dir is not None
         # Autostart off: the guest runs here only once the source is known to be done.
         await dst.execute("stop")
         await _configure(dst, tuning, "destination")
         if devices:
-            await replug(dst, devices, overlays=overlays)
+            await replug(dst, devices, overlays=overlays, without_forwards=without_forwards)
         nbd: str | None = None
         exports: tuple[str, ...] = ()
         if storage == "copied":
@@ -922,6 +925,9 @@ def _plan(
     src._require(VMState.RUNNING)
     _refuse_blocked(src, "migrate")
     overlays = source_overlays(src) if storage == "shared" else None
+    # Both VMs run on this host: the destination takes over the source's host ports
+    # only once the source has quit.
+    forwards = hostfwds(src)
     listening = listen(
         dst,
         transport=transport,
@@ -930,6 +936,7 @@ def _plan(
         tuning=tuning,
         overlays=overlays,
         devices=plugged(src),
+        without_forwards=bool(forwards),
     )
     incoming: Incoming = yield "dst", listening, False
     try:
@@ -950,7 +957,25 @@ def _plan(
         yield "src", _resume_source(src), True
         raise
     yield "src", src.stop(), False
+    if forwards:
+        yield "dst", add_forwards(dst, forwards), False
     return dataclasses.replace(stats, wall_time=time.monotonic() - t0)
+
+
+async def add_forwards(vm: AsyncVM, forwards: Sequence[tuple[str, str]]) -> None:
+    """Add host port forwards ((netdev id, rule), see `hotplug.hostfwds`) to running NICs.
+
+    The guest already runs here, so a port that cannot be had (taken meanwhile)
+    is logged, not raised.
+    """
+    for netdev, rule in forwards:
+        out = await vm.execute(
+            "human-monitor-command", {"command-line": f"hostfwd_add {netdev} {rule}"}
+        )
+        if str(out).strip():
+            log.warning("%s: port forward %s on %s not restored: %s", vm.name, rule, netdev, out)
+        else:
+            log.info("%s: port forward %s on %s", vm.name, rule, netdev)
 
 
 async def migrate(
