@@ -226,8 +226,10 @@ class VM:
     def write_file(self, path: str, data: bytes) -> None:
         self._run(self._vm.write_file(path, data))
 
-    def start_incoming(self, *, overlays: Mapping[str, Path] | None = None) -> None:
-        self._run(self._vm.start_incoming(overlays=overlays))
+    def start_incoming(
+        self, *, overlays: Mapping[str, Path] | None = None, without_forwards: bool = False
+    ) -> None:
+        self._run(self._vm.start_incoming(overlays=overlays, without_forwards=without_forwards))
 
     def migrate(
         self,
