@@ -416,8 +416,14 @@ class VMSpec:
                 raise SpecError(name, f"{v!r} must be a whole number from {lo} to {hi}")
             return v
 
-        machine = self.effective_machine
-        if whole("hotplug_slots", 0, MAX_HOTPLUG_SLOTS) and machine != "q35":
+        hotplug_slots = whole("hotplug_slots", 0, MAX_HOTPLUG_SLOTS)
+        if self.max_smp is not None:
+            whole("max_smp", 1, 255)
+        slots = whole("memory_slots", 0, 256)
+        if self.max_memory is not None:
+            _set(self, "max_memory", parse_size_mib(self.max_memory, "max_memory"))
+        machine = self.effective_machine  # needs the numbers above checked
+        if hotplug_slots and machine != "q35":
             hint = (
                 'machine "pc" hot-plugs into its pci.0 bus without reserved slots; leave it 0'
                 if machine == "pc"
@@ -425,19 +431,16 @@ class VMSpec:
             )
             raise SpecError("hotplug_slots", hint)
         if self.max_smp is not None:
-            whole("max_smp", 1, 255)
             if self.max_smp < self.smp:
                 raise SpecError(
                     "max_smp", f"{self.max_smp} is below smp = {self.smp}; use at least {self.smp}"
                 )
             if machine == "microvm" and self.max_smp > self.smp:
                 raise SpecError("max_smp", 'microvm has no CPU hotplug; use machine = "q35"')
-        slots = whole("memory_slots", 0, 256)
         if self.max_memory is None:
             if slots:
                 raise SpecError("memory_slots", "needs max_memory (the most the guest may have)")
             return
-        _set(self, "max_memory", parse_size_mib(self.max_memory, "max_memory"))
         assert isinstance(self.memory, int) and isinstance(self.max_memory, int)
         if self.max_memory < self.memory:
             raise SpecError("max_memory", f"{self.max_memory}M is below memory = {self.memory}M")

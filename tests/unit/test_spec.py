@@ -87,6 +87,9 @@ def test_memory_sizes(value: int | str, mib: int) -> None:
         ({"profile": "fast"}, "profile", "virtio, emulated, passthrough"),
         ({"accelerator": "hvf"}, "accelerator", "auto, kvm, tcg"),
         ({"smp": 0}, "smp", "1 to 255"),
+        # Checked before machine = "auto" looks at them (a string once raised TypeError).
+        ({"max_smp": "4"}, "max_smp", "whole number from 1 to 255"),
+        ({"max_memory": "1X", "memory_slots": 1}, "max_memory", "not a size"),
         ({"disks": [{"path": "missing.qcow2"}]}, "disks[0].path", "no such file"),
         ({"kernel": {"kernel": "nope"}}, "kernel.kernel", "no such file"),
         ({"host_devices": [{"address": "1:2:3"}]}, "host_devices[0].address", "DDDD:BB:SS.F"),
