@@ -52,6 +52,14 @@ async def write_data(vm: AsyncVM) -> str:
     return await disk_digest(vm)
 
 
+async def start_busy(vm: AsyncVM) -> tuple[str, int]:
+    """Boot ``vm``, write data to its disk and start its counter: (disk digest, counter)."""
+    await vm.start()
+    digest = await write_data(vm)
+    await start_counter(vm)
+    return digest, await counter_beyond(vm, 0)
+
+
 async def disk_digest(vm: AsyncVM) -> str:
     out = await vm.run(
         ["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches && sha256sum /mnt/data/blob"], check=True
@@ -75,10 +83,7 @@ async def test_migrate_over_unix_with_shared_storage(default_image: GuestImage) 
     src, dst = AsyncVM(spec("mig-src")), AsyncVM(spec("mig-dst"))
     seen: list[MigrationProgress] = []
     try:
-        await src.start()
-        digest = await write_data(src)
-        await start_counter(src)
-        before = await counter_beyond(src, 0)
+        digest, before = await start_busy(src)
         src_rundir = src.runtime_dir
         assert src_rundir is not None
         src_overlay = os.stat(src_rundir / "root.qcow2")
@@ -100,10 +105,7 @@ async def test_migrate_over_unix_with_shared_storage(default_image: GuestImage) 
 async def test_migrate_over_tcp_with_copied_storage(default_image: GuestImage) -> None:
     src, dst = AsyncVM(spec("mig-src")), AsyncVM(spec("mig-dst"))
     try:
-        await src.start()
-        digest = await write_data(src)
-        await start_counter(src)
-        before = await counter_beyond(src, 0)
+        digest, before = await start_busy(src)
         src_rundir = src.runtime_dir
         assert src_rundir is not None
 
@@ -184,12 +186,9 @@ async def test_migration_tuning_is_used(
     arrives intact."""
     src, dst = AsyncVM(spec("tune-src")), AsyncVM(spec("tune-dst"))
     try:
-        await src.start()
-        digest = await write_data(src)
-        await start_counter(src)
+        digest, before = await start_busy(src)
         if dirty:
             await src.run(["sh", "-c", DIRTIER], check=True)
-        before = await counter_beyond(src, 0)
         stats = await src.migrate(dst, transport=transport, tuning=tuning, timeout=120)
         check(stats)
         await check_moved(src, dst, before, digest)
@@ -305,10 +304,7 @@ async def test_save_and_restore(default_image: GuestImage, tmp_path: Path) -> No
     src = AsyncVM(spec("saved"))
     restored = AsyncVM(spec("saved"))
     try:
-        await src.start()
-        digest = await write_data(src)
-        await start_counter(src)
-        before = await counter_beyond(src, 0)
+        digest, before = await start_busy(src)
 
         saved = await src.save(tmp_path / "state")
 
