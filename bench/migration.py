@@ -31,9 +31,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pyqvm import AsyncVM, VMSpec
+from pyqvm import AsyncVM, MigrationStats, MigrationTuning, VMSpec
 from pyqvm.errors import MigrationError
-from pyqvm.ops.migration import MigrationStats, MigrationTuning
 
 SPEC = VMSpec(image="default", name="bench-mig", memory=512, smp=1)
 FILL = "mount -o remount,size=400M /tmp && dd if=/dev/urandom of=/tmp/fill bs=1M count=300"

@@ -19,8 +19,7 @@ import sys
 import tempfile
 import time
 
-from pyqvm import VM, PyqvmError, VMSpec
-from pyqvm.ops.migration import MigrationProgress
+from pyqvm import VM, MigrationProgress, PyqvmError, VMSpec
 
 # Written aside and renamed, so a reader never sees the file half-written (empty).
 COUNTER = (

@@ -1,14 +1,19 @@
 """pyqvm: a pure-Python QEMU/KVM launcher that speaks QMP directly.
 
-Public API::
+Public API (everything a user handles is importable from here)::
 
     VMSpec (+ Disk, Network, PortForward, KernelBoot, HostDevice), load_spec: describe a VM
-    AsyncVM (asyncio) / VM (blocking): run it
-    ExecResult: a guest command's outcome
+    AsyncVM (asyncio) / VM (blocking): run it; VMState: where it is
+    ExecResult: a guest command's outcome (like subprocess.CompletedProcess)
+    SnapshotInfo, ChainLink: internal and external snapshots
+    Plugged: a hot-plugged device, as it travels to a migration destination
+    MigrationTuning, MigrationProgress, MigrationStats, Incoming, SavedState: migration
+    Machine, LaunchPlan: one launch's resources, for code that builds operations
     PyqvmError and its subclasses: every error pyqvm raises
 """
 
 from pyqvm.agent import ExecResult, GuestAgent
+from pyqvm.devices import Plugged
 from pyqvm.errors import (
     DeviceClaimedError,
     GroupNotViableError,
@@ -32,13 +37,26 @@ from pyqvm.errors import (
     VMExitedError,
     VMStateError,
 )
+from pyqvm.machine import LaunchPlan, Machine, preview_argv
+from pyqvm.ops.blockjobs import ChainLink
+from pyqvm.ops.migration import (
+    Incoming,
+    MigrationProgress,
+    MigrationStats,
+    MigrationTuning,
+    SavedState,
+)
+from pyqvm.ops.snapshot import SnapshotInfo
+from pyqvm.session import QMPSession
 from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec, load_spec
+from pyqvm.state import VMState
 from pyqvm.sync import VM
-from pyqvm.vm import AsyncVM, VMState, preview_argv
+from pyqvm.vm import AsyncVM
 
 __all__ = [
     "VM",
     "AsyncVM",
+    "ChainLink",
     "DeviceClaimedError",
     "Disk",
     "ExecResult",
@@ -51,18 +69,28 @@ __all__ = [
     "HostError",
     "HotplugError",
     "ImageError",
+    "Incoming",
     "JobError",
     "KernelBoot",
     "LaunchError",
+    "LaunchPlan",
+    "Machine",
     "MigrationError",
+    "MigrationProgress",
+    "MigrationStats",
+    "MigrationTuning",
     "Network",
     "OperationError",
     "PassthroughError",
+    "Plugged",
     "PortForward",
     "PyqvmError",
     "PyqvmTimeoutError",
     "QMPCommandError",
+    "QMPSession",
+    "SavedState",
     "SnapshotError",
+    "SnapshotInfo",
     "SpecError",
     "UnplugTimeoutError",
     "VMExitedError",

@@ -30,6 +30,7 @@ tails) as attributes, not only inside the message.
 
 from __future__ import annotations
 
+import enum
 import shlex
 from collections.abc import Sequence
 
@@ -58,7 +59,8 @@ class ImageError(PyqvmError):
     """The built-in guest image could not be built or found."""
 
 
-def _tail(text: str, lines: int) -> str:
+def tail(text: str, lines: int) -> str:
+    """The last ``lines`` lines of ``text`` (QEMU's stderr, the console), for a message."""
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
@@ -83,14 +85,30 @@ class LaunchError(PyqvmError):
         if exitcode is not None:
             parts.append(f"QEMU exit code: {exitcode}")
         if stderr.strip():
-            parts.append("QEMU stderr:\n" + _tail(stderr, 20))
+            parts.append("QEMU stderr:\n" + tail(stderr, 20))
         if console.strip():
-            parts.append("console tail:\n" + _tail(console, 20))
+            parts.append("console tail:\n" + tail(console, 20))
         super().__init__("\n".join(parts))
 
 
 class VMStateError(PyqvmError):
-    """The operation is not valid in the VM's current state."""
+    """The operation is not valid in the VM's current state.
+
+    ``state`` is the state the VM was in (a `pyqvm.VMState`; None where no VM
+    state applies, e.g. a process not started yet) and ``required`` the states
+    the operation needs.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        state: enum.Enum | None = None,
+        required: Sequence[enum.Enum] = (),
+    ) -> None:
+        super().__init__(message)
+        self.state = state
+        self.required = tuple(required)
 
 
 class VMExitedError(PyqvmError):
@@ -179,9 +197,9 @@ class GuestExecError(GuestError):
     ) -> None:
         how = f"killed by signal {signal}" if signal is not None else f"exit code {exitcode}"
         msg = f"guest command {shlex.join(argv)!r} failed: {how}"
-        tail = _tail(stderr.decode("utf-8", "replace"), 20)
-        if tail:
-            msg += "\nstderr:\n" + tail
+        last = tail(stderr.decode("utf-8", "replace"), 20)
+        if last:
+            msg += "\nstderr:\n" + last
         super().__init__(msg)
         self.argv = list(argv)
         self.exitcode = exitcode
@@ -267,4 +285,5 @@ __all__ = [
     "UnplugTimeoutError",
     "VMExitedError",
     "VMStateError",
+    "tail",
 ]

@@ -38,6 +38,7 @@ from qemu.qmp import (
 )
 from qemu.qmp.protocol import Runstate
 
+from pyqvm.deadline import Deadline
 from pyqvm.errors import (
     JobError,
     PyqvmError,
@@ -233,13 +234,11 @@ class QMPSession:
         names = {name} if isinstance(name, str) else set(name)
         pred = event_filter(match)
         what = f"{'/'.join(sorted(names))} event"
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = Deadline(timeout)
 
         async def scan(source: EventListener) -> Event:
             while True:
-                left = None if deadline is None else max(0.0, deadline - loop.time())
-                event = await self.next_event(source, left, what)
+                event = await self.next_event(source, deadline.left(), what)
                 if event.get("event") in names and (pred is None or pred(event)):
                     return event
 
@@ -326,12 +325,7 @@ class QMPSession:
         """
         self._job_seq += 1
         jid = job_id or f"pyqvm-{command}-{self._job_seq}"
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-
-        def left() -> float | None:
-            return None if deadline is None else max(0.0, deadline - loop.time())
-
+        left = Deadline(timeout).left
         async with self.job(command, arguments, job_id=jid, timeout=left()) as job:
             if complete_on_ready and await job.wait_for("ready", timeout=left()) == "ready":
                 await job.complete(timeout=left())
@@ -402,13 +396,11 @@ class Job:
         Raises `PyqvmTimeoutError` after ``timeout`` s, `VMExitedError` if QEMU exits.
         """
         want = set(statuses) | JOB_FINAL
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = Deadline(timeout)
         self._drain()
         while self.status not in want:
-            left = None if deadline is None else max(0.0, deadline - loop.time())
             what = f"job {self.id!r} reaching {'/'.join(sorted(want))} (now {self.status})"
-            self._take(await self._session.next_event(self._listener, left, what))
+            self._take(await self._session.next_event(self._listener, deadline.left(), what))
         return self.status
 
     async def info(self, *, timeout: float | None = 60.0) -> JobInfo | None:
@@ -422,8 +414,19 @@ class Job:
         """``job-complete``: finish a ``ready`` job (pivot a mirror, end an active commit)."""
         await self._session.execute("job-complete", {"id": self.id}, timeout=timeout)
 
-    async def cancel(self, *, timeout: float | None = 60.0) -> None:
-        """``job-cancel``: ask QEMU to stop the job (a ``ready`` mirror stops without pivot)."""
+    async def cancel(self, *, force: bool = True, timeout: float | None = 60.0) -> None:
+        """Ask QEMU to stop the job: ``job-cancel`` (forced: a ``ready`` mirror stops at once,
+        without pivot).
+
+        ``force=False`` is ``block-job-cancel`` without force, for a ``ready``
+        mirror: it first copies what is still dirty, then ends without pivot,
+        and `finish` reports success (a complete copy that was not switched to).
+        """
+        if not force:
+            await self._session.execute(
+                "block-job-cancel", {"device": self.id, "force": False}, timeout=timeout
+            )
+            return
         self._cancelled = True
         await self._session.execute("job-cancel", {"id": self.id}, timeout=timeout)
 

@@ -17,12 +17,23 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pyqvm.errors import SpecError
+from pyqvm.fields import (
+    GUEST_PCI_RE,
+    MAC_RE,
+    QCOW2_MAGIC,
+    absolute_path,
+    check_id,
+    choice,
+    normalize_pci_address,
+    parse_size_mib,
+    set_field,
+)
 
 Arch = Literal["x86_64", "aarch64"]
 Machine = Literal["auto", "q35", "pc", "microvm"]
@@ -42,84 +53,10 @@ ARCHES: tuple[str, ...] = get_args(Arch)
 MACHINES: tuple[str, ...] = get_args(Machine)
 PROFILES: tuple[str, ...] = get_args(Profile)
 
-# QEMU's id rule (util/id.c id_wellformed): a letter, then letters, digits, '-', '.', '_'.
-_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
-_PCI_RE = re.compile(
-    r"(?:(?P<domain>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<slot>[0-1][0-9a-fA-F])\.(?P<fn>[0-7])\Z"
-)
-_GUEST_PCI_RE = re.compile(r"[0-1]?[0-9a-fA-F](?:\.[0-7])?\Z")
-_MAC_RE = re.compile(r"(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\Z")
-_SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE)
-_QCOW2_MAGIC = b"QFI\xfb"
 #: The id of the built-in image's disk, attached first when ``image`` is set.
 IMAGE_DISK_ID = "root"
 #: The most q35 pcie-root-ports `VMSpec.hotplug_slots` may reserve (one PCIe slot each).
 MAX_HOTPLUG_SLOTS = 16
-
-
-def parse_size_mib(value: int | str, field_name: str) -> int:
-    """Parse a memory size (``512``, ``"512M"``, ``"2G"``, ``"1GiB"``) into MiB."""
-    if isinstance(value, bool):
-        raise SpecError(field_name, f"{value!r} is not a size; use e.g. 512M or 2G")
-    if isinstance(value, int):
-        mib = value
-    else:
-        m = _SIZE_RE.match(str(value))
-        if not m:
-            raise SpecError(field_name, f"{value!r} is not a size; use e.g. 512M or 2G")
-        number, unit = int(m.group(1)), m.group(2).upper()
-        if unit == "K":
-            if number % 1024:
-                raise SpecError(field_name, f"{value!r} is not a whole number of MiB")
-            mib = number // 1024
-        else:
-            mib = number * {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
-    if mib <= 0:
-        raise SpecError(field_name, f"{value!r} must be positive; use e.g. 512M or 2G")
-    return mib
-
-
-def check_id(value: str, field_name: str) -> None:
-    """Raise unless ``value`` is a well-formed QEMU id (device, node, chardev names)."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
-        raise SpecError(
-            field_name,
-            f"{value!r} is not a valid QEMU id; start with a letter, then use only "
-            "letters, digits, '-', '.' and '_'",
-        )
-
-
-def normalize_pci_address(value: str, field_name: str) -> str:
-    """``01:00.0`` or ``0000:01:00.0`` -> ``0000:01:00.0`` (lower case)."""
-    m = _PCI_RE.match(value.strip()) if isinstance(value, str) else None
-    if not m:
-        raise SpecError(
-            field_name,
-            f"{value!r} is not a PCI address; use DDDD:BB:SS.F, e.g. 0000:01:00.0 (see `lspci -D`)",
-        )
-    domain = m.group("domain") or "0000"
-    return f"{domain}:{m.group('bus')}:{m.group('slot')}.{m.group('fn')}".lower()
-
-
-def _choice(value: object, choices: Sequence[str], field_name: str) -> None:
-    if value not in choices:
-        raise SpecError(field_name, f"{value!r} is not one of: {', '.join(choices)}")
-
-
-def _abs(path: Path | str, field_name: str, *, must_exist: bool = True) -> Path:
-    if not isinstance(path, (str, Path)) or str(path) == "":
-        raise SpecError(field_name, f"{path!r} is not a path")
-    p = Path(path).expanduser()
-    p = p if p.is_absolute() else Path.cwd() / p
-    if must_exist and not p.is_file():
-        what = "is a directory, not a file" if p.is_dir() else "no such file"
-        raise SpecError(field_name, f"{what}: '{p}'; check the path")
-    return p
-
-
-def _set(obj: object, name: str, value: object) -> None:
-    # Normalising inside __post_init__ of a frozen dataclass.
-    object.__setattr__(obj, name, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +68,9 @@ class KernelBoot:
     append: str = ""
 
     def __post_init__(self) -> None:
-        _set(self, "kernel", _abs(self.kernel, "kernel.kernel"))
+        set_field(self, "kernel", absolute_path(self.kernel, "kernel.kernel"))
         if self.initrd is not None:
-            _set(self, "initrd", _abs(self.initrd, "kernel.initrd"))
+            set_field(self, "initrd", absolute_path(self.initrd, "kernel.initrd"))
         if not isinstance(self.append, str):
             raise SpecError("kernel.append", f"{self.append!r} is not a string")
 
@@ -150,12 +87,12 @@ class Disk:
     id: str = ""
 
     def __post_init__(self) -> None:
-        _set(self, "path", _abs(self.path, "disk.path"))
+        set_field(self, "path", absolute_path(self.path, "disk.path"))
         if self.format is None:
             with open(self.path, "rb") as f:
-                _set(self, "format", "qcow2" if f.read(4) == _QCOW2_MAGIC else "raw")
-        _choice(self.format, get_args(DiskFormat), "disk.format")
-        _choice(self.interface, get_args(DiskInterface), "disk.interface")
+                set_field(self, "format", "qcow2" if f.read(4) == QCOW2_MAGIC else "raw")
+        choice(self.format, get_args(DiskFormat), "disk.format")
+        choice(self.interface, get_args(DiskInterface), "disk.interface")
         if self.id:
             check_id(self.id, "disk.id")
 
@@ -174,7 +111,7 @@ class PortForward:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
                 raise SpecError(f"forward.{name}", f"{v!r} is not a port number (0-65535)")
-        _choice(self.protocol, ("tcp", "udp"), "forward.protocol")
+        choice(self.protocol, ("tcp", "udp"), "forward.protocol")
         if not re.fullmatch(r"[0-9A-Za-z.:-]*", self.host_address):
             raise SpecError("forward.host_address", f"{self.host_address!r} is not an address")
 
@@ -191,9 +128,9 @@ class Network:
     id: str = ""
 
     def __post_init__(self) -> None:
-        _choice(self.mode, get_args(NetMode), "network.mode")
-        _choice(self.model, get_args(NicModel), "network.model")
-        _set(self, "forwards", tuple(self.forwards))
+        choice(self.mode, get_args(NetMode), "network.mode")
+        choice(self.model, get_args(NicModel), "network.model")
+        set_field(self, "forwards", tuple(self.forwards))
         if self.mode == "tap":
             if not self.tap or not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", self.tap):
                 raise SpecError("network.tap", f"{self.tap!r} is not a tap interface name")
@@ -201,7 +138,7 @@ class Network:
             raise SpecError("network.tap", 'only valid with mode = "tap"')
         if self.forwards and self.mode != "user":
             raise SpecError("network.forwards", 'port forwards need mode = "user"')
-        if self.mac is not None and not _MAC_RE.match(self.mac):
+        if self.mac is not None and not MAC_RE.match(self.mac):
             raise SpecError(
                 "network.mac", f"{self.mac!r} is not a MAC address like 52:54:00:12:34:56"
             )
@@ -226,10 +163,10 @@ class HostDevice:
     managed: bool = True
 
     def __post_init__(self) -> None:
-        _set(self, "address", normalize_pci_address(self.address, "host_device.address"))
+        set_field(self, "address", normalize_pci_address(self.address, "host_device.address"))
         if not isinstance(self.managed, bool):
             raise SpecError("host_device.managed", f"{self.managed!r} is not true or false")
-        if self.guest_address is not None and not _GUEST_PCI_RE.match(self.guest_address):
+        if self.guest_address is not None and not GUEST_PCI_RE.match(self.guest_address):
             raise SpecError(
                 "host_device.guest_address",
                 f"{self.guest_address!r} is not a guest slot[.function] like 05.0",
@@ -285,24 +222,24 @@ class VMSpec:
             r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name
         ):
             raise SpecError("name", f"{self.name!r}: use 1-64 letters, digits, '-', '.', '_'")
-        _choice(self.arch, ARCHES, "arch")
+        choice(self.arch, ARCHES, "arch")
         if self.arch != "x86_64":
             raise SpecError("arch", f"{self.arch!r} is not supported yet; use x86_64")
-        _choice(self.machine, MACHINES, "machine")
-        _choice(self.accelerator, get_args(Accelerator), "accelerator")
-        _choice(self.profile, PROFILES, "profile")
-        _choice(self.guest_os, get_args(GuestOS), "guest_os")
-        _choice(self.firmware, get_args(Firmware), "firmware")
-        _choice(self.ready, get_args(Readiness), "ready")
+        choice(self.machine, MACHINES, "machine")
+        choice(self.accelerator, get_args(Accelerator), "accelerator")
+        choice(self.profile, PROFILES, "profile")
+        choice(self.guest_os, get_args(GuestOS), "guest_os")
+        choice(self.firmware, get_args(Firmware), "firmware")
+        choice(self.ready, get_args(Readiness), "ready")
         if self.image is not None:
-            _choice(self.image, get_args(ImageFlavour), "image")
+            choice(self.image, get_args(ImageFlavour), "image")
         if self.cpu is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=,-]*", self.cpu):
             raise SpecError(
                 "cpu", f"{self.cpu!r} is not a CPU model (see qemu-system-x86_64 -cpu help)"
             )
         if isinstance(self.smp, bool) or not isinstance(self.smp, int) or not 1 <= self.smp <= 255:
             raise SpecError("smp", f"{self.smp!r} must be a whole number from 1 to 255")
-        _set(self, "memory", parse_size_mib(self.memory, "memory"))
+        set_field(self, "memory", parse_size_mib(self.memory, "memory"))
         self._check_hotplug_room()
         if not isinstance(self.ready_timeout, (int, float)) or self.ready_timeout <= 0:
             raise SpecError(
@@ -310,19 +247,27 @@ class VMSpec:
             )
 
         for name in ("disks", "cdroms", "networks", "host_devices", "extra_args"):
-            _set(self, name, tuple(getattr(self, name)))
-        _set(self, "disks", tuple(_with_id(d, f"disk{i}") for i, d in enumerate(self.disks)))
-        _set(self, "networks", tuple(_with_id(n, f"net{i}") for i, n in enumerate(self.networks)))
-        _set(
+            set_field(self, name, tuple(getattr(self, name)))
+        set_field(self, "disks", tuple(_with_id(d, f"disk{i}") for i, d in enumerate(self.disks)))
+        set_field(
+            self, "networks", tuple(_with_id(n, f"net{i}") for i, n in enumerate(self.networks))
+        )
+        set_field(
             self,
             "host_devices",
             tuple(_with_id(h, f"hostdev{i}") for i, h in enumerate(self.host_devices)),
         )
-        _set(self, "cdroms", tuple(_abs(c, f"cdroms[{i}]") for i, c in enumerate(self.cdroms)))
+        set_field(
+            self,
+            "cdroms",
+            tuple(absolute_path(c, f"cdroms[{i}]") for i, c in enumerate(self.cdroms)),
+        )
         if self.ovmf_code is not None:
-            _set(self, "ovmf_code", _abs(self.ovmf_code, "ovmf_code"))
+            set_field(self, "ovmf_code", absolute_path(self.ovmf_code, "ovmf_code"))
         if self.serial_log is not None:
-            _set(self, "serial_log", _abs(self.serial_log, "serial_log", must_exist=False))
+            set_field(
+                self, "serial_log", absolute_path(self.serial_log, "serial_log", must_exist=False)
+            )
         for i, a in enumerate(self.extra_args):
             if not isinstance(a, str):
                 raise SpecError(f"extra_args[{i}]", f"{a!r} is not a string")
@@ -421,7 +366,7 @@ class VMSpec:
             whole("max_smp", 1, 255)
         slots = whole("memory_slots", 0, 256)
         if self.max_memory is not None:
-            _set(self, "max_memory", parse_size_mib(self.max_memory, "max_memory"))
+            set_field(self, "max_memory", parse_size_mib(self.max_memory, "max_memory"))
         machine = self.effective_machine  # needs the numbers above checked
         if hotplug_slots and machine != "q35":
             hint = (

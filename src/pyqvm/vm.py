@@ -1,64 +1,50 @@
-"""`AsyncVM`: the one object a user holds for a running guest.
+"""`AsyncVM`: the one object a user holds for a guest (asyncio API).
 
-It owns the runtime dir, the QEMU process, the QMP session and the guest
-agent, in that order of creation, and tears them down in reverse::
+It is a `pyqvm.machine.Machine` (one launch's resources: runtime dir, QEMU,
+QMP, agent, hot-plugged devices) plus one-line delegations to it and to the
+operations in `pyqvm.ops`::
 
     async with AsyncVM(VMSpec(image="default")) as vm:
         result = await vm.run(["uname", "-a"])
 
-Shutdown goes in steps, each bounded: ACPI powerdown (wait for QEMU to
-exit) -> QMP ``quit`` -> SIGTERM -> SIGKILL. Cleanup is shielded from the
-caller's cancellation, and nothing is left behind: no process, socket,
-overlay or directory.
+Cleanup is shielded from the caller's cancellation, and nothing is left
+behind: no process, socket, overlay or directory.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import logging
-import socket
-import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 from qemu.qmp import EventListener
 
 from pyqvm.agent import ExecResult, GuestAgent
-from pyqvm.argv.build import LaunchContext, build_argv
-from pyqvm.argv.devices import DiskFile
-from pyqvm.errors import (
-    LaunchError,
-    PyqvmError,
-    PyqvmTimeoutError,
-    VMStateError,
-)
+from pyqvm.devices import Plugged
 from pyqvm.host.facts import HostFacts
-from pyqvm.ops import blockjobs as _blockjobs
-from pyqvm.ops import hotplug as _hotplug
-from pyqvm.ops import migration
-from pyqvm.ops import snapshot as _snapshot
+from pyqvm.machine import LaunchPlan, Machine, preview_argv
+from pyqvm.ops import blockjobs, guest, hotplug, migration, snapshot
 from pyqvm.ops.blockjobs import ChainLink
-from pyqvm.ops.migration import MigrationStats, MigrationTuning, ProgressCallback, SavedState
+from pyqvm.ops.migration import (
+    Incoming,
+    MigrationStats,
+    MigrationTuning,
+    ProgressCallback,
+    SavedState,
+    Storage,
+    Transport,
+)
 from pyqvm.ops.snapshot import SnapshotInfo
-from pyqvm.overlays import adopt_overlay, make_overlay, overlay_disks, overlay_path
-from pyqvm.passthrough import Passthrough, PassthroughHost, assign
-from pyqvm.process import QemuProcess, RuntimeDir
-from pyqvm.resolve import Resolved, resolve
+from pyqvm.passthrough import PassthroughHost
 from pyqvm.session import EventFilter, QMPSession
 from pyqvm.spec import Disk, Network, VMSpec
 from pyqvm.state import VMState
 
-log = logging.getLogger(__name__)
-
-_CONSOLE_TAIL = 64 * 1024
-
 
 class AsyncVM:
-    """A QEMU guest described by a `VMSpec`; asyncio API.
+    """A QEMU guest described by a `VMSpec`.
 
     ``start()`` returns when the guest is ready (guest agent answers, or the
     console shows ``ready_pattern``, per ``spec.ready``) and raises
@@ -73,68 +59,69 @@ class AsyncVM:
         image_cache: Path | None = None,
         passthrough_host: PassthroughHost | None = None,
     ) -> None:
-        self.spec = spec
-        self._host = host
-        self._image_cache = image_cache
-        # Where host devices are prepared (sysfs root, writer, claims); tests use fakes.
-        self._pt_host = passthrough_host or PassthroughHost()
-        self._passthrough: Passthrough | None = None
-        self._state = VMState.CREATED
-        self._resolved: Resolved | None = None
-        self._rundir: RuntimeDir | None = None
-        self._process: QemuProcess | None = None
-        self._qmp: QMPSession | None = None
-        self._agent: GuestAgent | None = None
-        self._argv: list[str] = []
-        self._console_log: Path | None = None
-        self._stderr_log: Path | None = None
-        self._last_code: int | None = None
-        self._console_cache = ""
-        self._boot_seconds: float | None = None
-        self._adopt: dict[str, Path] = {}
-        self._without_forwards = False
+        self.machine = Machine(
+            spec, host=host, image_cache=image_cache, passthrough_host=passthrough_host
+        )
 
-    # --- state -------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"<AsyncVM {self.name!r} {self.state.value}>"
+
+    # --- what it is --------------------------------------------------------------------------
+
+    @property
+    def spec(self) -> VMSpec:
+        """The spec this VM runs (after `restore`: with the saved disks)."""
+        return self.machine.spec
 
     @property
     def state(self) -> VMState:
-        return self._state
+        return self.machine.state
 
     @property
     def name(self) -> str:
-        return self.spec.name
+        return self.machine.name
 
     @property
     def argv(self) -> list[str]:
         """The argv QEMU was started with (empty before `start`)."""
-        return list(self._argv)
+        return self.machine.argv
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process else None
+        return self.machine.pid
 
     @property
     def accelerator(self) -> str | None:
-        return self._resolved.accel if self._resolved else None
+        return self.machine.accelerator
 
     @property
     def boot_seconds(self) -> float | None:
         """Seconds from `start` until the guest was ready."""
-        return self._boot_seconds
+        return self.machine.boot_seconds
 
     @property
     def resolved_spec(self) -> VMSpec:
         """The spec as launched (the built-in image replaced by its kernel and disk)."""
-        return self._resolved.spec if self._resolved else self.spec
+        return self.machine.resolved_spec
 
     @property
     def runtime_dir(self) -> Path | None:
-        return self._rundir.path if self._rundir else None
+        return self.machine.runtime_dir
 
-    def _require(self, *states: VMState) -> None:
-        if self._state not in states:
-            wanted = " or ".join(s.value for s in states)
-            raise VMStateError(f"VM {self.name!r} is {self._state.value}; this needs it {wanted}")
+    @property
+    def plugged(self) -> dict[str, Plugged]:
+        """The devices hot-plugged into this VM and still there, in plug order."""
+        return self.machine.devices.snapshot()
+
+    @property
+    def qmp(self) -> QMPSession:
+        """The QMP session (for commands pyqvm does not wrap)."""
+        return self.machine.qmp
+
+    @property
+    def agent(self) -> GuestAgent:
+        """The guest agent client."""
+        return self.machine.agent
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -152,305 +139,56 @@ class AsyncVM:
 
     async def start(self) -> None:
         """Start QEMU and wait until the guest is ready."""
-        self._require(VMState.CREATED)
-        self._state = VMState.STARTING
-        t0 = time.monotonic()
-        try:
-            await self._launch()
-            await self._wait_ready()
-        except BaseException:
-            self._state = VMState.FAILED
-            await asyncio.shield(self._teardown())
-            raise
-        self._boot_seconds = time.monotonic() - t0
-        self._state = VMState.RUNNING
-        log.info("%s: ready after %.2f s (pid %s)", self.name, self._boot_seconds, self.pid)
+        await self.machine.start()
 
     async def start_incoming(
         self, *, overlays: Mapping[str, Path] | None = None, without_forwards: bool = False
     ) -> None:
-        """Start QEMU as a migration destination (``-incoming defer``).
+        """Start QEMU as a migration destination (``-incoming defer``); see `LaunchPlan`.
 
-        Returns once QMP is connected; the guest does not run until a migration
-        (`pyqvm.ops.migration`) brings it here, so the state is ``INMIGRATE``.
-        ``overlays`` maps an ephemeral disk's id to an existing overlay file to
-        open instead of a fresh one (shared storage: the source's overlay). The
-        file is hard-linked into this VM's runtime dir, so either side's cleanup
-        leaves the other's disk intact (symlinked if it is on another filesystem).
-        ``without_forwards`` leaves out the NICs' host port forwards, which a source
-        on the same host still holds (the migration adds them once it has quit).
+        Returns once QMP is connected; the state is ``INMIGRATE`` until a
+        migration brings the guest here (`accept`).
         """
-        self._require(VMState.CREATED)
-        self._adopt = {k: Path(v) for k, v in (overlays or {}).items()}
-        self._without_forwards = without_forwards
-        self._state = VMState.STARTING
-        t0 = time.monotonic()
-        try:
-            await self._launch(incoming="defer")
-        except BaseException:
-            self._state = VMState.FAILED
-            await asyncio.shield(self._teardown())
-            raise
-        self._state = VMState.INMIGRATE
-        log.info(
-            "%s: waiting for an incoming migration after %.2f s (pid %s)",
-            self.name,
-            time.monotonic() - t0,
-            self.pid,
-        )
-
-    def _set_state(self, state: VMState) -> None:
-        # For pyqvm.ops: operations move a VM between states (migrating, and back).
-        self._state = state
-
-    async def _finish_incoming(self, timeout: float | None = None) -> None:
-        # For pyqvm.ops.migration: the guest runs here now; wait for its agent to answer.
-        # (A console ready pattern was printed on the source's console, not here.)
-        self._require(VMState.INMIGRATE)
-        if self._agent is not None and self.spec.effective_ready == "agent":
-            try:
-                await self._agent.wait_ready(timeout or self.spec.ready_timeout)
-            except BaseException:
-                self._state = VMState.FAILED
-                raise
-        self._state = VMState.RUNNING
-        log.info("%s: guest running here after migration (pid %s)", self.name, self.pid)
-
-    async def _launch(self, incoming: str | None = None) -> None:
-        self._resolved = resolved = resolve(
-            self.spec, facts=self._host, image_cache=self._image_cache, host_root=self._pt_host.root
-        )
-        if self._without_forwards:
-            nets = tuple(dataclasses.replace(n, forwards=()) for n in resolved.spec.networks)
-            resolved = dataclasses.replace(
-                resolved, spec=dataclasses.replace(resolved.spec, networks=nets)
-            )
-        spec = resolved.spec
-        if spec.host_devices:  # claim, check and bind to vfio-pci; undone in _teardown
-            self._passthrough = assign(spec, self._pt_host)
-        self._rundir = RuntimeDir()
-        rundir = self._rundir.path
-        self._console_log = spec.serial_log or rundir / "console.log"
-        self._stderr_log = rundir / "qemu.stderr"
-        self._console_log.write_bytes(b"")
-        for d in overlay_disks(spec):
-            if d.id in self._adopt:
-                adopt_overlay(self._adopt[d.id], overlay_path(rundir, d.id))
-            else:
-                await make_overlay(d.path, d.format or "raw", overlay_path(rundir, d.id))
-        qmp_ours, qmp_theirs = socket.socketpair()
-        agent_ours, agent_theirs = socket.socketpair() if spec.guest_agent else (None, None)
-        theirs = [s for s in (qmp_theirs, agent_theirs) if s is not None]
-        ours = [s for s in (qmp_ours, agent_ours) if s is not None]
-        try:
-            try:
-                self._argv = launch_argv(
-                    resolved,
-                    rundir,
-                    console_log=self._console_log,
-                    qmp_fd=qmp_theirs.fileno(),
-                    agent_fd=agent_theirs.fileno() if agent_theirs else None,
-                    incoming=incoming,
-                )
-                log.info(
-                    "%s: starting %s (accel %s)", self.name, resolved.qemu.name, resolved.accel
-                )
-                log.debug("%s: argv %s", self.name, self._argv)
-                process = QemuProcess()
-                await process.start(
-                    self._argv, pass_fds=[s.fileno() for s in theirs], stderr_path=self._stderr_log
-                )
-                self._process = process  # only a started process: teardown reaps it
-            finally:
-                for s in theirs:  # QEMU holds its own copies now
-                    s.close()
-            self._qmp = QMPSession(self.name)
-            await self._until_exit(self._qmp.connect(qmp_ours), "connecting QMP")
-        except BaseException:
-            for s in ours:
-                s.close()
-            raise
-        if agent_ours is not None:
-            self._agent = GuestAgent(name=f"{self.name}-agent")
-            await self._agent.connect(agent_ours)
-
-    async def _wait_ready(self) -> None:
-        spec = self.spec
-        mode = spec.effective_ready
-        timeout = spec.ready_timeout
-        if mode == "agent":
-            assert self._agent is not None
-            await self._until_exit(self._agent.wait_ready(timeout), "waiting for the guest agent")
-        elif mode == "console":
-            assert spec.ready_pattern is not None
-            await self._until_exit(
-                self.wait_for_console(spec.ready_pattern, timeout), "waiting for the console"
-            )
-
-    async def _until_exit(self, aw: Any, what: str) -> Any:
-        """Await ``aw``, but fail with `LaunchError` as soon as QEMU exits or ``aw`` fails."""
-        assert self._process is not None
-        task = asyncio.ensure_future(aw)
-        exited = asyncio.ensure_future(self._process.wait(None))
-        try:
-            done, _ = await asyncio.wait({task, exited}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            exited.cancel()
-            if not task.done():
-                task.cancel()
-        if task in done and task.exception() is None:
-            return task.result()
-        code = self._process.returncode
-        if task in done and code is None:
-            err = task.exception()
-            assert err is not None
-            if not isinstance(err, PyqvmError):
-                raise err
-            raise self._launch_error(f"{self.name}: failed while {what}: {err}") from err
-        raise self._launch_error(f"{self.name}: QEMU exited while {what}")
-
-    def _launch_error(self, message: str) -> LaunchError:
-        code = self._process.returncode if self._process else None
-        return LaunchError(
-            message,
-            argv=self._argv,
-            exitcode=code,
-            stderr=self._process.stderr_text() if self._process else "",
-            console=self.console_text(),
-        )
+        plan = LaunchPlan(overlays=dict(overlays or {}), without_forwards=without_forwards)
+        await self.machine.start_incoming(plan)
 
     async def stop(self, timeout: float = 10.0, *, graceful: bool | None = None) -> int | None:
-        """Shut down in steps (powerdown -> quit -> SIGTERM -> SIGKILL) and remove everything.
-
-        ``graceful`` asks the guest to power off first (through its agent, else by
-        ACPI) and waits up to ``timeout`` for it. By default that happens only when
-        the VM writes to a disk that outlives it; with throw-away overlays there is
-        nothing to keep and QEMU is told to ``quit`` at once. Returns QEMU's exit
-        status (None if it never started). Safe to call twice.
-        """
-        if self._process is None:
-            if self._state is not VMState.FAILED:
-                self._state = VMState.STOPPED
-            return None
-        if graceful is None:
-            spec = self._resolved.spec if self._resolved else self.spec
-            graceful = self._state is VMState.RUNNING and any(
-                not d.ephemeral and not d.readonly for d in spec.disks
-            )
-        self._state = VMState.STOPPING
-        try:
-            await asyncio.shield(self._shutdown(timeout if graceful else 0.0))
-        finally:
-            await asyncio.shield(self._teardown())
-        self._state = VMState.STOPPED
-        return self._last_code
-
-    async def _shutdown(self, powerdown_timeout: float) -> None:
-        proc, qmp = self._process, self._qmp
-        if proc is None or proc.returncode is not None or qmp is None or not qmp.connected:
-            return
-        if powerdown_timeout > 0:
-            try:
-                await self._request_poweroff()
-                await proc.wait(powerdown_timeout)
-                return
-            except PyqvmError as e:
-                log.info("%s: no clean powerdown (%s); sending quit", self.name, e)
-        try:
-            await qmp.execute("quit", timeout=5)
-            await proc.wait(5)
-        except PyqvmError as e:
-            log.info("%s: quit did not end QEMU (%s); terminating", self.name, e)
-
-    async def _request_poweroff(self) -> None:
-        """Ask the guest to power off: through its agent when it answers (a guest
-        without an ACPI daemon ignores the power button), else by ACPI."""
-        if self._agent is not None and self._state is VMState.STOPPING:
-            try:
-                await self._agent.execute("guest-shutdown", {"mode": "powerdown"}, timeout=2)
-                log.info("%s: asked the guest agent to power off", self.name)
-                return
-            except PyqvmError as e:
-                log.info("%s: guest agent shutdown failed (%s); trying ACPI", self.name, e)
-        await self.qmp.execute("system_powerdown", timeout=5)
-        log.info("%s: sent ACPI powerdown", self.name)
+        """Shut down in steps and remove everything; see `Machine.stop`."""
+        return await self.machine.stop(timeout, graceful=graceful)
 
     async def kill(self) -> None:
         """End QEMU at once (SIGKILL) and clean up."""
-        self._state = VMState.STOPPING
-        if self._process is not None and self._process.returncode is None:
-            self._process.kill()
-        await asyncio.shield(self._teardown())
-        self._state = VMState.STOPPED
+        await self.machine.kill()
 
-    async def _teardown(self) -> None:
-        if self._agent is not None:
-            await self._agent.close()
-            self._agent = None
-        if self._qmp is not None:
-            await self._qmp.close()
-            self._qmp = None
-        if self._process is not None:
-            if self._process.returncode is None:
-                await self._process.terminate(5.0)
-            self._last_code = self._process.returncode
-        if self._passthrough is not None:
-            # Only now that QEMU is gone does vfio-pci let go of the devices.
-            self._passthrough.release()
-            self._passthrough = None
-        if self._rundir is not None:
-            # Keep the console for error messages after teardown.
-            self._console_cache = self.console_text()
-            self._rundir.cleanup()
-            self._rundir = None
+    async def wait(self, timeout: float | None = None) -> int:
+        """Wait for QEMU to exit on its own (guest powered off); returns its exit status."""
+        return await self.machine.wait(timeout)
 
-    # --- console -----------------------------------------------------------------------------
+    async def pause(self) -> None:
+        await self.machine.pause()
+
+    async def resume(self) -> None:
+        await self.machine.resume()
+
+    # --- console and QMP ---------------------------------------------------------------------
 
     def console_text(self) -> str:
         """The serial console output so far (its last 64 KiB)."""
-        if self._console_log is None or not self._console_log.exists():
-            return self._console_cache
-        with open(self._console_log, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - _CONSOLE_TAIL))
-            return f.read().decode("utf-8", "replace")
+        return self.machine.console_text()
 
     def read_console(self, offset: int = 0) -> bytes:
         """Console bytes from ``offset`` on (for following the console as it grows)."""
-        if self._console_log is None or not self._console_log.exists():
-            return self._console_cache.encode()[offset:]
-        with open(self._console_log, "rb") as f:
-            f.seek(offset)
-            return f.read()
+        return self.machine.read_console(offset)
 
     async def wait_for_console(self, pattern: str, timeout: float) -> None:
         """Wait until ``pattern`` (a plain substring) shows on the serial console."""
-        # The console is a file QEMU appends to; polling it is the one wait here that
-        # has no event to wait on.
-        deadline = time.monotonic() + timeout
-        interval = 0.02
-        while pattern not in self.console_text():
-            if time.monotonic() > deadline:
-                raise PyqvmTimeoutError(
-                    f"{self.name}: {pattern!r} not on the console in {timeout:g} s"
-                )
-            await asyncio.sleep(interval)
-            interval = min(interval * 1.5, 0.25)
-
-    # --- QMP ---------------------------------------------------------------------------------
-
-    @property
-    def qmp(self) -> QMPSession:
-        """The QMP session (for commands pyqvm does not wrap)."""
-        if self._qmp is None:
-            raise VMStateError(f"VM {self.name!r} is {self._state.value}; QMP is not connected")
-        return self._qmp
+        await self.machine.wait_for_console(pattern, timeout)
 
     async def execute(
         self, command: str, arguments: Mapping[str, object] | None = None, *, timeout: float = 60.0
     ) -> Any:
         """Run a QMP command; see `QMPSession.execute`."""
-        return await self.qmp.execute(command, arguments, timeout=timeout)
+        return await self.machine.execute(command, arguments, timeout=timeout)
 
     @asynccontextmanager
     async def events(
@@ -460,87 +198,10 @@ class AsyncVM:
 
         ``match`` is a predicate on the event, or a mapping its ``data`` must contain.
         """
-        async with self.qmp.events(names, match) as listener:
+        async with self.machine.events(names, match) as listener:
             yield listener
 
-    async def pause(self) -> None:
-        self._require(VMState.RUNNING)
-        await self.execute("stop")
-        self._state = VMState.PAUSED
-
-    async def resume(self) -> None:
-        self._require(VMState.PAUSED)
-        await self.execute("cont")
-        self._state = VMState.RUNNING
-
-    # --- operations (each in pyqvm.ops) ------------------------------------------------------
-
-    async def snapshot_save(
-        self, tag: str, *, overwrite: bool = False, timeout: float | None = 600.0
-    ) -> SnapshotInfo:
-        """Save RAM, device state and every writable disk as internal snapshot ``tag``.
-
-        See `pyqvm.ops.snapshot.save`; raises `SnapshotError`.
-        """
-        return await _snapshot.save(self, tag, overwrite=overwrite, timeout=timeout)
-
-    async def snapshot_load(self, tag: str, *, timeout: float | None = 600.0) -> None:
-        """Return the VM to internal snapshot ``tag``; see `pyqvm.ops.snapshot.load`."""
-        await _snapshot.load(self, tag, timeout=timeout)
-
-    async def snapshot_delete(self, tag: str, *, timeout: float | None = 600.0) -> None:
-        """Delete internal snapshot ``tag`` from every disk holding it."""
-        await _snapshot.delete(self, tag, timeout=timeout)
-
-    async def snapshot_list(self) -> list[SnapshotInfo]:
-        """The internal snapshots on the VM's writable disks, oldest first."""
-        return await _snapshot.list_snapshots(self)
-
-    async def disk_snapshot(self, disk: str, path: Path | str | None = None) -> Path:
-        """Put a new qcow2 overlay on ``disk`` (external snapshot); returns its path.
-
-        See `pyqvm.ops.blockjobs.snapshot`; raises `SnapshotError`.
-        """
-        return await _blockjobs.snapshot(self, disk, path)
-
-    async def disk_commit(self, disk: str, *, timeout: float | None = 600.0) -> None:
-        """Fold ``disk``'s top overlay into the image below it (``block-commit``)."""
-        await _blockjobs.commit(self, disk, timeout=timeout)
-
-    async def disk_chain(self, disk: str) -> list[ChainLink]:
-        """``disk``'s backing chain, top image first."""
-        return await _blockjobs.chain(self, disk)
-
-    async def hotplug_disk(self, disk: Disk) -> str:
-        """Hot-add a virtio-blk disk; returns its device id. See `pyqvm.ops.hotplug`."""
-        return await _hotplug.plug_disk(self, disk)
-
-    async def hotplug_nic(self, net: Network | None = None) -> str:
-        """Hot-add a NIC (default: user-mode, virtio); returns its device id."""
-        return await _hotplug.plug_nic(self, net)
-
-    async def hotplug_cpu(self, id: str = "") -> str:
-        """Hot-add a vCPU (needs ``max_smp``); returns its device id."""
-        return await _hotplug.plug_cpu(self, id)
-
-    async def hotplug_memory(self, size: int | str, id: str = "") -> str:
-        """Hot-add a memory DIMM (needs ``max_memory``/``memory_slots``); returns its id."""
-        return await _hotplug.plug_memory(self, size, id)
-
-    async def unplug(self, device: str, *, timeout: float = 30.0) -> None:
-        """Unplug a device and remove its backend; `UnplugTimeoutError` if the guest holds on."""
-        await _hotplug.unplug(self, device, timeout=timeout)
-
-    # --- guest -------------------------------------------------------------------------------
-
-    @property
-    def agent(self) -> GuestAgent:
-        """The guest agent client."""
-        if self._agent is None:
-            raise VMStateError(
-                f"VM {self.name!r} has no guest agent (guest_agent = false or not started)"
-            )
-        return self._agent
+    # --- guest (pyqvm.ops.guest) -------------------------------------------------------------
 
     async def run(
         self,
@@ -552,27 +213,69 @@ class AsyncVM:
         check: bool = False,
     ) -> ExecResult:
         """Run a command in the guest through the guest agent and collect its output."""
-        self._require(VMState.RUNNING)
-        result = await self.agent.exec(argv, input=input, env=env, timeout=timeout)
-        if check:
-            result.check()
-        return result
+        return await guest.run(
+            self.machine, argv, input=input, env=env, timeout=timeout, check=check
+        )
 
     async def read_file(self, path: str) -> bytes:
-        self._require(VMState.RUNNING)
-        return await self.agent.read_file(path)
+        return await guest.read_file(self.machine, path)
 
     async def write_file(self, path: str, data: bytes) -> None:
-        self._require(VMState.RUNNING)
-        await self.agent.write_file(path, data)
+        await guest.write_file(self.machine, path, data)
 
-    async def wait(self, timeout: float | None = None) -> int:
-        """Wait for QEMU to exit on its own (guest powered off); returns its exit status."""
-        if self._process is None:
-            raise VMStateError(f"VM {self.name!r} was never started")
-        code = await self._process.wait(timeout)
-        await self.stop()
-        return code
+    # --- snapshots (pyqvm.ops.snapshot, pyqvm.ops.blockjobs) ---------------------------------
+
+    async def snapshot_save(
+        self, tag: str, *, overwrite: bool = False, timeout: float | None = 600.0
+    ) -> SnapshotInfo:
+        """Save RAM, device state and every writable disk as internal snapshot ``tag``."""
+        return await snapshot.save(self.machine, tag, overwrite=overwrite, timeout=timeout)
+
+    async def snapshot_load(self, tag: str, *, timeout: float | None = 600.0) -> None:
+        """Return the VM to internal snapshot ``tag``."""
+        await snapshot.load(self.machine, tag, timeout=timeout)
+
+    async def snapshot_delete(self, tag: str, *, timeout: float | None = 600.0) -> None:
+        """Delete internal snapshot ``tag`` from every disk holding it."""
+        await snapshot.delete(self.machine, tag, timeout=timeout)
+
+    async def snapshot_list(self) -> list[SnapshotInfo]:
+        """The internal snapshots on the VM's writable disks, oldest first."""
+        return await snapshot.list_snapshots(self.machine)
+
+    async def disk_snapshot(self, disk: str, path: Path | str | None = None) -> Path:
+        """Put a new qcow2 overlay on ``disk`` (external snapshot); returns its path."""
+        return await blockjobs.snapshot(self.machine, disk, path)
+
+    async def disk_commit(self, disk: str, *, timeout: float | None = 600.0) -> None:
+        """Fold ``disk``'s top overlay into the image below it (``block-commit``)."""
+        await blockjobs.commit(self.machine, disk, timeout=timeout)
+
+    async def disk_chain(self, disk: str) -> list[ChainLink]:
+        """``disk``'s backing chain, top image first."""
+        return await blockjobs.chain(self.machine, disk)
+
+    # --- hotplug (pyqvm.ops.hotplug) ---------------------------------------------------------
+
+    async def hotplug_disk(self, disk: Disk) -> str:
+        """Hot-add a virtio-blk disk; returns its device id."""
+        return await hotplug.plug_disk(self.machine, disk)
+
+    async def hotplug_nic(self, net: Network | None = None) -> str:
+        """Hot-add a NIC (default: user-mode, virtio); returns its device id."""
+        return await hotplug.plug_nic(self.machine, net)
+
+    async def hotplug_cpu(self, id: str = "") -> str:
+        """Hot-add a vCPU (needs ``max_smp``); returns its device id."""
+        return await hotplug.plug_cpu(self.machine, id)
+
+    async def hotplug_memory(self, size: int | str, id: str = "") -> str:
+        """Hot-add a memory DIMM (needs ``max_memory``/``memory_slots``); returns its id."""
+        return await hotplug.plug_memory(self.machine, size, id)
+
+    async def unplug(self, device: str, *, timeout: float = 30.0) -> None:
+        """Unplug a device and remove its backend; `UnplugTimeoutError` if the guest holds on."""
+        await hotplug.unplug(self.machine, device, timeout=timeout)
 
     # --- migration (pyqvm.ops.migration) -----------------------------------------------------
 
@@ -580,18 +283,18 @@ class AsyncVM:
         self,
         dst: AsyncVM,
         *,
-        transport: Literal["unix", "tcp"] = "unix",
+        transport: Transport = "unix",
         address: str | None = None,
-        storage: Literal["shared", "copied"] = "shared",
+        storage: Storage = "shared",
         tuning: MigrationTuning | None = None,
         progress: ProgressCallback | None = None,
         timeout: float | None = 600.0,
     ) -> MigrationStats:
-        """Move this running guest into ``dst`` (same spec, not started); see
-        `pyqvm.ops.migration.migrate`. Raises `MigrationError`; the guest then runs on here."""
+        """Move this running guest into ``dst`` (same spec, not started); raises
+        `MigrationError`, and the guest then runs on here."""
         return await migration.migrate(
-            self,
-            dst,
+            self.machine,
+            dst.machine,
             transport=transport,
             address=address,
             storage=storage,
@@ -599,6 +302,59 @@ class AsyncVM:
             progress=progress,
             timeout=timeout,
         )
+
+    async def listen(
+        self,
+        *,
+        transport: Transport = "unix",
+        address: str | None = None,
+        storage: Storage = "shared",
+        tuning: MigrationTuning | None = None,
+        overlays: Mapping[str, Path] | None = None,
+        devices: Mapping[str, Plugged] | None = None,
+        without_forwards: bool = False,
+    ) -> Incoming:
+        """Start as a migration destination for a source elsewhere; hand the result to its
+        `send`, then call `accept`. See `pyqvm.ops.migration.listen`."""
+        return await migration.listen(
+            self.machine,
+            transport=transport,
+            address=address,
+            storage=storage,
+            tuning=tuning,
+            overlays=overlays,
+            devices=devices,
+            without_forwards=without_forwards,
+        )
+
+    async def send(
+        self,
+        target: Incoming | str,
+        *,
+        storage: Storage | None = None,
+        nbd: str | None = None,
+        tuning: MigrationTuning | None = None,
+        progress: ProgressCallback | None = None,
+        progress_interval: float = 0.5,
+        timeout: float | None = 600.0,
+        stop_source: bool = True,
+    ) -> MigrationStats:
+        """Migrate this guest to a destination that listened at ``target``."""
+        return await migration.send(
+            self.machine,
+            target,
+            storage=storage,
+            nbd=nbd,
+            tuning=tuning,
+            progress=progress,
+            progress_interval=progress_interval,
+            timeout=timeout,
+            stop_source=stop_source,
+        )
+
+    async def accept(self, incoming: Incoming, *, timeout: float | None = 600.0) -> None:
+        """Wait for the migration into this VM to complete, then run the guest here."""
+        await migration.accept(self.machine, incoming, timeout=timeout)
 
     async def save(
         self,
@@ -611,52 +367,12 @@ class AsyncVM:
         """Save the guest's state and disk overlays into ``directory``; then stop (or
         ``resume``). See `pyqvm.ops.migration.save`."""
         return await migration.save(
-            self, directory, resume=resume, progress=progress, timeout=timeout
+            self.machine, directory, resume=resume, progress=progress, timeout=timeout
         )
 
     async def restore(self, directory: Path | str, *, timeout: float | None = 600.0) -> None:
         """Start this VM (created from the saved VM's spec) from a state `save` wrote."""
-        await migration.restore(self, directory, timeout=timeout)
-
-
-def launch_argv(
-    resolved: Resolved,
-    rundir: Path,
-    *,
-    console_log: Path,
-    qmp_fd: int,
-    agent_fd: int | None,
-    incoming: str | None = None,
-) -> list[str]:
-    """The argv for one launch of a resolved spec, given its runtime dir and inherited fds."""
-    spec = resolved.spec
-    ctx = LaunchContext(
-        qemu=resolved.qemu,
-        accel=resolved.accel,
-        qmp_fd=qmp_fd,
-        agent_fd=agent_fd,
-        console_log=console_log,
-        disk_files={
-            d.id: DiskFile(overlay=overlay_path(rundir, d.id)) for d in overlay_disks(spec)
-        },
-        tsc_khz=resolved.facts.tsc_khz,
-        incoming=incoming,
-    )
-    return build_argv(spec, ctx)
-
-
-def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
-    """The argv `AsyncVM.start` would run for ``spec``, with a placeholder runtime dir
-    (``$PYQVM_RUNDIR``) and the fd numbers QEMU would inherit (3 and 4)."""
-    resolved = resolve(spec, image_cache=image_cache)
-    rundir = Path("$PYQVM_RUNDIR")
-    return launch_argv(
-        resolved,
-        rundir,
-        console_log=resolved.spec.serial_log or rundir / "console.log",
-        qmp_fd=3,
-        agent_fd=4 if resolved.spec.guest_agent else None,
-    )
+        await migration.restore(self.machine, directory, timeout=timeout)
 
 
 __all__ = ["AsyncVM", "ExecResult", "VMState", "preview_argv"]

@@ -12,21 +12,19 @@ import asyncio
 import json
 import sys
 
-from pyqvm import AsyncVM, VMSpec
-from pyqvm.ops.hotplug import Plugged
-from pyqvm.ops.migration import accept, listen
+from pyqvm import AsyncVM, Plugged, VMSpec
 
 
 async def main() -> int:
     request = json.loads(sys.stdin.readline())
     devices = {d: Plugged.from_json(r) for d, r in request["devices"].items()}
     dst = AsyncVM(VMSpec(image="default", name="xproc-dst", hotplug_slots=2))
-    incoming = await listen(
-        dst, transport=request["transport"], storage=request["storage"], devices=devices
+    incoming = await dst.listen(
+        transport=request["transport"], storage=request["storage"], devices=devices
     )
     print(json.dumps({"uri": incoming.uri, "nbd": incoming.nbd}), flush=True)
     try:
-        await accept(dst, incoming, timeout=120)
+        await dst.accept(incoming, timeout=120)
         result = await dst.run(["sh", "-c", request["command"]], check=True)
         print(json.dumps({"out": result.stdout_text}), flush=True)
     finally:

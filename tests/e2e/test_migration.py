@@ -23,10 +23,18 @@ from typing import Literal
 import pytest
 from guest_helpers import counter, counter_beyond, run_script, start_counter
 
-from pyqvm import AsyncVM, Disk, Network, PortForward, VMSpec, VMState
+from pyqvm import (
+    AsyncVM,
+    Disk,
+    MigrationProgress,
+    MigrationStats,
+    MigrationTuning,
+    Network,
+    PortForward,
+    VMSpec,
+    VMState,
+)
 from pyqvm.image import GuestImage
-from pyqvm.ops.hotplug import plugged
-from pyqvm.ops.migration import MigrationProgress, MigrationStats, MigrationTuning, send
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
 
@@ -233,14 +241,14 @@ async def test_migrate_to_a_destination_in_another_process(
         request = {
             "transport": "tcp",
             "storage": "copied",
-            "devices": {d: p.to_json() for d, p in plugged(src).items()},
+            "devices": {d: p.to_json() for d, p in src.plugged.items()},
             "command": "cat /tmp/counter; cat /sys/class/net/*/address; head -c 5 /dev/vdb",
         }
         child.stdin.write(json.dumps(request).encode() + b"\n")
         await child.stdin.drain()
         where = json.loads(await asyncio.wait_for(child.stdout.readline(), 120))
 
-        stats = await send(src, where["uri"], storage="copied", nbd=where["nbd"])
+        stats = await src.send(where["uri"], storage="copied", nbd=where["nbd"])
 
         assert src.state is VMState.STOPPED and stats.storage_transferred > 0
         out = json.loads(await asyncio.wait_for(child.stdout.readline(), 120))["out"]

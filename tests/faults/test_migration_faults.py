@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 from guest_helpers import counter_beyond, start_counter
 
-from pyqvm import AsyncVM, VMSpec, VMState
+from pyqvm import AsyncVM, MigrationProgress, MigrationTuning, VMSpec, VMState
 from pyqvm.errors import MigrationError
 from pyqvm.image import GuestImage
-from pyqvm.ops.migration import MigrationProgress, MigrationTuning
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
 

@@ -19,13 +19,21 @@ def public(cls: type) -> dict[str, object]:
 
 def test_sync_and_async_expose_the_same_api() -> None:
     a, s = public(AsyncVM), public(VM)
-    # The async face hands out its QMP session and agent; the sync face wraps their calls instead.
-    assert set(a) - {"qmp", "agent"} == set(s)
+    # The async face hands out its machine, QMP session and agent; the sync face wraps their
+    # calls instead.
+    assert set(a) - {"machine", "qmp", "agent"} == set(s)
     for name in set(a) & set(s):
         if callable(a[name]) and not isinstance(a[name], property):
             pa = list(inspect.signature(a[name]).parameters)  # type: ignore[arg-type]
             ps = list(inspect.signature(s[name]).parameters)  # type: ignore[arg-type]
             assert pa == ps, name
+
+
+def test_sync_and_async_have_the_same_constructor_and_properties() -> None:
+    assert inspect.signature(AsyncVM.__init__) == inspect.signature(VM.__init__)
+    props_a = {n for n, v in public(AsyncVM).items() if isinstance(v, property)}
+    props_s = {n for n, v in public(VM).items() if isinstance(v, property)}
+    assert props_a - {"machine", "qmp", "agent"} == props_s
 
 
 def args(*argv: str) -> object:

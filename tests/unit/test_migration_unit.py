@@ -23,8 +23,10 @@ from json_stream import JSONStream
 from pyqvm.errors import (
     MigrationError,
     OperationError,
+    PyqvmError,
     QMPCommandError,
     VMExitedError,
+    VMStateError,
 )
 from pyqvm.ops import migration as m
 from pyqvm.ops.migration import (
@@ -32,9 +34,11 @@ from pyqvm.ops.migration import (
     QEMU_DEFAULT_DOWNTIME_MS,
     UNLIMITED_BANDWIDTH,
     MigrationTuning,
+    qapi,
 )
 from pyqvm.session import QMPSession
 from pyqvm.spec import HostDevice, VMSpec
+from pyqvm.sync import VM
 from pyqvm.vm import AsyncVM, VMState
 
 # --- tuning -----------------------------------------------------------------------------------
@@ -48,7 +52,7 @@ def caps(*names: str, **states: bool) -> dict[str, object]:
 
 def test_pyqvm_defaults_lift_the_bandwidth_cap_on_the_source() -> None:
     tuning = MigrationTuning()
-    assert m._configure_commands(tuning, "source") == [
+    assert qapi.configure_commands(tuning, "source") == [
         ("migrate-set-capabilities", caps()),
         (
             "migrate-set-parameters",
@@ -56,7 +60,7 @@ def test_pyqvm_defaults_lift_the_bandwidth_cap_on_the_source() -> None:
         ),
     ]
     # The destination takes capabilities only: bandwidth and downtime are the sender's.
-    assert m._configure_commands(tuning, "destination") == [("migrate-set-capabilities", caps())]
+    assert qapi.configure_commands(tuning, "destination") == [("migrate-set-capabilities", caps())]
 
 
 def test_unlimited_bandwidth_is_a_value_qemu_takes() -> None:
@@ -70,14 +74,14 @@ def test_qemu_defaults_change_no_parameter() -> None:
     tuning = MigrationTuning.qemu_defaults()
     assert tuning.max_bandwidth is None and tuning.downtime_limit is None
     for side in ("source", "destination"):
-        assert m._configure_commands(tuning, side) == [("migrate-set-capabilities", caps())]
+        assert qapi.configure_commands(tuning, side) == [("migrate-set-capabilities", caps())]
 
 
 def test_multifd_and_auto_converge() -> None:
     tuning = MigrationTuning(
         max_bandwidth=1 << 30, downtime_limit=50, multifd_channels=4, auto_converge=True
     )
-    assert m._configure_commands(tuning, "source") == [
+    assert qapi.configure_commands(tuning, "source") == [
         ("migrate-set-capabilities", caps("multifd", "auto-converge")),
         (
             "migrate-set-parameters",
@@ -85,7 +89,7 @@ def test_multifd_and_auto_converge() -> None:
         ),
     ]
     # Both sides need multifd and its channel count; auto-converge throttles the source only.
-    assert m._configure_commands(tuning, "destination") == [
+    assert qapi.configure_commands(tuning, "destination") == [
         ("migrate-set-capabilities", caps("multifd")),
         ("migrate-set-parameters", {"multifd-channels": 4}),
     ]
@@ -94,7 +98,7 @@ def test_multifd_and_auto_converge() -> None:
 def test_postcopy_is_on_on_both_sides() -> None:
     tuning = MigrationTuning(postcopy=True)
     for side in ("source", "destination"):
-        first = m._configure_commands(tuning, side)[0]
+        first = qapi.configure_commands(tuning, side)[0]
         assert first == ("migrate-set-capabilities", caps("postcopy-ram"))
 
 
@@ -104,7 +108,7 @@ def test_pass_through_parameters_and_capabilities() -> None:
         parameters={"downtime-limit": 20, "xbzrle-cache-size": 1 << 26},
         capabilities={"xbzrle": True, "events": False},
     )
-    assert m._configure_commands(tuning, "source") == [
+    assert qapi.configure_commands(tuning, "source") == [
         ("migrate-set-capabilities", caps("xbzrle", events=False)),
         (
             "migrate-set-parameters",
@@ -116,7 +120,7 @@ def test_pass_through_parameters_and_capabilities() -> None:
         ),
     ]
     # Parameters are the sender's; capabilities must match on both sides.
-    assert m._configure_commands(tuning, "destination") == [
+    assert qapi.configure_commands(tuning, "destination") == [
         ("migrate-set-capabilities", caps("xbzrle", events=False))
     ]
 
@@ -165,17 +169,17 @@ RUNDIR = Path("/run/pyqvm/vm-1")
     ],
 )
 def test_tcp_incoming_uri(address: str | None, uri: str) -> None:
-    assert m._incoming_uri("tcp", RUNDIR, address) == uri
+    assert qapi.incoming_uri("tcp", RUNDIR, address) == uri
 
 
 def test_unix_incoming_uri_is_in_the_private_runtime_dir() -> None:
-    assert m._incoming_uri("unix", RUNDIR, None) == "unix:/run/pyqvm/vm-1/migrate.sock"
+    assert qapi.incoming_uri("unix", RUNDIR, None) == "unix:/run/pyqvm/vm-1/migrate.sock"
 
 
 @pytest.mark.parametrize("address", ["host:port", "1.2.3.4:65536", "1.2.3.4:", "::1", "::1:80"])
 def test_bad_tcp_addresses(address: str) -> None:
     with pytest.raises(MigrationError, match=r"address .*(HOST:PORT|\[ADDR\]:PORT)"):
-        m._incoming_uri("tcp", RUNDIR, address)
+        qapi.incoming_uri("tcp", RUNDIR, address)
 
 
 def test_listening_port_from_query_migrate() -> None:
@@ -187,9 +191,9 @@ def test_listening_port_from_query_migrate() -> None:
             {"type": "inet", "host": "127.0.0.1", "port": "38721"},
         ],
     }
-    assert m._listening_port(info) == 38721
-    assert m._listening_port({"status": "setup"}) is None
-    assert m._listening_port({"socket-address": [{"type": "unix", "path": "/x"}]}) is None
+    assert qapi.listening_port(info) == 38721
+    assert qapi.listening_port({"status": "setup"}) is None
+    assert qapi.listening_port({"socket-address": [{"type": "unix", "path": "/x"}]}) is None
 
 
 @pytest.mark.parametrize(
@@ -201,13 +205,13 @@ def test_listening_port_from_query_migrate() -> None:
     ],
 )
 def test_nbd_address_to_socket_address(nbd: str, server: dict[str, str]) -> None:
-    assert m._nbd_server(nbd) == server
+    assert qapi.nbd_server(nbd) == server
 
 
 @pytest.mark.parametrize("nbd", ["unix:", "tcp:127.0.0.1", "tcp:host:x", "nbd://h:1/x", ""])
 def test_bad_nbd_addresses(nbd: str) -> None:
     with pytest.raises(MigrationError, match="address"):
-        m._nbd_server(nbd)
+        qapi.nbd_server(nbd)
 
 
 @pytest.mark.asyncio
@@ -224,7 +228,7 @@ async def test_listen_refuses_bad_options_before_starting_qemu(
 ) -> None:
     dst = AsyncVM(VMSpec(name="dst"))
     with pytest.raises(MigrationError, match=match):
-        await m.listen(dst, **kwargs)
+        await dst.listen(**kwargs)
     assert dst.state is VMState.CREATED and dst.pid is None and dst.runtime_dir is None
 
 
@@ -236,7 +240,7 @@ VFIO = VMSpec(name="gpu-vm", host_devices=(HostDevice("0000:01:00.0"),))
 def running(spec: VMSpec) -> AsyncVM:
     """A VM that believes it runs but has no QEMU: any QMP call fails with VMStateError."""
     vm = AsyncVM(spec)
-    vm._set_state(VMState.RUNNING)
+    vm.machine.move(VMState.RUNNING)
     return vm
 
 
@@ -257,7 +261,7 @@ def test_migration_blocker() -> None:
 async def test_migrating_a_vfio_vm_is_refused_before_any_qmp() -> None:
     src, dst = running(VFIO), AsyncVM(VFIO)
     with pytest.raises(MigrationError, match="cannot migrate VM") as err:
-        await m.migrate(src, dst)
+        await src.migrate(dst)
     assert_says_why(err)
     assert src.state is VMState.RUNNING  # not MIGRATING: nothing was begun
     assert dst.state is VMState.CREATED and dst.pid is None
@@ -267,18 +271,18 @@ async def test_migrating_a_vfio_vm_is_refused_before_any_qmp() -> None:
 async def test_send_listen_save_refuse_a_vfio_vm(tmp_path: Path) -> None:
     src = running(VFIO)
     with pytest.raises(MigrationError, match="cannot migrate VM") as err:
-        await m.send(src, "unix:/nowhere.sock")
+        await src.send("unix:/nowhere.sock")
     assert_says_why(err)
     assert src.state is VMState.RUNNING
 
     dst = AsyncVM(VFIO)
     with pytest.raises(MigrationError, match="cannot migrate into VM") as err:
-        await m.listen(dst)
+        await dst.listen()
     assert_says_why(err)
     assert dst.state is VMState.CREATED and dst.pid is None
 
     with pytest.raises(MigrationError, match="cannot save VM") as err:
-        await m.save(src, tmp_path / "saved")
+        await src.save(tmp_path / "saved")
     assert_says_why(err)
     assert not (tmp_path / "saved").exists()
 
@@ -289,17 +293,26 @@ async def test_restoring_into_a_vfio_vm_is_refused(tmp_path: Path) -> None:
     (tmp_path / "pyqvm-saved.json").write_text(json.dumps({"name": "x", "disks": []}))
     vm = AsyncVM(VFIO)
     with pytest.raises(MigrationError, match="cannot restore VM") as err:
-        await m.restore(vm, tmp_path)
+        await vm.restore(tmp_path)
     assert_says_why(err)
     assert vm.state is VMState.CREATED and vm.pid is None
 
 
-def test_migrate_between_loops_refuses_before_either_loop_runs() -> None:
-    def never(_: Any) -> Any:
-        raise AssertionError("a loop was asked to run something")
+def test_sync_migrate_is_the_async_one_and_refuses_before_qemu() -> None:
+    src, dst = VM(VMSpec(name="a")), VM(VMSpec(name="b"))
+    with pytest.raises(VMStateError, match="'a' is created; migrating needs it running") as err:
+        src.migrate(dst)
+    assert err.value.state is VMState.CREATED and err.value.required == (VMState.RUNNING,)
+    assert src.pid is None and dst.pid is None
 
-    with pytest.raises(MigrationError, match="vfio-pci"):
-        m.migrate_between_loops(never, never, running(VFIO), AsyncVM(VFIO))
+
+def test_sync_vms_of_two_threads_do_not_share_a_migration() -> None:
+    made: list[VM] = []
+    t = threading.Thread(target=lambda: made.append(VM(VMSpec(name="other"))))
+    t.start()
+    t.join()
+    with pytest.raises(PyqvmError, match="another thread"):
+        VM(VMSpec(name="here")).migrate(made[0])
 
 
 # --- query-migrate ----------------------------------------------------------------------------
@@ -349,7 +362,7 @@ FAILED: dict[str, Any] = {
 
 
 def test_progress_from_an_active_migration() -> None:
-    p = m._progress(ACTIVE, 1.25, {"done": 3 << 20, "left": 1 << 20})
+    p = qapi.progress_from(ACTIVE, 1.25, {"done": 3 << 20, "left": 1 << 20})
     assert p == m.MigrationProgress(
         status="active",
         elapsed=1.25,
@@ -366,14 +379,14 @@ def test_progress_from_an_active_migration() -> None:
 
 
 def test_progress_before_qemu_has_numbers() -> None:
-    p = m._progress({"status": "setup"}, 0.0, {})
+    p = qapi.progress_from({"status": "setup"}, 0.0, {})
     assert (p.status, p.transferred, p.total, p.rate, p.dirty_rate) == ("setup", 0, 0, 0.0, 0.0)
     assert p.expected_downtime is None and p.passes == 0 and p.storage_transferred == 0
-    assert m._progress({}, 0.0, {}).status == "none"
+    assert qapi.progress_from({}, 0.0, {}).status == "none"
 
 
 def test_stats_of_a_completed_migration() -> None:
-    s = m._stats(COMPLETED, 2.5, 7 << 20)
+    s = qapi.stats_from(COMPLETED, 2.5, 7 << 20)
     assert s == m.MigrationStats(
         total_time=1.873,
         downtime=0.038,
@@ -396,14 +409,14 @@ def test_migration_error_stays_constructible_from_a_message() -> None:
 
 def test_migration_error_keeps_qemus_status_and_reason() -> None:
     cause = MigrationError("to unix:/x failed", status="failed", qemu_error="Connection reset")
-    e = m._migration_error("to unix:/x failed; the guest runs on here", cause, {"status": "x"})
+    e = qapi.migration_error("to unix:/x failed; the guest runs on here", cause, {"status": "x"})
     assert (e.status, e.qemu_error) == ("failed", "Connection reset")
     assert str(e) == "to unix:/x failed; the guest runs on here"
 
     # Another error (QEMU went away mid-way): status and reason come from the last query-migrate.
-    e = m._migration_error("failed", VMExitedError("gone"), FAILED)
+    e = qapi.migration_error("failed", VMExitedError("gone"), FAILED)
     assert (e.status, e.qemu_error) == ("failed", FAILED["error-desc"])
-    e = m._migration_error("failed", VMExitedError("gone"), {})
+    e = qapi.migration_error("failed", VMExitedError("gone"), {})
     assert (e.status, e.qemu_error) == (None, None)
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pyqvm.devices import Plugged
 from pyqvm.errors import HotplugError, SnapshotError, VMStateError
-from pyqvm.ops.hotplug import Plugged
 from pyqvm.spec import Disk, HostDevice, VMSpec
 from pyqvm.vm import AsyncVM, VMState
 
@@ -16,7 +16,7 @@ from pyqvm.vm import AsyncVM, VMState
 def running(spec: VMSpec) -> AsyncVM:
     """A VM that believes it runs but has no QEMU: any QMP call would fail with VMStateError."""
     vm = AsyncVM(spec)
-    vm._state = VMState.RUNNING
+    vm.machine.move(VMState.RUNNING)
     return vm
 
 

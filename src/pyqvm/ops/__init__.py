@@ -3,10 +3,12 @@
 - `pyqvm.ops.snapshot`: internal snapshots (RAM + disks): ``snapshot-save``/``-load``/``-delete``;
 - `pyqvm.ops.blockjobs`: external disk snapshots (a new overlay) and ``block-commit``;
 - `pyqvm.ops.hotplug`: plugging and unplugging disks, NICs, vCPUs and memory;
-- `pyqvm.ops.migration`: live migration between launcher instances.
+- `pyqvm.ops.migration` (a package): live migration between launcher instances,
+  and saving / restoring a VM's state;
+- `pyqvm.ops.guest`: commands and files in the guest, through its agent.
 
-Each function takes the `pyqvm.vm.AsyncVM` it works on; `AsyncVM` exposes them
-as methods (``vm.snapshot_save(tag)``, ``vm.hotplug_disk(disk)``, ...). The
+Each function takes the `pyqvm.machine.Machine` it works on; `pyqvm.AsyncVM`
+exposes them as methods (``vm.snapshot_save(tag)``, ``vm.hotplug_disk(disk)``, ...). The
 helpers here read what QEMU itself reports, so an operation sees the VM as it
 is now (a hot-added disk, a disk whose top node an external snapshot replaced),
 not as the spec described it at boot.
@@ -17,14 +19,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pyqvm.errors import VMStateError
-from pyqvm.state import VMState
-
-if TYPE_CHECKING:
-    from pyqvm.vm import AsyncVM
+from pyqvm.machine import Machine
 
 _PERIPHERAL = re.compile(r"/machine/peripheral/([^/]+)")
 
@@ -47,7 +44,7 @@ def device_id(qdev: str) -> str:
     return m.group(1) if m else qdev
 
 
-async def block_nodes(vm: AsyncVM) -> list[BlockNode]:
+async def block_nodes(vm: Machine) -> list[BlockNode]:
     """Every attached disk with a medium, in QEMU's order."""
     out = []
     for b in await vm.execute("query-block"):
@@ -67,7 +64,7 @@ async def block_nodes(vm: AsyncVM) -> list[BlockNode]:
     return out
 
 
-async def block_node(vm: AsyncVM, device: str, error: type[Exception]) -> BlockNode:
+async def block_node(vm: Machine, device: str, error: type[Exception]) -> BlockNode:
     """The disk whose guest device (or top node) is ``device``; ``error`` names the known ones."""
     nodes = await block_nodes(vm)
     for n in nodes:
@@ -77,22 +74,9 @@ async def block_node(vm: AsyncVM, device: str, error: type[Exception]) -> BlockN
     raise error(f"VM {vm.name!r} has no disk {device!r}; its disks: {known}")
 
 
-def runtime_file(vm: AsyncVM, name: str) -> Path:
-    """A path in the VM's runtime dir (removed with the VM)."""
-    if vm.runtime_dir is None:
-        raise AssertionError("a running VM always has a runtime dir")
-    return vm.runtime_dir / name
-
-
 def unique_id(prefix: str, taken: Sequence[str]) -> str:
     """``prefix0``, ``prefix1``, ... : the first not in ``taken``."""
     i = 0
     while f"{prefix}{i}" in taken:
         i += 1
     return f"{prefix}{i}"
-
-
-def require_live(vm: AsyncVM, what: str) -> None:
-    """Raise `VMStateError` unless the VM is running or paused (QEMU is up)."""
-    if vm.state not in (VMState.RUNNING, VMState.PAUSED):
-        raise VMStateError(f"VM {vm.name!r} is {vm.state.value}; {what} needs it running or paused")

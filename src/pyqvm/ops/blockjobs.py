@@ -13,13 +13,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pyqvm.errors import JobError, SnapshotError
-from pyqvm.ops import block_node, require_live, runtime_file
-
-if TYPE_CHECKING:
-    from pyqvm.vm import AsyncVM
+from pyqvm.machine import Machine
+from pyqvm.ops import block_node
+from pyqvm.state import LIVE
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +35,9 @@ class ChainLink:
     node: str | None  # QEMU's node name, when the image is a named node
 
 
-async def chain(vm: AsyncVM, disk: str) -> list[ChainLink]:
+async def chain(vm: Machine, disk: str) -> list[ChainLink]:
     """The backing chain of ``disk`` (a device id or node), the image the guest writes first."""
-    require_live(vm, "query a disk's backing chain")
+    vm.require(*LIVE, what="query a disk's backing chain")
     top = await block_node(vm, disk, SnapshotError)
     nodes = await vm.execute("query-named-block-nodes", {"flat": True})
     by_file = {
@@ -62,14 +61,14 @@ async def chain(vm: AsyncVM, disk: str) -> list[ChainLink]:
     return out
 
 
-async def snapshot(vm: AsyncVM, disk: str, path: Path | str | None = None) -> Path:
+async def snapshot(vm: Machine, disk: str, path: Path | str | None = None) -> Path:
     """Put a new qcow2 overlay at ``path`` on top of ``disk`` while the guest runs.
 
     The previous top image is not written from then on. Without ``path`` the
     overlay goes to the VM's runtime dir (removed with the VM). Returns the
     overlay's path. Raises `SnapshotError`.
     """
-    require_live(vm, f"snapshot disk {disk!r}")
+    vm.require(*LIVE, what=f"snapshot disk {disk!r}")
     top = await block_node(vm, disk, SnapshotError)
     if top.readonly:
         raise SnapshotError(f"disk {top.device!r} is read-only; it needs no external snapshot")
@@ -79,7 +78,7 @@ async def snapshot(vm: AsyncVM, disk: str, path: Path | str | None = None) -> Pa
     while f"{top.device}-snap{i}" in taken:
         i += 1
     node = f"{top.device}-snap{i}"
-    target = Path(path) if path is not None else runtime_file(vm, f"{node}.qcow2")
+    target = Path(path) if path is not None else vm.runtime_file(f"{node}.qcow2")
     target = target if target.is_absolute() else Path.cwd() / target
     if target.exists():
         raise SnapshotError(f"{target} exists; an external snapshot makes a new file")
@@ -97,7 +96,7 @@ async def snapshot(vm: AsyncVM, disk: str, path: Path | str | None = None) -> Pa
     return target
 
 
-async def commit(vm: AsyncVM, disk: str, *, timeout: float | None = TIMEOUT) -> None:
+async def commit(vm: Machine, disk: str, *, timeout: float | None = TIMEOUT) -> None:
     """Fold ``disk``'s top image into the image below it and drop it from the chain.
 
     The guest keeps running; when this returns, the data the guest wrote since
@@ -105,7 +104,7 @@ async def commit(vm: AsyncVM, disk: str, *, timeout: float | None = TIMEOUT) -> 
     The overlay file itself is left in place (it is no longer used). Raises
     `SnapshotError` (no image below, or QEMU's job error).
     """
-    require_live(vm, f"commit disk {disk!r}")
+    vm.require(*LIVE, what=f"commit disk {disk!r}")
     top = await block_node(vm, disk, SnapshotError)
     links = await chain(vm, top.device)
     if len(links) < 2 or links[1].node is None:

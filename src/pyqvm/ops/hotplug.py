@@ -22,20 +22,18 @@ were, and a later `unplug` of the same id finishes the job.
 The guest may need to bring hot-added vCPUs and memory online itself (the
 built-in guest does not: ``echo 1 > /sys/devices/system/cpu/cpuN/online``).
 
-Every plug is recorded (`plugged`), so that `replug` can give a migration
-destination the same devices before the guest's state arrives.
+Every plug is recorded in the machine's `pyqvm.devices.DeviceTable`
+(``machine.devices``), so that `replug` can give a migration destination the
+same devices before the guest's state arrives.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pyqvm.argv.devices import (
     DiskFile,
@@ -46,14 +44,15 @@ from pyqvm.argv.devices import (
     nic_props,
     virtio,
 )
+from pyqvm.deadline import Deadline
+from pyqvm.devices import Plugged, QMPCommand
 from pyqvm.errors import HotplugError, PyqvmTimeoutError, QMPCommandError, UnplugTimeoutError
-from pyqvm.ops import require_live, runtime_file, unique_id
+from pyqvm.machine import Machine
+from pyqvm.ops import unique_id
 from pyqvm.overlays import adopt_overlay, make_overlay
 from pyqvm.session import Event
 from pyqvm.spec import Disk, Network, check_id, parse_size_mib
-
-if TYPE_CHECKING:
-    from pyqvm.vm import AsyncVM
+from pyqvm.state import LIVE
 
 log = logging.getLogger(__name__)
 
@@ -62,83 +61,14 @@ UNPLUG_TIMEOUT = 30.0
 _MIB = 1024 * 1024
 
 
-QMPCommand = tuple[str, Mapping[str, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class Plugged:
-    """A device pyqvm hot-plugged, and how to plug it again into another QEMU.
-
-    ``commands`` are the QMP commands that plugged it, in order. A disk's
-    ``blockdev-add`` is left out: it names files of this VM, so `replug`
-    builds it anew from ``disk``.
-    """
-
-    backends: tuple[tuple[str, str], ...]  # (kind, name): what unplug removes after the device
-    commands: tuple[QMPCommand, ...]
-    disk: Disk | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-able form (for a save manifest, or a destination in another process)."""
-        disk = None
-        if self.disk is not None:
-            disk = dataclasses.asdict(self.disk) | {"path": str(self.disk.path)}
-        return {
-            "backends": [list(b) for b in self.backends],
-            "commands": [[name, dict(args)] for name, args in self.commands],
-            "disk": disk,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Plugged:
-        try:
-            disk = Disk(**data["disk"]) if data.get("disk") else None
-            return cls(
-                backends=tuple((str(k), str(n)) for k, n in data["backends"]),
-                commands=tuple((str(c), dict(a)) for c, a in data["commands"]),
-                disk=disk,
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise HotplugError(f"not a hot-plugged device record: {e}") from None
-
-
-# Per VM: a lock so two plugs never pick the same slot, and the devices pyqvm
-# plugged, in plug order (to remove their backends even when the device went away
-# unseen, and to plug them again on a migration destination).
-_locks: weakref.WeakKeyDictionary[AsyncVM, asyncio.Lock] = weakref.WeakKeyDictionary()
-_plugged: weakref.WeakKeyDictionary[AsyncVM, dict[str, Plugged]] = weakref.WeakKeyDictionary()
-
-
-def _lock(vm: AsyncVM) -> asyncio.Lock:
-    return _locks.setdefault(vm, asyncio.Lock())
-
-
-def _remember(vm: AsyncVM, device: str, plugged: Plugged) -> None:
-    _plugged.setdefault(vm, {})[device] = plugged
-
-
-def plugged(vm: AsyncVM) -> dict[str, Plugged]:
-    """The devices pyqvm hot-plugged into ``vm`` and that are still there, in plug order."""
-    return dict(_plugged.get(vm, {}))
-
-
-def plugged_overlays(vm: AsyncVM) -> dict[str, Path]:
-    """The throw-away overlay of each hot-plugged ephemeral disk (for shared storage)."""
-    return {
-        device: runtime_file(vm, f"{device}.qcow2")
-        for device, p in plugged(vm).items()
-        if p.disk is not None and p.disk.ephemeral and not p.disk.readonly
-    }
-
-
 async def replug(
-    vm: AsyncVM,
+    vm: Machine,
     devices: Mapping[str, Plugged],
     *,
     overlays: Mapping[str, Path] | None = None,
     without_forwards: bool = False,
 ) -> None:
-    """Plug ``devices`` (another VM's `plugged`) into ``vm``, with the same ids and slots.
+    """Plug ``devices`` (another machine's ``devices.snapshot()``) into ``vm``: same ids, slots.
 
     For a migration destination, before the guest's state arrives: QEMU accepts
     ``device_add`` then, and the incoming state needs the same devices. An
@@ -150,7 +80,7 @@ async def replug(
         if p.disk is not None:
             files = DiskFile()
             if p.disk.ephemeral and not p.disk.readonly:
-                overlay = runtime_file(vm, f"{device}.qcow2")
+                overlay = vm.overlay_path(device)
                 if overlays and device in overlays:
                     adopt_overlay(overlays[device], overlay)
                 else:
@@ -161,23 +91,23 @@ async def replug(
             if without_forwards and name == "netdev_add":
                 args = {k: v for k, v in args.items() if k != "hostfwd"}
             await _replay(vm, device, (name, args))
-        _remember(vm, device, p)
+        vm.devices.add(device, p)
         log.info("%s: plugged %r as the source has it", vm.name, device)
 
 
-def hostfwds(vm: AsyncVM) -> list[tuple[str, str]]:
+def hostfwds(vm: Machine) -> list[tuple[str, str]]:
     """(netdev id, rule) of every host port forward of ``vm``'s NICs, hot-plugged ones too."""
     out = [
         (n.id, hostfwd_rule(f)) for n in vm.spec.networks if n.mode == "user" for f in n.forwards
     ]
-    for p in plugged(vm).values():
+    for p in vm.devices.snapshot().values():
         for name, args in p.commands:
             if name == "netdev_add":
                 out += [(str(args["id"]), str(r["str"])) for r in args.get("hostfwd", ())]
     return out
 
 
-async def _replay(vm: AsyncVM, device: str, command: QMPCommand) -> None:
+async def _replay(vm: Machine, device: str, command: QMPCommand) -> None:
     name, args = command
     try:
         await vm.execute(name, dict(args))
@@ -191,12 +121,12 @@ def _clean(props: Mapping[str, object]) -> dict[str, object]:
     return {k: v for k, v in props.items() if v is not None}
 
 
-async def _peripherals(vm: AsyncVM) -> list[str]:
+async def _peripherals(vm: Machine) -> list[str]:
     """The ids of all user-created devices (``/machine/peripheral``)."""
     return [p["name"] for p in await vm.execute("qom-list", {"path": "/machine/peripheral"})]
 
 
-async def _taken_ids(vm: AsyncVM) -> set[str]:
+async def _taken_ids(vm: Machine) -> set[str]:
     nodes = await vm.execute("query-named-block-nodes", {"flat": True})
     objects = await vm.execute("qom-list", {"path": "/objects"})
     return (
@@ -204,7 +134,7 @@ async def _taken_ids(vm: AsyncVM) -> set[str]:
     )
 
 
-async def _new_id(vm: AsyncVM, wanted: str, prefix: str, field: str) -> str:
+async def _new_id(vm: Machine, wanted: str, prefix: str, field: str) -> str:
     taken = await _taken_ids(vm)
     if not wanted:
         return unique_id(prefix, sorted(taken))
@@ -216,7 +146,7 @@ async def _new_id(vm: AsyncVM, wanted: str, prefix: str, field: str) -> str:
     return wanted
 
 
-def _hotplug_ports(vm: AsyncVM) -> list[str] | None:
+def _hotplug_ports(vm: Machine) -> list[str] | None:
     """The root ports a PCI device may be plugged into (q35), or None (pc: pci.0).
 
     Checks the spec only, so a machine without PCI hotplug is refused before QEMU is asked.
@@ -244,7 +174,7 @@ def _hotplug_ports(vm: AsyncVM) -> list[str] | None:
     return ports
 
 
-async def _free_slot(vm: AsyncVM, ports: list[str] | None) -> str | None:
+async def _free_slot(vm: Machine, ports: list[str] | None) -> str | None:
     """A bus for one more PCI device: a free port of ``ports``, or None (pc: pci.0)."""
     if ports is None:
         return None
@@ -263,26 +193,26 @@ async def _free_slot(vm: AsyncVM, ports: list[str] | None) -> str | None:
     )
 
 
-async def plug_disk(vm: AsyncVM, disk: Disk) -> str:
+async def plug_disk(vm: Machine, disk: Disk) -> str:
     """Hot-add ``disk`` as a virtio-blk device; returns its device id (``disk.id`` or ``hdN``).
 
     An ephemeral disk (the default) gets a throw-away qcow2 overlay, so its
     file is never written. Raises `HotplugError`.
     """
-    require_live(vm, "hot-plugging a disk")
+    vm.require(*LIVE, what="hot-plugging a disk")
     if disk.interface not in ("auto", "virtio-blk"):
         raise HotplugError(
             f"disk interface {disk.interface!r} cannot be hot-plugged; use virtio-blk"
         )
     spec = vm.resolved_spec
     ports = _hotplug_ports(vm)
-    async with _lock(vm):
+    async with vm.devices.lock:
         ident = await _new_id(vm, disk.id, "hd", "disk.id")
         disk = dataclasses.replace(disk, id=ident)
         bus = await _free_slot(vm, ports)
         files = DiskFile()
         if disk.ephemeral and not disk.readonly:
-            overlay = runtime_file(vm, f"{ident}.qcow2")
+            overlay = vm.overlay_path(ident)
             await make_overlay(disk.path, disk.format or "raw", overlay)
             files = DiskFile(overlay=overlay)
         try:
@@ -299,20 +229,20 @@ async def plug_disk(vm: AsyncVM, disk: Disk) -> str:
             raise HotplugError(
                 f"VM {vm.name!r}: cannot plug disk {ident!r}: {e.description}"
             ) from e
-        _remember(vm, ident, Plugged((("blockdev", ident),), (("device_add", device),), disk=disk))
+        vm.devices.add(ident, Plugged((("blockdev", ident),), (("device_add", device),), disk=disk))
     log.info("%s: plugged disk %r (%s) into %s", vm.name, ident, disk.path, bus or "pci.0")
     return ident
 
 
-async def plug_nic(vm: AsyncVM, net: Network | None = None) -> str:
+async def plug_nic(vm: Machine, net: Network | None = None) -> str:
     """Hot-add a NIC (default: user-mode networking, virtio); returns its device id."""
-    require_live(vm, "hot-plugging a NIC")
+    vm.require(*LIVE, what="hot-plugging a NIC")
     net = net or Network()
     if net.mode == "none":
         raise HotplugError('a NIC with mode = "none" has nothing to plug; use "user" or "tap"')
     spec = vm.resolved_spec
     ports = _hotplug_ports(vm)
-    async with _lock(vm):
+    async with vm.devices.lock:
         ident = await _new_id(vm, net.id, "hnic", "network.id")
         net = dataclasses.replace(net, id=ident)
         bus = await _free_slot(vm, ports)
@@ -329,8 +259,7 @@ async def plug_nic(vm: AsyncVM, net: Network | None = None) -> str:
         except QMPCommandError as e:
             await vm.execute("netdev_del", {"id": ident})
             raise HotplugError(f"VM {vm.name!r}: cannot plug NIC {ident!r}: {e.description}") from e
-        _remember(
-            vm,
+        vm.devices.add(
             ident,
             Plugged((("netdev", ident),), (("netdev_add", netdev), ("device_add", device))),
         )
@@ -338,15 +267,15 @@ async def plug_nic(vm: AsyncVM, net: Network | None = None) -> str:
     return ident
 
 
-async def plug_cpu(vm: AsyncVM, id: str = "") -> str:
+async def plug_cpu(vm: Machine, id: str = "") -> str:
     """Hot-add one vCPU (the lowest free slot); returns its device id.
 
     Needs ``max_smp`` above ``smp`` in the spec. The guest may have to bring it
     online (``echo 1 > /sys/devices/system/cpu/cpuN/online``).
     """
-    require_live(vm, "hot-plugging a vCPU")
+    vm.require(*LIVE, what="hot-plugging a vCPU")
     spec = vm.resolved_spec
-    async with _lock(vm):
+    async with vm.devices.lock:
         slots: list[dict[str, Any]] = await vm.execute("query-hotpluggable-cpus")
         free = [s for s in slots if "qom-path" not in s]
         if not free:
@@ -365,19 +294,19 @@ async def plug_cpu(vm: AsyncVM, id: str = "") -> str:
             raise HotplugError(
                 f"VM {vm.name!r}: cannot plug vCPU {ident!r}: {e.description}"
             ) from e
-        _remember(vm, ident, Plugged((), (("device_add", device),)))
+        vm.devices.add(ident, Plugged((), (("device_add", device),)))
     log.info("%s: plugged vCPU %r at %s", vm.name, ident, slot["props"])
     return ident
 
 
-async def plug_memory(vm: AsyncVM, size: int | str, id: str = "") -> str:
+async def plug_memory(vm: Machine, size: int | str, id: str = "") -> str:
     """Hot-add a ``size`` (MiB, or ``"256M"``) memory DIMM; returns its device id.
 
     Needs ``max_memory`` and ``memory_slots`` in the spec. Linux uses memory in
     blocks of 128 MiB; the guest may have to bring them online
     (``echo online > /sys/devices/system/memory/memoryN/state``).
     """
-    require_live(vm, "hot-plugging memory")
+    vm.require(*LIVE, what="hot-plugging memory")
     spec = vm.resolved_spec
     mib = parse_size_mib(size, "size")
     if spec.max_memory is None or not spec.memory_slots:
@@ -386,7 +315,7 @@ async def plug_memory(vm: AsyncVM, size: int | str, id: str = "") -> str:
             "memory_slots in the spec"
         )
     assert isinstance(spec.max_memory, int) and isinstance(spec.memory, int)
-    async with _lock(vm):
+    async with vm.devices.lock:
         dimms = [d for d in await vm.execute("query-memory-devices")]
         plugged = sum(int(d.get("data", {}).get("size", 0)) for d in dimms) // _MIB
         room = spec.max_memory - spec.memory - plugged
@@ -415,8 +344,7 @@ async def plug_memory(vm: AsyncVM, size: int | str, id: str = "") -> str:
             raise HotplugError(
                 f"VM {vm.name!r}: cannot plug DIMM {ident!r}: {e.description}"
             ) from e
-        _remember(
-            vm,
+        vm.devices.add(
             ident,
             Plugged((("object", backend),), (("object-add", memory), ("device_add", dimm))),
         )
@@ -424,7 +352,7 @@ async def plug_memory(vm: AsyncVM, size: int | str, id: str = "") -> str:
     return ident
 
 
-async def _device_backends(vm: AsyncVM, device: str) -> list[tuple[str, str]]:
+async def _device_backends(vm: Machine, device: str) -> list[tuple[str, str]]:
     """What a device uses, read from QEMU before it goes: its drive, netdev or memdev."""
     path = f"/machine/peripheral/{device}"
     props = {p["name"] for p in await vm.execute("qom-list", {"path": path})}
@@ -438,34 +366,36 @@ async def _device_backends(vm: AsyncVM, device: str) -> list[tuple[str, str]]:
     return out
 
 
-async def unplug(vm: AsyncVM, device: str, *, timeout: float = UNPLUG_TIMEOUT) -> None:
+async def unplug(vm: Machine, device: str, *, timeout: float = UNPLUG_TIMEOUT) -> None:
     """Unplug ``device`` (a device id): ask the guest, wait for it, then remove the backend.
 
     Raises `UnplugTimeoutError` when the guest does not release the device
     within ``timeout`` seconds (the device and its backend then stay; call
     again to finish), `HotplugError` for an unknown device or QEMU's refusal.
     """
-    require_live(vm, f"unplugging {device!r}")
-    async with _lock(vm):
+    vm.require(*LIVE, what=f"unplugging {device!r}")
+    async with vm.devices.lock:
         present = device in await _peripherals(vm)
-        known = _plugged.get(vm, {})
-        if not present and device not in known:
+        known = vm.devices.get(device)
+        if not present and known is None:
             raise HotplugError(f"VM {vm.name!r} has no device {device!r}")
         if present:
             await _refuse_tcg_cpu_unplug(vm, device)
-        backends = await _device_backends(vm, device) if present else list(known[device].backends)
+        backends = (
+            await _device_backends(vm, device) if present or known is None else list(known.backends)
+        )
         if present:
             await _release(vm, device, timeout)
         for kind, name in backends:
             await _remove_backend(vm, kind, name)
-        known.pop(device, None)
-        overlay = runtime_file(vm, f"{device}.qcow2")
+        vm.devices.discard(device)
+        overlay = vm.overlay_path(device)
         if ("blockdev", device) in backends and overlay.exists():
             overlay.unlink()
     log.info("%s: unplugged %r", vm.name, device)
 
 
-async def _refuse_tcg_cpu_unplug(vm: AsyncVM, device: str) -> None:
+async def _refuse_tcg_cpu_unplug(vm: Machine, device: str) -> None:
     if vm.accelerator != "tcg":
         return
     path = f"/machine/peripheral/{device}"
@@ -483,7 +413,7 @@ async def _refuse_tcg_cpu_unplug(vm: AsyncVM, device: str) -> None:
         )
 
 
-async def _release(vm: AsyncVM, device: str, timeout: float) -> None:
+async def _release(vm: Machine, device: str, timeout: float) -> None:
     path = f"/machine/peripheral/{device}"
 
     def ours(event: Event) -> bool:
@@ -491,8 +421,7 @@ async def _release(vm: AsyncVM, device: str, timeout: float) -> None:
         where = str(data.get("path", ""))
         return data.get("device") == device or where == path or where.startswith(path + "/")
 
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = Deadline(timeout)
     async with vm.qmp.events("DEVICE_DELETED", ours) as listener:
         try:
             await vm.execute("device_del", {"id": device})
@@ -506,7 +435,7 @@ async def _release(vm: AsyncVM, device: str, timeout: float) -> None:
             try:
                 event = await vm.qmp.wait_for_event(
                     "DEVICE_DELETED",
-                    timeout=max(0.0, deadline - loop.time()),
+                    timeout=deadline.left(),
                     listener=listener,
                 )
             except PyqvmTimeoutError:
@@ -525,7 +454,7 @@ async def _release(vm: AsyncVM, device: str, timeout: float) -> None:
                 return
 
 
-async def _remove_backend(vm: AsyncVM, kind: str, name: str) -> None:
+async def _remove_backend(vm: Machine, kind: str, name: str) -> None:
     command, args = {
         "blockdev": ("blockdev-del", {"node-name": name}),
         "netdev": ("netdev_del", {"id": name}),

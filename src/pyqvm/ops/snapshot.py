@@ -19,14 +19,13 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pyqvm.errors import JobError, SnapshotError
-from pyqvm.ops import BlockNode, block_nodes, require_live
+from pyqvm.machine import Machine
+from pyqvm.ops import BlockNode, block_nodes
 from pyqvm.passthrough import migration_blocker
-
-if TYPE_CHECKING:
-    from pyqvm.vm import AsyncVM
+from pyqvm.state import LIVE
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +53,9 @@ def _check_tag(tag: str) -> None:
         raise SnapshotError(f"snapshot tag {tag!r} is all digits; add a letter, e.g. 's{tag}'")
 
 
-async def _writable(vm: AsyncVM, what: str) -> list[BlockNode]:
+async def _writable(vm: Machine, what: str) -> list[BlockNode]:
     """The nodes a snapshot covers: every writable disk, each of which must be qcow2."""
-    require_live(vm, what)
+    vm.require(*LIVE, what=what)
     blocker = migration_blocker(vm.resolved_spec)
     if blocker:
         raise SnapshotError(f"cannot {what}: {blocker}")
@@ -105,14 +104,14 @@ def _infos(nodes: list[BlockNode]) -> list[SnapshotInfo]:
     return sorted(out, key=lambda i: i.date)
 
 
-async def list_snapshots(vm: AsyncVM) -> list[SnapshotInfo]:
+async def list_snapshots(vm: Machine) -> list[SnapshotInfo]:
     """The internal snapshots on the VM's writable disks, oldest first."""
-    require_live(vm, "list snapshots")
+    vm.require(*LIVE, what="list snapshots")
     return _infos([n for n in await block_nodes(vm) if not n.readonly])
 
 
 async def save(
-    vm: AsyncVM, tag: str, *, overwrite: bool = False, timeout: float | None = TIMEOUT
+    vm: Machine, tag: str, *, overwrite: bool = False, timeout: float | None = TIMEOUT
 ) -> SnapshotInfo:
     """Save the VM's RAM, device state and all writable disks as snapshot ``tag``.
 
@@ -142,7 +141,7 @@ async def save(
     raise SnapshotError(f"VM {vm.name!r}: snapshot {tag!r} was saved but no disk lists it")
 
 
-async def load(vm: AsyncVM, tag: str, *, timeout: float | None = TIMEOUT) -> None:
+async def load(vm: Machine, tag: str, *, timeout: float | None = TIMEOUT) -> None:
     """Return the VM to snapshot ``tag``: RAM, devices and disks as they were at `save`.
 
     A running guest keeps running from the snapshot's point (a paused one stays
@@ -178,7 +177,7 @@ async def load(vm: AsyncVM, tag: str, *, timeout: float | None = TIMEOUT) -> Non
     log.info("%s: loaded snapshot %r", vm.name, tag)
 
 
-async def delete(vm: AsyncVM, tag: str, *, timeout: float | None = TIMEOUT) -> None:
+async def delete(vm: Machine, tag: str, *, timeout: float | None = TIMEOUT) -> None:
     """Delete snapshot ``tag`` from every disk that holds it. Raises `SnapshotError`."""
     _check_tag(tag)
     nodes = await _writable(vm, f"delete snapshot {tag!r}")

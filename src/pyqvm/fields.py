@@ -1,0 +1,88 @@
+"""Checks and parsers for single spec values (sizes, ids, PCI addresses, paths), each raising
+`SpecError` with the field's name and the fix."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from pyqvm.errors import SpecError
+
+# QEMU's id rule (util/id.c id_wellformed): a letter, then letters, digits, '-', '.', '_'.
+ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+PCI_RE = re.compile(
+    r"(?:(?P<domain>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<slot>[0-1][0-9a-fA-F])\.(?P<fn>[0-7])\Z"
+)
+GUEST_PCI_RE = re.compile(r"[0-1]?[0-9a-fA-F](?:\.[0-7])?\Z")
+MAC_RE = re.compile(r"(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\Z")
+SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE)
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def parse_size_mib(value: int | str, field_name: str) -> int:
+    """Parse a memory size (``512``, ``"512M"``, ``"2G"``, ``"1GiB"``) into MiB."""
+    if isinstance(value, bool):
+        raise SpecError(field_name, f"{value!r} is not a size; use e.g. 512M or 2G")
+    if isinstance(value, int):
+        mib = value
+    else:
+        m = SIZE_RE.match(str(value))
+        if not m:
+            raise SpecError(field_name, f"{value!r} is not a size; use e.g. 512M or 2G")
+        number, unit = int(m.group(1)), m.group(2).upper()
+        if unit == "K":
+            if number % 1024:
+                raise SpecError(field_name, f"{value!r} is not a whole number of MiB")
+            mib = number // 1024
+        else:
+            mib = number * {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
+    if mib <= 0:
+        raise SpecError(field_name, f"{value!r} must be positive; use e.g. 512M or 2G")
+    return mib
+
+
+def check_id(value: str, field_name: str) -> None:
+    """Raise unless ``value`` is a well-formed QEMU id (device, node, chardev names)."""
+    if not isinstance(value, str) or not ID_RE.match(value):
+        raise SpecError(
+            field_name,
+            f"{value!r} is not a valid QEMU id; start with a letter, then use only "
+            "letters, digits, '-', '.' and '_'",
+        )
+
+
+def normalize_pci_address(value: str, field_name: str) -> str:
+    """``01:00.0`` or ``0000:01:00.0`` -> ``0000:01:00.0`` (lower case)."""
+    m = PCI_RE.match(value.strip()) if isinstance(value, str) else None
+    if not m:
+        raise SpecError(
+            field_name,
+            f"{value!r} is not a PCI address; use DDDD:BB:SS.F, e.g. 0000:01:00.0 (see `lspci -D`)",
+        )
+    domain = m.group("domain") or "0000"
+    return f"{domain}:{m.group('bus')}:{m.group('slot')}.{m.group('fn')}".lower()
+
+
+def choice(value: object, choices: Sequence[str], field_name: str) -> None:
+    """Raise unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise SpecError(field_name, f"{value!r} is not one of: {', '.join(choices)}")
+
+
+def absolute_path(path: Path | str, field_name: str, *, must_exist: bool = True) -> Path:
+    """``path`` made absolute (relative to the working directory); it must be a file unless
+    ``must_exist`` is false."""
+    if not isinstance(path, (str, Path)) or str(path) == "":
+        raise SpecError(field_name, f"{path!r} is not a path")
+    p = Path(path).expanduser()
+    p = p if p.is_absolute() else Path.cwd() / p
+    if must_exist and not p.is_file():
+        what = "is a directory, not a file" if p.is_dir() else "no such file"
+        raise SpecError(field_name, f"{what}: '{p}'; check the path")
+    return p
+
+
+def set_field(obj: object, name: str, value: object) -> None:
+    # Normalising inside __post_init__ of a frozen dataclass.
+    object.__setattr__(obj, name, value)

@@ -1,0 +1,563 @@
+"""`Machine`: one launch of QEMU and everything it holds, with the API operations use.
+
+A machine owns, in order of creation: the host devices it was given
+(passthrough), its runtime dir (sockets, logs, overlays), the QEMU process,
+the QMP session, the guest agent, and the table of devices hot-plugged into
+it. It tears them down in reverse, each step bounded, shielded from the
+caller's cancellation::
+
+    machine = Machine(VMSpec(image="default"))
+    await machine.start()               # returns when the guest is ready
+    await machine.stop()
+
+Operations (`pyqvm.ops`) take a machine: they guard on its state
+(``require``), change it (``move``), talk QMP (``execute``/``events``), read
+its files (``runtime_file``/``overlay_path``) and its last words
+(``stderr_tail``). A migration destination starts from a `LaunchPlan`
+(``-incoming defer``, overlays adopted from the source, forwards withheld)
+and becomes a running VM with ``finish_incoming``.
+
+Shutdown goes in steps, each bounded: agent or ACPI powerdown (wait for QEMU
+to exit) -> QMP ``quit`` -> SIGTERM -> SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from qemu.qmp import EventListener
+
+from pyqvm.agent import GuestAgent
+from pyqvm.argv.build import LaunchContext, build_argv
+from pyqvm.argv.devices import DiskFile
+from pyqvm.console import ConsoleLog
+from pyqvm.devices import DeviceTable
+from pyqvm.errors import LaunchError, PyqvmError, VMStateError, tail
+from pyqvm.host.facts import HostFacts
+from pyqvm.overlays import adopt_overlay, make_overlay, overlay_disks, overlay_path
+from pyqvm.passthrough import Passthrough, PassthroughHost, assign
+from pyqvm.process import QemuProcess, RuntimeDir
+from pyqvm.resolve import Resolved, resolve
+from pyqvm.session import EventFilter, QMPSession
+from pyqvm.spec import VMSpec
+from pyqvm.state import Lifecycle, VMState
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchPlan:
+    """How to launch a machine, beyond its spec.
+
+    ``incoming``: start as a migration destination (``-incoming defer``).
+    ``overlays``: an ephemeral disk's id -> an existing overlay to open instead
+    of a fresh one (shared storage: the source's overlay; hard-linked into
+    this runtime dir, so either side's cleanup leaves the other's disk
+    intact). ``without_forwards``: leave out the NICs' host port forwards (a
+    source on this host still holds the ports). ``spec``: launch this spec
+    instead of the machine's (a restore: disks over the saved overlays); it
+    becomes the machine's spec.
+    """
+
+    incoming: str | None = None
+    overlays: Mapping[str, Path] = field(default_factory=dict)
+    without_forwards: bool = False
+    spec: VMSpec | None = None
+
+
+class Machine:
+    """One QEMU launch of a `VMSpec`: its resources and the operations' view of them."""
+
+    def __init__(
+        self,
+        spec: VMSpec,
+        *,
+        host: HostFacts | None = None,
+        image_cache: Path | None = None,
+        passthrough_host: PassthroughHost | None = None,
+    ) -> None:
+        self._spec = spec
+        self.host = host
+        self.image_cache = image_cache
+        # Where host devices are prepared (sysfs root, writer, claims); tests use fakes.
+        self.passthrough_host = passthrough_host or PassthroughHost()
+        self.devices = DeviceTable()
+        self.console = ConsoleLog()
+        self._life = Lifecycle(spec.name)
+        self._passthrough: Passthrough | None = None
+        self._resolved: Resolved | None = None
+        self._rundir: RuntimeDir | None = None
+        self._process: QemuProcess | None = None
+        self._qmp: QMPSession | None = None
+        self._agent: GuestAgent | None = None
+        self._argv: list[str] = []
+        self._last_code: int | None = None
+        self._boot_seconds: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.name!r} {self.state.value} pid={self.pid}>"
+
+    # --- what it is --------------------------------------------------------------------------
+
+    @property
+    def spec(self) -> VMSpec:
+        """The spec this machine launches (or launched)."""
+        return self._spec
+
+    @property
+    def name(self) -> str:
+        return self._spec.name
+
+    @property
+    def state(self) -> VMState:
+        return self._life.state
+
+    def require(self, *states: VMState, what: str = "this") -> None:
+        """Raise `VMStateError` (naming the state and ``states``) unless in one of ``states``."""
+        self._life.require(*states, what=what)
+
+    def move(self, to: VMState) -> None:
+        """Change the state (an operation starting or ending: migrating, paused, running)."""
+        self._life.move(to)
+
+    @property
+    def argv(self) -> list[str]:
+        """The argv QEMU was started with (empty before the launch)."""
+        return list(self._argv)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def alive(self) -> bool:
+        """QEMU was started and has not exited."""
+        return self._process is not None and self._process.returncode is None
+
+    @property
+    def accelerator(self) -> str | None:
+        return self._resolved.accel if self._resolved else None
+
+    @property
+    def boot_seconds(self) -> float | None:
+        """Seconds from `start` until the guest was ready."""
+        return self._boot_seconds
+
+    @property
+    def resolved_spec(self) -> VMSpec:
+        """The spec as launched (the built-in image replaced by its kernel and disk)."""
+        return self._resolved.spec if self._resolved else self._spec
+
+    @property
+    def runtime_dir(self) -> Path | None:
+        return self._rundir.path if self._rundir else None
+
+    def runtime_file(self, name: str) -> Path:
+        """A path in the runtime dir (removed with the machine); `VMStateError` if there is none."""
+        if self._rundir is None:
+            raise VMStateError(
+                f"VM {self.name!r} is {self.state.value}; it has no runtime dir",
+                state=self.state,
+            )
+        return self._rundir.path / name
+
+    def overlay_path(self, disk_id: str) -> Path:
+        """The throw-away overlay of ephemeral disk ``disk_id`` (a spec or hot-plugged disk)."""
+        return self.runtime_file(overlay_path(Path(), disk_id).name)
+
+    def overlays(self) -> dict[str, Path]:
+        """The overlay of each writable ephemeral disk now open: the spec's and hot-plugged ones."""
+        out = {d.id: self.overlay_path(d.id) for d in overlay_disks(self.resolved_spec)}
+        for device, p in self.devices.snapshot().items():
+            if p.disk is not None and p.disk.ephemeral and not p.disk.readonly:
+                out[device] = self.overlay_path(device)
+        return out
+
+    # --- QMP and the agent -------------------------------------------------------------------
+
+    @property
+    def qmp(self) -> QMPSession:
+        """The QMP session; `VMStateError` when it is not connected."""
+        if self._qmp is None:
+            raise VMStateError(
+                f"VM {self.name!r} is {self.state.value}; QMP is not connected", state=self.state
+            )
+        return self._qmp
+
+    @property
+    def agent(self) -> GuestAgent:
+        """The guest agent client; `VMStateError` when there is none."""
+        if self._agent is None:
+            raise VMStateError(
+                f"VM {self.name!r} has no guest agent (guest_agent = false or not started)",
+                state=self.state,
+            )
+        return self._agent
+
+    async def execute(
+        self, command: str, arguments: Mapping[str, object] | None = None, *, timeout: float = 60.0
+    ) -> Any:
+        """Run a QMP command; see `QMPSession.execute`."""
+        return await self.qmp.execute(command, arguments, timeout=timeout)
+
+    @asynccontextmanager
+    async def events(
+        self, names: str | Iterable[str] = (), match: EventFilter | None = None
+    ) -> AsyncIterator[EventListener]:
+        """Listen for QMP events while the block runs (see `QMPSession.events`)."""
+        async with self.qmp.events(names, match) as listener:
+            yield listener
+
+    # --- QEMU's last words -------------------------------------------------------------------
+
+    def stderr_text(self) -> str:
+        return self._process.stderr_text() if self._process else ""
+
+    def stderr_tail(self, lines: int = 10) -> str:
+        """QEMU's last stderr lines as a message suffix (``"\\nQEMU stderr:\\n..."``), or ""."""
+        text = tail(self.stderr_text(), lines)
+        return f"\nQEMU stderr:\n{text}" if text else ""
+
+    def console_text(self) -> str:
+        """The serial console output so far (its last 64 KiB)."""
+        return self.console.text()
+
+    def read_console(self, offset: int = 0) -> bytes:
+        """Console bytes from ``offset`` on (for following the console as it grows)."""
+        return self.console.read(offset)
+
+    async def wait_for_console(self, pattern: str, timeout: float) -> None:
+        """Wait until ``pattern`` (a plain substring) shows on the serial console."""
+        await self.console.wait_for(pattern, timeout, self.name)
+
+    def launch_error(self, message: str) -> LaunchError:
+        """A `LaunchError` with this launch's argv, exit code, stderr and console."""
+        return LaunchError(
+            message,
+            argv=self._argv,
+            exitcode=self._process.returncode if self._process else None,
+            stderr=self.stderr_text(),
+            console=self.console_text(),
+        )
+
+    # --- starting ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start QEMU and wait until the guest is ready (``spec.ready``)."""
+        self.require(VMState.CREATED, what="starting")
+        self.move(VMState.STARTING)
+        t0 = time.monotonic()
+        try:
+            await self._launch(LaunchPlan())
+            await self._wait_ready()
+        except BaseException:
+            self.move(VMState.FAILED)
+            await asyncio.shield(self.teardown())
+            raise
+        self._boot_seconds = time.monotonic() - t0
+        self.move(VMState.RUNNING)
+        log.info("%s: ready after %.2f s (pid %s)", self.name, self._boot_seconds, self.pid)
+
+    async def start_incoming(self, plan: LaunchPlan | None = None) -> None:
+        """Start QEMU as a migration destination; returns once QMP is connected.
+
+        The guest does not run until a migration (or a saved state) brings it
+        here: the state is ``INMIGRATE`` until `finish_incoming`.
+        """
+        plan = dataclasses.replace(plan or LaunchPlan(), incoming="defer")
+        self.require(VMState.CREATED, what="starting as a migration destination")
+        self.move(VMState.STARTING)
+        t0 = time.monotonic()
+        try:
+            await self._launch(plan)
+        except BaseException:
+            self.move(VMState.FAILED)
+            await asyncio.shield(self.teardown())
+            raise
+        self.move(VMState.INMIGRATE)
+        log.info(
+            "%s: waiting for an incoming migration after %.2f s (pid %s)",
+            self.name,
+            time.monotonic() - t0,
+            self.pid,
+        )
+
+    async def finish_incoming(self, timeout: float | None = None) -> None:
+        """The guest runs here now (migrated in): wait for its agent, then be ``RUNNING``.
+
+        A console ready pattern was printed on the source's console, not here,
+        so only an agent is waited for.
+        """
+        self.require(VMState.INMIGRATE, what="finishing an incoming migration")
+        if self._agent is not None and self._spec.effective_ready == "agent":
+            try:
+                await self._agent.wait_ready(timeout or self._spec.ready_timeout)
+            except BaseException:
+                self.move(VMState.FAILED)
+                raise
+        self.move(VMState.RUNNING)
+        log.info("%s: guest running here after migration (pid %s)", self.name, self.pid)
+
+    async def _launch(self, plan: LaunchPlan) -> None:
+        if plan.spec is not None:
+            self._spec = plan.spec
+        self._resolved = resolved = resolve(
+            self._spec,
+            facts=self.host,
+            image_cache=self.image_cache,
+            host_root=self.passthrough_host.root,
+        )
+        if plan.without_forwards:
+            nets = tuple(dataclasses.replace(n, forwards=()) for n in resolved.spec.networks)
+            resolved = dataclasses.replace(
+                resolved, spec=dataclasses.replace(resolved.spec, networks=nets)
+            )
+        spec = resolved.spec
+        if spec.host_devices:  # claim, check and bind to vfio-pci; undone in teardown
+            self._passthrough = assign(spec, self.passthrough_host)
+        self._rundir = RuntimeDir()
+        rundir = self._rundir.path
+        self.console = ConsoleLog(spec.serial_log or rundir / "console.log")
+        assert self.console.path is not None
+        self.console.path.write_bytes(b"")
+        for d in overlay_disks(spec):
+            if d.id in plan.overlays:
+                adopt_overlay(Path(plan.overlays[d.id]), overlay_path(rundir, d.id))
+            else:
+                await make_overlay(d.path, d.format or "raw", overlay_path(rundir, d.id))
+        qmp_ours, qmp_theirs = socket.socketpair()
+        agent_ours, agent_theirs = socket.socketpair() if spec.guest_agent else (None, None)
+        theirs = [s for s in (qmp_theirs, agent_theirs) if s is not None]
+        ours = [s for s in (qmp_ours, agent_ours) if s is not None]
+        try:
+            try:
+                self._argv = launch_argv(
+                    resolved,
+                    rundir,
+                    console_log=self.console.path,
+                    qmp_fd=qmp_theirs.fileno(),
+                    agent_fd=agent_theirs.fileno() if agent_theirs else None,
+                    incoming=plan.incoming,
+                )
+                log.info(
+                    "%s: starting %s (accel %s)", self.name, resolved.qemu.name, resolved.accel
+                )
+                log.debug("%s: argv %s", self.name, self._argv)
+                process = QemuProcess()
+                await process.start(
+                    self._argv,
+                    pass_fds=[s.fileno() for s in theirs],
+                    stderr_path=rundir / "qemu.stderr",
+                )
+                self._process = process  # only a started process: teardown reaps it
+            finally:
+                for s in theirs:  # QEMU holds its own copies now
+                    s.close()
+            self._qmp = QMPSession(self.name)
+            await self.until_exit(self._qmp.connect(qmp_ours), "connecting QMP")
+        except BaseException:
+            for s in ours:
+                s.close()
+            raise
+        if agent_ours is not None:
+            self._agent = GuestAgent(name=f"{self.name}-agent")
+            await self._agent.connect(agent_ours)
+
+    async def _wait_ready(self) -> None:
+        spec = self._spec
+        mode = spec.effective_ready
+        if mode == "agent":
+            await self.until_exit(
+                self.agent.wait_ready(spec.ready_timeout), "waiting for the guest agent"
+            )
+        elif mode == "console":
+            assert spec.ready_pattern is not None
+            await self.until_exit(
+                self.wait_for_console(spec.ready_pattern, spec.ready_timeout),
+                "waiting for the console",
+            )
+
+    async def until_exit(self, aw: Awaitable[_T], what: str) -> _T:
+        """Await ``aw``, but fail with `LaunchError` as soon as QEMU exits or ``aw`` fails."""
+        if self._process is None:
+            raise VMStateError(f"VM {self.name!r}: QEMU was not started", state=self.state)
+        task = asyncio.ensure_future(aw)
+        exited = asyncio.ensure_future(self._process.wait(None))
+        try:
+            done, _ = await asyncio.wait({task, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            if not task.done():
+                task.cancel()
+        if task in done and task.exception() is None:
+            return task.result()
+        if task in done and self._process.returncode is None:
+            err = task.exception()
+            assert err is not None
+            if not isinstance(err, PyqvmError):
+                raise err
+            raise self.launch_error(f"{self.name}: failed while {what}: {err}") from err
+        raise self.launch_error(f"{self.name}: QEMU exited while {what}")
+
+    # --- running -----------------------------------------------------------------------------
+
+    async def pause(self) -> None:
+        self.require(VMState.RUNNING, what="pausing")
+        await self.execute("stop")
+        self.move(VMState.PAUSED)
+
+    async def resume(self) -> None:
+        self.require(VMState.PAUSED, what="resuming")
+        await self.execute("cont")
+        self.move(VMState.RUNNING)
+
+    # --- ending ------------------------------------------------------------------------------
+
+    async def stop(self, timeout: float = 10.0, *, graceful: bool | None = None) -> int | None:
+        """Shut down in steps (powerdown -> quit -> SIGTERM -> SIGKILL) and remove everything.
+
+        ``graceful`` asks the guest to power off first (through its agent, else
+        by ACPI) and waits up to ``timeout`` for it. By default that happens
+        only when the VM writes to a disk that outlives it; with throw-away
+        overlays there is nothing to keep and QEMU is told to ``quit`` at once.
+        Returns QEMU's exit status (None if it never started). Safe to call twice.
+        """
+        if self._process is None:
+            if self.state is not VMState.FAILED:
+                self.move(VMState.STOPPED)
+            return None
+        if graceful is None:
+            graceful = self.state is VMState.RUNNING and any(
+                not d.ephemeral and not d.readonly for d in self.resolved_spec.disks
+            )
+        self.move(VMState.STOPPING)
+        try:
+            await asyncio.shield(self._shutdown(timeout if graceful else 0.0))
+        finally:
+            await asyncio.shield(self.teardown())
+        self.move(VMState.STOPPED)
+        return self._last_code
+
+    async def _shutdown(self, powerdown_timeout: float) -> None:
+        proc, qmp = self._process, self._qmp
+        if proc is None or proc.returncode is not None or qmp is None or not qmp.connected:
+            return
+        if powerdown_timeout > 0:
+            try:
+                await self._request_poweroff()
+                await proc.wait(powerdown_timeout)
+                return
+            except PyqvmError as e:
+                log.info("%s: no clean powerdown (%s); sending quit", self.name, e)
+        try:
+            await qmp.execute("quit", timeout=5)
+            await proc.wait(5)
+        except PyqvmError as e:
+            log.info("%s: quit did not end QEMU (%s); terminating", self.name, e)
+
+    async def _request_poweroff(self) -> None:
+        """Ask the guest to power off: through its agent when it answers (a guest
+        without an ACPI daemon ignores the power button), else by ACPI."""
+        if self._agent is not None and self.state is VMState.STOPPING:
+            try:
+                await self._agent.execute("guest-shutdown", {"mode": "powerdown"}, timeout=2)
+                log.info("%s: asked the guest agent to power off", self.name)
+                return
+            except PyqvmError as e:
+                log.info("%s: guest agent shutdown failed (%s); trying ACPI", self.name, e)
+        await self.execute("system_powerdown", timeout=5)
+        log.info("%s: sent ACPI powerdown", self.name)
+
+    async def kill(self) -> None:
+        """End QEMU at once (SIGKILL) and clean up."""
+        self.move(VMState.STOPPING)
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+        await asyncio.shield(self.teardown())
+        self.move(VMState.STOPPED)
+
+    async def wait(self, timeout: float | None = None) -> int:
+        """Wait for QEMU to exit on its own (guest powered off); returns its exit status."""
+        if self._process is None:
+            raise VMStateError(f"VM {self.name!r} was never started", state=self.state)
+        code = await self._process.wait(timeout)
+        await self.stop()
+        return code
+
+    async def teardown(self) -> None:
+        """Close the agent and QMP, reap QEMU, give host devices back, remove the runtime dir.
+
+        Leaves the state as it is (callers say what the machine is now).
+        """
+        if self._agent is not None:
+            await self._agent.close()
+            self._agent = None
+        if self._qmp is not None:
+            await self._qmp.close()
+            self._qmp = None
+        if self._process is not None:
+            if self._process.returncode is None:
+                await self._process.terminate(5.0)
+            self._last_code = self._process.returncode
+        if self._passthrough is not None:
+            # Only now that QEMU is gone does vfio-pci let go of the devices.
+            self._passthrough.release()
+            self._passthrough = None
+        if self._rundir is not None:
+            self.console.freeze()  # for error messages after teardown
+            self._rundir.cleanup()
+            self._rundir = None
+
+
+def launch_argv(
+    resolved: Resolved,
+    rundir: Path,
+    *,
+    console_log: Path,
+    qmp_fd: int,
+    agent_fd: int | None,
+    incoming: str | None = None,
+) -> list[str]:
+    """The argv for one launch of a resolved spec, given its runtime dir and inherited fds."""
+    spec = resolved.spec
+    ctx = LaunchContext(
+        qemu=resolved.qemu,
+        accel=resolved.accel,
+        qmp_fd=qmp_fd,
+        agent_fd=agent_fd,
+        console_log=console_log,
+        disk_files={
+            d.id: DiskFile(overlay=overlay_path(rundir, d.id)) for d in overlay_disks(spec)
+        },
+        tsc_khz=resolved.facts.tsc_khz,
+        incoming=incoming,
+    )
+    return build_argv(spec, ctx)
+
+
+def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
+    """The argv `Machine.start` would run for ``spec``, with a placeholder runtime dir
+    (``$PYQVM_RUNDIR``) and the fd numbers QEMU would inherit (3 and 4)."""
+    resolved = resolve(spec, image_cache=image_cache)
+    rundir = Path("$PYQVM_RUNDIR")
+    return launch_argv(
+        resolved,
+        rundir,
+        console_log=resolved.spec.serial_log or rundir / "console.log",
+        qmp_fd=3,
+        agent_fd=4 if resolved.spec.guest_agent else None,
+    )
+
+
+__all__ = ["LaunchPlan", "Machine", "launch_argv", "preview_argv"]

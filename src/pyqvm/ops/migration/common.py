@@ -1,0 +1,117 @@
+"""What both sides of a migration do with their machine, and the one failure guard."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from pyqvm import passthrough
+from pyqvm.errors import MigrationError, PyqvmError
+from pyqvm.machine import Machine
+from pyqvm.ops import block_nodes
+from pyqvm.ops.migration.qapi import configure_commands, migration_error
+from pyqvm.ops.migration.types import MigrationTuning, Side
+from pyqvm.overlays import overlay_disks
+from pyqvm.spec import VMSpec
+from pyqvm.state import VMState
+
+log = logging.getLogger(__name__)
+
+Cleanup = Callable[[], Awaitable[Mapping[str, Any] | None]]
+
+
+def migration_blocker(spec: VMSpec) -> str | None:
+    """Why this VM cannot be migrated or saved (a vfio-pci host device), or None."""
+    return passthrough.migration_blocker(spec)
+
+
+def refuse_blocked(vm: Machine, what: str) -> None:
+    """`MigrationError` (before QEMU is asked) if ``vm`` cannot be migrated or saved."""
+    reason = migration_blocker(vm.spec)
+    if reason:
+        raise MigrationError(f"cannot {what} VM {vm.name!r}: {reason}")
+
+
+async def configure(vm: Machine, tuning: MigrationTuning, side: Side) -> None:
+    for command, arguments in configure_commands(tuning, side):
+        await vm.execute(command, arguments)
+
+
+async def status(vm: Machine) -> dict[str, Any]:
+    """``query-migrate``."""
+    info: dict[str, Any] = await vm.execute("query-migrate")
+    return info
+
+
+async def writable_disks(vm: Machine) -> list[tuple[str, str, str]]:
+    """(device id, top node, mirror sync mode) of each disk a copy must carry: the writable ones.
+
+    A disk whose top node is still pyqvm's ephemeral overlay has the same base
+    on both sides, so only the overlay's own data travels (``top``); any other
+    disk is copied whole.
+    """
+    ephemeral = {d.id for d in overlay_disks(vm.resolved_spec)}
+    return [
+        (n.device, n.node, "top" if n.node == n.device and n.device in ephemeral else "full")
+        for n in await block_nodes(vm)
+        if not n.readonly
+    ]
+
+
+async def kill_unless_stopped(vm: Machine) -> None:
+    """Remove a half-started or failed destination."""
+    if vm.state is not VMState.STOPPED:
+        await vm.kill()
+
+
+@asynccontextmanager
+async def failure_guard(
+    what: str,
+    cleanup: Cleanup,
+    *,
+    tail_of: Machine | None = None,
+    tail_label: str = "",
+    suffix: str = "",
+    prefix_all: bool = False,
+) -> AsyncIterator[None]:
+    """The one error boundary of a migration phase.
+
+    On any exception (cancellation too) ``cleanup`` runs to its end, shielded
+    from the caller's cancellation (it may return the last ``query-migrate``
+    reply, whose status and reason the error then carries). A `PyqvmError`
+    is raised again as a `MigrationError`: a `MigrationError` keeps its
+    message (``prefix_all`` puts ``what`` before it too), any other says
+    ``"{what}: {error}"``; then ``suffix``, and QEMU's stderr tail of
+    ``tail_of`` (read before the cleanup removes it), labelled ``tail_label``.
+    Anything else (cancellation, a bug) is re-raised as it is.
+    """
+    try:
+        yield
+    except BaseException as e:
+        stderr = tail_of.stderr_tail() if tail_of is not None else ""
+        last = await asyncio.shield(cleanup())
+        if not isinstance(e, PyqvmError):
+            raise
+        text = f"{what}: {e}" if prefix_all or not isinstance(e, MigrationError) else str(e)
+        if stderr and tail_label:
+            stderr = f"\n({tail_label}){stderr}"
+        raise migration_error(f"{text}{suffix}{stderr}", e, last) from e
+
+
+async def nothing() -> None:
+    """A cleanup with nothing to do."""
+
+
+__all__ = [
+    "configure",
+    "failure_guard",
+    "kill_unless_stopped",
+    "migration_blocker",
+    "nothing",
+    "refuse_blocked",
+    "status",
+    "writable_disks",
+]

@@ -1,0 +1,156 @@
+"""Pure helpers between pyqvm's migration values and QEMU's QAPI: no I/O, no QEMU.
+
+What goes to QEMU (capabilities and parameters, URIs, NBD addresses) and
+what comes back (``query-migrate`` replies as `MigrationProgress` and
+`MigrationStats`), and the one way a `MigrationError` is built from a cause.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pyqvm.errors import MigrationError
+from pyqvm.ops.migration.types import (
+    MigrationProgress,
+    MigrationStats,
+    MigrationTuning,
+    Side,
+    Transport,
+)
+
+#: Migration statuses after which nothing more happens.
+FINAL = frozenset({"completed", "failed", "cancelled"})
+#: The name under which QEMU holds the fd of a saved state (``getfd``, ``fd:NAME`` URIs).
+FD_NAME = "pq-migfd"
+#: Prefix of the ids pyqvm gives its disk copies (NBD nodes, mirror jobs, exports).
+MIG_PREFIX = "pq-mig-"
+
+
+def configure_commands(tuning: MigrationTuning, side: Side) -> list[tuple[str, dict[str, object]]]:
+    """The QMP commands (name, arguments) that apply ``tuning`` on one side, in order."""
+    caps = tuning.capability_states(side)
+    commands: list[tuple[str, dict[str, object]]] = [
+        (
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]},
+        )
+    ]
+    params = tuning.parameter_values(side)
+    if params:
+        commands.append(("migrate-set-parameters", params))
+    return commands
+
+
+def progress_from(
+    info: Mapping[str, Any], elapsed: float, mirrors: Mapping[str, int]
+) -> MigrationProgress:
+    """A `MigrationProgress` from a ``query-migrate`` reply (QEMU's MigrationInfo).
+
+    ``mirrors`` holds the disk copies' ``done``/``left`` bytes (copied storage).
+    """
+    ram = info.get("ram") or {}
+    page = int(ram.get("page-size") or 4096)
+    exp = info.get("expected-downtime")
+    return MigrationProgress(
+        status=str(info.get("status", "none")),
+        elapsed=elapsed,
+        transferred=int(ram.get("transferred", 0)),
+        remaining=int(ram.get("remaining", 0)),
+        total=int(ram.get("total", 0)),
+        rate=float(ram.get("mbps", 0.0)) * 1e6 / 8,
+        dirty_rate=float(ram.get("dirty-pages-rate", 0)) * page,
+        expected_downtime=exp / 1000 if isinstance(exp, int) else None,
+        passes=int(ram.get("dirty-sync-count", 0)),
+        storage_transferred=mirrors.get("done", 0),
+        storage_remaining=mirrors.get("left", 0),
+    )
+
+
+def stats_from(info: Mapping[str, Any], wall_time: float, storage_bytes: int) -> MigrationStats:
+    """`MigrationStats` from the ``query-migrate`` reply of a completed migration."""
+    ram = info.get("ram") or {}
+    return MigrationStats(
+        multifd_bytes=int(ram.get("multifd-bytes", 0)),
+        total_time=int(info.get("total-time", 0)) / 1000,
+        downtime=int(info.get("downtime", 0)) / 1000,
+        setup_time=int(info.get("setup-time", 0)) / 1000,
+        transferred=int(ram.get("transferred", 0)),
+        passes=int(ram.get("dirty-sync-count", 0)),
+        wall_time=wall_time,
+        storage_transferred=storage_bytes,
+    )
+
+
+def parse_address(address: str | None, default_host: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``HOST``, ``:PORT`` or ``[IPv6]:PORT`` -> (host, port); port 0: any."""
+    if not address:
+        return default_host, 0
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        host, port = address, "0"
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise MigrationError(f"address {address!r}: write an IPv6 address as [ADDR]:PORT")
+    host = host.strip("[]") or default_host
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise MigrationError(f"address {address!r}: use HOST:PORT, e.g. 127.0.0.1:4444")
+    return host, int(port)
+
+
+def uri_host(host: str) -> str:
+    """A host as it goes into a URI (IPv6 in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def check_options(transport: str, storage: str, address: str | None) -> None:
+    """Refuse a bad transport, storage or TCP address before any QEMU is started."""
+    if transport not in ("unix", "tcp"):
+        raise MigrationError(f"transport {transport!r}: use 'unix' or 'tcp'")
+    if storage not in ("shared", "copied"):
+        raise MigrationError(f"storage {storage!r}: use 'shared' or 'copied'")
+    if transport == "tcp":
+        parse_address(address, "127.0.0.1")
+
+
+def incoming_uri(transport: Transport, runtime_dir: Path, address: str | None) -> str:
+    """The ``migrate-incoming`` URI: a socket in ``runtime_dir`` (unix), or
+    ``address`` (tcp; loopback and port 0, i.e. any free one, by default)."""
+    if transport == "unix":
+        return f"unix:{runtime_dir / 'migrate.sock'}"
+    host, port = parse_address(address, "127.0.0.1")
+    return f"tcp:{uri_host(host)}:{port}"
+
+
+def listening_port(info: Mapping[str, Any]) -> int | None:
+    """The TCP port an incoming migration listens on (``socket-address`` of ``query-migrate``)."""
+    for addr in info.get("socket-address") or ():
+        if addr.get("type") == "inet":
+            return int(addr["port"])
+    return None
+
+
+def nbd_server(nbd: str) -> dict[str, object]:
+    """``unix:PATH`` / ``tcp:HOST:PORT`` -> a QAPI SocketAddress for blockdev-add."""
+    kind, _, rest = nbd.partition(":")
+    if kind == "unix" and rest:
+        return {"type": "unix", "path": rest}
+    if kind == "tcp":
+        host, port = parse_address(rest, "127.0.0.1")
+        if port:
+            return {"type": "inet", "host": host, "port": str(port)}
+    raise MigrationError(f"nbd address {nbd!r}: use unix:PATH or tcp:HOST:PORT")
+
+
+def migration_error(
+    message: str, cause: BaseException, last: Mapping[str, Any] | None = None
+) -> MigrationError:
+    """A `MigrationError` saying ``message`` that keeps what ``cause`` (a
+    `MigrationError`) knew of QEMU's status and reason, else takes them from
+    ``last`` (a ``query-migrate`` reply)."""
+    status = cause.status if isinstance(cause, MigrationError) else None
+    qemu_error = cause.qemu_error if isinstance(cause, MigrationError) else None
+    if last:
+        status = status or last.get("status")
+        qemu_error = qemu_error or last.get("error-desc")
+    return MigrationError(message, status=status, qemu_error=qemu_error)

@@ -1,0 +1,203 @@
+"""A VM's state saved to files (`save`) and a VM started from them (`restore`).
+
+`save` pauses the guest, migrates its state into a file through a file
+descriptor handed to QEMU over the QMP socket (``getfd`` + ``migrate fd:``;
+QEMU 7.2 has no ``file:`` URI, and ``exec:`` would need to spawn a process,
+which pyqvm's seccomp sandbox forbids), and copies each disk overlay next to
+it. `restore` starts a new VM from that directory with ``-incoming defer`` +
+``migrate-incoming fd:``, each disk through a fresh overlay over the saved one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pyqvm.deadline import Deadline
+from pyqvm.devices import DeviceTable, Plugged
+from pyqvm.errors import MigrationError, PyqvmError
+from pyqvm.machine import LaunchPlan, Machine
+from pyqvm.ops.hotplug import replug
+from pyqvm.ops.migration.common import (
+    configure,
+    failure_guard,
+    kill_unless_stopped,
+    migration_blocker,
+    refuse_blocked,
+)
+from pyqvm.ops.migration.incoming import accept
+from pyqvm.ops.migration.outgoing import recover_source, run_migration
+from pyqvm.ops.migration.qapi import FD_NAME
+from pyqvm.ops.migration.types import (
+    MANIFEST,
+    STATE_FILE,
+    Incoming,
+    MigrationTuning,
+    ProgressCallback,
+    SavedState,
+)
+from pyqvm.resolve import with_image
+from pyqvm.spec import Disk, VMSpec
+from pyqvm.state import LIVE, VMState
+
+log = logging.getLogger(__name__)
+
+
+async def save(
+    vm: Machine,
+    directory: Path | str,
+    *,
+    resume: bool = False,
+    progress: ProgressCallback | None = None,
+    timeout: float | None = 600.0,
+) -> SavedState:
+    """Save the guest's state (RAM and devices) and its disk overlays into ``directory``.
+
+    The guest is paused while its state is written (so the file holds one
+    consistent image, written once). Afterwards the VM is stopped, or runs on
+    with ``resume=True``. ``directory`` is created; it must not hold a saved
+    state already. Restore with `restore`.
+    """
+    vm.require(*LIVE, what="saving")
+    refuse_blocked(vm, "save")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).exists() or (out / STATE_FILE).exists():
+        raise MigrationError(f"'{out}' already holds a saved VM; use a new directory")
+    was_running = vm.state is VMState.RUNNING
+    overlays = vm.overlays()  # hot-plugged disks' too
+    devices = vm.devices.snapshot()
+    disks = sorted(d for d in overlays if d not in devices)
+    written = [out / STATE_FILE, out / MANIFEST, *(out / f"{d}.qcow2" for d in overlays)]
+
+    async def undo() -> dict[str, Any]:
+        last = await recover_source(vm)
+        if not was_running:
+            with contextlib.suppress(PyqvmError):
+                await vm.execute("stop")
+            vm.move(VMState.PAUSED)
+        for p in written:
+            p.unlink(missing_ok=True)
+        return last
+
+    t0 = time.monotonic()
+    if was_running:
+        await vm.execute("stop")
+    vm.move(VMState.MIGRATING)
+    async with failure_guard(f"{vm.name}: saving to '{out}' failed", undo):
+        fd = os.open(out / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            await vm.qmp.send_fd(fd, FD_NAME)
+        finally:
+            os.close(fd)
+        await configure(vm, MigrationTuning(), "source")
+        await run_migration(vm, f"fd:{FD_NAME}", MigrationTuning(), progress, Deadline(timeout), t0)
+        # The source's disks are flushed and inactive now: their overlays are stable.
+        for disk_id, path in overlays.items():
+            shutil.copyfile(path, out / f"{disk_id}.qcow2")
+        manifest = {
+            "name": vm.name,
+            "disks": disks,
+            "memory_mib": vm.spec.memory,
+            # Restored before the state is loaded, as a migration destination gets them.
+            "devices": vm.devices.to_json(),
+        }
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    size = (out / STATE_FILE).stat().st_size
+    log.info("%s: saved to %s (%d MiB) in %.2f s", vm.name, out, size >> 20, time.monotonic() - t0)
+    if resume:
+        await vm.execute("cont")  # re-activates the disks too
+        vm.move(VMState.RUNNING if was_running else VMState.PAUSED)
+        if not was_running:
+            await vm.execute("stop")
+    else:
+        await vm.stop()
+    return SavedState(directory=out, disks=tuple(disks), size=size)
+
+
+def _manifest(directory: Path) -> dict[str, Any]:
+    try:
+        manifest: dict[str, Any] = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise MigrationError(f"'{directory}' holds no saved VM: {e}") from None
+    return manifest
+
+
+def restored_spec(spec: VMSpec, saved: Path | str, *, image_cache: Path | None = None) -> VMSpec:
+    """``spec`` with each saved disk opened through a fresh overlay over its saved overlay."""
+    directory = Path(saved)
+    manifest = _manifest(directory)
+    concrete = with_image(spec, image_cache)
+    saved_disks = set(manifest.get("disks", ()))
+    missing = saved_disks - {d.id for d in concrete.disks}
+    if missing:
+        raise MigrationError(
+            f"'{directory}' was saved from a VM with disks {sorted(missing)} that this spec lacks"
+        )
+    disks: list[Disk] = []
+    for d in concrete.disks:
+        if d.id in saved_disks:
+            d = dataclasses.replace(d, path=directory / f"{d.id}.qcow2", format="qcow2")
+        disks.append(d)
+    return dataclasses.replace(concrete, disks=tuple(disks))
+
+
+def saved_devices(saved: Path | str) -> dict[str, Plugged]:
+    """The hot-plugged devices a save recorded; an ephemeral disk among them opens a fresh
+    overlay over its saved one, as the spec's disks do."""
+    directory = Path(saved)
+    devices = DeviceTable.records_from_json(_manifest(directory).get("devices", {}))
+    for device, p in devices.items():
+        if p.disk is not None and (directory / f"{device}.qcow2").is_file():
+            disk = dataclasses.replace(p.disk, path=directory / f"{device}.qcow2", format="qcow2")
+            devices[device] = dataclasses.replace(p, disk=disk)
+    return devices
+
+
+async def restore(vm: Machine, saved: Path | str, *, timeout: float | None = 600.0) -> None:
+    """Start ``vm`` (created, not started) from a state `save` wrote into ``saved``.
+
+    ``vm`` must have been built from the spec the state was saved from (its
+    hardware must match). Its spec becomes that spec with the saved disks.
+    Returns when the guest runs and its agent answers. On failure ``vm`` is
+    removed and `MigrationError` is raised with QEMU's reason.
+    """
+    directory = Path(saved)
+    state_file = directory / STATE_FILE
+    if not state_file.is_file():
+        raise MigrationError(f"'{directory}' holds no saved VM state ({STATE_FILE} missing)")
+    vm.require(VMState.CREATED, what="restoring into it")
+    spec = restored_spec(vm.spec, directory, image_cache=vm.image_cache)
+    reason = migration_blocker(spec)
+    if reason:
+        raise MigrationError(f"cannot restore VM {vm.name!r}: {reason}")
+    devices = saved_devices(directory)
+    t0 = time.monotonic()
+    await vm.start_incoming(LaunchPlan(spec=spec))
+    incoming = Incoming(uri=f"fd:{FD_NAME}", storage="shared")
+    async with failure_guard(
+        f"{vm.name}: restoring from '{directory}' failed",
+        lambda: kill_unless_stopped(vm),
+        tail_of=vm,
+        prefix_all=True,
+    ):
+        await configure(vm, MigrationTuning(), "destination")
+        await replug(vm, devices)
+        fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await vm.qmp.send_fd(fd, FD_NAME)
+        finally:
+            os.close(fd)
+        await vm.execute("migrate-incoming", {"uri": incoming.uri})
+        await accept(vm, incoming, timeout=timeout)
+    log.info("%s: restored from %s in %.2f s", vm.name, directory, time.monotonic() - t0)
+
+
+__all__ = ["restore", "restored_spec", "save", "saved_devices"]
