@@ -8,6 +8,7 @@ Public API (everything a user handles is importable from here)::
     SnapshotInfo, ChainLink: internal and external snapshots
     Plugged: a hot-plugged device, as it travels to a migration destination
     MigrationTuning, MigrationProgress, MigrationStats, Incoming, SavedState: migration
+    Template: a frozen, ready guest; AsyncVM.from_template(t) clones it
     Machine, LaunchPlan: one launch's resources, for code that builds operations
     PyqvmError and its subclasses: every error pyqvm raises
 """
@@ -33,6 +34,7 @@ from pyqvm.errors import (
     QMPCommandError,
     SnapshotError,
     SpecError,
+    TemplateError,
     UnplugTimeoutError,
     VMExitedError,
     VMStateError,
@@ -47,6 +49,7 @@ from pyqvm.ops.migration import (
     SavedState,
 )
 from pyqvm.ops.snapshot import SnapshotInfo
+from pyqvm.ops.template import Template
 from pyqvm.session import QMPSession
 from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec, load_spec
 from pyqvm.state import VMState
@@ -92,6 +95,8 @@ __all__ = [
     "SnapshotError",
     "SnapshotInfo",
     "SpecError",
+    "Template",
+    "TemplateError",
     "UnplugTimeoutError",
     "VMExitedError",
     "VMSpec",

@@ -22,7 +22,8 @@ Every error pyqvm raises on purpose derives from `PyqvmError`::
           ├─ SnapshotError      internal/external snapshot refused or failed
           ├─ HotplugError       plugging or unplugging a device failed
           │    └─ UnplugTimeoutError  the guest never released the device (also a PyqvmTimeoutError)
-          └─ MigrationError     live migration or save/restore failed
+          ├─ MigrationError     live migration or save/restore failed
+          └─ TemplateError      a template cannot be made, or is missing, broken or stale
 
 Errors carry the data a caller needs (argv, exit code, stderr and console
 tails) as attributes, not only inside the message.
@@ -263,6 +264,15 @@ class MigrationError(OperationError):
         self.qemu_error = qemu_error
 
 
+class TemplateError(OperationError):
+    """A template cannot be made from a spec, or is missing, broken or stale (made with
+    another QEMU, image or spec); ``name`` is the template's."""
+
+    def __init__(self, message: str, *, name: str = "") -> None:
+        super().__init__(message)
+        self.name = name
+
+
 __all__ = [
     "DeviceClaimedError",
     "GroupNotViableError",
@@ -282,6 +292,7 @@ __all__ = [
     "QMPCommandError",
     "SnapshotError",
     "SpecError",
+    "TemplateError",
     "UnplugTimeoutError",
     "VMExitedError",
     "VMStateError",

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from qemu.qmp import EventListener
 
 from pyqvm.agent import GuestAgent
-from pyqvm.argv.build import LaunchContext, build_argv
+from pyqvm.argv.build import LaunchContext, RamFile, build_argv
 from pyqvm.argv.devices import DiskFile
 from pyqvm.console import ConsoleLog
 from pyqvm.devices import DeviceTable
@@ -67,13 +67,15 @@ class LaunchPlan:
     intact). ``without_forwards``: leave out the NICs' host port forwards (a
     source on this host still holds the ports). ``spec``: launch this spec
     instead of the machine's (a restore: disks over the saved overlays); it
-    becomes the machine's spec.
+    becomes the machine's spec. ``ram``: guest RAM in a file (a template, or a
+    clone of one), see `pyqvm.argv.RamFile`.
     """
 
     incoming: str | None = None
     overlays: Mapping[str, Path] = field(default_factory=dict)
     without_forwards: bool = False
     spec: VMSpec | None = None
+    ram: RamFile | None = None
 
 
 class Machine:
@@ -253,13 +255,13 @@ class Machine:
 
     # --- starting ----------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, plan: LaunchPlan | None = None) -> None:
         """Start QEMU and wait until the guest is ready (``spec.ready``)."""
         self.require(VMState.CREATED, what="starting")
         self.move(VMState.STARTING)
         t0 = time.monotonic()
         try:
-            await self._launch(LaunchPlan())
+            await self._launch(plan or LaunchPlan())
             await self._wait_ready()
         except BaseException:
             self.move(VMState.FAILED)
@@ -349,6 +351,7 @@ class Machine:
                     qmp_fd=qmp_theirs.fileno(),
                     agent_fd=agent_theirs.fileno() if agent_theirs else None,
                     incoming=plan.incoming,
+                    ram=plan.ram,
                 )
                 log.info(
                     "%s: starting %s (accel %s)", self.name, resolved.qemu.name, resolved.accel
@@ -528,6 +531,7 @@ def launch_argv(
     qmp_fd: int,
     agent_fd: int | None,
     incoming: str | None = None,
+    ram: RamFile | None = None,
 ) -> list[str]:
     """The argv for one launch of a resolved spec, given its runtime dir and inherited fds."""
     spec = resolved.spec
@@ -542,6 +546,7 @@ def launch_argv(
         },
         tsc_khz=resolved.facts.tsc_khz,
         incoming=incoming,
+        ram=ram,
     )
     return build_argv(spec, ctx)
 

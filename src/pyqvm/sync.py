@@ -14,6 +14,7 @@ death signal is tied to the process.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import weakref
 from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
@@ -39,6 +40,7 @@ from pyqvm.ops.migration import (
     Transport,
 )
 from pyqvm.ops.snapshot import SnapshotInfo
+from pyqvm.ops.template import Template, clone_name, load
 from pyqvm.passthrough import PassthroughHost
 from pyqvm.session import Event, EventFilter
 from pyqvm.spec import Disk, Network, VMSpec
@@ -189,6 +191,18 @@ class VM:
     # methods: AsyncVM's of the same name, run on the thread's loop
     def start(self) -> None:
         self._run(self._vm.start())
+
+    @classmethod
+    def from_template(
+        cls, template: Template | str, *, name: str | None = None, image_cache: Path | None = None
+    ) -> VM:
+        t = template if isinstance(template, Template) else load(template, cache=image_cache)
+        vm = cls(dataclasses.replace(t.spec, name=name or clone_name(t)), image_cache=image_cache)
+        vm.start_from_template(t)
+        return vm
+
+    def start_from_template(self, template: Template) -> None:
+        self._run(self._vm.start_from_template(template))
 
     def start_incoming(
         self, *, overlays: Mapping[str, Path] | None = None, without_forwards: bool = False

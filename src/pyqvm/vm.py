@@ -13,6 +13,7 @@ behind: no process, socket, overlay or directory.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ from pyqvm.devices import Plugged
 from pyqvm.host.facts import HostFacts
 from pyqvm.machine import LaunchPlan, Machine, preview_argv
 from pyqvm.ops import blockjobs, guest, hotplug, migration, snapshot
+from pyqvm.ops import template as templates
 from pyqvm.ops.blockjobs import ChainLink
 from pyqvm.ops.migration import (
     Incoming,
@@ -37,6 +39,7 @@ from pyqvm.ops.migration import (
     Transport,
 )
 from pyqvm.ops.snapshot import SnapshotInfo
+from pyqvm.ops.template import Template
 from pyqvm.passthrough import PassthroughHost
 from pyqvm.session import EventFilter, QMPSession
 from pyqvm.spec import Disk, Network, VMSpec
@@ -140,6 +143,28 @@ class AsyncVM:
     async def start(self) -> None:
         """Start QEMU and wait until the guest is ready."""
         await self.machine.start()
+
+    @classmethod
+    async def from_template(
+        cls, template: Template | str, *, name: str | None = None, image_cache: Path | None = None
+    ) -> AsyncVM:
+        """A running clone of ``template`` (a `Template` or its name); see `start_from_template`."""
+        t = (
+            template
+            if isinstance(template, Template)
+            else templates.load(template, cache=image_cache)
+        )
+        vm = cls(
+            dataclasses.replace(t.spec, name=name or templates.clone_name(t)),
+            image_cache=image_cache,
+        )
+        await vm.start_from_template(t)
+        return vm
+
+    async def start_from_template(self, template: Template) -> None:
+        """Start as a clone of ``template`` (this VM was made from its spec): no boot, its
+        RAM mapped copy-on-write from the template's. See `pyqvm.ops.template`."""
+        await templates.clone_into(self.machine, template)
 
     async def start_incoming(
         self, *, overlays: Mapping[str, Path] | None = None, without_forwards: bool = False

@@ -37,6 +37,24 @@ SANDBOX = {
 }
 
 
+#: The id of the guest RAM's backend when it is a file (`RamFile`).
+RAM_BACKEND_ID = "pq-ram"
+
+
+@dataclass(frozen=True, slots=True)
+class RamFile:
+    """Guest RAM in a file (``memory-backend-file``) instead of anonymous memory.
+
+    ``share=True``: the guest's writes reach the file (a template while it runs).
+    ``share=False``: the file is mapped privately, copy-on-write (a clone: its
+    writes stay its own, and the pages it only reads are the page cache's, shared
+    with every other clone of the same file).
+    """
+
+    path: Path
+    share: bool
+
+
 @dataclass(frozen=True, slots=True)
 class LaunchContext:
     """Facts of one launch that the spec does not hold."""
@@ -49,6 +67,7 @@ class LaunchContext:
     disk_files: Mapping[str, DiskFile] = field(default_factory=dict)
     tsc_khz: int | None = None
     incoming: str | None = None
+    ram: RamFile | None = None
 
 
 def kernel_append(spec: VMSpec, ctx: LaunchContext) -> str:
@@ -87,8 +106,10 @@ def cpu_arg(spec: VMSpec, accel: str) -> str | None:
     return opts("host", props)
 
 
-def machine_arg(spec: VMSpec) -> str:
+def machine_arg(spec: VMSpec, ram: RamFile | None = None) -> str:
     props: dict[str, str | bool | None] = {}
+    if ram is not None:
+        props["memory-backend"] = RAM_BACKEND_ID
     if spec.effective_machine == "q35" and not uses_ide(spec):
         # The board's AHCI controller and SMBus are not in the spec: leave them out
         # (and SeaBIOS does not probe them, which saves boot time under TCG).
@@ -103,6 +124,20 @@ def memory_arg(spec: VMSpec) -> str:
     if spec.max_memory is None:
         return f"{spec.memory}M"
     return opts(f"{spec.memory}M", {"slots": spec.memory_slots, "maxmem": f"{spec.max_memory}M"})
+
+
+def ram_object(spec: VMSpec, ram: RamFile) -> str:
+    """The ``-object`` of file-backed guest RAM (the boot memory, as ``-m`` sizes it)."""
+    assert isinstance(spec.memory, int)
+    return qjson(
+        {
+            "qom-type": "memory-backend-file",
+            "id": RAM_BACKEND_ID,
+            "size": spec.memory * 1024 * 1024,
+            "mem-path": str(ram.path),
+            "share": ram.share,
+        }
+    )
 
 
 def smp_arg(spec: VMSpec) -> str:
@@ -125,7 +160,7 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         "-name",
         opts(spec.name, {"process": f"pyqvm-{spec.name}"}),
         "-machine",
-        machine_arg(spec),
+        machine_arg(spec, ctx.ram),
         "-accel",
         ctx.accel,
         "-m",
@@ -135,6 +170,8 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         "-display",
         "none",
     ]
+    if ctx.ram is not None:
+        argv += ["-object", ram_object(spec, ctx.ram)]
     cpu = cpu_arg(spec, ctx.accel)
     if cpu:
         argv += ["-cpu", cpu]

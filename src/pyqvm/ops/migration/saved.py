@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pyqvm.argv.build import RamFile
 from pyqvm.deadline import Deadline
 from pyqvm.devices import DeviceTable, Plugged
 from pyqvm.errors import MigrationError, PyqvmError
@@ -57,14 +58,18 @@ async def save(
     resume: bool = False,
     progress: ProgressCallback | None = None,
     timeout: float | None = 600.0,
+    tuning: MigrationTuning | None = None,
 ) -> SavedState:
     """Save the guest's state (RAM and devices) and its disk overlays into ``directory``.
 
     The guest is paused while its state is written (so the file holds one
     consistent image, written once). Afterwards the VM is stopped, or runs on
     with ``resume=True``. ``directory`` is created; it must not hold a saved
-    state already. Restore with `restore`.
+    state already. Restore with `restore` (with the same ``tuning``
+    capabilities: a template saves with ``x-ignore-shared``, leaving its RAM
+    in its memory file).
     """
+    tuning = tuning or MigrationTuning()
     vm.require(*LIVE, what="saving")
     refuse_blocked(vm, "save")
     out = Path(directory)
@@ -97,8 +102,8 @@ async def save(
             await vm.qmp.send_fd(fd, FD_NAME)
         finally:
             os.close(fd)
-        await configure(vm, MigrationTuning(), "source")
-        await run_migration(vm, f"fd:{FD_NAME}", MigrationTuning(), progress, Deadline(timeout), t0)
+        await configure(vm, tuning, "source")
+        await run_migration(vm, f"fd:{FD_NAME}", tuning, progress, Deadline(timeout), t0)
         # The source's disks are flushed and inactive now: their overlays are stable.
         for disk_id, path in overlays.items():
             shutil.copyfile(path, out / f"{disk_id}.qcow2")
@@ -161,14 +166,24 @@ def saved_devices(saved: Path | str) -> dict[str, Plugged]:
     return devices
 
 
-async def restore(vm: Machine, saved: Path | str, *, timeout: float | None = 600.0) -> None:
+async def restore(
+    vm: Machine,
+    saved: Path | str,
+    *,
+    timeout: float | None = 600.0,
+    tuning: MigrationTuning | None = None,
+    ram: RamFile | None = None,
+) -> None:
     """Start ``vm`` (created, not started) from a state `save` wrote into ``saved``.
 
     ``vm`` must have been built from the spec the state was saved from (its
     hardware must match). Its spec becomes that spec with the saved disks.
-    Returns when the guest runs and its agent answers. On failure ``vm`` is
-    removed and `MigrationError` is raised with QEMU's reason.
+    ``tuning`` and ``ram`` are the save's capabilities and the guest RAM's
+    file (a clone of a template). Returns when the guest runs and its agent
+    answers. On failure ``vm`` is removed and `MigrationError` is raised
+    with QEMU's reason.
     """
+    tuning = tuning or MigrationTuning()
     directory = Path(saved)
     state_file = directory / STATE_FILE
     if not state_file.is_file():
@@ -180,7 +195,7 @@ async def restore(vm: Machine, saved: Path | str, *, timeout: float | None = 600
         raise MigrationError(f"cannot restore VM {vm.name!r}: {reason}")
     devices = saved_devices(directory)
     t0 = time.monotonic()
-    await vm.start_incoming(LaunchPlan(spec=spec))
+    await vm.start_incoming(LaunchPlan(spec=spec, ram=ram))
     incoming = Incoming(uri=f"fd:{FD_NAME}", storage="shared")
     async with failure_guard(
         f"{vm.name}: restoring from '{directory}' failed",
@@ -188,7 +203,7 @@ async def restore(vm: Machine, saved: Path | str, *, timeout: float | None = 600
         tail_of=vm,
         prefix_all=True,
     ):
-        await configure(vm, MigrationTuning(), "destination")
+        await configure(vm, tuning, "destination")
         await replug(vm, devices)
         fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
         try:

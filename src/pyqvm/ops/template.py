@@ -1,0 +1,371 @@
+"""Templates: a guest booted (and set up) once, frozen, and cloned in a blink.
+
+Making a template (`create`) boots a VM whose RAM is a file
+(``memory-backend-file,share=on``), runs the setup commands, syncs the
+guest's disks, waits until the guest kernel's random generator would reseed
+at its next use (see docs/templates.md), pauses it and saves its device state
+with the ``x-ignore-shared`` migration capability: the RAM stays in the file
+and is not copied at all (tens of KB of state). Its disk overlays become
+read-only backing files. Everything goes into a temporary directory that is
+renamed into place last, so a template is either complete or absent.
+
+A clone (`clone_into`) is a new QEMU that maps the same file privately
+(``share=off``: copy-on-write, its writes are its own), opens its own
+overlays on the frozen disks, and loads the device state with ``-incoming``.
+Then it is made its own: the guest clock is set, fresh host entropy is
+written into the guest's ``/dev/urandom``, and the agent is resynchronised.
+
+Templates live under the cache dir (``~/.cache/pyqvm/templates/NAME``) with
+a record (`Template`) of the QEMU binary, machine, spec and image they were
+made with; a clone refuses a template that no longer matches (`check`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyqvm import image
+from pyqvm.argv.build import RamFile
+from pyqvm.errors import PyqvmError, TemplateError
+from pyqvm.machine import LaunchPlan, Machine
+from pyqvm.ops import guest
+from pyqvm.ops.migration import MigrationTuning, restore, save
+from pyqvm.ops.migration.types import MANIFEST, STATE_FILE
+from pyqvm.spec import VMSpec, check_id, spec_from_dict, spec_to_dict
+
+log = logging.getLogger(__name__)
+
+#: The version of a template's record; templates of another version are refused.
+TEMPLATE_FORMAT = 1
+RECORD = "template.json"
+MEMORY = "memory"
+STATE = "state"
+#: RAM stays in the shared file: only device state goes into the stream.
+TUNING = MigrationTuning(capabilities={"x-ignore-shared": True})
+#: The guest kernel reseeds its CRNG at the first use after this long without one
+#: (Linux 6.1: min(max(1 s, uptime / 2), 60 s)); see `_await_stale_seed`.
+_RESEED_MAX = 60.0
+_clones = itertools.count(1)
+
+
+def templates_dir(cache: Path | None = None) -> Path:
+    """Where templates live: ``templates/`` in pyqvm's cache dir."""
+    return (cache or image.cache_dir()) / "templates"
+
+
+def spec_hash(spec: VMSpec) -> str:
+    """A hash of what a spec says, its name aside (clones get names of their own)."""
+    data = spec_to_dict(dataclasses.replace(spec, name="template"))
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A frozen, ready guest on disk; clone it with `pyqvm.AsyncVM.from_template`."""
+
+    name: str
+    directory: Path
+    spec: VMSpec
+    spec_hash: str
+    machine: str
+    qemu: str  # the binary's path
+    qemu_version: str
+    created: float
+    stamps: dict[str, list[int]]  # path -> [size, mtime_ns] of every file a clone relies on
+
+    @property
+    def memory_file(self) -> Path:
+        return self.directory / MEMORY
+
+    @property
+    def state_dir(self) -> Path:
+        return self.directory / STATE
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": TEMPLATE_FORMAT,
+            "name": self.name,
+            "spec": spec_to_dict(self.spec),
+            "spec_hash": self.spec_hash,
+            "machine": self.machine,
+            "qemu": self.qemu,
+            "qemu_version": self.qemu_version,
+            "created": self.created,
+            "stamps": self.stamps,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, directory: Path) -> Template:
+        name = directory.name
+        if not isinstance(data, dict) or data.get("format") != TEMPLATE_FORMAT:
+            raise TemplateError(
+                f"template {name!r} ({directory}) is of another pyqvm version or broken; "
+                f"make it again: pyqvm template create --name {name}",
+                name=name,
+            )
+        try:
+            return cls(
+                name=str(data["name"]),
+                directory=directory,
+                spec=spec_from_dict(data["spec"]),
+                spec_hash=str(data["spec_hash"]),
+                machine=str(data["machine"]),
+                qemu=str(data["qemu"]),
+                qemu_version=str(data["qemu_version"]),
+                created=float(data["created"]),
+                stamps={str(k): [int(x) for x in v] for k, v in data["stamps"].items()},
+            )
+        except (KeyError, TypeError, ValueError, PyqvmError) as e:
+            raise TemplateError(
+                f"template {name!r} ({directory}) has a broken record ({e}); make it again",
+                name=name,
+            ) from None
+
+    def check(self, spec: VMSpec | None = None) -> None:
+        """Raise `TemplateError` unless a clone can use this template now.
+
+        It must have been made from ``spec`` (if given), with the same QEMU
+        binary and image files, and all its files must be as they were written.
+        Costs a few ``stat`` calls, no QEMU.
+        """
+        if spec is not None and spec_hash(spec) != self.spec_hash:
+            raise TemplateError(
+                f"template {self.name!r} was made from another spec; make it again for this one",
+                name=self.name,
+            )
+        for path, stamp in self.stamps.items():
+            p = Path(path)
+            try:
+                now = _stamp(p)
+            except OSError:
+                raise TemplateError(
+                    f"template {self.name!r} is broken: '{p}' is missing; make it again",
+                    name=self.name,
+                ) from None
+            if now != stamp:
+                what = "QEMU" if path == self.qemu else f"'{p}'"
+                raise TemplateError(
+                    f"template {self.name!r} is stale: {what} changed since it was made "
+                    f"(size/mtime {stamp} -> {now}); make it again",
+                    name=self.name,
+                )
+
+
+def load(name: str, *, cache: Path | None = None) -> Template:
+    """The template called ``name``; `TemplateError` if there is none or it is broken."""
+    directory = templates_dir(cache) / name
+    try:
+        data = json.loads((directory / RECORD).read_text())
+    except FileNotFoundError:
+        raise TemplateError(
+            f"no template {name!r} in {templates_dir(cache)}; make it with "
+            f"`pyqvm template create --name {name}`",
+            name=name,
+        ) from None
+    except (OSError, ValueError) as e:
+        raise TemplateError(f"template {name!r} is broken: {e}", name=name) from None
+    return Template.from_json(data, directory)
+
+
+def list_templates(*, cache: Path | None = None) -> list[Template]:
+    """Every complete template, by name (half-made ones are never listed)."""
+    base = templates_dir(cache)
+    out = []
+    for d in sorted(base.iterdir()) if base.is_dir() else ():
+        if d.name.startswith(".") or not (d / RECORD).is_file():
+            continue
+        try:
+            out.append(load(d.name, cache=cache))
+        except TemplateError as e:
+            log.warning("%s", e)
+    return out
+
+
+def remove(name: str, *, cache: Path | None = None) -> None:
+    """Delete template ``name`` (its clones that run keep their mapping of it)."""
+    directory = templates_dir(cache) / name
+    if not directory.is_dir():
+        raise TemplateError(f"no template {name!r} in {templates_dir(cache)}", name=name)
+    _remove_tree(directory)
+
+
+def _remove_tree(directory: Path) -> None:
+    for p in directory.rglob("*"):  # the frozen files are read-only
+        if p.is_file():
+            p.chmod(0o644)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def refuse_untemplatable(spec: VMSpec) -> None:
+    """`TemplateError` for a spec that cannot be frozen and cloned, before QEMU starts."""
+    if spec.host_devices:
+        raise TemplateError(
+            "host_devices: a VM with vfio-pci devices cannot be templated (their state "
+            "lives in the hardware); remove them from the spec"
+        )
+    if not spec.guest_agent:
+        raise TemplateError(
+            "guest_agent: a template's clones are made their own (clock, random seed) "
+            "through the guest agent; set guest_agent = true"
+        )
+    if spec.max_memory is not None:
+        raise TemplateError(
+            "max_memory: hot-pluggable memory cannot be templated yet; remove "
+            "max_memory and memory_slots"
+        )
+
+
+async def create(
+    spec: VMSpec,
+    name: str,
+    *,
+    setup: Sequence[str] = (),
+    cache: Path | None = None,
+    replace: bool = False,
+    timeout: float = 600.0,
+) -> Template:
+    """Boot ``spec``, run each ``setup`` command (``sh -c``), freeze it as template ``name``.
+
+    Raises `TemplateError` (nothing is left behind) if the spec cannot be
+    templated, the template exists (unless ``replace``), or a setup command
+    fails; `LaunchError` if the guest does not boot.
+    """
+    check_id(name, "name")
+    refuse_untemplatable(spec)
+    base = templates_dir(cache)
+    final = base / name
+    if final.exists() and not replace:
+        raise TemplateError(
+            f"template {name!r} exists ({final}); remove it or pass replace", name=name
+        )
+    base.mkdir(parents=True, exist_ok=True)
+    work = base / f".tmp-{name}-{os.getpid()}"
+    _remove_tree(work)
+    work.mkdir()
+    machine = Machine(dataclasses.replace(spec, name=f"template-{name}"), image_cache=cache)
+    try:
+        await machine.start(LaunchPlan(ram=RamFile(work / MEMORY, share=True)))
+        for command in setup:
+            result = await guest.run(machine, ["sh", "-c", command], timeout=timeout)
+            if result.returncode != 0:
+                raise TemplateError(
+                    f"template {name!r}: setup command {command!r} exited "
+                    f"{result.returncode}: {result.stderr_text.strip()[-400:]}",
+                    name=name,
+                )
+        await guest.run(machine, ["sync"], timeout=timeout, check=True)
+        await _await_stale_seed(machine)
+        version = (await machine.execute("query-version"))["qemu"]
+        qemu = machine.argv[0]
+        resolved = machine.resolved_spec
+        await save(machine, work / STATE, tuning=TUNING, timeout=timeout)
+        frozen = [p for p in (work / STATE).iterdir() if p.suffix == ".qcow2"]
+        for p in frozen:
+            p.chmod(0o444)
+        relied = [work / MEMORY, work / STATE / STATE_FILE, work / STATE / MANIFEST, *frozen]
+        relied += [Path(qemu), *(d.path for d in resolved.disks)]
+        if resolved.kernel is not None:
+            relied.append(resolved.kernel.kernel)
+            if resolved.kernel.initrd is not None:
+                relied.append(resolved.kernel.initrd)
+        stamps = {}
+        for p in relied:
+            # Recorded at their final place: the work dir is renamed below.
+            final_path = final / p.relative_to(work) if p.is_relative_to(work) else p
+            stamps[str(final_path)] = _stamp(p)
+        template = Template(
+            name=name,
+            directory=final,
+            spec=spec,
+            spec_hash=spec_hash(spec),
+            machine=resolved.effective_machine,
+            qemu=qemu,
+            qemu_version=f"{version['major']}.{version['minor']}.{version['micro']}",
+            created=time.time(),
+            stamps=stamps,
+        )
+        (work / RECORD).write_text(json.dumps(template.to_json(), indent=2) + "\n")
+        if final.exists():
+            _remove_tree(final)
+        work.rename(final)
+    except BaseException:
+        await machine.kill()
+        _remove_tree(work)
+        raise
+    log.info("template %s: made in %s", name, final)
+    return template
+
+
+async def _await_stale_seed(machine: Machine) -> None:
+    """Idle until the guest kernel's CRNG seed is old enough to be replaced at its next use.
+
+    A clone starts with the template's CRNG state: until it reseeds, two clones
+    would read the same ``/dev/urandom`` bytes. Linux 6.1 reseeds at the first
+    use after min(max(1 s, uptime / 2), 60 s) without one (``crng_has_old_seed``);
+    freezing the template only after that long idle (guest time, which a clone
+    carries on from) makes every clone reseed at its first use, from an input
+    pool into which it has just been given fresh host entropy.
+    """
+    uptime = float((await machine.agent.read_file("/proc/uptime")).split()[0])
+    wait = min(max(1.0, uptime), _RESEED_MAX) + 0.2
+    log.info("%s: letting the guest's random seed age %.1f s before freezing", machine.name, wait)
+    # No event says "the seed is old": it is a span of guest time, waited for once per template.
+    await asyncio.sleep(wait)
+
+
+def clone_name(template: Template) -> str:
+    """A name for the next clone of ``template`` in this process."""
+    return f"{template.name}-{os.getpid()}-{next(_clones)}"
+
+
+async def clone_into(machine: Machine, template: Template) -> None:
+    """Start ``machine`` (created from the template's spec) as a clone of ``template``.
+
+    Returns when the guest runs, with its clock set, fresh entropy in its
+    random pool, and its agent answering. `TemplateError` for a stale or
+    broken template (before QEMU starts); `MigrationError` with QEMU's stderr
+    if QEMU refuses the state.
+    """
+    template.check(machine.spec)
+    await restore(
+        machine,
+        template.state_dir,
+        tuning=TUNING,
+        ram=RamFile(template.memory_file, share=False),
+    )
+    agent = machine.agent
+    await agent.execute("guest-set-time", {"time": time.time_ns()})
+    await agent.write_file("/dev/urandom", os.urandom(64))
+    log.info("%s: cloned from template %s", machine.name, template.name)
+
+
+__all__ = [
+    "TEMPLATE_FORMAT",
+    "Template",
+    "clone_into",
+    "clone_name",
+    "create",
+    "list_templates",
+    "load",
+    "refuse_untemplatable",
+    "remove",
+    "spec_hash",
+    "templates_dir",
+]
