@@ -194,9 +194,14 @@ class VM:
 
     @classmethod
     def from_template(
-        cls, template: Template | str, *, name: str | None = None, image_cache: Path | None = None
+        cls,
+        template: Template | str,
+        *,
+        name: str | None = None,
+        directory: Path | None = None,
+        image_cache: Path | None = None,
     ) -> VM:
-        t = template if isinstance(template, Template) else load(template, cache=image_cache)
+        t = template if isinstance(template, Template) else load(template, directory=directory)
         vm = cls(dataclasses.replace(t.spec, name=name or clone_name(t)), image_cache=image_cache)
         vm.start_from_template(t)
         return vm

@@ -146,13 +146,18 @@ class AsyncVM:
 
     @classmethod
     async def from_template(
-        cls, template: Template | str, *, name: str | None = None, image_cache: Path | None = None
+        cls,
+        template: Template | str,
+        *,
+        name: str | None = None,
+        directory: Path | None = None,
+        image_cache: Path | None = None,
     ) -> AsyncVM:
         """A running clone of ``template`` (a `Template` or its name); see `start_from_template`."""
         t = (
             template
             if isinstance(template, Template)
-            else templates.load(template, cache=image_cache)
+            else templates.load(template, directory=directory)
         )
         vm = cls(
             dataclasses.replace(t.spec, name=name or templates.clone_name(t)),

@@ -60,9 +60,9 @@ _RESEED_MAX = 60.0
 _clones = itertools.count(1)
 
 
-def templates_dir(cache: Path | None = None) -> Path:
-    """Where templates live: ``templates/`` in pyqvm's cache dir."""
-    return (cache or image.cache_dir()) / "templates"
+def templates_dir(directory: Path | None = None) -> Path:
+    """Where templates live: ``directory``, else ``templates/`` in pyqvm's cache dir."""
+    return directory if directory is not None else image.cache_dir() / "templates"
 
 
 def spec_hash(spec: VMSpec) -> str:
@@ -168,42 +168,42 @@ class Template:
                 )
 
 
-def load(name: str, *, cache: Path | None = None) -> Template:
+def load(name: str, *, directory: Path | None = None) -> Template:
     """The template called ``name``; `TemplateError` if there is none or it is broken."""
-    directory = templates_dir(cache) / name
+    where = templates_dir(directory) / name
     try:
-        data = json.loads((directory / RECORD).read_text())
+        data = json.loads((where / RECORD).read_text())
     except FileNotFoundError:
         raise TemplateError(
-            f"no template {name!r} in {templates_dir(cache)}; make it with "
+            f"no template {name!r} in {templates_dir(directory)}; make it with "
             f"`pyqvm template create --name {name}`",
             name=name,
         ) from None
     except (OSError, ValueError) as e:
         raise TemplateError(f"template {name!r} is broken: {e}", name=name) from None
-    return Template.from_json(data, directory)
+    return Template.from_json(data, where)
 
 
-def list_templates(*, cache: Path | None = None) -> list[Template]:
+def list_templates(*, directory: Path | None = None) -> list[Template]:
     """Every complete template, by name (half-made ones are never listed)."""
-    base = templates_dir(cache)
+    base = templates_dir(directory)
     out = []
     for d in sorted(base.iterdir()) if base.is_dir() else ():
         if d.name.startswith(".") or not (d / RECORD).is_file():
             continue
         try:
-            out.append(load(d.name, cache=cache))
+            out.append(load(d.name, directory=directory))
         except TemplateError as e:
             log.warning("%s", e)
     return out
 
 
-def remove(name: str, *, cache: Path | None = None) -> None:
+def remove(name: str, *, directory: Path | None = None) -> None:
     """Delete template ``name`` (its clones that run keep their mapping of it)."""
-    directory = templates_dir(cache) / name
-    if not directory.is_dir():
-        raise TemplateError(f"no template {name!r} in {templates_dir(cache)}", name=name)
-    _remove_tree(directory)
+    where = templates_dir(directory) / name
+    if not where.is_dir():
+        raise TemplateError(f"no template {name!r} in {templates_dir(directory)}", name=name)
+    _remove_tree(where)
 
 
 def _remove_tree(directory: Path) -> None:
@@ -237,7 +237,8 @@ async def create(
     name: str,
     *,
     setup: Sequence[str] = (),
-    cache: Path | None = None,
+    directory: Path | None = None,
+    image_cache: Path | None = None,
     replace: bool = False,
     timeout: float = 600.0,
 ) -> Template:
@@ -249,7 +250,7 @@ async def create(
     """
     check_id(name, "name")
     refuse_untemplatable(spec)
-    base = templates_dir(cache)
+    base = templates_dir(directory)
     final = base / name
     if final.exists() and not replace:
         raise TemplateError(
@@ -259,7 +260,7 @@ async def create(
     work = base / f".tmp-{name}-{os.getpid()}"
     _remove_tree(work)
     work.mkdir()
-    machine = Machine(dataclasses.replace(spec, name=f"template-{name}"), image_cache=cache)
+    machine = Machine(dataclasses.replace(spec, name=f"template-{name}"), image_cache=image_cache)
     try:
         await machine.start(LaunchPlan(ram=RamFile(work / MEMORY, share=True)))
         for command in setup:

@@ -1,0 +1,95 @@
+"""Templates and their clones, proven by what the guests see."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from pyqvm import AsyncVM, Template, TemplateError, VMSpec, VMState, image
+from pyqvm.ops import template as templates
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
+
+DATA = "/mnt/data"  # the built-in guest's disk
+
+
+@pytest_asyncio.fixture
+async def made(default_image: image.GuestImage, tmp_path: Path) -> AsyncIterator[Template]:
+    """A template of the built-in guest, with a file written by its setup (on disk and in RAM)."""
+    setup = [f"echo from-setup > {DATA}/setup.txt", "echo in-ram > /tmp/ram.txt"]
+    yield await templates.create(
+        VMSpec(image="default"), "t1", setup=setup, directory=tmp_path / "templates"
+    )
+
+
+async def sh(vm: AsyncVM, script: str) -> str:
+    return (await vm.run(["sh", "-c", script], check=True)).stdout_text
+
+
+async def test_clones_see_the_setup_and_keep_their_writes_to_themselves(
+    made: Template, tmp_path: Path
+) -> None:
+    assert [t.name for t in templates.list_templates(directory=tmp_path / "templates")] == ["t1"]
+    a = await AsyncVM.from_template(made)
+    b = await AsyncVM.from_template(made)
+    try:
+        assert a.state is VMState.RUNNING and b.state is VMState.RUNNING
+        assert a.boot_seconds is None  # never booted
+        for vm in (a, b):
+            assert await sh(vm, f"cat {DATA}/setup.txt /tmp/ram.txt") == "from-setup\nin-ram\n"
+        # A's writes, to RAM (tmpfs) and to its disk, stay A's.
+        await sh(a, f"echo a > /tmp/ram.txt; echo a > {DATA}/setup.txt; sync")
+        assert await sh(a, f"cat /tmp/ram.txt {DATA}/setup.txt") == "a\na\n"
+        assert await sh(b, f"cat /tmp/ram.txt {DATA}/setup.txt") == "in-ram\nfrom-setup\n"
+        # Two different workloads at once.
+        out_a, out_b = await asyncio.gather(
+            sh(a, "i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done; echo $i"),
+            sh(b, "echo b-$(cat /proc/sys/kernel/hostname)"),
+        )
+        assert out_a == "2000\n" and out_b.startswith("b-")
+        # Made their own: random bytes differ, the clock is the host's.
+        rand_a = await sh(a, "head -c 32 /dev/urandom | od -An -tx1")
+        rand_b = await sh(b, "head -c 32 /dev/urandom | od -An -tx1")
+        assert rand_a != rand_b
+        for vm in (a, b):
+            assert abs(int(await sh(vm, "date +%s")) - time.time()) < 3
+    finally:
+        await a.stop()
+        await b.stop()
+    # The template's files were never written by its clones.
+    c = await AsyncVM.from_template(made)
+    try:
+        assert await sh(c, f"cat {DATA}/setup.txt /tmp/ram.txt") == "from-setup\nin-ram\n"
+    finally:
+        await c.stop()
+
+
+async def test_a_stale_or_broken_template_is_refused(made: Template) -> None:
+    vm = AsyncVM(made.spec)
+    made.state_dir.joinpath("vmstate").rename(made.directory / "aside")
+    with pytest.raises(TemplateError, match=r"broken.*vmstate.*missing"):
+        await vm.start_from_template(made)
+    assert vm.state is VMState.CREATED and vm.pid is None
+    made.directory.joinpath("aside").rename(made.state_dir / "vmstate")
+    os.utime(made.memory_file, (1, 1))  # as if another template had been written there
+    with pytest.raises(TemplateError, match=r"stale.*memory.*make it again"):
+        await AsyncVM.from_template(made)
+    other = AsyncVM(VMSpec(image="default", memory=256))
+    with pytest.raises(TemplateError, match="another spec"):
+        await other.start_from_template(made)
+
+
+async def test_a_failed_setup_leaves_no_template(
+    default_image: image.GuestImage, tmp_path: Path
+) -> None:
+    where = tmp_path / "templates"
+    with pytest.raises(TemplateError, match="setup command 'exit 3' exited 3"):
+        await templates.create(VMSpec(image="default"), "bad", setup=["exit 3"], directory=where)
+    assert templates.list_templates(directory=where) == []
+    assert list(where.iterdir()) == []
