@@ -25,8 +25,8 @@ async def main() -> int:
 
         # A command, run through the guest agent (no shell unless you ask for one).
         result = await vm.run(["uname", "-sr"])
-        print(f"uname -sr: exit {result.exitcode}: {result.stdout_text.strip()}")
-        if result.exitcode != 0 or not result.stdout_text.startswith("Linux"):
+        print(f"uname -sr: exit {result.returncode}: {result.stdout_text.strip()}")
+        if result.returncode != 0 or not result.stdout_text.startswith("Linux"):
             problems.append(f"uname -sr gave {result!r}")
 
         # A guest file, written and read back through the guest agent.

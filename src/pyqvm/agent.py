@@ -50,18 +50,31 @@ _NO_REPLY = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class ExecResult:
     """Outcome of a command run in the guest with `GuestAgent.exec`.
 
-    ``exitcode`` is ``-signal`` when the process was killed by a signal.
+    Reads like `subprocess.CompletedProcess`: ``returncode``, ``stdout`` and ``stderr``
+    (bytes), ``check_returncode()``. ``returncode`` is ``-signal`` when the process was
+    killed by a signal; ``signal`` then names it. ``exitcode`` is an older name for
+    ``returncode`` and ``args`` another name for ``argv``.
     """
 
-    exitcode: int
+    returncode: int
     stdout: bytes
     stderr: bytes
     signal: int | None = None
     argv: tuple[str, ...] = ()
+
+    @property
+    def exitcode(self) -> int:
+        """The same as ``returncode``."""
+        return self.returncode
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        """The same as ``argv``, as `subprocess.CompletedProcess` names it."""
+        return self.argv
 
     @property
     def stdout_text(self) -> str:
@@ -71,11 +84,22 @@ class ExecResult:
     def stderr_text(self) -> str:
         return self.stderr.decode("utf-8", "replace")
 
+    def check_returncode(self) -> None:
+        """Raise `GuestExecError` if the command exited non-zero or was killed."""
+        if self.returncode != 0 or self.signal is not None:
+            raise GuestExecError(self.argv, self.returncode, self.stderr, self.signal)
+
     def check(self) -> Self:
         """Return self; raise `GuestExecError` if the command failed."""
-        if self.exitcode != 0 or self.signal is not None:
-            raise GuestExecError(self.argv, self.exitcode, self.stderr, self.signal)
+        self.check_returncode()
         return self
+
+    def __repr__(self) -> str:
+        signal = "" if self.signal is None else f", signal={self.signal!r}"
+        return (
+            f"ExecResult(argv={self.argv!r}, returncode={self.returncode!r}{signal}, "
+            f"stdout={self.stdout!r}, stderr={self.stderr!r})"
+        )
 
 
 class GuestAgent:
@@ -255,13 +279,13 @@ class GuestAgent:
         signal = status.get("signal")
         if signal is not None and not isinstance(signal, int):
             raise GuestError(f"{self.name}: guest-exec-status: bad 'signal' {signal!r}")
-        exitcode = status.get("exitcode")
-        if not isinstance(exitcode, int):
+        returncode = status.get("exitcode")
+        if not isinstance(returncode, int):
             if signal is None:
                 raise GuestError(f"{self.name}: guest-exec-status: no exit code in {status!r}")
-            exitcode = -signal
+            returncode = -signal
         return ExecResult(
-            exitcode=exitcode,
+            returncode=returncode,
             stdout=_b64field(status, "out-data"),
             stderr=_b64field(status, "err-data"),
             signal=signal,

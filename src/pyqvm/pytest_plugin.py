@@ -13,8 +13,13 @@ Fixtures:
 
 - ``pyqvm_image``: the built-in ``default`` guest image (built once if missing).
 - ``pyqvm_vm``: a factory; each call starts a synchronous `VM` from a spec
-  (default: ``VMSpec(image="default")``). Every VM is stopped at teardown.
+  (default: ``VMSpec(image="default")``). Every VM is stopped at teardown, newest
+  first; when stopping one fails the others are still stopped, then the failure is
+  raised (an `ExceptionGroup` when several failed), so the test errors at teardown.
 - ``pyqvm_async_vm``: the same for `AsyncVM` in async tests (needs pytest-asyncio).
+
+The fixtures build their VMs from this module's ``VM`` and ``AsyncVM`` names, so a
+test of a plugin user can monkeypatch them with stand-ins.
 
 When a test that used a VM fails, the report gets a section per VM with the
 tail of its serial console.
@@ -40,6 +45,28 @@ def _remember(request: pytest.FixtureRequest, vm: VM | AsyncVM) -> None:
     request.node.stash.setdefault(_VMS, []).append(vm)
 
 
+def _stop_failed(vm: VM | AsyncVM, error: BaseException, errors: list[BaseException]) -> None:
+    error.add_note(f"while stopping pyqvm VM {vm.name!r} at fixture teardown")
+    errors.append(error)
+
+
+def _raise_stop_errors(errors: list[BaseException]) -> None:
+    """After every VM was stopped: raise what stopping them raised, if anything."""
+    if not errors:
+        return
+    if len(errors) == 1:
+        raise errors[0]
+    fatal = [e for e in errors if not isinstance(e, Exception)]
+    if fatal:
+        # Ctrl-C or cancellation must keep its meaning; the other failures become notes.
+        for e in errors:
+            if e is not fatal[0]:
+                fatal[0].add_note(f"also while stopping VMs: {e!r}")
+        raise fatal[0]
+    group = [e for e in errors if isinstance(e, Exception)]
+    raise ExceptionGroup(f"pyqvm: {len(group)} VMs failed to stop", group)
+
+
 @pytest.fixture(scope="session")
 def pyqvm_image() -> image.GuestImage:
     """The built-in default guest image, built if it is not cached yet."""
@@ -59,8 +86,13 @@ def pyqvm_vm(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
         return vm
 
     yield start
+    errors: list[BaseException] = []
     for vm in reversed(started):
-        vm.__exit__(None, None, None)
+        try:
+            vm.__exit__(None, None, None)
+        except BaseException as e:  # stop the others first, then report
+            _stop_failed(vm, e, errors)
+    _raise_stop_errors(errors)
 
 
 try:
@@ -84,8 +116,13 @@ else:
             return vm
 
         yield start
+        errors: list[BaseException] = []
         for vm in reversed(started):
-            await vm.stop()
+            try:
+                await vm.stop()
+            except BaseException as e:  # stop the others first, then report
+                _stop_failed(vm, e, errors)
+        _raise_stop_errors(errors)
 
 
 @pytest.hookimpl(wrapper=True)

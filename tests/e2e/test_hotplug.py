@@ -27,7 +27,7 @@ async def until(vm: AsyncVM, condition: str, what: str) -> None:
     """Wait in the guest (bounded) until the shell ``condition`` holds."""
     loop = f"for i in $(seq 150); do if {condition}; then exit 0; fi; sleep 0.1; done; exit 1"
     result = await vm.run(["sh", "-c", loop])
-    assert result.exitcode == 0, f"guest never saw {what}"
+    assert result.returncode == 0, f"guest never saw {what}"
 
 
 async def listing(vm: AsyncVM, directory: str) -> set[str]:

@@ -44,7 +44,7 @@ async def test_virtio_profile(
     async with AsyncVM(spec) as vm:
         assert vm.accelerator == "tcg"  # /dev/kvm exists here but KVM does not work
         r = await vm.run(["sh", "-c", "ls /sys/block; ls /sys/class/net; cat /mnt/data/hello.txt"])
-        assert r.exitcode == 0, r.stderr_text
+        assert r.returncode == 0, r.stderr_text
         assert "vda" in r.stdout_text.split() and "eth0" in r.stdout_text.split()
         # The function driver is on the virtio bus; its parent is the transport
         # (a PCI function, or microvm's virtio-mmio platform device).

@@ -35,7 +35,7 @@ def test_failure_report_shows_console(
         """
         def test_fails(pyqvm_vm):
             vm = pyqvm_vm()
-            assert vm.run(["false"]).exitcode == 0
+            assert vm.run(["false"]).returncode == 0
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")

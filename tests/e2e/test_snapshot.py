@@ -75,7 +75,7 @@ async def test_raw_disk_is_refused_by_name(default_image: image.GuestImage, tmp_
         assert "raw" in str(err.value) and "qcow2" in str(err.value)
         assert await vm.snapshot_list() == []
         assert vm.state is VMState.RUNNING
-        assert (await vm.run(["true"])).exitcode == 0
+        assert (await vm.run(["true"])).returncode == 0
         await vm.stop(graceful=False)  # the scratch disk holds nothing worth a clean shutdown
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -251,7 +253,7 @@ async def test_exec_returns_exit_code_and_output() -> None:
             ["/bin/sh", "-c", "x"], input=b"in\n", env={"A": "1"}, poll_interval=0.001
         )
         assert result == ExecResult(
-            exitcode=7, stdout=b"hi\nin\n", stderr=b"err\n", argv=("/bin/sh", "-c", "x")
+            returncode=7, stdout=b"hi\nin\n", stderr=b"err\n", argv=("/bin/sh", "-c", "x")
         )
         assert result.stdout_text == "hi\nin\n"
         (req,) = fake.commands("guest-exec")
@@ -269,12 +271,51 @@ async def test_exec_returns_exit_code_and_output() -> None:
 
 
 def test_exec_result_check() -> None:
-    ok = ExecResult(exitcode=0, stdout=b"", stderr=b"")
+    ok = ExecResult(returncode=0, stdout=b"", stderr=b"")
     assert ok.check() is ok
-    killed = ExecResult(exitcode=-9, stdout=b"", stderr=b"\xff", signal=9, argv=("x",))
+    killed = ExecResult(returncode=-9, stdout=b"", stderr=b"\xff", signal=9, argv=("x",))
     with pytest.raises(GuestExecError, match="signal 9"):
         killed.check()
     assert killed.stderr_text == "\ufffd"
+
+
+def test_exec_result_reads_like_completed_process() -> None:
+    ok = ExecResult(0, b"Linux\n", b"", argv=("uname",))
+    done = subprocess.CompletedProcess(["uname"], 0, b"Linux\n", b"")
+    ok.check_returncode()  # returns None, like CompletedProcess's
+    done.check_returncode()
+    assert (ok.returncode, ok.stdout, ok.stderr) == (done.returncode, done.stdout, done.stderr)
+    assert ok.args == ok.argv == ("uname",)
+    assert ok.exitcode == ok.returncode == 0  # the older name, read-only
+    alias = vars(ExecResult)["exitcode"]
+    assert isinstance(alias, property) and alias.fset is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ok.returncode = 1  # type: ignore[misc]
+    assert repr(ok) == "ExecResult(argv=('uname',), returncode=0, stdout=b'Linux\\n', stderr=b'')"
+
+
+@pytest.mark.parametrize(
+    ("result", "match"),
+    [
+        (ExecResult(3, b"", b"oops\n", argv=("false",)), r"'false' failed: exit code 3\nstderr:"),
+        (ExecResult(-9, b"", b"", signal=9, argv=("sleep", "9")), "killed by signal 9"),
+        (ExecResult(0, b"", b"", signal=15, argv=("x",)), "killed by signal 15"),
+    ],
+)
+def test_exec_result_check_returncode_raises(result: ExecResult, match: str) -> None:
+    with pytest.raises(GuestExecError, match=match) as info:
+        result.check_returncode()
+    assert (info.value.argv, info.value.exitcode) == (list(result.argv), result.returncode)
+    assert info.value.signal == result.signal and info.value.stderr == result.stderr
+    with pytest.raises(GuestExecError, match=match):
+        result.check()
+
+
+def test_exec_result_repr_names_a_signal() -> None:
+    killed = ExecResult(-9, b"", b"\xff", signal=9, argv=("x",))
+    assert repr(killed) == (
+        "ExecResult(argv=('x',), returncode=-9, signal=9, stdout=b'', stderr=b'\\xff')"
+    )
 
 
 @pytest.mark.asyncio
@@ -362,7 +403,7 @@ async def test_real_qemu_ga(tmp_path: Path) -> None:
             await agent.connect(sock)
             await agent.wait_ready(timeout=10)
             result = await agent.exec(["sh", "-c", "echo hi; echo err >&2; exit 7"])
-            assert (result.exitcode, result.stdout, result.stderr) == (7, b"hi\n", b"err\n")
+            assert (result.returncode, result.stdout, result.stderr) == (7, b"hi\n", b"err\n")
             piped = await agent.exec(
                 ["sh", "-c", 'printf %s "$V"; cat'], input=b"!", env={"V": "v"}
             )

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pyqvm.host.accel import host_tsc_khz, kvm_status
 from pyqvm.host.claims import ClaimStore
-from pyqvm.host.facts import QEMU_PACKAGES, _find_qemu_binaries
+from pyqvm.host.facts import QEMU_PACKAGES, find_qemu_binaries
 from pyqvm.host.pci import list_pci_devices
 from pyqvm.host.sriov import list_pfs
 from pyqvm.host.vfio import (
@@ -101,7 +101,7 @@ def _qemu_version(binary: Path) -> str | None:
 
 
 def _qemu_checks(mode: Mode, root: Path, arch: str) -> list[Check]:
-    binaries = _find_qemu_binaries(root)
+    binaries = find_qemu_binaries(root)
     package = QEMU_PACKAGES.get(arch, "qemu-system")
     binary = binaries.get(arch)
     if binary is None:

@@ -45,7 +45,7 @@ def _search_path(root: Path) -> str:
     return os.pathsep.join(str(root / d.lstrip("/")) for d in dirs if d.startswith("/"))
 
 
-def _find_qemu_binaries(root: Path) -> Mapping[str, Path]:
+def find_qemu_binaries(root: Path) -> Mapping[str, Path]:
     path = _search_path(root)
     found: dict[str, Path] = {}
     for arch in QEMU_PACKAGES:
@@ -60,7 +60,7 @@ def read_host_facts(root: Path = Path("/")) -> HostFacts:
     return HostFacts(
         kvm=kvm_status(root),
         tsc_khz=host_tsc_khz(root),
-        qemu_binaries=_find_qemu_binaries(root),
+        qemu_binaries=find_qemu_binaries(root),
     )
 
 
