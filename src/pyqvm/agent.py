@@ -229,7 +229,7 @@ class GuestAgent:
         input: bytes | None = None,
         env: Mapping[str, str] | None = None,
         timeout: float = 60.0,
-        poll_interval: float = 0.05,
+        poll_interval: float = 0.005,
     ) -> ExecResult:
         """Run ``argv`` in the guest (no shell) and wait for it to exit.
 
@@ -267,7 +267,9 @@ class GuestAgent:
                 if status.get("exited"):
                     break
                 await asyncio.sleep(min(interval, max(deadline - loop.time(), 0)))
-                interval = min(interval * 1.5, max(0.2, poll_interval))
+                # Short commands end within a few polls; long ones are asked about
+                # every 0.2 s at most.
+                interval = min(interval * 2, max(0.2, poll_interval))
         except PyqvmTimeoutError as e:
             raise PyqvmTimeoutError(
                 f"{self.name}: {what} (guest pid {pid}) still running after {timeout:g}s; "
