@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -93,3 +94,31 @@ async def test_a_failed_setup_leaves_no_template(
         await templates.create(VMSpec(image="default"), "bad", setup=["exit 3"], directory=where)
     assert templates.list_templates(directory=where) == []
     assert list(where.iterdir()) == []
+
+
+async def test_the_command_line_makes_runs_and_removes_a_template(
+    default_image: image.GuestImage,
+) -> None:
+    name = f"e2e-cli-{os.getpid()}"
+    pyqvm = [sys.executable, "-m", "pyqvm"]
+
+    async def cli(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *pyqvm, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode()
+
+    try:
+        code, out = await cli("template", "create", "--name", name, "--setup", "echo hi > /root/x")
+        assert code == 0, out
+        code, out = await cli("template", "list")
+        assert code == 0 and name in out
+        code, out = await cli("run", "--template", name, "--", "sh", "-c", "cat /root/x; exit 4")
+        assert (code, out) == (4, "hi\n")
+    finally:
+        code, out = await cli("template", "rm", name)
+    assert code == 0 and f"removed {name}" in out
+    code, out = await cli("run", "--template", name, "--", "true")
+    assert code == 125 and "no template" in out

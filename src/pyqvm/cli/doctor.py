@@ -49,6 +49,7 @@ def add_parser(
         help="guest memory the VFIO memlock check assumes (default 1G)",
     )
     p.add_argument("--root", type=Path, default=Path("/"), help=argparse.SUPPRESS)  # tests
+    p.set_defaults(run=run)
     return p
 
 

@@ -1,0 +1,27 @@
+"""``pyqvm cmdline SPEC.toml [overrides] [--json]``: print the QEMU argv pyqvm would run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from collections.abc import Sequence
+from typing import Any
+
+from pyqvm.cli.specargs import add_spec_options, spec_from_args
+from pyqvm.machine import preview_argv
+
+
+def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    p = sub.add_parser(
+        "cmdline", parents=list(parents), help="print the QEMU command line for a spec"
+    )
+    add_spec_options(p)
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of shell words")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    argv = preview_argv(spec_from_args(args))
+    print(json.dumps(argv) if args.json else shlex.join(argv))
+    return 0

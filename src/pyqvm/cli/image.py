@@ -1,0 +1,48 @@
+"""``pyqvm image build|list|prune``: the built-in guest images."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+
+def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    p = sub.add_parser("image", help="the built-in guest image")
+    isub = p.add_subparsers(dest="image_command", required=True)
+    build = isub.add_parser(
+        "build", parents=list(parents), help="build the built-in guest from Debian packages"
+    )
+    build.add_argument("--flavour", choices=["default", "full", "all"], default="default")
+    build.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    isub.add_parser("list", parents=list(parents), help="list the built images, newest first")
+    prune = isub.add_parser(
+        "prune",
+        parents=list(parents),
+        help="remove every built image but the newest of each flavour",
+        description="Remove every built image but the newest of each flavour. A state saved "
+        "(VM.save) from a VM on an older image needs that image to be restored.",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="only say what would go")
+    # A long build shows its progress.
+    p.set_defaults(run=run, min_log_level="info")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pyqvm import image
+
+    if args.image_command == "build":
+        for f in image.FLAVOURS if args.flavour == "all" else (args.flavour,):
+            img = image.build(f, force=args.force)
+            print(f"{img.flavour}: {img.directory}")
+    elif args.image_command == "list":
+        newest: set[str] = set()
+        for img in image.built_images():
+            size = sum(p.stat().st_size for p in img.directory.iterdir()) >> 20
+            mark = "" if img.flavour in newest else "  (newest: the one VMs use)"
+            newest.add(img.flavour)
+            print(f"{img.flavour:8} {img.kernel_version:24} {size:5d} MiB  {img.directory}{mark}")
+    else:
+        for img in image.prune(dry_run=args.dry_run):
+            print(f"{'would remove' if args.dry_run else 'removed'} {img.directory}")
+    return 0

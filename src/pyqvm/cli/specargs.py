@@ -1,0 +1,91 @@
+"""The VM options `run`, `cmdline` and `template create` share: a spec file plus overrides."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from pyqvm.errors import PyqvmError
+from pyqvm.spec import Network, PortForward, VMSpec, load_spec, spec_from_dict
+
+
+class UsageError(PyqvmError):
+    """The command line itself is wrong (exit status 2, as argparse's own errors)."""
+
+
+def add_spec_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "spec", nargs="?", type=Path, help="VM description (TOML); default: built-in guest"
+    )
+    g = p.add_argument_group("overrides")
+    g.add_argument("--kernel", type=Path, help="kernel to boot directly (vmlinux or bzImage)")
+    g.add_argument("--initrd", type=Path, help="initial ramdisk for --kernel")
+    g.add_argument("--append", help="kernel command line for --kernel")
+    g.add_argument("--memory", "-m", help="guest memory, e.g. 512M or 2G")
+    g.add_argument("--smp", type=int, help="number of vCPUs")
+    g.add_argument("--machine", choices=["auto", "q35", "pc", "microvm"])
+    g.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default auto)")
+    g.add_argument("--profile", choices=["virtio", "emulated", "passthrough"])
+    g.add_argument("--net", choices=["user", "none"], help="network (default: one user-mode NIC)")
+    g.add_argument(
+        "--forward",
+        action="append",
+        default=[],
+        metavar="HOST:GUEST",
+        help="forward a TCP port from 127.0.0.1 into the guest (user network)",
+    )
+    g.add_argument("--image", choices=["default", "full"], help="built-in image flavour")
+    g.add_argument("--name", help="VM name")
+    g.add_argument("--timeout", type=float, help="seconds to wait for the guest to be ready")
+
+
+def spec_from_args(args: argparse.Namespace) -> VMSpec:
+    """The spec `run`/`cmdline` use: the TOML file (or nothing) plus command-line overrides."""
+    data: dict[str, Any] = {}
+    kernel: dict[str, Any] = {}
+    if args.kernel:
+        kernel["kernel"] = str(args.kernel)
+    if args.initrd:
+        kernel["initrd"] = str(args.initrd)
+    if args.append is not None:
+        kernel["append"] = args.append
+    if kernel and "kernel" not in kernel:
+        raise UsageError("--initrd/--append need --kernel")
+    for key, value in (
+        ("memory", args.memory),
+        ("smp", args.smp),
+        ("machine", args.machine),
+        ("accelerator", args.accel),
+        ("profile", args.profile),
+        ("name", args.name),
+        ("ready_timeout", args.timeout),
+        ("image", args.image),
+    ):
+        if value is not None:
+            data[key] = value
+    if kernel:
+        data["kernel"] = kernel
+    base = load_spec(args.spec, **data) if args.spec else spec_from_dict(data)
+
+    changes: dict[str, Any] = {}
+    # Like `docker run`: the built-in guest unless the spec boots something of its own.
+    if base.kernel is None and base.image is None and not base.disks and not base.cdroms:
+        changes["image"] = "full" if base.profile == "emulated" else "default"
+    if args.net == "none":
+        changes["networks"] = ()
+    elif args.forward or args.net == "user" or (not base.networks and not args.spec):
+        forwards = tuple(_forward(f) for f in args.forward)
+        changes["networks"] = (Network(forwards=forwards),)
+    return dataclasses.replace(base, **changes) if changes else base
+
+
+def _forward(text: str) -> PortForward:
+    host, sep, guest = text.partition(":")
+    if not sep or not host.isdigit() or not guest.isdigit():
+        raise UsageError(f"--forward {text!r}: use HOST:GUEST port numbers, e.g. 2222:22")
+    return PortForward(host_port=int(host), guest_port=int(guest))
+
+
+__all__ = ["UsageError", "add_spec_options", "spec_from_args"]
