@@ -25,8 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pyqvm import AsyncVM, Network, VMSpec
-from pyqvm.agent import GuestAgent
+from pyqvm import AsyncVM, GuestAgent, Network, VMSpec
 
 
 async def boot_pyqvm(spec: VMSpec) -> tuple[float, list[str]]:

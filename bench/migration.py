@@ -31,8 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pyqvm import AsyncVM, MigrationStats, MigrationTuning, VMSpec
-from pyqvm.errors import MigrationError
+from pyqvm import AsyncVM, MigrationError, MigrationStats, MigrationTuning, VMSpec
 
 SPEC = VMSpec(image="default", name="bench-mig", memory=512, smp=1)
 FILL = "mount -o remount,size=400M /tmp && dd if=/dev/urandom of=/tmp/fill bs=1M count=300"

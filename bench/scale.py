@@ -20,8 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from pyqvm import AsyncVM, VMSpec
-from pyqvm.ops import template as templates
+from pyqvm import AsyncVM, VMSpec, templates
 
 
 def pss_mib(pid: int) -> float:

@@ -22,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pyqvm import AsyncVM, VMSpec
-from pyqvm.ops import template as templates
+from pyqvm import AsyncVM, VMSpec, templates
 
 
 def pss_kib(pid: int) -> int:

@@ -8,7 +8,8 @@ Public API (everything a user handles is importable from here)::
     SnapshotInfo, ChainLink: internal and external snapshots
     Plugged: a hot-plugged device, as it travels to a migration destination
     MigrationTuning, MigrationProgress, MigrationStats, Incoming, SavedState: migration
-    Template: a frozen, ready guest; AsyncVM.from_template(t) clones it
+    Template, templates (create/load/list/remove): a frozen, ready guest;
+    AsyncVM.from_template(t) clones it
     Machine, LaunchPlan: one launch's resources, for code that builds operations
     PyqvmError and its subclasses: every error pyqvm raises
 """
@@ -40,6 +41,7 @@ from pyqvm.errors import (
     VMStateError,
 )
 from pyqvm.machine import LaunchPlan, Machine, preview_argv
+from pyqvm.ops import template as templates
 from pyqvm.ops.blockjobs import ChainLink
 from pyqvm.ops.migration import (
     Incoming,
@@ -104,4 +106,5 @@ __all__ = [
     "VMStateError",
     "load_spec",
     "preview_argv",
+    "templates",
 ]

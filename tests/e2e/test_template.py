@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from pyqvm import AsyncVM, Template, TemplateError, VMSpec, VMState, image
-from pyqvm.ops import template as templates
+from pyqvm import AsyncVM, Template, TemplateError, VMSpec, VMState, image, templates
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
 
