@@ -9,7 +9,8 @@ here: the VM layer asks QEMU to quit first and then calls `QemuProcess.terminate
 Why a spawner thread: ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the
 child exits, not the process. The sync facade runs its loop in a helper thread and
 asyncio may be driven from any thread, so every fork happens on one daemon thread
-(`_Spawner`) that lives until the interpreter ends.
+(`shared_spawner`, a `SpawnerThread`) that lives until the interpreter ends. A
+`QemuProcess` may be given another `Spawner` (tests use one to delay or inline the fork).
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 from pyqvm.errors import LaunchError, PyqvmTimeoutError, VMStateError
 
-__all__ = ["QemuProcess", "RuntimeDir"]
+__all__ = ["QemuProcess", "RuntimeDir", "Spawner", "SpawnerThread", "shared_spawner"]
 
 _log = logging.getLogger(__name__)
 
@@ -126,8 +127,18 @@ class RuntimeDir:
 # --- the spawner thread ------------------------------------------------------------------
 
 
-class _Spawner:
-    """One daemon thread that runs every fork, so PDEATHSIG tracks the process lifetime."""
+class Spawner(Protocol):
+    """Where `QemuProcess.start` runs its fork: ``job`` forks and execs the child."""
+
+    def submit(self, job: Callable[[], _T]) -> concurrent.futures.Future[_T]: ...
+
+
+class SpawnerThread:
+    """One daemon thread that runs every fork, so PDEATHSIG tracks the process lifetime.
+
+    The thread starts at construction and unblocks every signal, whatever the mask of
+    the thread that made it, since children inherit its mask across exec.
+    """
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
@@ -135,7 +146,13 @@ class _Spawner:
         self._thread = threading.Thread(target=self._run, name="pyqvm-spawner", daemon=True)
         self._thread.start()
 
+    @property
+    def thread(self) -> threading.Thread:
+        """The thread the forks run on (the children's PDEATHSIG follows it)."""
+        return self._thread
+
     def submit(self, job: Callable[[], _T]) -> concurrent.futures.Future[_T]:
+        """Run ``job`` on the thread; its result or exception lands in the future."""
         future: concurrent.futures.Future[_T] = concurrent.futures.Future()
         self._jobs.put((job, future))
         return future
@@ -154,14 +171,18 @@ class _Spawner:
 
 
 _spawner_lock = threading.Lock()
-_spawner: _Spawner | None = None
+_spawner: SpawnerThread | None = None
 
 
-def _get_spawner() -> _Spawner:
+def shared_spawner() -> SpawnerThread:
+    """The process-wide spawner every `QemuProcess` uses by default, started on first use.
+
+    A forked child of this process starts a new one when it first needs it.
+    """
     global _spawner
     with _spawner_lock:
         if _spawner is None:
-            _spawner = _Spawner()
+            _spawner = SpawnerThread()
         return _spawner
 
 
@@ -310,7 +331,9 @@ class QemuProcess:
     ``returncode`` follows `subprocess`: the exit status, or ``-N`` if killed by signal N.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, spawner: Spawner | None = None) -> None:
+        """``spawner`` runs the fork; by default the process-wide `shared_spawner`."""
+        self._spawner = spawner
         self._popen: subprocess.Popen[bytes] | None = None
         self._pidfd: int | None = None
         self._reaped: concurrent.futures.Future[int] | None = None  # fallback without pidfd
@@ -348,7 +371,8 @@ class QemuProcess:
         args = list(argv)
         if not args:
             raise LaunchError("cannot start QEMU: empty argv")
-        job = _get_spawner().submit(
+        spawner = self._spawner if self._spawner is not None else shared_spawner()
+        job = spawner.submit(
             lambda: _spawn(
                 args,
                 tuple(pass_fds),

@@ -5,8 +5,9 @@ Usage: python _launcher_child.py {main|thread|control} QEMU_BINARY STDERR_PATH
 - main:    start QEMU from this process's main thread.
 - thread:  start it from a short-lived thread's event loop; once that thread has
            ended, check QEMU is still alive before reporting.
-- control: like main, but with the death signal disabled, to prove the test can
-           see an orphan.
+- control: start it from the main thread the way pyqvm does (no shell, own process
+           group, /dev/null stdin) but with plain subprocess.Popen and so no death
+           signal, to prove the test can see an orphan.
 - inline:  like thread, but forking on the starter thread itself instead of the
            spawner thread, to prove the PDEATHSIG-follows-the-thread trap is real.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -26,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pyqvm import process
 from pyqvm.process import QemuProcess
 
 
@@ -41,27 +42,28 @@ def _alive(pid: int) -> bool:
 def main() -> int:
     variant, qemu, stderr_path = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     argv = [qemu, "-machine", "none", "-nodefaults", "-display", "none", "-S"]
-    proc = QemuProcess()
     report: dict[str, object] = {"variant": variant}
 
+    class InlineSpawner:
+        """Forks on the calling thread, as a QemuProcess without a spawner thread would."""
+
+        def submit(self, job: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            future.set_result(job())
+            return future
+
+    proc = QemuProcess(spawner=InlineSpawner() if variant == "inline" else None)
+
     if variant == "control":
+        with stderr_path.open("wb") as err:
+            orphan = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, process_group=0
+            )
+        print(json.dumps({**report, "pid": orphan.pid}), flush=True)
+        time.sleep(120)
+        return 0
 
-        def no_death_signal(parent_pid: int) -> Callable[[], None]:
-            return lambda: None
-
-        process._child_setup = no_death_signal
-
-    if variant == "inline":
-
-        class InlineSpawner:
-            def submit(self, job: Callable[[], Any]) -> concurrent.futures.Future[Any]:
-                future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-                future.set_result(job())
-                return future
-
-        process._get_spawner = InlineSpawner  # type: ignore[assignment]
-
-    if variant in ("main", "control"):
+    if variant == "main":
         asyncio.run(proc.start(argv, stderr_path=stderr_path))
     elif variant in ("thread", "inline"):
         t = threading.Thread(

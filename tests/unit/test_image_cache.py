@@ -14,15 +14,15 @@ from pyqvm.errors import HostError, ImageError, SpecError
 from pyqvm.image import (
     FLAVOURS,
     GuestImage,
-    _build,
-    _host,
     build,
+    builder,
     built_images,
     cache_dir,
     find,
     prune,
+    tools,
 )
-from pyqvm.image._guest import MANIFEST_FORMAT, cache_key, load_image
+from pyqvm.image.guest import MANIFEST_FORMAT, cache_key, load_image
 
 
 def test_cache_key_is_order_independent_and_input_sensitive() -> None:
@@ -36,33 +36,33 @@ def test_cache_key_is_order_independent_and_input_sensitive() -> None:
 def test_recipe_digests_follow_file_contents(tmp_path: Path) -> None:
     (tmp_path / "init").write_text("echo one\n")
     (tmp_path / "modules.txt").write_text("virtio_pci\n")
-    before = _build.recipe_digests(tmp_path)
+    before = builder.recipe_digests(tmp_path)
     assert set(before) == {"init", "modules.txt"}
     (tmp_path / "init").write_text("echo two\n")
-    assert _build.recipe_digests(tmp_path)["init"] != before["init"]
+    assert builder.recipe_digests(tmp_path)["init"] != before["init"]
 
 
 def test_shipped_recipes_are_complete() -> None:
-    names = set(_build.recipe_digests())
-    assert {*_build._INITRD_FILES, *_build._DISK_FILES, "modules.txt"} <= names
+    names = set(builder.recipe_digests())
+    assert {*builder.INITRD_FILES, *builder.DISK_FILES, "modules.txt"} <= names
 
 
 def test_kernel_package_from_meta_depends() -> None:
-    meta = _host.Package(
+    meta = tools.Package(
         "linux-image-cloud-amd64",
         "6.1.192-2",
         "amd64",
         "linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)",
     )
-    assert _build._kernel_package(meta) == ("linux-image-6.1.0-56-cloud-amd64", "6.1.192-2")
-    loose = _host.Package("m", "1", "amd64", "initramfs-tools | linux-image-6.1.0-1-amd64")
-    assert _build._kernel_package(loose) == ("linux-image-6.1.0-1-amd64", None)
+    assert builder.kernel_package(meta) == ("linux-image-6.1.0-56-cloud-amd64", "6.1.192-2")
+    loose = tools.Package("m", "1", "amd64", "initramfs-tools | linux-image-6.1.0-1-amd64")
+    assert builder.kernel_package(loose) == ("linux-image-6.1.0-1-amd64", None)
     with pytest.raises(ImageError, match="cannot tell which kernel"):
-        _build._kernel_package(_host.Package("m", "1", "amd64", "libc6"))
+        builder.kernel_package(tools.Package("m", "1", "amd64", "libc6"))
 
 
 def test_deb_file_name_quotes_the_epoch() -> None:
-    pkg = _host.Package("busybox-static", "1:1.35.0-4+deb12u1+b1", "amd64")
+    pkg = tools.Package("busybox-static", "1:1.35.0-4+deb12u1+b1", "amd64")
     assert pkg.deb_name == "busybox-static_1%3a1.35.0-4+deb12u1+b1_amd64.deb"
 
 
@@ -145,7 +145,7 @@ def test_apt_show_without_lists_says_run_apt_get_update(monkeypatch: pytest.Monk
 
     monkeypatch.setattr("subprocess.run", fake_run)
     with pytest.raises(ImageError, match="run apt-get update"):
-        _host.apt_show(["linux-image-cloud-amd64"])
+        tools.apt_show(["linux-image-cloud-amd64"])
 
 
 def test_prune_keeps_the_newest_of_each_flavour(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pyqvm.image._cpio import CpioEntry, NewcWriter, read_newc
+from pyqvm.image.cpio import CpioEntry, NewcWriter, read_newc
 
 
 def archive(build: object) -> bytes:

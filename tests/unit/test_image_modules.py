@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pyqvm.image._modules import (
+from pyqvm.image.modules import (
     module_name,
     parse_module_list,
     parse_modules_builtin,

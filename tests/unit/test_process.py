@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import shutil
 import signal
@@ -10,14 +11,14 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pyqvm import process as process_mod
 from pyqvm.errors import LaunchError, PyqvmTimeoutError, VMStateError
-from pyqvm.process import QemuProcess, RuntimeDir
+from pyqvm.process import QemuProcess, RuntimeDir, SpawnerThread, shared_spawner
 
 PY = sys.executable
 QEMU = shutil.which("qemu-system-x86_64")
@@ -222,20 +223,20 @@ async def test_child_has_pdeathsig_devnull_stdin_and_own_group(tmp_path: Path) -
     assert p.stdout_text().split() == [str(int(signal.SIGKILL)), "True", "/dev/null"]
 
 
-def test_child_starts_with_no_blocked_signals(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_child_starts_with_no_blocked_signals(tmp_path: Path) -> None:
     # The spawner thread is born in whichever thread spawns first; that one blocks SIGTERM.
-    monkeypatch.setattr(process_mod, "_spawner", None)
-    p = QemuProcess()
+    p: QemuProcess | None = None
 
     def in_thread() -> None:
+        nonlocal p
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        p = QemuProcess(spawner=SpawnerThread())
         asyncio.run(p.start(["sleep", "30"], stderr_path=tmp_path / "err.log"))
 
     t = threading.Thread(target=in_thread)
     t.start()
     t.join()
+    assert p is not None
     try:
         assert int(_proc_field(p.pid, "SigBlk"), 16) == 0
     finally:
@@ -243,22 +244,24 @@ def test_child_starts_with_no_blocked_signals(
 
 
 @pytest.mark.asyncio
-async def test_cancelled_start_kills_the_child_it_made(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_cancelled_start_kills_the_child_it_made(tmp_path: Path) -> None:
     release = threading.Event()
     made: list[int] = []
-    real_spawn = process_mod._spawn
 
-    def slow_spawn(*args: Any) -> Any:
-        release.wait(10)
-        spawned = real_spawn(*args)
-        made.append(spawned.popen.pid)
-        return spawned
+    class SlowSpawner:
+        """Holds the fork back until the caller has given up on it."""
 
-    monkeypatch.setattr(process_mod, "_spawn", slow_spawn)
+        def submit(self, job: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+            def slow() -> Any:
+                release.wait(10)
+                spawned = job()
+                made.append(spawned.popen.pid)
+                return spawned
+
+            return shared_spawner().submit(slow)
+
     starter = asyncio.ensure_future(
-        QemuProcess().start(["sleep", "30"], stderr_path=tmp_path / "err.log")
+        QemuProcess(spawner=SlowSpawner()).start(["sleep", "30"], stderr_path=tmp_path / "err.log")
     )
     await asyncio.sleep(0.01)
     starter.cancel()
@@ -327,8 +330,7 @@ def test_spawns_from_a_short_lived_thread_survive_it(tmp_path: Path) -> None:
     try:
         assert p.running
         # PR_SET_PDEATHSIG is tied to the spawner thread, which is still alive.
-        spawner = process_mod._get_spawner()
-        assert spawner._thread.is_alive()
+        assert shared_spawner().thread.is_alive()
         deadline = time.monotonic() + 0.3
         while time.monotonic() < deadline:  # a pdeathsig would land at once
             assert _alive(p.pid)

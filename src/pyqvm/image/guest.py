@@ -73,6 +73,7 @@ def cache_dir() -> Path:
 
 
 def check_flavour(flavour: str) -> None:
+    """Raise `SpecError` (field ``flavour``) unless ``flavour`` is one of `FLAVOURS`."""
     if flavour not in FLAVOURS:
         raise SpecError("flavour", f"unknown guest flavour {flavour!r}; use one of {FLAVOURS}")
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from pyqvm.errors import HostError, ImageError, SpecError
 from pyqvm.host.kernel import extract_vmlinux
-from pyqvm.image import _host
-from pyqvm.image._cpio import CpioEntry, NewcWriter
-from pyqvm.image._guest import (
+from pyqvm.image import tools
+from pyqvm.image.cpio import CpioEntry, NewcWriter
+from pyqvm.image.guest import (
     KERNEL_CMDLINE,
     KERNEL_PACKAGES,
     MANIFEST,
@@ -40,7 +40,7 @@ from pyqvm.image._guest import (
     check_flavour,
     load_image,
 )
-from pyqvm.image._modules import (
+from pyqvm.image.modules import (
     ModulePlan,
     parse_module_list,
     parse_modules_builtin,
@@ -58,14 +58,14 @@ DISK_SIZE = "64M"
 DISK_LABEL = "pyqvm-data"
 
 # recipe file -> (path in the initramfs, mode)
-_INITRD_FILES = {
+INITRD_FILES = {
     "init": ("init", 0o755),
     "pyqvm-hotplug": ("sbin/pyqvm-hotplug", 0o755),
     "pyqvm-qga": ("sbin/pyqvm-qga", 0o755),
     "shutdown": ("sbin/shutdown", 0o755),
     "modprobe.conf": ("etc/modprobe.d/pyqvm.conf", 0o644),
 }
-_DISK_FILES = ("hello.txt",)
+DISK_FILES = ("hello.txt",)
 _DIRS = (
     "bin", "sbin", "usr/bin", "usr/sbin", "lib", "lib64", "etc/pyqvm", "etc/modprobe.d",
     "dev", "proc", "sys", "run", "tmp", "mnt/data", "root", "var",
@@ -80,9 +80,9 @@ _ETC = {
 @dataclass(frozen=True, slots=True)
 class _Inputs:
     flavour: str
-    kernel: _host.Package
-    busybox: _host.Package
-    agent: _host.Package
+    kernel: tools.Package
+    busybox: tools.Package
+    agent: tools.Package
     recipes: dict[str, str]  # file name -> sha256
 
     def as_dict(self) -> dict[str, str]:
@@ -106,7 +106,7 @@ def recipe_digests(directory: Path = RECIPES) -> dict[str, str]:
     }
 
 
-def _kernel_package(meta: _host.Package) -> tuple[str, str | None]:
+def kernel_package(meta: tools.Package) -> tuple[str, str | None]:
     """The versioned kernel a meta package depends on, and its pinned version if any.
 
     ``linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)`` -> (name, "6.1.192-2")
@@ -122,11 +122,11 @@ def _kernel_package(meta: _host.Package) -> tuple[str, str | None]:
 def _resolve(flavour: str) -> _Inputs:
     meta = KERNEL_PACKAGES[flavour]
     log.info("resolving %s, busybox-static and qemu-guest-agent with apt-cache", meta)
-    found = _host.apt_show([meta, "busybox-static", "qemu-guest-agent"])
-    name, pinned = _kernel_package(found[meta])
+    found = tools.apt_show([meta, "busybox-static", "qemu-guest-agent"])
+    name, pinned = kernel_package(found[meta])
     # Each apt-cache run costs ~0.6 s without a pkgcache.bin: skip it when pinned.
     kernel = (
-        _host.Package(name, pinned, found[meta].arch) if pinned else _host.apt_show([name])[name]
+        tools.Package(name, pinned, found[meta].arch) if pinned else tools.apt_show([name])[name]
     )
     return _Inputs(
         flavour=flavour,
@@ -166,7 +166,7 @@ def build(
     check_flavour(flavour)
     root = cache or cache_dir()
     for name in ("apt-cache", "apt-get", "dpkg-deb", "depmod", "mkfs.ext4", "qemu-img", "ldd"):
-        _host.tool(name)
+        tools.tool(name)
     inputs = _resolve(flavour)
     key = cache_key(inputs.as_dict())
     images = root / "images"
@@ -182,7 +182,7 @@ def build(
         started = time.monotonic()
         downloads = root / "downloads"
         debs = {
-            name: _host.apt_download(pkg, downloads)
+            name: tools.apt_download(pkg, downloads)
             for name, pkg in (
                 ("kernel", inputs.kernel),
                 ("busybox", inputs.busybox),
@@ -215,9 +215,9 @@ def build(
 def _assemble(out: Path, inputs: _Inputs, debs: dict[str, Path]) -> dict[str, object]:
     work = out / "work"
     kroot, broot, qroot = work / "kernel", work / "busybox", work / "agent"
-    _host.unpack(debs["kernel"], kroot)
-    _host.unpack(debs["busybox"], broot)
-    _host.unpack(debs["agent"], qroot)
+    tools.unpack(debs["kernel"], kroot)
+    tools.unpack(debs["busybox"], broot)
+    tools.unpack(debs["agent"], qroot)
 
     vmlinuzes = sorted((kroot / "boot").glob("vmlinuz-*"))
     if len(vmlinuzes) != 1:
@@ -270,7 +270,7 @@ def _assemble(out: Path, inputs: _Inputs, debs: dict[str, Path]) -> dict[str, ob
 def _modules(moddir: Path, version: str, flavour: str, initrd: Path) -> ModulePlan:
     # Debian's package ships no modules.dep; depmod makes one in the unpacked tree.
     log.info("depmod %s", version)
-    _host.run(["depmod", "-b", str(moddir.parents[2]), version], what="depmod")
+    tools.run(["depmod", "-b", str(moddir.parents[2]), version], what="depmod")
     builtin_file = moddir / "modules.builtin"
     builtin = parse_modules_builtin(builtin_file.read_text() if builtin_file.exists() else "")
     wanted = parse_module_list((RECIPES / "modules.txt").read_text(), flavour)
@@ -289,7 +289,7 @@ def _modules(moddir: Path, version: str, flavour: str, initrd: Path) -> ModulePl
         if (moddir / name).exists():
             shutil.copyfile(moddir / name, dest / name)
     # busybox modprobe reads modules.dep; depmod writes it for the copied subset.
-    _host.run(["depmod", "-b", str(initrd), version], what="depmod (initramfs)")
+    tools.run(["depmod", "-b", str(initrd), version], what="depmod (initramfs)")
     (initrd / "etc/pyqvm").mkdir(parents=True, exist_ok=True)
     (initrd / "etc/pyqvm/modules").write_text(" ".join(plan.load) + "\n")
     return plan
@@ -309,7 +309,7 @@ def _copy_module(src: Path, dest: Path) -> None:
         plain.write_bytes(gzip.decompress(src.read_bytes()))
     elif name.endswith(".ko.zst"):
         out = subprocess.run(
-            [_host.tool("zstd"), "-dc", str(src)], capture_output=True, check=False
+            [tools.tool("zstd"), "-dc", str(src)], capture_output=True, check=False
         )
         if out.returncode != 0:
             raise ImageError(f"cannot decompress {src}: {out.stderr.decode(errors='replace')}")
@@ -342,10 +342,10 @@ def _userland(initrd: Path, broot: Path, qroot: Path) -> None:
         raise ImageError("the qemu-guest-agent package has no usr/sbin/qemu-ga")
     _install(agent, initrd / "usr/sbin/qemu-ga", 0o755)
     # Host libraries: the host runs the same Debian release the package targets.
-    for lib in _host.shared_libraries(agent):
+    for lib in tools.shared_libraries(agent):
         _install(lib.resolve(), initrd / lib.relative_to("/"), 0o755)
 
-    for recipe, (path, mode) in _INITRD_FILES.items():
+    for recipe, (path, mode) in INITRD_FILES.items():
         dest = initrd / path
         if dest.is_symlink():
             dest.unlink()  # our script replaces a busybox applet of that name
@@ -374,7 +374,7 @@ def _write_initramfs(tree: Path, dest: Path) -> None:
         writer.add(CpioEntry("dev/console", stat.S_IFCHR | 0o600, rdev_major=5, rdev_minor=1))
         writer.add(CpioEntry("dev/null", stat.S_IFCHR | 0o666, rdev_major=1, rdev_minor=3))
         writer.close()
-    _host.run(
+    tools.run(
         ["lz4", "-l", "-9", "-q", "-f", str(cpio), str(dest)], what="compressing the initramfs"
     )
     cpio.unlink()
@@ -383,15 +383,15 @@ def _write_initramfs(tree: Path, dest: Path) -> None:
 def _disk(staging: Path, dest: Path) -> None:
     log.info("making the data disk (ext4 %s, label %s)", DISK_SIZE, DISK_LABEL)
     staging.mkdir(parents=True, exist_ok=True)
-    for name in _DISK_FILES:
+    for name in DISK_FILES:
         shutil.copyfile(RECIPES / name, staging / name)
     raw = staging.with_name("disk.raw")
-    _host.run(
+    tools.run(
         ["mkfs.ext4", "-q", "-F", "-L", DISK_LABEL, "-E", "root_owner=0:0",
          "-d", str(staging), str(raw), DISK_SIZE],
         what="mkfs.ext4",
     )  # fmt: skip
-    _host.run(
+    tools.run(
         ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(dest)],
         what="qemu-img convert",
     )

@@ -29,6 +29,7 @@ def parse_modules_dep(text: str) -> dict[str, tuple[str, ...]]:
 
 
 def parse_modules_builtin(text: str) -> frozenset[str]:
+    """modules.builtin -> the names of the modules built into the kernel."""
     return frozenset(module_name(line.strip()) for line in text.splitlines() if line.strip())
 
 
@@ -59,6 +60,7 @@ class ModulePlan:
 def plan_modules(
     wanted: Iterable[str], deps: Mapping[str, tuple[str, ...]], builtin: frozenset[str]
 ) -> ModulePlan:
+    """Which of ``wanted`` to load, the module files they need, which are built in or absent."""
     by_name = {module_name(path): path for path in deps}
     load: list[str] = []
     built: list[str] = []
