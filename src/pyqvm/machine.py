@@ -68,7 +68,8 @@ class LaunchPlan:
     source on this host still holds the ports). ``spec``: launch this spec
     instead of the machine's (a restore: disks over the saved overlays); it
     becomes the machine's spec. ``ram``: guest RAM in a file (a template, or a
-    clone of one), see `pyqvm.argv.RamFile`.
+    clone of one), see `pyqvm.argv.RamFile`. ``console_prefix``: what the console
+    log starts with (a clone: the template's boot, which is this guest's too).
     """
 
     incoming: str | None = None
@@ -76,6 +77,7 @@ class LaunchPlan:
     without_forwards: bool = False
     spec: VMSpec | None = None
     ram: RamFile | None = None
+    console_prefix: bytes = b""
 
 
 class Machine:
@@ -332,7 +334,7 @@ class Machine:
         rundir = self._rundir.path
         self.console = ConsoleLog(spec.serial_log or rundir / "console.log")
         assert self.console.path is not None
-        self.console.path.write_bytes(b"")
+        self.console.path.write_bytes(plan.console_prefix)
         for d in overlay_disks(spec):
             if d.id in plan.overlays:
                 adopt_overlay(Path(plan.overlays[d.id]), overlay_path(rundir, d.id))

@@ -18,27 +18,66 @@ Fixtures:
   raised (an `ExceptionGroup` when several failed), so the test errors at teardown.
 - ``pyqvm_async_vm``: the same for `AsyncVM` in async tests (needs pytest-asyncio).
 
+Templates: the first VM of a spec in a session makes (or reuses, when it is current)
+a template of it (`pyqvm.templates.ensure`, named ``auto-<spec hash>``, shared by
+pytest-xdist workers through a file lock); every VM of that spec is then a clone of
+it, ready without a boot. A spec that cannot be templated boots as before. Opt out
+per test with ``@pytest.mark.pyqvm(template=False)``, or for the run with
+``--pyqvm-no-template``; ``@pytest.mark.pyqvm(spec=VMSpec(...))`` gives a test's
+VMs their spec when the factory is called without one.
+
 The fixtures build their VMs from this module's ``VM`` and ``AsyncVM`` names, so a
 test of a plugin user can monkeypatch them with stand-ins.
 
 When a test that used a VM fails, the report gets a section per VM with the
-tail of its serial console.
+tail of its serial console (a clone's console starts with its template's boot).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from pyqvm import image
+from pyqvm.ops import template as templates
 from pyqvm.spec import VMSpec
-from pyqvm.sync import VM
+from pyqvm.sync import VM, ThreadLoop
 from pyqvm.vm import AsyncVM
 
 _VMS = pytest.StashKey[list[Any]]()
 _CONSOLE_LINES = 40
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.getgroup("pyqvm").addoption(
+        "--pyqvm-no-template",
+        action="store_true",
+        help="boot every VM of the pyqvm fixtures instead of cloning a template",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "pyqvm(template=True, spec=None): pyqvm fixture options: clone a template or boot; "
+        "the spec the factory uses when called without one",
+    )
+
+
+def _spec_and_template(
+    request: pytest.FixtureRequest, spec: VMSpec | None
+) -> tuple[VMSpec, bool]:
+    """The spec a factory call starts, and whether it is cloned from a template."""
+    marker = request.node.get_closest_marker("pyqvm")
+    options = marker.kwargs if marker else {}
+    spec = spec or options.get("spec") or VMSpec(image="default")
+    wanted = options.get("template", True) and not request.config.getoption(
+        "--pyqvm-no-template", default=False
+    )
+    return spec, bool(wanted) and templates.templatable(spec)
 
 
 def _remember(request: pytest.FixtureRequest, vm: VM | AsyncVM) -> None:
@@ -79,9 +118,16 @@ def pyqvm_vm(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
     started: list[VM] = []
 
     def start(spec: VMSpec | None = None) -> VM:
-        vm = VM(spec or VMSpec(image="default"))
-        _remember(request, vm)
-        vm.__enter__()
+        spec, cloned = _spec_and_template(request, spec)
+        if cloned:
+            template = ThreadLoop.current().run(templates.ensure(spec))
+            vm = VM(dataclasses.replace(spec, name=templates.clone_name(template)))
+            _remember(request, vm)
+            vm.start_from_template(template)
+        else:
+            vm = VM(spec)
+            _remember(request, vm)
+            vm.__enter__()
         started.append(vm)
         return vm
 
@@ -109,9 +155,16 @@ else:
         started: list[AsyncVM] = []
 
         async def start(spec: VMSpec | None = None) -> AsyncVM:
-            vm = AsyncVM(spec or VMSpec(image="default"))
-            _remember(request, vm)
-            await vm.start()
+            spec, cloned = _spec_and_template(request, spec)
+            if cloned:
+                template = await templates.ensure(spec)
+                vm = AsyncVM(dataclasses.replace(spec, name=templates.clone_name(template)))
+                _remember(request, vm)
+                await vm.start_from_template(template)
+            else:
+                vm = AsyncVM(spec)
+                _remember(request, vm)
+                await vm.start()
             started.append(vm)
             return vm
 

@@ -38,6 +38,67 @@ def test_failure_report_shows_console(
             assert vm.run(["false"]).returncode == 0
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--pyqvm-no-template")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*pyqvm pyqvm console (last 40 lines)*", "*pyqvm-guest-ready*"])
+
+
+SAMPLE = """
+import pytest
+
+from pyqvm import VMSpec
+
+
+def test_clone(pyqvm_vm):
+    vm = pyqvm_vm()
+    assert vm.name.startswith("auto-") and vm.boot_seconds is None  # a clone: no boot
+    assert vm.run(["cat", "/proc/uptime"]).returncode == 0
+
+
+def test_another_clone(pyqvm_vm):
+    vm = pyqvm_vm()
+    vm.write_file("/tmp/mine", b"only mine")
+    assert vm.name.startswith("auto-") and vm.read_file("/tmp/mine") == b"only mine"
+
+
+@pytest.mark.pyqvm(template=False)
+def test_booted(pyqvm_vm):
+    vm = pyqvm_vm()
+    assert vm.boot_seconds is not None and not vm.name.startswith("auto-")
+
+
+@pytest.mark.asyncio
+@pytest.mark.pyqvm(spec=VMSpec(image="default", memory=384))
+async def test_async_clone_of_the_marker_spec(pyqvm_async_vm):
+    vm = await pyqvm_async_vm()
+    assert vm.name.startswith("auto-") and vm.spec.memory == 384
+
+
+def test_fails(pyqvm_vm):
+    vm = pyqvm_vm()
+    assert vm.run(["false"]).returncode == 0
+"""
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist-2"])
+def test_a_sample_project_uses_clones(
+    workers: list[str],
+    pyqvm_image: GuestImage,
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PYQVM_CACHE_DIR", str(pyqvm_image.directory.parent.parent))
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    pytester.makepyfile(SAMPLE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *workers)
+    result.assert_outcomes(passed=4, failed=1)
+    # The failing clone's report: its console, which starts with the template's boot.
+    result.stdout.fnmatch_lines(
+        [
+            "*pyqvm auto-* console (last 40 lines)*",
+            "*frozen as template auto-*",
+            "*cloned from template auto-*",
+        ]
+    )

@@ -58,7 +58,8 @@ def test_baseline_is_locked_down(tmp_path: Path) -> None:
 def test_console_path_is_escaped(tmp_path: Path) -> None:
     log = tmp_path / "a,logfile=/etc/x"
     argv = build_argv(VMSpec(guest_agent=False), ctx(tmp_path, console_log=log))
-    assert f"file,id=pq-console,path={str(log).replace(',', ',,')}" in values(argv, "-chardev")
+    path = str(log).replace(",", ",,")
+    assert f"file,id=pq-console,path={path},append=on" in values(argv, "-chardev")
 
 
 def test_virtio_profile(files: dict[str, Path], tmp_path: Path) -> None:

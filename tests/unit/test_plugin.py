@@ -74,7 +74,9 @@ def fakes(monkeypatch):
 def fakes(pytester: pytest.Pytester) -> pytest.Pytester:
     pytester.makeconftest(FAKES)
     pytester.makeini(
+        # The fakes boot; they are no templates' clones.
         "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+        "addopts = --pyqvm-no-template\n"
     )
     return pytester
 

@@ -206,7 +206,8 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         "-mon",
         opts(None, {"chardev": "pq-qmp", "mode": "control"}),
         "-chardev",
-        opts("file", {"id": "pq-console", "path": str(ctx.console_log)}),
+        # append: QEMU would truncate what pyqvm put there first (a clone: its template's boot).
+        opts("file", {"id": "pq-console", "path": str(ctx.console_log), "append": True}),
         "-serial",
         "chardev:pq-console",
     ]

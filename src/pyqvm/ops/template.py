@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
@@ -52,6 +53,7 @@ TEMPLATE_FORMAT = 1
 RECORD = "template.json"
 MEMORY = "memory"
 STATE = "state"
+CONSOLE = "console.log"
 #: RAM stays in the shared file: only device state goes into the stream.
 TUNING = MigrationTuning(capabilities={"x-ignore-shared": True})
 #: The guest kernel reseeds its CRNG at the first use after this long without one
@@ -276,6 +278,9 @@ async def create(
         version = (await machine.execute("query-version"))["qemu"]
         qemu = machine.argv[0]
         resolved = machine.resolved_spec
+        # The template's boot is its clones' boot too: their console starts with it.
+        console = machine.console_text() + f"\n--- pyqvm: frozen as template {name} ---\n"
+        (work / CONSOLE).write_text(console)
         await save(machine, work / STATE, tuning=TUNING, timeout=timeout)
         frozen = [p for p in (work / STATE).iterdir() if p.suffix == ".qcow2"]
         for p in frozen:
@@ -331,6 +336,44 @@ async def _await_stale_seed(machine: Machine) -> None:
     await asyncio.sleep(wait)
 
 
+async def ensure(
+    spec: VMSpec,
+    *,
+    name: str | None = None,
+    directory: Path | None = None,
+    image_cache: Path | None = None,
+) -> Template:
+    """The template of ``spec``: reused when it is current, else made, once across processes.
+
+    ``name`` defaults to ``auto-<spec hash>``. A file lock in the templates dir
+    makes concurrent callers (pytest-xdist workers) wait for the one that makes it.
+    """
+    name = name or f"auto-{spec_hash(spec)}"
+    base = templates_dir(directory)
+    base.mkdir(parents=True, exist_ok=True)
+    fd = os.open(base / f".lock-{name}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        try:
+            template = load(name, directory=directory)
+            template.check(spec)
+            return template
+        except TemplateError as e:
+            log.info("template %s: %s; making it", name, e)
+        return await create(spec, name, directory=directory, image_cache=image_cache, replace=True)
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+def templatable(spec: VMSpec) -> bool:
+    """Whether `create` would accept ``spec`` (see `refuse_untemplatable`)."""
+    try:
+        refuse_untemplatable(spec)
+    except TemplateError:
+        return False
+    return True
+
+
 def clone_name(template: Template) -> str:
     """A name for the next clone of ``template`` in this process."""
     return f"{template.name}-{os.getpid()}-{next(_clones)}"
@@ -345,11 +388,17 @@ async def clone_into(machine: Machine, template: Template) -> None:
     if QEMU refuses the state.
     """
     template.check(machine.spec)
+    try:
+        console = (template.directory / CONSOLE).read_bytes()
+    except OSError:
+        console = b""
+    console += f"--- pyqvm: {machine.name} cloned from template {template.name} ---\n".encode()
     await restore(
         machine,
         template.state_dir,
         tuning=TUNING,
         ram=RamFile(template.memory_file, share=False),
+        console_prefix=console,
     )
     agent = machine.agent
     await agent.execute("guest-set-time", {"time": time.time_ns()})
@@ -363,10 +412,12 @@ __all__ = [
     "clone_into",
     "clone_name",
     "create",
+    "ensure",
     "list_templates",
     "load",
     "refuse_untemplatable",
     "remove",
     "spec_hash",
+    "templatable",
     "templates_dir",
 ]

@@ -173,15 +173,16 @@ async def restore(
     timeout: float | None = 600.0,
     tuning: MigrationTuning | None = None,
     ram: RamFile | None = None,
+    console_prefix: bytes = b"",
 ) -> None:
     """Start ``vm`` (created, not started) from a state `save` wrote into ``saved``.
 
     ``vm`` must have been built from the spec the state was saved from (its
     hardware must match). Its spec becomes that spec with the saved disks.
     ``tuning`` and ``ram`` are the save's capabilities and the guest RAM's
-    file (a clone of a template). Returns when the guest runs and its agent
-    answers. On failure ``vm`` is removed and `MigrationError` is raised
-    with QEMU's reason.
+    file (a clone of a template); ``console_prefix`` starts its console log.
+    Returns when the guest runs and its agent answers. On failure ``vm`` is
+    removed and `MigrationError` is raised with QEMU's reason.
     """
     tuning = tuning or MigrationTuning()
     directory = Path(saved)
@@ -195,7 +196,7 @@ async def restore(
         raise MigrationError(f"cannot restore VM {vm.name!r}: {reason}")
     devices = saved_devices(directory)
     t0 = time.monotonic()
-    await vm.start_incoming(LaunchPlan(spec=spec, ram=ram))
+    await vm.start_incoming(LaunchPlan(spec=spec, ram=ram, console_prefix=console_prefix))
     incoming = Incoming(uri=f"fd:{FD_NAME}", storage="shared")
     async with failure_guard(
         f"{vm.name}: restoring from '{directory}' failed",
