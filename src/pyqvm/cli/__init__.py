@@ -81,13 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.run(args)
         return code
     except UsageError as e:
-        args.parser.error(str(e))  # exits 2, with the usage line
+        parser: argparse.ArgumentParser = args.parser
+        parser.error(str(e))  # exits 2, with the usage line
     except PyqvmError as e:
         print(f"pyqvm: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
-    raise AssertionError("unreachable")
 
 
 __all__ = ["EXIT_ERROR", "EXIT_USAGE", "build_parser", "main", "parse_args", "spec_from_args"]

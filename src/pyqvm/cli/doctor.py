@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from pyqvm.cli.specargs import memory_size
 from pyqvm.host.claims import ClaimStore
 from pyqvm.host.doctor import MODES, Mode, Report, run_checks
 from pyqvm.passthrough import PassthroughHost, Recovered, recover
@@ -45,6 +46,7 @@ def add_parser(
     )
     p.add_argument(
         "--memory",
+        type=memory_size,
         default="1G",
         help="guest memory the VFIO memlock check assumes (default 1G)",
     )

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pyqvm.cli.specargs import UsageError, add_spec_options, spec_from_args
+from pyqvm.cli.specargs import UsageError, add_spec_options, overrides_given, spec_from_args
 from pyqvm.spec import VMSpec
 from pyqvm.vm import AsyncVM
 
@@ -30,25 +30,28 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     p.add_argument(
         "--template",
         metavar="T",
-        help="start a clone of template T instead of booting (see pyqvm template)",
+        help="start a clone of template T instead of booting (see pyqvm template); "
+        "of the overrides only --name goes with it",
     )
     p.set_defaults(run=run, takes_command=True)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.template:
-        if args.spec or any(
-            getattr(args, k) is not None for k in ("kernel", "memory", "smp", "image", "machine")
-        ):
+        # A clone runs its template's spec; only its name is its own.
+        ignored = (["SPEC"] if args.spec else []) + [
+            o for o in overrides_given(args) if o != "--name"
+        ]
+        if ignored:
             raise UsageError(
-                "--template: the template's spec is used; leave out SPEC and overrides"
+                f"--template: the template's spec is used; leave out {', '.join(ignored)}"
             )
-        return asyncio.run(_clone_and_run(args.template, args.cmd))
+        return asyncio.run(_clone_and_run(args.template, args.name, args.cmd))
     return asyncio.run(_run(spec_from_args(args), args.cmd))
 
 
-async def _clone_and_run(template: str, cmd: Sequence[str]) -> int:
-    vm = await AsyncVM.from_template(template)
+async def _clone_and_run(template: str, name: str | None, cmd: Sequence[str]) -> int:
+    vm = await AsyncVM.from_template(template, name=name)
     try:
         return await _command_or_console(vm, cmd)
     finally:

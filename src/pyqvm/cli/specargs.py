@@ -1,4 +1,9 @@
-"""The VM options `run`, `cmdline` and `template create` share: a spec file plus overrides."""
+"""The VM options `run`, `cmdline` and `template create` share: a spec file plus overrides.
+
+argparse checks each value's form (a number, a size) and exits 2; `spec_from_args` raises
+`UsageError` (also exit 2) for what only our own parsing sees (``--forward 22``); the spec
+checks the rest (a range, a file that must exist) and raises `SpecError` (exit 125).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,21 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from pyqvm.errors import PyqvmError
-from pyqvm.spec import Network, PortForward, VMSpec, load_spec, spec_from_dict
+from pyqvm.errors import PyqvmError, SpecError
+from pyqvm.spec import Network, PortForward, VMSpec, load_spec, parse_size_mib, spec_from_dict
 
 
 class UsageError(PyqvmError):
     """The command line itself is wrong (exit status 2, as argparse's own errors)."""
+
+
+def memory_size(text: str) -> str:
+    """argparse ``type=`` for a memory size: the text itself, once the spec's parser takes it."""
+    try:
+        parse_size_mib(text, "")
+    except SpecError as e:
+        raise argparse.ArgumentTypeError(e.message) from e
+    return text
 
 
 def add_spec_options(p: argparse.ArgumentParser) -> None:
@@ -20,25 +34,38 @@ def add_spec_options(p: argparse.ArgumentParser) -> None:
         "spec", nargs="?", type=Path, help="VM description (TOML); default: built-in guest"
     )
     g = p.add_argument_group("overrides")
-    g.add_argument("--kernel", type=Path, help="kernel to boot directly (vmlinux or bzImage)")
-    g.add_argument("--initrd", type=Path, help="initial ramdisk for --kernel")
-    g.add_argument("--append", help="kernel command line for --kernel")
-    g.add_argument("--memory", "-m", help="guest memory, e.g. 512M or 2G")
-    g.add_argument("--smp", type=int, help="number of vCPUs")
-    g.add_argument("--machine", choices=["auto", "q35", "pc", "microvm"])
-    g.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default auto)")
-    g.add_argument("--profile", choices=["virtio", "emulated", "passthrough"])
-    g.add_argument("--net", choices=["user", "none"], help="network (default: one user-mode NIC)")
-    g.add_argument(
-        "--forward",
-        action="append",
-        default=[],
-        metavar="HOST:GUEST",
-        help="forward a TCP port from 127.0.0.1 into the guest (user network)",
-    )
-    g.add_argument("--image", choices=["default", "full"], help="built-in image flavour")
-    g.add_argument("--name", help="VM name")
-    g.add_argument("--timeout", type=float, help="seconds to wait for the guest to be ready")
+    overrides = [
+        g.add_argument("--kernel", type=Path, help="kernel to boot directly (vmlinux or bzImage)"),
+        g.add_argument("--initrd", type=Path, help="initial ramdisk for --kernel"),
+        g.add_argument("--append", help="kernel command line for --kernel"),
+        g.add_argument("--memory", "-m", type=memory_size, help="guest memory, e.g. 512M or 2G"),
+        g.add_argument("--smp", type=int, help="number of vCPUs"),
+        g.add_argument("--machine", choices=["auto", "q35", "pc", "microvm"]),
+        g.add_argument(
+            "--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default auto)"
+        ),
+        g.add_argument("--profile", choices=["virtio", "emulated", "passthrough"]),
+        g.add_argument(
+            "--net", choices=["user", "none"], help="network (default: one user-mode NIC)"
+        ),
+        g.add_argument(
+            "--forward",
+            action="append",
+            default=[],
+            metavar="HOST:GUEST",
+            help="forward a TCP port from 127.0.0.1 into the guest (user network)",
+        ),
+        g.add_argument("--image", choices=["default", "full"], help="built-in image flavour"),
+        g.add_argument("--name", help="VM name"),
+        g.add_argument("--timeout", type=float, help="seconds to wait for the guest to be ready"),
+    ]
+    p.set_defaults(override_options=tuple((a.dest, a.option_strings[0]) for a in overrides))
+
+
+def overrides_given(args: argparse.Namespace) -> list[str]:
+    """The override options on this command line, by their long names (``--memory``)."""
+    options: tuple[tuple[str, str], ...] = args.override_options
+    return [flag for dest, flag in options if getattr(args, dest) not in (None, [])]
 
 
 def spec_from_args(args: argparse.Namespace) -> VMSpec:
@@ -88,4 +115,4 @@ def _forward(text: str) -> PortForward:
     return PortForward(host_port=int(host), guest_port=int(guest))
 
 
-__all__ = ["UsageError", "add_spec_options", "spec_from_args"]
+__all__ = ["UsageError", "add_spec_options", "memory_size", "overrides_given", "spec_from_args"]
