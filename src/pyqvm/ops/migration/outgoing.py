@@ -219,6 +219,7 @@ async def run_migration(
     copies = copies or DiskCopies(src)
     storage_bytes = 0
     postcopy_started = False
+    continued = False
     throttle = 0
     async with src.events(("MIGRATION", "MIGRATION_PASS")) as listener:
         await src.execute("migrate", {"uri": uri})
@@ -239,9 +240,12 @@ async def run_migration(
                     status=state,
                     qemu_error=qemu_error,
                 )
-            if state == "pre-switchover":
+            if state == "pre-switchover" and not continued:
                 storage_bytes = await copies.finish(deadline)
                 await src.execute("migrate-continue", {"state": "pre-switchover"})
+                # QEMU's migration thread leaves pre-switchover a moment later: a look
+                # before then must not continue it a second time.
+                continued = True
             passes = int((info.get("ram") or {}).get("dirty-sync-count", 0))
             if tuning.postcopy and not postcopy_started and state == "active" and passes >= 2:
                 log.info("%s: first RAM pass done; switching to postcopy", src.name)
