@@ -121,3 +121,19 @@ async def test_the_command_line_makes_runs_and_removes_a_template(
     assert code == 0 and f"removed {name}" in out
     code, out = await cli("run", "--template", name, "--", "true")
     assert code == 125 and "no template" in out
+
+
+async def test_a_clone_migrates_and_is_saved_like_any_vm(made: Template, tmp_path: Path) -> None:
+    src = await AsyncVM.from_template(made)
+    dst = AsyncVM(src.spec)
+    restored = AsyncVM(src.spec)
+    try:
+        await sh(src, "echo moved > /tmp/ram.txt")
+        await src.migrate(dst)  # into a VM with plain (anonymous) RAM
+        assert await sh(dst, f"cat /tmp/ram.txt {DATA}/setup.txt") == "moved\nfrom-setup\n"
+        await dst.save(tmp_path / "saved")
+        await restored.restore(tmp_path / "saved")
+        assert await sh(restored, "cat /tmp/ram.txt") == "moved\n"
+    finally:
+        for vm in (src, dst, restored):
+            await vm.stop()

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from pyqvm.argv import DiskFile, LaunchContext, build_argv, escape, opts, qjson
+from pyqvm.argv import DiskFile, LaunchContext, RamFile, build_argv, escape, opts, qjson
 from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec
 
 
@@ -95,7 +96,8 @@ def test_virtio_profile(files: dict[str, Path], tmp_path: Path) -> None:
     }
     netdev = json.loads(values(argv, "-netdev")[0])
     assert netdev["hostfwd"] == [{"str": "tcp:127.0.0.1:2222-:22"}]
-    assert values(argv, "-machine") == ["q35,sata=off,smbus=off"]  # nothing uses the board's AHCI
+    # nothing uses the board's AHCI; RAM is always the named backend (migratable to a clone)
+    assert values(argv, "-machine") == ["q35,memory-backend=pq-ram,sata=off,smbus=off"]
     assert next(d for d in devices(argv) if d["driver"] == "virtio-net-pci")["romfile"] == ""
     assert values(argv, "-kernel") == [str(files["kernel"])]
     assert values(argv, "-append") == ["console=ttyS0"]
@@ -116,7 +118,7 @@ def test_emulated_profile(
         networks=[Network()],
     )
     argv = build_argv(spec, ctx(tmp_path))
-    assert values(argv, "-machine") == [machine]
+    assert values(argv, "-machine") == [f"{machine},memory-backend=pq-ram"]
     devs = devices(argv)
     assert "romfile" not in next(d for d in devs if d["driver"] == nic)  # firmware may PXE-boot
     disk = next(d for d in devs if d["driver"] == "ide-hd")
@@ -201,3 +203,14 @@ def test_hotplug_room(tmp_path: Path) -> None:
     plain = build_argv(VMSpec(guest_agent=False, max_smp=1), ctx(tmp_path, agent_fd=None))
     assert values(plain, "-m") == ["512M"] and values(plain, "-smp") == ["1"]
     assert not [d for d in devices(plain) if d["driver"] == "pcie-root-port"]
+
+
+def test_guest_ram_is_always_the_named_backend(tmp_path: Path) -> None:
+    spec = VMSpec(guest_agent=False, memory="256M")
+    anon = json.loads(values(build_argv(spec, ctx(tmp_path)), "-object")[0])
+    assert anon == {"qom-type": "memory-backend-ram", "id": "pq-ram", "size": 256 << 20}
+    ram = RamFile(tmp_path / "mem,x", share=False)
+    argv = build_argv(spec, dataclasses.replace(ctx(tmp_path), ram=ram))
+    filed = json.loads(values(argv, "-object")[0])
+    assert filed["qom-type"] == "memory-backend-file" and filed["share"] is False
+    assert filed["mem-path"] == str(tmp_path / "mem,x")  # JSON: no escaping needed

@@ -106,10 +106,11 @@ def cpu_arg(spec: VMSpec, accel: str) -> str | None:
     return opts("host", props)
 
 
-def machine_arg(spec: VMSpec, ram: RamFile | None = None) -> str:
-    props: dict[str, str | bool | None] = {}
-    if ram is not None:
-        props["memory-backend"] = RAM_BACKEND_ID
+def machine_arg(spec: VMSpec) -> str:
+    # Guest RAM is always the backend RAM_BACKEND_ID, so that its migration stream names
+    # the same RAM block whether it lives in a file (a template, a clone) or not: any two
+    # pyqvm VMs of one spec can migrate into each other, and a clone can be saved.
+    props: dict[str, str | bool | None] = {"memory-backend": RAM_BACKEND_ID}
     if spec.effective_machine == "q35" and not uses_ide(spec):
         # The board's AHCI controller and SMBus are not in the spec: leave them out
         # (and SeaBIOS does not probe them, which saves boot time under TCG).
@@ -126,14 +127,18 @@ def memory_arg(spec: VMSpec) -> str:
     return opts(f"{spec.memory}M", {"slots": spec.memory_slots, "maxmem": f"{spec.max_memory}M"})
 
 
-def ram_object(spec: VMSpec, ram: RamFile) -> str:
-    """The ``-object`` of file-backed guest RAM (the boot memory, as ``-m`` sizes it)."""
+def ram_object(spec: VMSpec, ram: RamFile | None) -> str:
+    """The ``-object`` of the guest's boot RAM (as ``-m`` sizes it): anonymous memory, or a
+    file (`RamFile`)."""
     assert isinstance(spec.memory, int)
+    size = spec.memory * 1024 * 1024
+    if ram is None:
+        return qjson({"qom-type": "memory-backend-ram", "id": RAM_BACKEND_ID, "size": size})
     return qjson(
         {
             "qom-type": "memory-backend-file",
             "id": RAM_BACKEND_ID,
-            "size": spec.memory * 1024 * 1024,
+            "size": size,
             "mem-path": str(ram.path),
             "share": ram.share,
         }
@@ -160,7 +165,7 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         "-name",
         opts(spec.name, {"process": f"pyqvm-{spec.name}"}),
         "-machine",
-        machine_arg(spec, ctx.ram),
+        machine_arg(spec),
         "-accel",
         ctx.accel,
         "-m",
@@ -170,8 +175,7 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         "-display",
         "none",
     ]
-    if ctx.ram is not None:
-        argv += ["-object", ram_object(spec, ctx.ram)]
+    argv += ["-object", ram_object(spec, ctx.ram)]
     cpu = cpu_arg(spec, ctx.accel)
     if cpu:
         argv += ["-cpu", cpu]

@@ -400,6 +400,11 @@ async def clone_into(machine: Machine, template: Template) -> None:
         ram=RamFile(template.memory_file, share=False),
         console_prefix=console,
     )
+    # The clone's RAM is its own now: a later migration or save must send it.
+    await machine.execute(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "x-ignore-shared", "state": False}]},
+    )
     agent = machine.agent
     await agent.execute("guest-set-time", {"time": time.time_ns()})
     await agent.write_file("/dev/urandom", os.urandom(64))
