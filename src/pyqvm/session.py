@@ -303,7 +303,8 @@ class QMPSession:
             try:
                 yield job
             finally:
-                if job.status not in JOB_FINAL and self.connected:
+                # Not dismissed yet ("concluded" too: a failed job waits for job-dismiss).
+                if job.status != "null" and self.connected:
                     await asyncio.shield(job.abandon())
 
     async def run_job(
@@ -462,7 +463,10 @@ class Job:
         a `PyqvmError` (it logs instead): this is cleanup after something else failed."""
         try:
             if self.status not in JOB_FINAL:
-                await self.cancel(timeout=timeout)
+                try:
+                    await self.cancel(timeout=timeout)
+                except QMPCommandError as e:  # it may have ended meanwhile: finish tells
+                    log.debug("%s: cancelling job %s: %s", self._session.name, self.id, e)
             await self.finish(timeout=timeout)
         except PyqvmError as e:
             log.info("%s: abandoning job %s: %s", self._session.name, self.id, e)
