@@ -85,6 +85,20 @@ def stops(pytester: pytest.Pytester) -> list[str]:
     return (pytester.path / "vms.log").read_text().splitlines()
 
 
+def assert_vm2_failed_to_stop_and_vm1_stopped(fakes: pytest.Pytester) -> None:
+    """test_two of the file made: vm2's stop raised; vm1 was still stopped; the run says why."""
+    result = fakes.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    assert stops(fakes)[-2:] == ["stop vm2", "stop vm1"]
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_two*",
+            "*RuntimeError: vm2 would not stop",
+            "*while stopping pyqvm VM 'vm2' at fixture teardown",
+        ]
+    )
+
+
 def test_every_vm_is_stopped_newest_first(fakes: pytest.Pytester) -> None:
     fakes.makepyfile(
         """
@@ -117,16 +131,7 @@ def test_a_vm_that_fails_to_stop_does_not_keep_the_others_running(
             pyqvm_vm(Spec("vm2"))  # stopped first, and its stop raises
         """
     )
-    result = fakes.runpytest("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1, errors=1)
-    assert stops(fakes)[-2:] == ["stop vm2", "stop vm1"]
-    result.stdout.fnmatch_lines(
-        [
-            "*ERROR at teardown of test_two*",
-            "*RuntimeError: vm2 would not stop",
-            "*while stopping pyqvm VM 'vm2' at fixture teardown",
-        ]
-    )
+    assert_vm2_failed_to_stop_and_vm1_stopped(fakes)
 
 
 def test_several_stop_failures_are_all_reported(fakes: pytest.Pytester) -> None:
@@ -159,16 +164,7 @@ def test_the_async_factory_stops_every_vm_too(fakes: pytest.Pytester) -> None:
             await pyqvm_async_vm(Spec("vm2"))
         """
     )
-    result = fakes.runpytest("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1, errors=1)
-    assert stops(fakes)[-2:] == ["stop vm2", "stop vm1"]
-    result.stdout.fnmatch_lines(
-        [
-            "*ERROR at teardown of test_two*",
-            "*RuntimeError: vm2 would not stop",
-            "*while stopping pyqvm VM 'vm2' at fixture teardown",
-        ]
-    )
+    assert_vm2_failed_to_stop_and_vm1_stopped(fakes)
 
 
 def test_a_failing_test_shows_each_vms_console(fakes: pytest.Pytester) -> None:
