@@ -107,6 +107,7 @@ class Machine:
         self._agent: GuestAgent | None = None
         self._argv: list[str] = []
         self._last_code: int | None = None
+        self._transcript: list[str] = []
         self._boot_seconds: float | None = None
 
     def __repr__(self) -> str:
@@ -244,6 +245,10 @@ class Machine:
     async def wait_for_console(self, pattern: str, timeout: float) -> None:
         """Wait until ``pattern`` (a plain substring) shows on the serial console."""
         await self.console.wait_for(pattern, timeout, self.name)
+
+    def qmp_transcript(self) -> list[str]:
+        """The last QMP commands sent and their answers (kept after the machine stopped)."""
+        return list(self._qmp.transcript) if self._qmp is not None else list(self._transcript)
 
     def launch_error(self, message: str) -> LaunchError:
         """A `LaunchError` with this launch's argv, exit code, stderr and console."""
@@ -509,6 +514,7 @@ class Machine:
             await self._agent.close()
             self._agent = None
         if self._qmp is not None:
+            self._transcript = list(self._qmp.transcript)
             await self._qmp.close()
             self._qmp = None
         if self._process is not None:

@@ -30,7 +30,8 @@ The fixtures build their VMs from this module's ``VM`` and ``AsyncVM`` names, so
 test of a plugin user can monkeypatch them with stand-ins.
 
 When a test that used a VM fails, the report gets a section per VM with the
-tail of its serial console (a clone's console starts with its template's boot).
+tail of its serial console (a clone's console starts with its template's boot) and
+the last QMP commands pyqvm sent it, with QEMU's answers.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from pyqvm.vm import AsyncVM
 
 _VMS = pytest.StashKey[list[Any]]()
 _CONSOLE_LINES = 40
+_QMP_LINES = 30
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -185,4 +187,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for vm in item.stash.get(_VMS, []):
             tail = "\n".join(vm.console_text().splitlines()[-_CONSOLE_LINES:])
             report.sections.append((f"pyqvm {vm.name} console (last {_CONSOLE_LINES} lines)", tail))
+            lines = vm.qmp_transcript()[-_QMP_LINES:]
+            report.sections.append(
+                (f"pyqvm {vm.name} QMP (last {len(lines)} messages)", "\n".join(lines))
+            )
     return report

@@ -20,9 +20,12 @@ Every wait also ends, with `VMExitedError`, when the QMP connection drops.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
+import json
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -56,6 +59,10 @@ EventMatch = Callable[[Event], bool]
 EventFilter = EventMatch | Mapping[str, object]
 
 _T = TypeVar("_T")
+
+#: How many lines `QMPSession.transcript` keeps, and how long each may be.
+TRANSCRIPT_LINES = 200
+TRANSCRIPT_WIDTH = 300
 
 #: Job statuses after which a job does nothing more (``null``: already dismissed).
 JOB_FINAL = frozenset({"concluded", "null"})
@@ -108,6 +115,8 @@ class QMPSession:
         self.name = name
         self._client = QMPClient(name)
         self._job_seq = 0
+        #: The last commands sent and their answers, one line each, for a failure report.
+        self.transcript: collections.deque[str] = collections.deque(maxlen=TRANSCRIPT_LINES)
         # One fd in flight at a time: QEMU pairs a passed fd with the next getfd.
         self._fd_lock = asyncio.Lock()
 
@@ -139,18 +148,28 @@ class QMPSession:
         when the connection ends first, `PyqvmTimeoutError` after ``timeout``.
         """
         log.debug("%s: -> %s %s", self.name, command, arguments or "")
+        self._note("->", f"{command} {json.dumps(arguments) if arguments else ''}")
         try:
             result = await asyncio.wait_for(self._client.execute(command, arguments), timeout)
         except ExecuteError as e:
+            self._note("<-", f"{command}: error {e.error_class}: {e}")
             raise QMPCommandError(command, e.error_class, str(e)) from None
         except TimeoutError:
+            self._note("<-", f"{command}: no reply in {timeout:g} s")
             raise PyqvmTimeoutError(
                 f"{self.name}: QMP {command!r} got no reply in {timeout:g} s"
             ) from None
         except (ExecInterruptedError, QMPError) as e:
+            self._note("<-", f"{command}: connection lost: {e}")
             raise VMExitedError(f"{self.name}: QEMU went away during QMP {command!r}: {e}") from e
         log.debug("%s: <- %s", self.name, result)
+        self._note("<-", f"{command}: {json.dumps(result, default=str)}")
         return result
+
+    def _note(self, direction: str, text: str) -> None:
+        if len(text) > TRANSCRIPT_WIDTH:
+            text = text[: TRANSCRIPT_WIDTH - 3] + "..."
+        self.transcript.append(f"{time.strftime('%H:%M:%S')} {direction} {text}")
 
     async def send_fd(self, fd: int, name: str, *, timeout: float | None = 60.0) -> None:
         """Hand QEMU a copy of the open file descriptor ``fd``, named ``name`` (``getfd``).

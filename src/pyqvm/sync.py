@@ -235,6 +235,9 @@ class VM:
     def read_console(self, offset: int = 0) -> bytes:
         return self._vm.read_console(offset)
 
+    def qmp_transcript(self) -> list[str]:
+        return self._vm.qmp_transcript()
+
     def wait_for_console(self, pattern: str, timeout: float) -> None:
         self._run(self._vm.wait_for_console(pattern, timeout))
 

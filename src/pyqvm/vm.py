@@ -210,6 +210,10 @@ class AsyncVM:
         """Console bytes from ``offset`` on (for following the console as it grows)."""
         return self.machine.read_console(offset)
 
+    def qmp_transcript(self) -> list[str]:
+        """The last QMP commands sent and their answers, one line each (also after `stop`)."""
+        return self.machine.qmp_transcript()
+
     async def wait_for_console(self, pattern: str, timeout: float) -> None:
         """Wait until ``pattern`` (a plain substring) shows on the serial console."""
         await self.machine.wait_for_console(pattern, timeout)

@@ -100,5 +100,7 @@ def test_a_sample_project_uses_clones(
             "*pyqvm auto-* console (last 40 lines)*",
             "*frozen as template auto-*",
             "*cloned from template auto-*",
+            "*pyqvm auto-* QMP (last * messages)*",
+            "* -> migrate-incoming *",  # the clone's restore, as QMP saw it
         ]
     )

@@ -34,6 +34,9 @@ class FakeVM:
     def console_text(self):
         return f"{self.name} console line 1\\n{self.name} console line 2\\n"
 
+    def qmp_transcript(self):
+        return [f"12:00:00 -> {self.name} query-status", f"12:00:00 <- {self.name} running"]
+
     def _stopping(self):
         log(f"stop {self.name}")
         if self.name in self.spec.fail_stop:
@@ -167,7 +170,7 @@ def test_the_async_factory_stops_every_vm_too(fakes: pytest.Pytester) -> None:
     assert_vm2_failed_to_stop_and_vm1_stopped(fakes)
 
 
-def test_a_failing_test_shows_each_vms_console(fakes: pytest.Pytester) -> None:
+def test_a_failing_test_shows_each_vms_console_and_qmp(fakes: pytest.Pytester) -> None:
     fakes.makepyfile(
         """
         from conftest import Spec
@@ -184,7 +187,10 @@ def test_a_failing_test_shows_each_vms_console(fakes: pytest.Pytester) -> None:
         [
             "*pyqvm vm1 console (last 40 lines)*",
             "vm1 console line 2",
+            "*pyqvm vm1 QMP (last 2 messages)*",
+            "12:00:00 <- vm1 running",
             "*pyqvm vm2 console (last 40 lines)*",
             "vm2 console line 2",
+            "*pyqvm vm2 QMP (last 2 messages)*",
         ]
     )

@@ -225,3 +225,22 @@ async def test_waits_end_when_qemu_goes_away(connect: Any) -> None:
     async with session.job("snapshot-save", {}, job_id="j") as job:
         with pytest.raises(VMExitedError, match="went away"):
             await job.finish(timeout=None)  # no timeout: only the disconnect ends it
+
+
+@pytest.mark.asyncio
+async def test_the_transcript_keeps_commands_and_answers(connect: Any) -> None:
+    async def answer(fake: FakeQEMU, name: str, args: dict[str, Any]) -> Any:
+        if name == "query-status":
+            return {"status": "running"}
+        raise LookupError(f"unexpected {name}")
+
+    session, _ = await connect(answer)
+    await session.execute("query-status")
+    with pytest.raises(QMPCommandError):
+        await session.execute("stop", {"x": "y" * 1000})
+    lines = list(session.transcript)
+    assert lines[0].endswith('-> query-status ') and lines[1].endswith(
+        '<- query-status: {"status": "running"}'
+    )
+    assert ' -> stop {"x": "yyy' in lines[2] and lines[2].endswith("...")  # clipped
+    assert "<- stop: error" in lines[3]
