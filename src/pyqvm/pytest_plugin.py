@@ -36,7 +36,6 @@ the last QMP commands pyqvm sent it, with QEMU's answers.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -49,6 +48,7 @@ from pyqvm.sync import VM, ThreadLoop
 from pyqvm.vm import AsyncVM
 
 _VMS = pytest.StashKey[list[Any]]()
+_TEMPLATES = pytest.StashKey[dict[str, templates.Template]]()
 _CONSOLE_LINES = 40
 _QMP_LINES = 30
 
@@ -69,9 +69,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def _spec_and_template(
-    request: pytest.FixtureRequest, spec: VMSpec | None
-) -> tuple[VMSpec, bool]:
+def _spec_and_template(request: pytest.FixtureRequest, spec: VMSpec | None) -> tuple[VMSpec, bool]:
     """The spec a factory call starts, and whether it is cloned from a template."""
     marker = request.node.get_closest_marker("pyqvm")
     options = marker.kwargs if marker else {}
@@ -80,6 +78,18 @@ def _spec_and_template(
         "--pyqvm-no-template", default=False
     )
     return spec, bool(wanted) and templates.templatable(spec)
+
+
+def _known_template(request: pytest.FixtureRequest, spec: VMSpec) -> templates.Template | None:
+    """The template this session already made or checked for ``spec`` (one `ensure` each)."""
+    return request.config.stash.get(_TEMPLATES, {}).get(templates.spec_hash(spec))
+
+
+def _keep_template(
+    request: pytest.FixtureRequest, spec: VMSpec, template: templates.Template
+) -> templates.Template:
+    request.config.stash.setdefault(_TEMPLATES, {})[templates.spec_hash(spec)] = template
+    return template
 
 
 def _remember(request: pytest.FixtureRequest, vm: VM | AsyncVM) -> None:
@@ -122,8 +132,10 @@ def pyqvm_vm(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
     def start(spec: VMSpec | None = None) -> VM:
         spec, cloned = _spec_and_template(request, spec)
         if cloned:
-            template = ThreadLoop.current().run(templates.ensure(spec))
-            vm = VM(dataclasses.replace(spec, name=templates.clone_name(template)))
+            template = _known_template(request, spec) or _keep_template(
+                request, spec, ThreadLoop.current().run(templates.ensure(spec))
+            )
+            vm = VM(template.clone_spec())
             _remember(request, vm)
             vm.start_from_template(template)
         else:
@@ -159,8 +171,10 @@ else:
         async def start(spec: VMSpec | None = None) -> AsyncVM:
             spec, cloned = _spec_and_template(request, spec)
             if cloned:
-                template = await templates.ensure(spec)
-                vm = AsyncVM(dataclasses.replace(spec, name=templates.clone_name(template)))
+                template = _known_template(request, spec) or _keep_template(
+                    request, spec, await templates.ensure(spec)
+                )
+                vm = AsyncVM(template.clone_spec())
                 _remember(request, vm)
                 await vm.start_from_template(template)
             else:

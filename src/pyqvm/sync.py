@@ -14,7 +14,6 @@ death signal is tied to the process.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import weakref
 from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
@@ -29,6 +28,7 @@ from pyqvm.agent import ExecResult
 from pyqvm.devices import Plugged
 from pyqvm.errors import PyqvmError, PyqvmTimeoutError
 from pyqvm.host.facts import HostFacts
+from pyqvm.ops import template as templates
 from pyqvm.ops.blockjobs import ChainLink
 from pyqvm.ops.migration import (
     Incoming,
@@ -40,7 +40,7 @@ from pyqvm.ops.migration import (
     Transport,
 )
 from pyqvm.ops.snapshot import SnapshotInfo
-from pyqvm.ops.template import Template, clone_name, load
+from pyqvm.ops.template import Template
 from pyqvm.passthrough import PassthroughHost
 from pyqvm.session import Event, EventFilter
 from pyqvm.spec import Disk, Network, VMSpec
@@ -201,8 +201,8 @@ class VM:
         directory: Path | None = None,
         image_cache: Path | None = None,
     ) -> VM:
-        t = template if isinstance(template, Template) else load(template, directory=directory)
-        vm = cls(dataclasses.replace(t.spec, name=name or clone_name(t)), image_cache=image_cache)
+        t = templates.get(template, directory=directory)
+        vm = cls(t.clone_spec(name), image_cache=image_cache)
         vm.start_from_template(t)
         return vm
 

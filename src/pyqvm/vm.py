@@ -13,7 +13,6 @@ behind: no process, socket, overlay or directory.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -154,15 +153,8 @@ class AsyncVM:
         image_cache: Path | None = None,
     ) -> AsyncVM:
         """A running clone of ``template`` (a `Template` or its name); see `start_from_template`."""
-        t = (
-            template
-            if isinstance(template, Template)
-            else templates.load(template, directory=directory)
-        )
-        vm = cls(
-            dataclasses.replace(t.spec, name=name or templates.clone_name(t)),
-            image_cache=image_cache,
-        )
+        t = templates.get(template, directory=directory)
+        vm = cls(t.clone_spec(name), image_cache=image_cache)
         await vm.start_from_template(t)
         return vm
 

@@ -100,6 +100,12 @@ class Template:
     def state_dir(self) -> Path:
         return self.directory / STATE
 
+    def clone_spec(self, name: str | None = None) -> VMSpec:
+        """The spec of a clone: the template's, named ``name`` (default: the template's
+        name, this process and a counter, so clones never share a name)."""
+        name = name or f"{self.name}-{os.getpid()}-{next(_clones)}"
+        return dataclasses.replace(self.spec, name=name)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": TEMPLATE_FORMAT,
@@ -374,9 +380,9 @@ def templatable(spec: VMSpec) -> bool:
     return True
 
 
-def clone_name(template: Template) -> str:
-    """A name for the next clone of ``template`` in this process."""
-    return f"{template.name}-{os.getpid()}-{next(_clones)}"
+def get(template: Template | str, *, directory: Path | None = None) -> Template:
+    """``template`` itself, or the template of that name (`load`)."""
+    return load(template, directory=directory) if isinstance(template, str) else template
 
 
 async def clone_into(machine: Machine, template: Template) -> None:
@@ -415,9 +421,9 @@ __all__ = [
     "TEMPLATE_FORMAT",
     "Template",
     "clone_into",
-    "clone_name",
     "create",
     "ensure",
+    "get",
     "list_templates",
     "load",
     "refuse_untemplatable",
