@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,15 +91,6 @@ class DeviceTable:
     def snapshot(self) -> dict[str, Plugged]:
         """A copy of the table (device id -> record), in plug order."""
         return dict(self._devices)
-
-    def __contains__(self, device: object) -> bool:
-        return device in self._devices
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(self._devices))
-
-    def __len__(self) -> int:
-        return len(self._devices)
 
     def to_json(self) -> dict[str, Any]:
         """``{device: record}`` in JSON form (see `Plugged.to_json`)."""

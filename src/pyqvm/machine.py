@@ -168,18 +168,22 @@ class Machine:
     def runtime_dir(self) -> Path | None:
         return self._rundir.path if self._rundir else None
 
-    def runtime_file(self, name: str) -> Path:
-        """A path in the runtime dir (removed with the machine); `VMStateError` if there is none."""
+    def launched_dir(self) -> Path:
+        """The runtime dir (removed with the machine); `VMStateError` if there is none."""
         if self._rundir is None:
             raise VMStateError(
                 f"VM {self.name!r} is {self.state.value}; it has no runtime dir",
                 state=self.state,
             )
-        return self._rundir.path / name
+        return self._rundir.path
+
+    def runtime_file(self, name: str) -> Path:
+        """A path in the runtime dir; `VMStateError` if there is none."""
+        return self.launched_dir() / name
 
     def overlay_path(self, disk_id: str) -> Path:
         """The throw-away overlay of ephemeral disk ``disk_id`` (a spec or hot-plugged disk)."""
-        return self.runtime_file(overlay_path(Path(), disk_id).name)
+        return overlay_path(self.launched_dir(), disk_id)
 
     def overlays(self) -> dict[str, Path]:
         """The overlay of each writable ephemeral disk now open: the spec's and hot-plugged ones."""

@@ -377,15 +377,15 @@ async def unplug(vm: Machine, device: str, *, timeout: float = UNPLUG_TIMEOUT) -
     async with vm.devices.lock:
         present = device in await _peripherals(vm)
         known = vm.devices.get(device)
-        if not present and known is None:
-            raise HotplugError(f"VM {vm.name!r} has no device {device!r}")
         if present:
             await _refuse_tcg_cpu_unplug(vm, device)
-        backends = (
-            await _device_backends(vm, device) if present or known is None else list(known.backends)
-        )
-        if present:
+            # Read from QEMU before the device goes; else what pyqvm recorded when it plugged.
+            backends = await _device_backends(vm, device)
             await _release(vm, device, timeout)
+        elif known is not None:
+            backends = list(known.backends)
+        else:
+            raise HotplugError(f"VM {vm.name!r} has no device {device!r}")
         for kind, name in backends:
             await _remove_backend(vm, kind, name)
         vm.devices.discard(device)

@@ -101,16 +101,11 @@ async def failure_guard(
         raise migration_error(f"{text}{suffix}{stderr}", e, last) from e
 
 
-async def nothing() -> None:
-    """A cleanup with nothing to do."""
-
-
 __all__ = [
     "configure",
     "failure_guard",
     "kill_unless_stopped",
     "migration_blocker",
-    "nothing",
     "refuse_blocked",
     "status",
     "writable_disks",

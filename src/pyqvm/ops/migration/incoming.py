@@ -79,7 +79,7 @@ async def listen(
         exports: tuple[str, ...] = ()
         if storage == "copied":
             nbd, exports = await _export_disks(dst, transport, address)
-        uri = incoming_uri(transport, dst.runtime_file(""), address)
+        uri = incoming_uri(transport, dst.launched_dir(), address)
         await dst.execute("migrate-incoming", {"uri": uri})
         if uri.endswith(":0") and transport == "tcp":
             port = listening_port(await status(dst))

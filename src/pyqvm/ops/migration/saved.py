@@ -30,7 +30,6 @@ from pyqvm.ops.migration.common import (
     configure,
     failure_guard,
     kill_unless_stopped,
-    migration_blocker,
     refuse_blocked,
 )
 from pyqvm.ops.migration.incoming import accept
@@ -190,10 +189,8 @@ async def restore(
     if not state_file.is_file():
         raise MigrationError(f"'{directory}' holds no saved VM state ({STATE_FILE} missing)")
     vm.require(VMState.CREATED, what="restoring into it")
+    refuse_blocked(vm, "restore")  # restored_spec changes the disks only
     spec = restored_spec(vm.spec, directory, image_cache=vm.image_cache)
-    reason = migration_blocker(spec)
-    if reason:
-        raise MigrationError(f"cannot restore VM {vm.name!r}: {reason}")
     devices = saved_devices(directory)
     t0 = time.monotonic()
     await vm.start_incoming(LaunchPlan(spec=spec, ram=ram, console_prefix=console_prefix))
