@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -137,3 +138,57 @@ async def test_a_clone_migrates_and_is_saved_like_any_vm(made: Template, tmp_pat
     finally:
         for vm in (src, dst, restored):
             await vm.stop()
+
+
+def qemu_pids_mapping(path: Path) -> list[int]:
+    """The QEMU processes whose command line names ``path``."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = proc.joinpath("cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and any(str(path).encode() in a for a in argv):
+            out.append(int(proc.name))
+    return out
+
+
+async def test_replacing_a_template_waits_for_a_clone_that_is_starting(
+    made: Template, tmp_path: Path
+) -> None:
+    clone = asyncio.create_task(AsyncVM.from_template(made))
+    while not (pids := qemu_pids_mapping(made.memory_file)):
+        await asyncio.sleep(0.002)
+    os.kill(pids[0], signal.SIGSTOP)  # the clone is held mid-start
+    try:
+        replaced = asyncio.create_task(
+            templates.create(
+                made.spec,
+                "t1",
+                setup=["echo new > /tmp/ram.txt"],
+                directory=tmp_path / "templates",
+                replace=True,
+            )
+        )
+        # The new template is complete in its hidden dir; it must not replace the old one yet.
+        while not list((tmp_path / "templates").glob(".tmp-t1-*/template.json")):
+            assert not replaced.done(), replaced.exception()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert not replaced.done()
+        assert templates.load("t1", directory=tmp_path / "templates").created == made.created
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+    vm = await clone
+    try:
+        assert await sh(vm, "cat /tmp/ram.txt") == "in-ram\n"
+    finally:
+        await vm.stop()
+    new = await replaced
+    vm = await AsyncVM.from_template(new)
+    try:
+        assert await sh(vm, "cat /tmp/ram.txt") == "new\n"
+    finally:
+        await vm.stop()
+    with pytest.raises(TemplateError, match="stale"):
+        await AsyncVM.from_template(made)  # the old record no longer matches the files

@@ -23,6 +23,7 @@ made with; a clone refuses a template that no longer matches (`check`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -32,7 +33,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,8 +255,32 @@ async def create(
 
     Raises `TemplateError` (nothing is left behind) if the spec cannot be
     templated, the template exists (unless ``replace``), or a setup command
-    fails; `LaunchError` if the guest does not boot.
+    fails; `LaunchError` if the guest does not boot. Replacing a template waits
+    for clones that are starting from it.
     """
+    return await _create(
+        spec,
+        name,
+        setup=setup,
+        directory=directory,
+        image_cache=image_cache,
+        replace=replace,
+        timeout=timeout,
+        locked=False,
+    )
+
+
+async def _create(
+    spec: VMSpec,
+    name: str,
+    *,
+    setup: Sequence[str] = (),
+    directory: Path | None = None,
+    image_cache: Path | None = None,
+    replace: bool,
+    timeout: float = 600.0,
+    locked: bool,
+) -> Template:
     check_id(name, "name")
     refuse_untemplatable(spec)
     base = templates_dir(directory)
@@ -314,9 +339,10 @@ async def create(
             stamps=stamps,
         )
         (work / RECORD).write_text(json.dumps(template.to_json(), indent=2) + "\n")
-        if final.exists():
-            _remove_tree(final)
-        work.rename(final)
+        async with contextlib.nullcontext() if locked else _locked(base, name, fcntl.LOCK_EX):
+            if final.exists():
+                _remove_tree(final)
+            work.rename(final)
     except BaseException:
         await machine.kill()
         _remove_tree(work)
@@ -355,18 +381,35 @@ async def ensure(
     makes concurrent callers (pytest-xdist workers) wait for the one that makes it.
     """
     name = name or f"auto-{spec_hash(spec)}"
-    base = templates_dir(directory)
-    base.mkdir(parents=True, exist_ok=True)
-    fd = os.open(base / f".lock-{name}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+    async with _locked(templates_dir(directory), name, fcntl.LOCK_EX):
         try:
             template = load(name, directory=directory)
             template.check(spec)
             return template
         except TemplateError as e:
             log.info("template %s: %s; making it", name, e)
-        return await create(spec, name, directory=directory, image_cache=image_cache, replace=True)
+        return await _create(
+            spec, name, directory=directory, image_cache=image_cache, replace=True, locked=True
+        )
+
+
+@contextlib.asynccontextmanager
+async def _locked(base: Path, name: str, kind: int) -> AsyncIterator[None]:
+    """Hold the lock of template ``name``: exclusive to make or replace it, shared to clone it.
+
+    A clone holds it until its QEMU has mapped the memory file and read the
+    state, so a stale template is never swapped out from under a clone that
+    is starting (a running clone keeps its mapping of the old files).
+    """
+    base.mkdir(parents=True, exist_ok=True)
+    fd = os.open(base / f".lock-{name}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("template %s: waiting for another process that uses it", name)
+            await asyncio.to_thread(fcntl.flock, fd, kind)
+        yield
     finally:
         os.close(fd)  # and with it the lock
 
@@ -393,19 +436,20 @@ async def clone_into(machine: Machine, template: Template) -> None:
     broken template (before QEMU starts); `MigrationError` with QEMU's stderr
     if QEMU refuses the state.
     """
-    template.check(machine.spec)
-    try:
-        console = (template.directory / CONSOLE).read_bytes()
-    except OSError:
-        console = b""
-    console += f"--- pyqvm: {machine.name} cloned from template {template.name} ---\n".encode()
-    await restore(
-        machine,
-        template.state_dir,
-        tuning=TUNING,
-        ram=RamFile(template.memory_file, share=False),
-        console_prefix=console,
-    )
+    async with _locked(template.directory.parent, template.name, fcntl.LOCK_SH):
+        template.check(machine.spec)
+        try:
+            console = (template.directory / CONSOLE).read_bytes()
+        except OSError:
+            console = b""
+        console += f"--- pyqvm: {machine.name} cloned from template {template.name} ---\n".encode()
+        await restore(
+            machine,
+            template.state_dir,
+            tuning=TUNING,
+            ram=RamFile(template.memory_file, share=False),
+            console_prefix=console,
+        )
     # The clone's RAM is its own now: a later migration or save must send it.
     await machine.execute(
         "migrate-set-capabilities",
