@@ -136,7 +136,10 @@ class VM:
         return f"<VM {self.name!r} {self.state.value}>"
 
     def __enter__(self) -> VM:
-        self.start()
+        """Start the VM unless it was started already (``with VM.from_template(t) as
+        vm``); it is stopped on leaving the block."""
+        if self.state is VMState.CREATED:
+            self.start()
         return self
 
     def __exit__(

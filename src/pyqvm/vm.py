@@ -128,7 +128,10 @@ class AsyncVM:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncVM:
-        await self.start()
+        """Start the VM unless it was started already (``async with await
+        AsyncVM.from_template(t) as vm``); it is stopped on leaving the block."""
+        if self.state is VMState.CREATED:
+            await self.start()
         return self
 
     async def __aexit__(

@@ -31,6 +31,7 @@ from pyqvm import (
     MigrationTuning,
     Network,
     PortForward,
+    Template,
     VMSpec,
     VMState,
 )
@@ -60,9 +61,10 @@ async def write_data(vm: AsyncVM) -> str:
     return await disk_digest(vm)
 
 
-async def start_busy(vm: AsyncVM) -> tuple[str, int]:
-    """Boot ``vm``, write data to its disk and start its counter: (disk digest, counter)."""
-    await vm.start()
+async def start_busy(vm: AsyncVM, template: Template) -> tuple[str, int]:
+    """Start ``vm`` as a clone of ``template`` (the subject here is the migration, not the
+    boot), write data to its disk and start its counter: (disk digest, counter)."""
+    await vm.start_from_template(template)
     digest = await write_data(vm)
     await start_counter(vm)
     return digest, await counter_beyond(vm, 0)
@@ -87,11 +89,11 @@ async def check_moved(src: AsyncVM, dst: AsyncVM, before: int, digest: str) -> N
     assert (await dst.read_file("/mnt/data/after")) == b"after\n"
 
 
-async def test_migrate_over_unix_with_shared_storage(default_image: GuestImage) -> None:
-    src, dst = AsyncVM(spec("mig-src")), AsyncVM(spec("mig-dst"))
+async def test_migrate_over_unix_with_shared_storage(default_template: Template) -> None:
+    src, dst = AsyncVM(default_template.clone_spec("mig-src")), AsyncVM(spec("mig-dst"))
     seen: list[MigrationProgress] = []
     try:
-        digest, before = await start_busy(src)
+        digest, before = await start_busy(src, default_template)
         src_rundir = src.runtime_dir
         assert src_rundir is not None
         src_overlay = os.stat(src_rundir / "root.qcow2")
@@ -110,10 +112,10 @@ async def test_migrate_over_unix_with_shared_storage(default_image: GuestImage) 
         await src.stop()
 
 
-async def test_migrate_over_tcp_with_copied_storage(default_image: GuestImage) -> None:
-    src, dst = AsyncVM(spec("mig-src")), AsyncVM(spec("mig-dst"))
+async def test_migrate_over_tcp_with_copied_storage(default_template: Template) -> None:
+    src, dst = AsyncVM(default_template.clone_spec("mig-src")), AsyncVM(spec("mig-dst"))
     try:
-        digest, before = await start_busy(src)
+        digest, before = await start_busy(src, default_template)
         src_rundir = src.runtime_dir
         assert src_rundir is not None
 
@@ -184,7 +186,7 @@ def _auto_converge(stats: MigrationStats) -> None:
     ],
 )
 async def test_migration_tuning_is_used(
-    default_image: GuestImage,
+    default_template: Template,
     tuning: MigrationTuning,
     transport: Literal["unix", "tcp"],
     dirty: bool,
@@ -192,9 +194,9 @@ async def test_migration_tuning_is_used(
 ) -> None:
     """multifd, postcopy and auto-converge each take effect, as QEMU reports, and the guest
     arrives intact."""
-    src, dst = AsyncVM(spec("tune-src")), AsyncVM(spec("tune-dst"))
+    src, dst = AsyncVM(default_template.clone_spec("tune-src")), AsyncVM(spec("tune-dst"))
     try:
-        digest, before = await start_busy(src)
+        digest, before = await start_busy(src, default_template)
         if dirty:
             await src.run(["sh", "-c", DIRTIER], check=True)
         stats = await src.migrate(dst, transport=transport, tuning=tuning, timeout=120)
@@ -308,11 +310,11 @@ async def test_port_forwards_move_with_the_guest(default_image: GuestImage) -> N
         await src.stop()
 
 
-async def test_save_and_restore(default_image: GuestImage, tmp_path: Path) -> None:
-    src = AsyncVM(spec("saved"))
+async def test_save_and_restore(default_template: Template, tmp_path: Path) -> None:
+    src = AsyncVM(default_template.clone_spec("saved"))
     restored = AsyncVM(spec("saved"))
     try:
-        digest, before = await start_busy(src)
+        digest, before = await start_busy(src, default_template)
 
         saved = await src.save(tmp_path / "state")
 

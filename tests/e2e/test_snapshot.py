@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from guest_helpers import run_example
 
-from pyqvm import image
+from pyqvm import Template, image
 from pyqvm.errors import SnapshotError
 from pyqvm.spec import Disk, VMSpec
 from pyqvm.vm import AsyncVM, VMState
@@ -29,8 +29,8 @@ async def write_synced(vm: AsyncVM, path: str, data: bytes) -> None:
     await vm.run(["sync"], check=True)
 
 
-async def test_save_load_list_delete(default_image: image.GuestImage) -> None:
-    async with AsyncVM(VMSpec(image="default")) as vm:
+async def test_save_load_list_delete(default_template: Template) -> None:
+    async with await AsyncVM.from_template(default_template) as vm:
         await write_synced(vm, f"{DATA}/A", b"file A\n")
         # RAM too: /tmp is a tmpfs, it lives only in the guest's memory.
         await vm.write_file("/tmp/ram", b"before")
@@ -94,10 +94,10 @@ def flat_image(path: Path, out: Path) -> bytes:
 
 
 async def test_external_snapshot_keeps_base_then_commit(
-    default_image: image.GuestImage, tmp_path: Path
+    default_template: Template, tmp_path: Path
 ) -> None:
     marker = os.urandom(64 * 1024)  # random: found in an image only if the guest wrote it
-    async with AsyncVM(VMSpec(image="default")) as vm:
+    async with await AsyncVM.from_template(default_template) as vm:
         base = Path((await vm.disk_chain("root"))[0].filename)  # the ephemeral overlay
         overlay = await vm.disk_snapshot("root")
         chain = await vm.disk_chain("root")
