@@ -24,6 +24,7 @@ Every error pyqvm raises on purpose derives from `PyqvmError`::
           │    └─ UnplugTimeoutError  the guest never released the device (also a PyqvmTimeoutError)
           ├─ MigrationError     live migration or save/restore failed
           └─ TemplateError      a template cannot be made, or is missing, broken or stale
+     └─ NamedVMError       a named VM is unknown or taken, or its owner process does not answer
 
 Errors carry the data a caller needs (argv, exit code, stderr and console
 tails) as attributes, not only inside the message.
@@ -273,6 +274,15 @@ class TemplateError(OperationError):
         self.name = name
 
 
+class NamedVMError(PyqvmError):
+    """A named VM (``pyqvm up``) is unknown, its name is taken, or its owner process died
+    or does not answer; ``name`` is the VM's."""
+
+    def __init__(self, message: str, *, name: str = "") -> None:
+        super().__init__(message)
+        self.name = name
+
+
 __all__ = [
     "DeviceClaimedError",
     "GroupNotViableError",
@@ -285,6 +295,7 @@ __all__ = [
     "JobError",
     "LaunchError",
     "MigrationError",
+    "NamedVMError",
     "OperationError",
     "PassthroughError",
     "PyqvmError",

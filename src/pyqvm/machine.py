@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
@@ -54,6 +55,8 @@ from pyqvm.state import Lifecycle, VMState
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+#: The serial console's unix socket in the runtime dir (see `argv.build.console_chardev`).
+CONSOLE_SOCKET = "console.sock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,7 @@ class Machine:
         self._agent: GuestAgent | None = None
         self._argv: list[str] = []
         self._last_code: int | None = None
+        self._stopping: asyncio.Future[int | None] | None = None  # the one stop in progress
         self._transcript: list[str] = []
         self._boot_seconds: float | None = None
 
@@ -180,6 +184,11 @@ class Machine:
     def runtime_file(self, name: str) -> Path:
         """A path in the runtime dir; `VMStateError` if there is none."""
         return self.launched_dir() / name
+
+    def console_socket(self) -> Path | None:
+        """The serial console's unix socket (one client at a time), if QEMU made one."""
+        p = self.runtime_file(CONSOLE_SOCKET)
+        return p if p.is_socket() else None
 
     def overlay_path(self, disk_id: str) -> Path:
         """The throw-away overlay of ephemeral disk ``disk_id`` (a spec or hot-plugged disk)."""
@@ -445,8 +454,15 @@ class Machine:
         by ACPI) and waits up to ``timeout`` for it. By default that happens
         only when the VM writes to a disk that outlives it; with throw-away
         overlays there is nothing to keep and QEMU is told to ``quit`` at once.
-        Returns QEMU's exit status (None if it never started). Safe to call twice.
+        Returns QEMU's exit status (None if it never started). Safe to call twice,
+        and from two tasks at once: the second waits for the first's stop.
         """
+        if self._stopping is not None and not self._stopping.done():
+            return await asyncio.shield(self._stopping)
+        self._stopping = asyncio.ensure_future(self._stop(timeout, graceful))
+        return await asyncio.shield(self._stopping)
+
+    async def _stop(self, timeout: float, graceful: bool | None) -> int | None:
         if self._process is None:
             if self.state is not VMState.FAILED:
                 self.move(VMState.STOPPED)
@@ -457,9 +473,9 @@ class Machine:
             )
         self.move(VMState.STOPPING)
         try:
-            await asyncio.shield(self._shutdown(timeout if graceful else 0.0))
+            await self._shutdown(timeout if graceful else 0.0)
         finally:
-            await asyncio.shield(self.teardown())
+            await self.teardown()
         self.move(VMState.STOPPED)
         return self._last_code
 
@@ -547,12 +563,15 @@ def launch_argv(
 ) -> list[str]:
     """The argv for one launch of a resolved spec, given its runtime dir and inherited fds."""
     spec = resolved.spec
+    console_socket = rundir / CONSOLE_SOCKET
     ctx = LaunchContext(
         qemu=resolved.qemu,
         accel=resolved.accel,
         qmp_fd=qmp_fd,
         agent_fd=agent_fd,
         console_log=console_log,
+        # A unix socket path has room for 107 bytes; a longer runtime dir gets no socket.
+        console_socket=console_socket if len(os.fsencode(console_socket)) < 108 else None,
         disk_files={
             d.id: DiskFile(overlay=overlay_path(rundir, d.id)) for d in overlay_disks(spec)
         },
@@ -577,4 +596,4 @@ def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
     )
 
 
-__all__ = ["LaunchPlan", "Machine", "launch_argv", "preview_argv"]
+__all__ = ["CONSOLE_SOCKET", "LaunchPlan", "Machine", "launch_argv", "preview_argv"]

@@ -63,11 +63,32 @@ class LaunchContext:
     accel: Literal["kvm", "tcg"]
     qmp_fd: int
     console_log: Path
+    console_socket: Path | None = None
     agent_fd: int | None = None
     disk_files: Mapping[str, DiskFile] = field(default_factory=dict)
     tsc_khz: int | None = None
     incoming: str | None = None
     ram: RamFile | None = None
+
+
+def console_chardev(ctx: LaunchContext) -> str:
+    """The serial console's backend: always logged to ``console_log``; with a
+    ``console_socket``, also a unix socket an interactive console can attach to
+    (one client at a time; with none, QEMU drops the output after logging it)."""
+    # (log)append: QEMU would truncate what pyqvm put there first (a clone: its template's boot).
+    if ctx.console_socket is None:
+        return opts("file", {"id": "pq-console", "path": str(ctx.console_log), "append": True})
+    return opts(
+        "socket",
+        {
+            "id": "pq-console",
+            "path": str(ctx.console_socket),
+            "server": True,
+            "wait": False,
+            "logfile": str(ctx.console_log),
+            "logappend": True,
+        },
+    )
 
 
 def kernel_append(spec: VMSpec, ctx: LaunchContext) -> str:
@@ -210,8 +231,7 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         "-mon",
         opts(None, {"chardev": "pq-qmp", "mode": "control"}),
         "-chardev",
-        # append: QEMU would truncate what pyqvm put there first (a clone: its template's boot).
-        opts("file", {"id": "pq-console", "path": str(ctx.console_log), "append": True}),
+        console_chardev(ctx),
         "-serial",
         "chardev:pq-console",
     ]

@@ -1,0 +1,368 @@
+"""A handle on a named VM in another process: `AsyncNamedVM` (`up`, `attach`).
+
+`AsyncNamedVM.up` reserves the name in the registry, starts the owner
+process (`pyqvm.named.owner`) detached, and returns once the guest is ready,
+or raises the owner's error (a `LaunchError` with QEMU's stderr and the console
+tail, a `SpecError`...) as that same type. `AsyncNamedVM.attach` connects to a
+running one. The handle speaks QMP to the owner through `qemu.qmp.QMPClient`
+(see `pyqvm.named.wire` for why); its methods are `AsyncVM`'s, run by the
+owner. Closing a handle leaves the VM running; `stop` ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+
+from pyqvm.agent import ExecResult
+from pyqvm.errors import NamedVMError, PyqvmError, PyqvmTimeoutError, tail
+from pyqvm.named import registry, wire
+from pyqvm.named.owner import REQUEST
+from pyqvm.named.registry import Entry, Record
+from pyqvm.spec import Disk, VMSpec, spec_to_dict
+
+log = logging.getLogger(__name__)
+
+#: How long a client waits for an owner to accept it and greet.
+CONNECT_TIMEOUT = 5.0
+
+
+class AsyncNamedVM:
+    """A named VM, driven through its owner process. Make one with `up` or `attach`."""
+
+    def __init__(self, entry: Entry, client: QMPClient) -> None:
+        self.entry = entry
+        self._client = client
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def __repr__(self) -> str:
+        return f"<AsyncNamedVM {self.name!r}>"
+
+    # --- making and closing handles --------------------------------------------------------
+
+    @classmethod
+    async def attach(cls, name: str, *, timeout: float = CONNECT_TIMEOUT) -> AsyncNamedVM:
+        """Connect to the running VM called ``name``.
+
+        `NamedVMError` if there is none (a dead one is pruned and said so), or
+        its owner does not answer within ``timeout`` seconds.
+        """
+        entry = registry.find(name)
+        client = QMPClient(f"pyqvm-{name}", readbuflen=wire.LINE_LIMIT)
+        try:
+            await asyncio.wait_for(client.connect(str(entry.socket)), timeout)
+        except TimeoutError:
+            await client.disconnect()
+            raise NamedVMError(
+                f"VM {name!r}: its owner process ({_owner(entry)}) does not answer within "
+                f"{timeout:g} s; see {entry.log_file}, or end it: pyqvm stop --force {name}",
+                name=name,
+            ) from None
+        except (QMPError, OSError) as e:
+            await client.disconnect()
+            if not entry.alive():
+                raise NamedVMError(f"VM {name!r} has just ended", name=name) from None
+            raise NamedVMError(
+                f"VM {name!r}: cannot connect to its owner process ({_owner(entry)}) at "
+                f"{entry.socket}: {e}; it may still be starting",
+                name=name,
+            ) from None
+        return cls(entry, client)
+
+    @classmethod
+    async def up(
+        cls,
+        spec: VMSpec | None = None,
+        *,
+        name: str,
+        template: str | None = None,
+        templates_dir: Path | None = None,
+        restore: Path | None = None,
+        image_cache: Path | None = None,
+        timeout: float = 600.0,
+    ) -> AsyncNamedVM:
+        """Start VM ``name`` in an owner process of its own and return once it is ready.
+
+        It boots ``spec``, or is a clone of ``template``, or resumes the state
+        ``restore`` names (saved with `save`; its spec is read from there). The
+        VM runs on after this process ends, until `stop`.
+        """
+        request: dict[str, Any] = {
+            "name": name,
+            "image_cache": None if image_cache is None else str(image_cache),
+        }
+        if template is not None:
+            request |= {"template": template, "templates_dir": templates_dir and str(templates_dir)}
+        elif restore is not None:
+            try:
+                saved = json.loads((Path(restore) / "spec.json").read_text())
+            except (OSError, ValueError) as e:
+                raise NamedVMError(
+                    f"restore: '{restore}' holds no spec.json of a VM saved with "
+                    f"`pyqvm save NAME DIR` ({e})",
+                    name=name,
+                ) from None
+            request |= {"spec": {**saved, "name": name}, "restore": str(Path(restore).resolve())}
+        else:
+            spec = spec if spec is not None else VMSpec()
+            request["spec"] = {**spec_to_dict(spec), "name": name}
+        await start_owner(name, request, timeout=timeout)
+        return await cls.attach(name)
+
+    async def close(self) -> None:
+        """Hang up (the VM runs on)."""
+        await self._client.disconnect()
+
+    async def __aenter__(self) -> AsyncNamedVM:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- talking to the owner --------------------------------------------------------------
+
+    async def call(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        """Run one owner command (``pyqvm-*``, or a QMP command relayed to QEMU)."""
+        try:
+            return await self._client.execute(command, dict(arguments or {}))
+        except ExecuteError as e:
+            error = e.received.get("error")
+            raise wire.error_from_json(error if isinstance(error, dict) else {}) from None
+        except (QMPError, OSError, EOFError) as e:
+            raise NamedVMError(
+                f"VM {self.name!r}: its owner hung up during {command} ({type(e).__name__}); "
+                "the VM was stopped or its owner died",
+                name=self.name,
+            ) from None
+
+    async def info(self) -> dict[str, Any]:
+        """The VM's `Record` as JSON, with its ``state`` (pyqvm's) and ``status`` (QEMU's)."""
+        info: dict[str, Any] = await self.call("pyqvm-info")
+        return info
+
+    async def record(self) -> Record:
+        return Record.from_json(await self.info(), self.name)
+
+    async def execute(
+        self, command: str, arguments: Mapping[str, object] | None = None, *, timeout: float = 60.0
+    ) -> Any:
+        """A QMP command run by QEMU (relayed by the owner); `QMPCommandError` if it fails."""
+        return await self.call(command, {**(arguments or {}), "pyqvm-timeout": timeout})
+
+    @contextlib.asynccontextmanager
+    async def events(self, names: str | Iterable[str] = ()) -> AsyncIterator[EventListener]:
+        """QEMU's events, as relayed by the owner, while the block runs."""
+        listener = EventListener([names] if isinstance(names, str) else list(names) or None)
+        with self._client.listen(listener):
+            yield listener
+
+    # --- AsyncVM's methods, run by the owner -----------------------------------------------
+
+    async def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 60.0,
+        check: bool = False,
+    ) -> ExecResult:
+        """Run a command in the guest (see `AsyncVM.run`)."""
+        args: dict[str, Any] = {"argv": list(argv), "timeout": timeout}
+        if input is not None:
+            args["input"] = wire.b64(input)
+        if env is not None:
+            args["env"] = dict(env)
+        result = wire.exec_from_json(await self.call("pyqvm-run", args))
+        return result.check() if check else result
+
+    async def read_file(self, path: str) -> bytes:
+        return wire.unb64((await self.call("pyqvm-read-file", {"path": path}))["data"])
+
+    async def write_file(self, path: str, data: bytes) -> None:
+        await self.call("pyqvm-write-file", {"path": path, "data": wire.b64(data)})
+
+    async def snapshot_save(self, tag: str, *, overwrite: bool = False) -> dict[str, Any]:
+        info: dict[str, Any] = await self.call(
+            "pyqvm-snapshot-save", {"tag": tag, "overwrite": overwrite}
+        )
+        return info
+
+    async def snapshot_load(self, tag: str) -> None:
+        await self.call("pyqvm-snapshot-load", {"tag": tag})
+
+    async def snapshot_delete(self, tag: str) -> None:
+        await self.call("pyqvm-snapshot-delete", {"tag": tag})
+
+    async def snapshot_list(self) -> list[dict[str, Any]]:
+        infos: list[dict[str, Any]] = await self.call("pyqvm-snapshot-list")
+        return infos
+
+    async def hotplug_disk(self, disk: Disk) -> str:
+        args = {
+            "path": str(Path(disk.path).resolve()),
+            "format": disk.format,
+            "id": disk.id,
+            "readonly": disk.readonly,
+            "ephemeral": disk.ephemeral,
+        }
+        return str((await self.call("pyqvm-hotplug-disk", args))["device"])
+
+    async def hotplug_nic(self, mac: str | None = None) -> str:
+        return str((await self.call("pyqvm-hotplug-nic", {"mac": mac}))["device"])
+
+    async def hotplug_cpu(self, id: str = "") -> str:
+        return str((await self.call("pyqvm-hotplug-cpu", {"id": id}))["device"])
+
+    async def hotplug_memory(self, size: int | str, id: str = "") -> str:
+        return str((await self.call("pyqvm-hotplug-memory", {"size": size, "id": id}))["device"])
+
+    async def unplug(self, device: str, *, timeout: float = 30.0) -> None:
+        await self.call("pyqvm-unplug", {"device": device, "timeout": timeout})
+
+    async def save(self, directory: Path | str) -> dict[str, Any]:
+        """Save the VM into ``directory`` (with its spec) and end it; ``up(restore=...)``
+        brings it back."""
+        out: dict[str, Any] = await self.call(
+            "pyqvm-save", {"directory": str(Path(directory).resolve())}
+        )
+        await self._until_gone()
+        return out
+
+    async def stop(self, timeout: float = 10.0, *, force: bool = False) -> int | None:
+        """Stop the VM (``force``: kill QEMU at once) and wait until its owner is gone.
+        Returns QEMU's exit code."""
+        out = await self.call("pyqvm-stop", {"timeout": timeout, "force": force})
+        await self._until_gone()
+        code = out.get("exitcode")
+        return None if code is None else int(code)
+
+    async def wait(self) -> int | None:
+        """Wait until the VM ends (its guest powers off, or another client stops it)."""
+        out = await self.call("pyqvm-wait")
+        await self._until_gone()
+        code = out.get("exitcode")
+        return None if code is None else int(code)
+
+    async def _until_gone(self, timeout: float = 10.0) -> None:
+        """Hang up and wait for the owner to remove its entry (the name is free again)."""
+        await self.close()
+        give_up = time.monotonic() + timeout
+        # The owner's last act is to exit; its lock is what tells (no event to wait on).
+        while self.entry.directory.exists() and self.entry.alive():
+            if time.monotonic() > give_up:
+                raise PyqvmTimeoutError(
+                    f"VM {self.name!r}: its owner did not exit in {timeout:g} s"
+                )
+            await asyncio.sleep(0.01)
+
+
+def _owner(entry: Entry) -> str:
+    try:
+        return f"pid {entry.record().owner_pid}"
+    except PyqvmError:
+        return "pid unknown"
+
+
+async def start_owner(name: str, request: Mapping[str, Any], *, timeout: float) -> Record:
+    """Reserve ``name``, start its owner process detached, return its `Record` once the
+    guest is ready; re-raise the owner's error if it could not start it."""
+    reservation = registry.reserve(name)
+    entry = reservation.entry
+    owner_pid: int | None = None
+    try:
+        (entry.directory / REQUEST).write_text(json.dumps(request))
+        r, w = os.pipe()
+        log_fd = os.open(
+            entry.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+        )
+        try:
+            # The owner forks off at once (it is nobody's child then) and says its pid.
+            intermediary = subprocess.Popen(
+                [sys.executable, "-m", "pyqvm.named.owner", str(entry.directory), str(w)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                pass_fds=(w, reservation.lock_fd),
+                start_new_session=True,
+            )
+        finally:
+            os.close(w)
+            os.close(log_fd)
+        reader, pipe = await _line_reader(r)
+        try:
+            intermediary.wait()
+            hello = await asyncio.wait_for(reader.readline(), 30)
+            if hello:
+                owner_pid = int(json.loads(hello)["pid"])
+            line = await asyncio.wait_for(reader.readline(), timeout) if hello else b""
+        finally:
+            pipe.close()
+    except TimeoutError:
+        _kill(owner_pid)
+        reservation.release()
+        raise PyqvmTimeoutError(f"VM {name!r} was not ready within {timeout:g} s") from None
+    except BaseException:
+        _kill(owner_pid)
+        reservation.release()
+        raise
+    finally:
+        reservation.close()  # the owner holds the name now, or nobody does
+    if not line:
+        log_tail = _read_tail(entry.log_file)
+        shutil.rmtree(entry.directory, ignore_errors=True)
+        raise NamedVMError(
+            f"VM {name!r}: its owner process died before the guest was ready"
+            + (f"; its log ends:\n{log_tail}" if log_tail else ""),
+            name=name,
+        )
+    msg = json.loads(line)
+    if "error" in msg:
+        raise wire.error_from_json(msg["error"])
+    return Record.from_json(msg["ok"], name)
+
+
+async def _line_reader(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=wire.LINE_LIMIT)
+    pipe = os.fdopen(fd, "rb", buffering=0)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    return reader, transport
+
+
+def _kill(pid: int | None) -> None:
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # its QEMU dies with it
+
+
+def _read_tail(path: Path) -> str:
+    try:
+        return tail(path.read_text(errors="replace"), 20)
+    except OSError:
+        return ""
+
+
+__all__ = ["CONNECT_TIMEOUT", "AsyncNamedVM", "start_owner"]

@@ -1,0 +1,456 @@
+"""The owner process of a named VM: ``python -m pyqvm.named.owner DIR READY_FD``.
+
+`pyqvm.named.client.start_owner` starts it (in a session of its own, no
+terminal, its stdout and stderr on ``DIR/owner.log``) with the registry
+entry's lock inherited, so the name stays taken exactly as long as this
+process lives. It starts the VM that ``DIR/request.json`` describes (a boot, a
+clone of a template, or a restore), writes the entry's `Record`, then writes
+one JSON line on ``READY_FD`` (``{"ok": record}`` or ``{"error": ...}``) and
+serves clients on ``DIR/owner.sock`` until the VM ends: stopped by a client,
+powered off by its guest, or QEMU died. It holds QEMU (which dies with it:
+``PR_SET_PDEATHSIG``), the only QMP connection and the guest agent.
+
+The protocol is QMP's (see `pyqvm.named.wire`): the ``pyqvm-*`` commands below
+are this process's, any other command is relayed to QEMU, and QEMU's events
+are relayed to every client. Each command runs in a task of its own, so one
+client's long ``exec`` never holds up another's; a command whose client hung
+up runs to its end (cancelling a guest command midway would leave the guest
+agent's channel mid-reply) and its answer is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pyqvm.errors import PyqvmError
+from pyqvm.named import registry, wire
+from pyqvm.named.registry import Entry, Record
+from pyqvm.ops import template as templates
+from pyqvm.ops.snapshot import SnapshotInfo
+from pyqvm.spec import Disk, Network, VMSpec, spec_from_dict, spec_to_dict
+from pyqvm.state import VMState
+from pyqvm.vm import AsyncVM
+
+log = logging.getLogger(__name__)
+
+REQUEST = "request.json"
+#: How long a stopping owner lets commands in flight send their answers.
+_DRAIN = 5.0
+
+Handler = Callable[["Owner", Mapping[str, Any]], Awaitable[Any]]
+_COMMANDS: dict[str, Handler] = {}
+
+
+def command(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        _COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def arg(args: Mapping[str, Any], key: str, kind: type, default: Any = ...) -> Any:
+    """``args[key]``, checked to be a ``kind``; a `PyqvmError` naming it otherwise."""
+    if key not in args or args[key] is None:
+        if default is ...:
+            raise PyqvmError(f"argument {key!r} is missing")
+        return default
+    value = args[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise PyqvmError(f"argument {key!r} must be a {kind.__name__}, not {value!r}")
+    return value
+
+
+def snapshot_to_json(info: SnapshotInfo) -> dict[str, Any]:
+    return {
+        "tag": info.tag,
+        "id": info.id,
+        "date": info.date.isoformat(),
+        "vm_clock": info.vm_clock,
+        "vm_state_size": info.vm_state_size,
+        "disks": list(info.disks),
+    }
+
+
+class _Client:
+    """One connection: replies and events are written in order, never interleaved."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.negotiated = False
+
+    def send(self, msg: Mapping[str, Any]) -> None:
+        if self.writer.is_closing():
+            return  # the client hung up: its answer is dropped
+        self.writer.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+
+
+class Owner:
+    """Serves one running VM on its entry's socket until the VM ends."""
+
+    def __init__(self, vm: AsyncVM, entry: Entry, record: Record) -> None:
+        self.vm = vm
+        self.entry = entry
+        self.record = record
+        self._clients: set[_Client] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ended = asyncio.Event()
+
+    async def serve(self, ready: Callable[[], None]) -> None:
+        old = os.umask(0o177)  # the socket is 0600 from the start
+        try:
+            server = await asyncio.start_unix_server(
+                self._serve_client, path=str(self.entry.socket), limit=wire.LINE_LIMIT
+            )
+        finally:
+            os.umask(old)
+        relay = asyncio.ensure_future(self._relay_events())
+        exited = asyncio.ensure_future(self.vm.wait())
+        exited.add_done_callback(lambda _: self._ended.set())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._ended.set)
+        ready()
+        try:
+            await self._ended.wait()
+            log.info(
+                "%s: ending (%s)", self.vm.name, "QEMU exited" if exited.done() else "asked to"
+            )
+        finally:
+            server.close()
+            await self._drain()
+            relay.cancel()
+            exited.cancel()
+            with contextlib.suppress(PyqvmError):
+                await self.vm.stop()
+            for c in self._clients:
+                c.writer.close()
+
+    def end(self) -> None:
+        self._ended.set()
+
+    async def _drain(self) -> None:
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=_DRAIN)
+        for c in self._clients:
+            with contextlib.suppress(OSError):
+                await c.writer.drain()
+
+    async def _relay_events(self) -> None:
+        async with self.vm.events() as listener:
+            async for event in listener:
+                msg = dict(event)
+                for c in list(self._clients):
+                    if c.negotiated:
+                        c.send(msg)
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        client = _Client(writer)
+        self._clients.add(client)
+        client.send(wire.greeting(self.vm.name))
+        splitter = wire.Splitter()
+        try:
+            while not self._ended.is_set():
+                try:
+                    data = await reader.read(65536)
+                    if not data:
+                        break
+                    for message in splitter.feed(data):
+                        self._start(client, message)
+                    await writer.drain()
+                except (ValueError, OSError) as e:  # not QMP, too long, or a reset
+                    log.warning("%s: dropping a client: %s", self.vm.name, e)
+                    break
+        finally:
+            self._clients.discard(client)
+            writer.close()
+
+    def _start(self, client: _Client, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+            if not isinstance(msg, dict) or not isinstance(msg.get("execute"), str):
+                raise ValueError("expected a JSON object with an 'execute' member")
+        except ValueError as e:
+            client.send({"error": {"class": "GenericError", "desc": f"bad request: {e}"}})
+            return
+        if msg["execute"] == "qmp_capabilities":
+            client.negotiated = True
+            client.send({"return": {}, **({"id": msg["id"]} if "id" in msg else {})})
+            return
+        task = asyncio.ensure_future(self._answer(client, msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, client: _Client, msg: Mapping[str, Any]) -> None:
+        name, args = msg["execute"], msg.get("arguments") or {}
+        reply: dict[str, Any]
+        try:
+            if not isinstance(args, dict):
+                raise PyqvmError(f"{name}: 'arguments' must be an object")
+            handler = _COMMANDS.get(name)
+            if handler is None:
+                # QEMU's own command; the owner's timeout for it rides along, taken out here.
+                timeout = arg(args, "pyqvm-timeout", float, 60.0)
+                qemu_args = {k: v for k, v in args.items() if k != "pyqvm-timeout"}
+                result = await self.vm.execute(name, qemu_args, timeout=timeout)
+            else:
+                result = await handler(self, args)
+            reply = {"return": {} if result is None else result}
+        except PyqvmError as e:
+            reply = {"error": wire.error_to_json(e)}
+        except Exception as e:  # a bug here must not take the VM down with it
+            log.exception("%s: %s failed", self.vm.name, name)
+            reply = {"error": {"class": "GenericError", "desc": f"{name}: internal error: {e!r}"}}
+        if "id" in msg:
+            reply["id"] = msg["id"]
+        client.send(reply)
+        with contextlib.suppress(OSError):
+            await client.writer.drain()
+
+
+# --- the pyqvm-* commands -----------------------------------------------------------------
+
+
+@command("pyqvm-info")
+async def _info(owner: Owner, args: Mapping[str, Any]) -> Any:
+    vm = owner.vm
+    status = None
+    if vm.state in (VMState.RUNNING, VMState.PAUSED):
+        with contextlib.suppress(PyqvmError):
+            status = (await vm.execute("query-status", timeout=5.0))["status"]
+    return {**owner.record.to_json(), "state": vm.state.value, "status": status}
+
+
+@command("pyqvm-run")
+async def _run(owner: Owner, args: Mapping[str, Any]) -> Any:
+    argv = arg(args, "argv", list)
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise PyqvmError("argument 'argv' must be a non-empty list of strings")
+    data = arg(args, "input", str, None)
+    env = arg(args, "env", dict, None)
+    result = await owner.vm.run(
+        argv,
+        input=None if data is None else wire.unb64(data, "input"),
+        env=env,
+        timeout=arg(args, "timeout", float, 60.0),
+    )
+    return wire.exec_to_json(result)
+
+
+@command("pyqvm-read-file")
+async def _read_file(owner: Owner, args: Mapping[str, Any]) -> Any:
+    return {"data": wire.b64(await owner.vm.read_file(arg(args, "path", str)))}
+
+
+@command("pyqvm-write-file")
+async def _write_file(owner: Owner, args: Mapping[str, Any]) -> Any:
+    await owner.vm.write_file(arg(args, "path", str), wire.unb64(arg(args, "data", str)))
+
+
+@command("pyqvm-snapshot-save")
+async def _snapshot_save(owner: Owner, args: Mapping[str, Any]) -> Any:
+    info = await owner.vm.snapshot_save(
+        arg(args, "tag", str), overwrite=arg(args, "overwrite", bool, False)
+    )
+    return snapshot_to_json(info)
+
+
+@command("pyqvm-snapshot-load")
+async def _snapshot_load(owner: Owner, args: Mapping[str, Any]) -> Any:
+    await owner.vm.snapshot_load(arg(args, "tag", str))
+
+
+@command("pyqvm-snapshot-delete")
+async def _snapshot_delete(owner: Owner, args: Mapping[str, Any]) -> Any:
+    await owner.vm.snapshot_delete(arg(args, "tag", str))
+
+
+@command("pyqvm-snapshot-list")
+async def _snapshot_list(owner: Owner, args: Mapping[str, Any]) -> Any:
+    return [snapshot_to_json(i) for i in await owner.vm.snapshot_list()]
+
+
+@command("pyqvm-hotplug-disk")
+async def _hotplug_disk(owner: Owner, args: Mapping[str, Any]) -> Any:
+    disk = Disk(
+        Path(arg(args, "path", str)),
+        format=arg(args, "format", str, None),
+        id=arg(args, "id", str, ""),
+        readonly=arg(args, "readonly", bool, False),
+        ephemeral=arg(args, "ephemeral", bool, True),
+    )
+    return {"device": await owner.vm.hotplug_disk(disk)}
+
+
+@command("pyqvm-hotplug-nic")
+async def _hotplug_nic(owner: Owner, args: Mapping[str, Any]) -> Any:
+    mac = arg(args, "mac", str, None)
+    return {"device": await owner.vm.hotplug_nic(None if mac is None else Network(mac=mac))}
+
+
+@command("pyqvm-hotplug-cpu")
+async def _hotplug_cpu(owner: Owner, args: Mapping[str, Any]) -> Any:
+    return {"device": await owner.vm.hotplug_cpu(arg(args, "id", str, ""))}
+
+
+@command("pyqvm-hotplug-memory")
+async def _hotplug_memory(owner: Owner, args: Mapping[str, Any]) -> Any:
+    size = args.get("size")
+    if not isinstance(size, (int, str)) or isinstance(size, bool):
+        raise PyqvmError("argument 'size' must be a size such as '256M' or a number of MiB")
+    return {"device": await owner.vm.hotplug_memory(size, arg(args, "id", str, ""))}
+
+
+@command("pyqvm-unplug")
+async def _unplug(owner: Owner, args: Mapping[str, Any]) -> Any:
+    await owner.vm.unplug(arg(args, "device", str), timeout=arg(args, "timeout", float, 30.0))
+
+
+@command("pyqvm-save")
+async def _save(owner: Owner, args: Mapping[str, Any]) -> Any:
+    directory = Path(arg(args, "directory", str))
+    saved = await owner.vm.save(directory)
+    # The spec goes with the state: `pyqvm restore DIR` needs nothing else.
+    (saved.directory / "spec.json").write_text(json.dumps(spec_to_dict(owner.vm.spec), indent=2))
+    owner.end()
+    return {"directory": str(saved.directory), "disks": list(saved.disks), "size": saved.size}
+
+
+@command("pyqvm-stop")
+async def _stop(owner: Owner, args: Mapping[str, Any]) -> Any:
+    force = arg(args, "force", bool, False)
+    code = await owner.vm.stop(arg(args, "timeout", float, 10.0), graceful=not force)
+    owner.end()
+    return {"exitcode": code}
+
+
+@command("pyqvm-wait")
+async def _wait(owner: Owner, args: Mapping[str, Any]) -> Any:
+    return {"exitcode": await owner.vm.wait()}
+
+
+# --- the process ---------------------------------------------------------------------------
+
+
+def _record(vm: AsyncVM, template: str | None) -> Record:
+    spec = vm.resolved_spec
+    assert vm.pid is not None and vm.runtime_dir is not None
+    forwards = tuple(
+        f"{f.protocol} {f.host_address}:{f.host_port} -> {f.guest_port}"
+        for n in spec.networks
+        for f in n.forwards
+    )
+    console = vm.machine.console_socket()
+    return Record(
+        name=vm.name,
+        owner_pid=os.getpid(),
+        qemu_pid=vm.pid,
+        started=time.time(),
+        accelerator=vm.accelerator or "",
+        machine=spec.effective_machine,
+        memory=int(spec.memory),
+        smp=spec.smp,
+        runtime_dir=str(vm.runtime_dir),
+        console_log=str(vm.machine.console.path),
+        console_socket=None if console is None else str(console),
+        forwards=forwards,
+        template=template,
+        spec=spec_to_dict(vm.spec),
+    )
+
+
+async def _start(request: Mapping[str, Any]) -> tuple[AsyncVM, str | None]:
+    image_cache = Path(request["image_cache"]) if request.get("image_cache") else None
+    if request.get("template"):
+        directory = Path(request["templates_dir"]) if request.get("templates_dir") else None
+        t = templates.get(str(request["template"]), directory=directory)
+        vm = AsyncVM(
+            dataclasses.replace(t.clone_spec(), name=request["name"]), image_cache=image_cache
+        )
+        await vm.start_from_template(t)
+        return vm, t.name
+    spec: VMSpec = spec_from_dict(request["spec"])
+    vm = AsyncVM(spec, image_cache=image_cache)
+    if request.get("restore"):
+        await vm.restore(request["restore"])
+    else:
+        await vm.start()
+    return vm, None
+
+
+async def run_owner(directory: Path, ready_fd: int) -> int:
+    entry = Entry(directory.name, directory)
+    ready = os.fdopen(ready_fd, "w")
+
+    def say(msg: Mapping[str, Any]) -> None:
+        if not ready.closed:
+            ready.write(json.dumps(msg) + "\n")
+            ready.close()
+
+    try:
+        request = json.loads((directory / REQUEST).read_text())
+        vm, template = await _start(request)
+    except PyqvmError as e:
+        log.error("%s: could not start: %s", entry.name, e)
+        say({"error": wire.error_to_json(e)})
+        return 1
+    except BaseException as e:
+        log.exception("%s: could not start", entry.name)
+        say({"error": {"class": "PyqvmError", "desc": f"the owner process failed: {e!r}"}})
+        return 1
+    try:
+        record = _record(vm, template)
+        registry.write_record(entry, record)
+        owner = Owner(vm, entry, record)
+        await owner.serve(lambda: say({"ok": record.to_json()}))
+    finally:
+        with contextlib.suppress(PyqvmError):
+            await vm.stop()
+        say({"error": {"class": "VMExitedError", "desc": f"{vm.name}: the VM ended at once"}})
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2:
+        print("usage: python -m pyqvm.named.owner DIR READY_FD", file=sys.stderr)
+        return 2
+    directory, ready_fd = Path(args[0]), int(args[1])
+    # Fork off: the process that started us exits now, so this one is nobody's child
+    # (never a zombie of a long-lived launcher) and lives in its own session.
+    if os.fork():
+        os._exit(0)
+    os.write(ready_fd, json.dumps({"pid": os.getpid()}).encode() + b"\n")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    try:
+        return asyncio.run(run_owner(directory, ready_fd))
+    finally:
+        # The name is free once this process is gone; the directory goes first.
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["Owner", "main", "run_owner"]
