@@ -14,49 +14,126 @@ Public API (everything a user handles is importable from here)::
     PyqvmError and its subclasses: every error pyqvm raises
 """
 
-from pyqvm.agent import ExecResult, GuestAgent
-from pyqvm.devices import Plugged
-from pyqvm.errors import (
-    DeviceClaimedError,
-    GroupNotViableError,
-    GuestCommandError,
-    GuestError,
-    GuestExecError,
-    HostError,
-    HotplugError,
-    ImageError,
-    JobError,
-    LaunchError,
-    MigrationError,
-    OperationError,
-    PassthroughError,
-    PyqvmError,
-    PyqvmTimeoutError,
-    QMPCommandError,
-    SnapshotError,
-    SpecError,
-    TemplateError,
-    UnplugTimeoutError,
-    VMExitedError,
-    VMStateError,
-)
-from pyqvm.machine import LaunchPlan, Machine, preview_argv
-from pyqvm.ops import template as templates
-from pyqvm.ops.blockjobs import ChainLink
-from pyqvm.ops.migration import (
-    Incoming,
-    MigrationProgress,
-    MigrationStats,
-    MigrationTuning,
-    SavedState,
-)
-from pyqvm.ops.snapshot import SnapshotInfo
-from pyqvm.ops.template import Template
-from pyqvm.session import QMPSession
-from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec, load_spec
-from pyqvm.state import VMState
-from pyqvm.sync import VM
-from pyqvm.vm import AsyncVM
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names are imported on first use (PEP 562), so that `pyqvm.cli` (whose import runs
+# this file first) starts in a fraction of the time the whole API takes to import.
+# The block below is the same table for type checkers; tests/unit/test_layers.py
+# keeps the two equal.
+_LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None: the module)
+    "AsyncVM": ("pyqvm.vm", "AsyncVM"),
+    "ChainLink": ("pyqvm.ops.blockjobs", "ChainLink"),
+    "DeviceClaimedError": ("pyqvm.errors", "DeviceClaimedError"),
+    "Disk": ("pyqvm.spec", "Disk"),
+    "ExecResult": ("pyqvm.agent", "ExecResult"),
+    "GroupNotViableError": ("pyqvm.errors", "GroupNotViableError"),
+    "GuestAgent": ("pyqvm.agent", "GuestAgent"),
+    "GuestCommandError": ("pyqvm.errors", "GuestCommandError"),
+    "GuestError": ("pyqvm.errors", "GuestError"),
+    "GuestExecError": ("pyqvm.errors", "GuestExecError"),
+    "HostDevice": ("pyqvm.spec", "HostDevice"),
+    "HostError": ("pyqvm.errors", "HostError"),
+    "HotplugError": ("pyqvm.errors", "HotplugError"),
+    "ImageError": ("pyqvm.errors", "ImageError"),
+    "Incoming": ("pyqvm.ops.migration", "Incoming"),
+    "JobError": ("pyqvm.errors", "JobError"),
+    "KernelBoot": ("pyqvm.spec", "KernelBoot"),
+    "LaunchError": ("pyqvm.errors", "LaunchError"),
+    "LaunchPlan": ("pyqvm.machine", "LaunchPlan"),
+    "load_spec": ("pyqvm.spec", "load_spec"),
+    "Machine": ("pyqvm.machine", "Machine"),
+    "MigrationError": ("pyqvm.errors", "MigrationError"),
+    "MigrationProgress": ("pyqvm.ops.migration", "MigrationProgress"),
+    "MigrationStats": ("pyqvm.ops.migration", "MigrationStats"),
+    "MigrationTuning": ("pyqvm.ops.migration", "MigrationTuning"),
+    "Network": ("pyqvm.spec", "Network"),
+    "OperationError": ("pyqvm.errors", "OperationError"),
+    "PassthroughError": ("pyqvm.errors", "PassthroughError"),
+    "Plugged": ("pyqvm.devices", "Plugged"),
+    "PortForward": ("pyqvm.spec", "PortForward"),
+    "preview_argv": ("pyqvm.machine", "preview_argv"),
+    "PyqvmError": ("pyqvm.errors", "PyqvmError"),
+    "PyqvmTimeoutError": ("pyqvm.errors", "PyqvmTimeoutError"),
+    "QMPCommandError": ("pyqvm.errors", "QMPCommandError"),
+    "QMPSession": ("pyqvm.session", "QMPSession"),
+    "SavedState": ("pyqvm.ops.migration", "SavedState"),
+    "SnapshotError": ("pyqvm.errors", "SnapshotError"),
+    "SnapshotInfo": ("pyqvm.ops.snapshot", "SnapshotInfo"),
+    "SpecError": ("pyqvm.errors", "SpecError"),
+    "Template": ("pyqvm.ops.template", "Template"),
+    "TemplateError": ("pyqvm.errors", "TemplateError"),
+    "templates": ("pyqvm.ops.template", None),
+    "UnplugTimeoutError": ("pyqvm.errors", "UnplugTimeoutError"),
+    "VM": ("pyqvm.sync", "VM"),
+    "VMExitedError": ("pyqvm.errors", "VMExitedError"),
+    "VMSpec": ("pyqvm.spec", "VMSpec"),
+    "VMState": ("pyqvm.state", "VMState"),
+    "VMStateError": ("pyqvm.errors", "VMStateError"),
+}
+
+if TYPE_CHECKING:
+    from pyqvm.agent import ExecResult, GuestAgent
+    from pyqvm.devices import Plugged
+    from pyqvm.errors import (
+        DeviceClaimedError,
+        GroupNotViableError,
+        GuestCommandError,
+        GuestError,
+        GuestExecError,
+        HostError,
+        HotplugError,
+        ImageError,
+        JobError,
+        LaunchError,
+        MigrationError,
+        OperationError,
+        PassthroughError,
+        PyqvmError,
+        PyqvmTimeoutError,
+        QMPCommandError,
+        SnapshotError,
+        SpecError,
+        TemplateError,
+        UnplugTimeoutError,
+        VMExitedError,
+        VMStateError,
+    )
+    from pyqvm.machine import LaunchPlan, Machine, preview_argv
+    from pyqvm.ops import template as templates
+    from pyqvm.ops.blockjobs import ChainLink
+    from pyqvm.ops.migration import (
+        Incoming,
+        MigrationProgress,
+        MigrationStats,
+        MigrationTuning,
+        SavedState,
+    )
+    from pyqvm.ops.snapshot import SnapshotInfo
+    from pyqvm.ops.template import Template
+    from pyqvm.session import QMPSession
+    from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec, load_spec
+    from pyqvm.state import VMState
+    from pyqvm.sync import VM
+    from pyqvm.vm import AsyncVM
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'pyqvm' has no attribute {name!r}") from None
+    mod = importlib.import_module(module)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value  # once: later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "VM",

@@ -43,7 +43,9 @@ FLOORS: tuple[tuple[str, ...], ...] = (
 )
 FACES = len(FLOORS) - 1  # the only floor allowed to import the re-exporting package root
 
-# Never imported under TYPE_CHECKING: the faces, and the VM handle everything else sits under.
+# Never imported under TYPE_CHECKING below the faces: the faces, and the VM handle everything
+# else sits under. (A face may: the package root's names and the CLI's verbs are imported
+# lazily, for start-up time, and name their types for the checker that way.)
 NOT_FOR_TYPE_CHECKING = ("pyqvm.vm", "pyqvm.sync", "pyqvm.cli", "pyqvm.pytest_plugin")
 
 # Genuine exceptions to the private-name rule: {(module, attribute or name): reason}.
@@ -351,6 +353,8 @@ def private_access(
 def type_checking_imports_of_faces(sources: Mapping[str, Source]) -> list[str]:
     known, out = set(sources), []
     for s in sources.values():
+        if floor_of(s.module, FLOORS) == FACES:
+            continue
         for i in imports(s, known):
             if i.type_checking and any(
                 i.target == f or i.target.startswith(f + ".") for f in NOT_FOR_TYPE_CHECKING

@@ -9,27 +9,42 @@ pyqvm template create [SPEC] --name T [--setup CMD]...   freeze a ready guest as
 pyqvm template list | rm NAME...                   the templates
 pyqvm doctor [--json] [--for MODE] [--fix]         what this host can run (tcg/kvm/vfio/xen)
 
-One module per verb (``pyqvm.cli.run``, ``.cmdline``, ``.image``, ``.template``, ``.doctor``),
-each with ``add_parser(subparsers, parents)`` and ``run(args) -> int``; argparse dispatches.
-Exit status: the guest command's own for ``run``; 2 for a usage error; 125 when pyqvm itself
-fails (like ``docker run``); 130 on Ctrl-C.
+Named VMs, which live on after the command that started them (see docs/cli.md):
+pyqvm up [SPEC.toml] [options] [--template T] --name NAME    start one; prints NAME when ready
+pyqvm ps [--json]                                  list them (dead ones are removed)
+pyqvm exec NAME [-n] [--env K=V] -- CMD            run CMD in it (its exit status)
+pyqvm console NAME                                 its serial console (Ctrl-] detaches)
+pyqvm logs NAME [--follow]                         its console log
+pyqvm qmp NAME COMMAND [JSON-ARGS]                 a QMP command; prints QEMU's answer
+pyqvm snapshot NAME save|load|list|delete [TAG]    internal snapshots
+pyqvm hotplug NAME disk PATH|nic|cpu|memory SIZE; pyqvm unplug NAME ID
+pyqvm save NAME DIR; pyqvm restore DIR --name NAME  to a directory and back
+pyqvm stop NAME... [--force] [--timeout S] | --all; pyqvm wait NAME
+
+One module per verb or family of verbs (``pyqvm.cli.run``, ``.up`` (up, restore), ``.ps``,
+``.exec_cmd``, ``.console`` (console, logs), ``.control`` (the one-call verbs on a named VM),
+``.cmdline``, ``.image``, ``.template``, ``.doctor``), each with ``add_parser(subparsers,
+parents)``; argparse dispatches to the function a parser names. Heavy modules (asyncio,
+qemu.qmp, the VM machinery) are imported inside those functions, so ``pyqvm ps`` pays only
+for what it uses. Exit status (`pyqvm.cli.status`): the guest command's own for ``run`` and
+``exec`` (128+N for signal N, 126/127 when it cannot run); 2 for a usage error; 125 when
+pyqvm itself fails (like ``docker run``); 130 on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from pyqvm.cli import cmdline, doctor, image, run, template
+from pyqvm.cli import cmdline, console, control, doctor, exec_cmd, image, ps, run, template, up
 from pyqvm.cli.specargs import UsageError, spec_from_args
+from pyqvm.cli.status import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE
 from pyqvm.errors import PyqvmError
 
-EXIT_ERROR = 125  # pyqvm itself failed (like `docker run`); CMD's own codes pass through
-EXIT_USAGE = 2  # argparse's own
-
-_VERBS = (run, cmdline, image, template, doctor)
+_VERBS = (run, up, ps, exec_cmd, console, control, cmdline, image, template, doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pyqvm: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `pyqvm ps --json | head`: the reader left; say nothing more (Python's advice).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
 
 
 __all__ = ["EXIT_ERROR", "EXIT_USAGE", "build_parser", "main", "parse_args", "spec_from_args"]

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from pyqvm.cli.specargs import add_spec_options, spec_from_args
-from pyqvm.machine import preview_argv
 
 
 def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
@@ -22,6 +21,8 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
 
 
 def run(args: argparse.Namespace) -> int:
+    from pyqvm.machine import preview_argv
+
     argv = preview_argv(spec_from_args(args))
     print(json.dumps(argv) if args.json else shlex.join(argv))
     return 0

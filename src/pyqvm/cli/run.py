@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pyqvm.cli import status
 from pyqvm.cli.specargs import UsageError, add_spec_options, overrides_given, spec_from_args
-from pyqvm.spec import VMSpec
-from pyqvm.vm import AsyncVM
+from pyqvm.errors import PyqvmError
+
+if TYPE_CHECKING:  # imported when the verb runs: `pyqvm ps` need not pay for them
+    from pyqvm.spec import VMSpec
+    from pyqvm.vm import AsyncVM
 
 
 def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
@@ -37,6 +40,8 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio
+
     if args.template:
         # A clone runs its template's spec; only its name is its own.
         ignored = (["SPEC"] if args.spec else []) + [
@@ -51,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _clone_and_run(template: str, name: str | None, cmd: Sequence[str]) -> int:
+    from pyqvm.vm import AsyncVM
+
     vm = await AsyncVM.from_template(template, name=name)
     try:
         return await _command_or_console(vm, cmd)
@@ -59,6 +66,8 @@ async def _clone_and_run(template: str, name: str | None, cmd: Sequence[str]) ->
 
 
 async def _run(spec: VMSpec, cmd: Sequence[str]) -> int:
+    from pyqvm.vm import AsyncVM
+
     async with AsyncVM(spec) as vm:
         return await _command_or_console(vm, cmd)
 
@@ -66,16 +75,25 @@ async def _run(spec: VMSpec, cmd: Sequence[str]) -> int:
 async def _command_or_console(vm: AsyncVM, cmd: Sequence[str]) -> int:
     if not cmd:
         return await _show_console(vm)
-    result = await vm.run(cmd, timeout=24 * 3600)
+    try:
+        result = await vm.run(cmd, timeout=24 * 3600)
+    except PyqvmError as e:
+        code = status.of_error(e)
+        if code == status.EXIT_ERROR:
+            raise
+        print(f"pyqvm: {e}", file=sys.stderr)
+        return code  # 126/127: the command could not run, as a shell says
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.flush()
     sys.stderr.buffer.write(result.stderr)
     sys.stderr.flush()
-    return result.returncode if result.signal is None else 128 + result.signal
+    return status.of_result(result)
 
 
 async def _show_console(vm: AsyncVM) -> int:
     """Copy the serial console to stdout until Ctrl-C or the guest powers off."""
+    import asyncio
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)

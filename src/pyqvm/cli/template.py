@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from pyqvm.cli.specargs import add_spec_options, spec_from_args
-from pyqvm.ops import template as templates
 
 
 def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
@@ -34,6 +32,10 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pyqvm.ops import template as templates
+
     if args.template_command == "create":
         if not args.name:
             args.parser.error("template create needs --name NAME")

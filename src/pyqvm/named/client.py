@@ -31,8 +31,7 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 from pyqvm.agent import ExecResult
 from pyqvm.errors import NamedVMError, PyqvmError, PyqvmTimeoutError, tail
 from pyqvm.named import registry, wire
-from pyqvm.named.owner import REQUEST
-from pyqvm.named.registry import Entry, Record
+from pyqvm.named.registry import REQUEST, Entry, Record
 from pyqvm.spec import Disk, VMSpec, spec_to_dict
 
 log = logging.getLogger(__name__)

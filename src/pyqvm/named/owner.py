@@ -36,7 +36,7 @@ from typing import Any
 
 from pyqvm.errors import PyqvmError
 from pyqvm.named import registry, wire
-from pyqvm.named.registry import Entry, Record
+from pyqvm.named.registry import REQUEST, Entry, Record
 from pyqvm.ops import template as templates
 from pyqvm.ops.snapshot import SnapshotInfo
 from pyqvm.spec import Disk, Network, VMSpec, spec_from_dict, spec_to_dict
@@ -45,7 +45,6 @@ from pyqvm.vm import AsyncVM
 
 log = logging.getLogger(__name__)
 
-REQUEST = "request.json"
 #: How long a stopping owner lets commands in flight send their answers.
 _DRAIN = 5.0
 

@@ -42,6 +42,7 @@ LOCK = "lock"
 SOCKET = "owner.sock"
 RECORD = "record.json"
 LOG = "owner.log"
+REQUEST = "request.json"  # what the owner is to start (written by `up`, read by the owner)
 
 
 def root() -> Path:
@@ -352,6 +353,7 @@ def _kill_leftover(record: Record) -> None:
 __all__ = [
     "LOG",
     "RECORD_FORMAT",
+    "REQUEST",
     "SOCKET",
     "Entry",
     "Record",

@@ -1,0 +1,216 @@
+"""The verbs on a named VM that are one call to its owner each: ``qmp``, ``stop``, ``wait``,
+``snapshot``, ``hotplug``, ``unplug``, ``save`` (a module, not one per verb: each is a
+parser and three lines)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pyqvm.cli.specargs import UsageError, memory_size
+
+if TYPE_CHECKING:  # the handle's type only; it is imported when a verb runs
+    from pyqvm.named.client import AsyncNamedVM
+
+_T = TypeVar("_T")
+
+
+def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    par = list(parents)
+    q = sub.add_parser(
+        "qmp",
+        parents=par,
+        help="run a QMP command in a named VM's QEMU",
+        description="Send COMMAND (with ARGS, a JSON object) to the named VM's QEMU through "
+        "its owner and print QEMU's JSON answer. Exit status 1 if QEMU answers an error.",
+    )
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("command", metavar="COMMAND")
+    q.add_argument("arguments", nargs="?", metavar="JSON-ARGS", help='e.g. \'{"device": "x"}\'')
+    q.set_defaults(run=run_qmp)
+
+    s = sub.add_parser("stop", parents=par, help="stop named VMs")
+    s.add_argument("names", nargs="*", metavar="NAME")
+    s.add_argument("--all", action="store_true", help="every named VM of this user")
+    s.add_argument("--force", action="store_true", help="kill QEMU now, no shutdown")
+    s.add_argument("--timeout", type=float, default=10.0, help="seconds for a clean stop")
+    s.set_defaults(run=run_stop)
+
+    w = sub.add_parser("wait", parents=par, help="wait until a named VM ends")
+    w.add_argument("name", metavar="NAME")
+    w.set_defaults(run=run_wait)
+
+    sn = sub.add_parser("snapshot", parents=par, help="internal snapshots of a named VM")
+    sn.add_argument("name", metavar="NAME")
+    sn.add_argument("action", choices=["save", "load", "list", "delete"])
+    sn.add_argument("tag", nargs="?", metavar="TAG")
+    sn.add_argument("--json", action="store_true", help="list as JSON")
+    sn.add_argument("--overwrite", action="store_true", help="save over an existing TAG")
+    sn.set_defaults(run=run_snapshot)
+
+    h = sub.add_parser(
+        "hotplug",
+        parents=par,
+        help="plug a device into a named VM",
+        description="Plug a disk, NIC, vCPU or memory into the named VM; prints the new "
+        "device's id (for unplug).",
+    )
+    h.add_argument("name", metavar="NAME")
+    kinds = h.add_subparsers(dest="kind", required=True)
+    d = kinds.add_parser("disk", help="a disk image (a throw-away overlay unless --persistent)")
+    d.add_argument("path", type=Path, metavar="PATH")
+    d.add_argument("--format", choices=["raw", "qcow2"])
+    d.add_argument("--id", default="")
+    d.add_argument("--readonly", action="store_true")
+    d.add_argument("--persistent", action="store_true", help="write to PATH itself")
+    n = kinds.add_parser("nic", help="a user-mode NIC")
+    n.add_argument("--mac")
+    c = kinds.add_parser("cpu", help="a vCPU (the spec needs max_smp)")
+    c.add_argument("--id", default="")
+    m = kinds.add_parser("memory", help="a DIMM (the spec needs max_memory)")
+    m.add_argument("size", type=memory_size, metavar="SIZE")
+    m.add_argument("--id", default="")
+    h.set_defaults(run=run_hotplug)
+
+    u = sub.add_parser("unplug", parents=par, help="unplug a device from a named VM")
+    u.add_argument("name", metavar="NAME")
+    u.add_argument("device", metavar="ID")
+    u.add_argument("--timeout", type=float, default=30.0)
+    u.set_defaults(run=run_unplug)
+
+    sv = sub.add_parser(
+        "save",
+        parents=par,
+        help="save a named VM into a directory and stop it",
+        description="Save the named VM's state, disks and spec into DIR and stop it; "
+        "`pyqvm restore DIR --name NAME` resumes it.",
+    )
+    sv.add_argument("name", metavar="NAME")
+    sv.add_argument("directory", type=Path, metavar="DIR")
+    sv.set_defaults(run=run_save)
+
+
+def _on(name: str, fn: Callable[[AsyncNamedVM], Awaitable[_T]]) -> _T:
+    """Attach to VM ``name``, run ``fn`` on the handle, hang up."""
+    import asyncio
+
+    from pyqvm.named.client import AsyncNamedVM
+
+    async def go() -> _T:
+        async with await AsyncNamedVM.attach(name) as vm:
+            return await fn(vm)
+
+    return asyncio.run(go())
+
+
+def _print_json(value: object) -> None:
+    json.dump(value, sys.stdout, indent=2)
+    print()
+
+
+def run_qmp(args: argparse.Namespace) -> int:
+    from pyqvm.errors import QMPCommandError
+
+    arguments: Any = {}
+    if args.arguments:
+        try:
+            arguments = json.loads(args.arguments)
+        except ValueError as e:
+            raise UsageError(f"JSON-ARGS: not JSON ({e})") from None
+        if not isinstance(arguments, dict):
+            raise UsageError('JSON-ARGS: must be a JSON object, e.g. \'{"id": "x"}\'')
+    try:
+        _print_json(_on(args.name, lambda vm: vm.execute(args.command, arguments)))
+    except QMPCommandError as e:
+        _print_json({"error": {"class": e.error_class, "desc": e.description}})
+        return 1
+    return 0
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pyqvm.errors import PyqvmError
+    from pyqvm.named import registry
+    from pyqvm.named.client import AsyncNamedVM
+
+    if args.all == bool(args.names):
+        raise UsageError("stop: name the VMs to stop, or give --all")
+    names = [e.name for e in registry.scan()[0]] if args.all else args.names
+
+    async def stop(name: str) -> str | None:
+        try:
+            vm = await AsyncNamedVM.attach(name)
+            await vm.stop(args.timeout, force=args.force)
+        except PyqvmError as e:
+            return f"{name}: {e}"
+        return None
+
+    async def go() -> list[str | None]:
+        return await asyncio.gather(*(stop(n) for n in names))
+
+    failed = [f for f in asyncio.run(go()) if f]
+    for f in failed:
+        print(f"pyqvm: error: {f}", file=sys.stderr)
+    return 125 if failed else 0
+
+
+def run_wait(args: argparse.Namespace) -> int:
+    _on(args.name, lambda vm: vm.wait())
+    return 0
+
+
+def run_snapshot(args: argparse.Namespace) -> int:
+    if args.action != "list" and not args.tag:
+        raise UsageError(f"snapshot {args.action} needs a TAG")
+    if args.action == "save":
+        _on(args.name, lambda vm: vm.snapshot_save(args.tag, overwrite=args.overwrite))
+    elif args.action == "load":
+        _on(args.name, lambda vm: vm.snapshot_load(args.tag))
+    elif args.action == "delete":
+        _on(args.name, lambda vm: vm.snapshot_delete(args.tag))
+    else:
+        infos = _on(args.name, lambda vm: vm.snapshot_list())
+        if args.json:
+            _print_json(infos)
+        for i in infos if not args.json else ():
+            print(f"{i['tag']:20} {i['date']:26} {i['vm_state_size'] / 2**20:8.1f} MiB")
+    return 0
+
+
+def run_hotplug(args: argparse.Namespace) -> int:
+    from pyqvm.spec import Disk
+
+    def plug(vm: AsyncNamedVM) -> Awaitable[str]:
+        if args.kind == "disk":
+            disk = Disk(
+                args.path.resolve(),
+                format=args.format,
+                id=args.id,
+                readonly=args.readonly,
+                ephemeral=not args.persistent,
+            )
+            return vm.hotplug_disk(disk)
+        if args.kind == "nic":
+            return vm.hotplug_nic(args.mac)
+        if args.kind == "cpu":
+            return vm.hotplug_cpu(args.id)
+        return vm.hotplug_memory(args.size, args.id)
+
+    print(_on(args.name, plug))
+    return 0
+
+
+def run_unplug(args: argparse.Namespace) -> int:
+    _on(args.name, lambda vm: vm.unplug(args.device, timeout=args.timeout))
+    return 0
+
+
+def run_save(args: argparse.Namespace) -> int:
+    out = _on(args.name, lambda vm: vm.save(args.directory))
+    print(out["directory"])
+    return 0
