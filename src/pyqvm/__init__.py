@@ -10,6 +10,8 @@ Public API (everything a user handles is importable from here)::
     MigrationTuning, MigrationProgress, MigrationStats, Incoming, SavedState: migration
     Template, templates (create/load/list/remove): a frozen, ready guest;
     AsyncVM.from_template(t) clones it
+    attach(name) / NamedVM, attach_async(name) / AsyncNamedVM, up(spec, name=...): VMs that
+    live in an owner process of their own (``pyqvm up``) and are driven from anywhere
     Machine, LaunchPlan: one launch's resources, for code that builds operations
     PyqvmError and its subclasses: every error pyqvm raises
 """
@@ -24,7 +26,10 @@ from typing import TYPE_CHECKING, Any
 # The block below is the same table for type checkers; tests/unit/test_layers.py
 # keeps the two equal.
 _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None: the module)
+    "AsyncNamedVM": ("pyqvm.named.client", "AsyncNamedVM"),
     "AsyncVM": ("pyqvm.vm", "AsyncVM"),
+    "attach": ("pyqvm.remote", "attach"),
+    "attach_async": ("pyqvm.remote", "attach_async"),
     "ChainLink": ("pyqvm.ops.blockjobs", "ChainLink"),
     "DeviceClaimedError": ("pyqvm.errors", "DeviceClaimedError"),
     "Disk": ("pyqvm.spec", "Disk"),
@@ -49,6 +54,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
     "MigrationProgress": ("pyqvm.ops.migration", "MigrationProgress"),
     "MigrationStats": ("pyqvm.ops.migration", "MigrationStats"),
     "MigrationTuning": ("pyqvm.ops.migration", "MigrationTuning"),
+    "NamedVM": ("pyqvm.remote", "NamedVM"),
+    "NamedVMError": ("pyqvm.errors", "NamedVMError"),
     "Network": ("pyqvm.spec", "Network"),
     "OperationError": ("pyqvm.errors", "OperationError"),
     "PassthroughError": ("pyqvm.errors", "PassthroughError"),
@@ -67,6 +74,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
     "TemplateError": ("pyqvm.errors", "TemplateError"),
     "templates": ("pyqvm.ops.template", None),
     "UnplugTimeoutError": ("pyqvm.errors", "UnplugTimeoutError"),
+    "up": ("pyqvm.remote", "up"),
     "VM": ("pyqvm.sync", "VM"),
     "VMExitedError": ("pyqvm.errors", "VMExitedError"),
     "VMSpec": ("pyqvm.spec", "VMSpec"),
@@ -89,6 +97,7 @@ if TYPE_CHECKING:
         JobError,
         LaunchError,
         MigrationError,
+        NamedVMError,
         OperationError,
         PassthroughError,
         PyqvmError,
@@ -102,6 +111,7 @@ if TYPE_CHECKING:
         VMStateError,
     )
     from pyqvm.machine import LaunchPlan, Machine, preview_argv
+    from pyqvm.named.client import AsyncNamedVM
     from pyqvm.ops import template as templates
     from pyqvm.ops.blockjobs import ChainLink
     from pyqvm.ops.migration import (
@@ -113,6 +123,7 @@ if TYPE_CHECKING:
     )
     from pyqvm.ops.snapshot import SnapshotInfo
     from pyqvm.ops.template import Template
+    from pyqvm.remote import NamedVM, attach, attach_async, up
     from pyqvm.session import QMPSession
     from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec, load_spec
     from pyqvm.state import VMState
@@ -137,6 +148,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "VM",
+    "AsyncNamedVM",
     "AsyncVM",
     "ChainLink",
     "DeviceClaimedError",
@@ -161,6 +173,8 @@ __all__ = [
     "MigrationProgress",
     "MigrationStats",
     "MigrationTuning",
+    "NamedVM",
+    "NamedVMError",
     "Network",
     "OperationError",
     "PassthroughError",
@@ -181,7 +195,10 @@ __all__ = [
     "VMSpec",
     "VMState",
     "VMStateError",
+    "attach",
+    "attach_async",
     "load_spec",
     "preview_argv",
     "templates",
+    "up",
 ]

@@ -75,3 +75,46 @@ def test_cli_spec_file_and_kernel(files: dict[str, Path], tmp_path: Path) -> Non
     assert spec.networks == ()  # a spec file says what NICs it wants
     with pytest.raises(PyqvmError, match="HOST:GUEST"):
         spec_from_args(args("--forward", "22"))  # type: ignore[arg-type]
+
+
+def test_the_package_root_lazy_table_matches_its_type_checking_imports() -> None:
+    """`pyqvm.__getattr__` imports on first use; the checker reads the TYPE_CHECKING block.
+    Every name of ``__all__`` is in that block and resolves to the object it names."""
+    import ast
+
+    import pyqvm
+
+    tree = ast.parse(Path(pyqvm.__file__).read_text())
+    checked: dict[str, tuple[str, str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            for stmt in node.body:
+                assert isinstance(stmt, ast.ImportFrom) and stmt.module
+                for alias in stmt.names:
+                    checked[alias.asname or alias.name] = (stmt.module, alias.name)
+    assert set(checked) == set(pyqvm.__all__)
+    for name, (module, attr) in checked.items():
+        import importlib
+
+        expected = getattr(importlib.import_module(module), attr, None)
+        if expected is None:  # `from pyqvm.ops import template as templates`: a module
+            expected = importlib.import_module(f"{module}.{attr}")
+        assert getattr(pyqvm, name) is expected, name
+
+
+def test_named_vm_faces_expose_the_same_api() -> None:
+    from pyqvm.named.client import AsyncNamedVM
+    from pyqvm.remote import NamedVM
+
+    a, s = public(AsyncNamedVM), public(NamedVM)
+    # The async handle holds a connection (close, call, events, entry); the blocking one
+    # connects per call and keeps only a name and a timeout.
+    assert set(a) - {"attach", "close", "call", "events", "entry", "name"} == set(s) - {
+        "timeout",
+        "name",
+    }
+    for name in set(a) & set(s):
+        if callable(a[name]) and not isinstance(a[name], property):
+            pa = list(inspect.signature(a[name]).parameters)  # type: ignore[arg-type]
+            ps = list(inspect.signature(s[name]).parameters)  # type: ignore[arg-type]
+            assert pa == ps, name

@@ -231,6 +231,11 @@ def reserve(name: str) -> Reservation:
     """
     check_id(name, "name")
     base = vms_dir()
+    if len(os.fsencode(base / name / SOCKET)) > 107:  # sun_path holds 108 bytes
+        raise HostError(
+            f"the socket path {base / name / SOCKET} is too long for a unix socket; "
+            "use a shorter name, or set PYQVM_RUNTIME_DIR to a shorter directory"
+        )
     for _ in range(3):
         tmp = base / f".new-{name}-{os.getpid()}-{time.monotonic_ns()}"
         tmp.mkdir(mode=0o700)

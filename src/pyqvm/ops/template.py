@@ -64,8 +64,13 @@ _clones = itertools.count(1)
 
 
 def templates_dir(directory: Path | None = None) -> Path:
-    """Where templates live: ``directory``, else ``templates/`` in pyqvm's cache dir."""
-    return directory if directory is not None else image.cache_dir() / "templates"
+    """Where templates live: ``directory``, else ``$PYQVM_TEMPLATES_DIR``, else
+    ``templates/`` in pyqvm's cache dir."""
+    if directory is not None:
+        return directory
+    if env := os.environ.get("PYQVM_TEMPLATES_DIR"):
+        return Path(env)
+    return image.cache_dir() / "templates"
 
 
 def spec_hash(spec: VMSpec) -> str:
