@@ -126,8 +126,10 @@ class AsyncNamedVM:
         return await cls.attach(name)
 
     async def close(self) -> None:
-        """Hang up (the VM runs on)."""
-        await self._client.disconnect()
+        """Hang up (the VM runs on). Quiet if the owner hung up first."""
+        # qemu.qmp re-raises here what ended its reader (EOFError when the owner left).
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await self._client.disconnect()
 
     async def __aenter__(self) -> AsyncNamedVM:
         return self

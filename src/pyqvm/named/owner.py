@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pyqvm.errors import PyqvmError
+from pyqvm.errors import PyqvmError, VMExitedError
 from pyqvm.named import registry, wire
 from pyqvm.named.registry import REQUEST, Entry, Record
 from pyqvm.ops import template as templates
@@ -212,6 +212,10 @@ class Owner:
                 result = await handler(self, args)
             reply = {"return": {} if result is None else result}
         except PyqvmError as e:
+            if self.vm.state in (VMState.STOPPING, VMState.STOPPED, VMState.FAILED):
+                # The guest went away under the command (a stop from another client, a
+                # crash): say that, not how the agent's socket looked when it went.
+                e = VMExitedError(f"VM {self.vm.name!r} stopped while {name} ran ({e})")
             reply = {"error": wire.error_to_json(e)}
         except Exception as e:  # a bug here must not take the VM down with it
             log.exception("%s: %s failed", self.vm.name, name)

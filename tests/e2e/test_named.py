@@ -1,0 +1,312 @@
+"""Named VMs, driven the way a user drives them: ``pyqvm up`` in one process, ``exec``, ``ps``,
+``console``, ``qmp``, ``stop``... from others (each a ``pyqvm`` subprocess)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyqvm import AsyncNamedVM, NamedVMError, Template, VMSpec, attach, image, up
+
+pytestmark = [pytest.mark.e2e]
+
+PYQVM = [sys.executable, "-m", "pyqvm"]
+
+
+def pyqvm(
+    *args: str, input: bytes | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """One ``pyqvm`` command, as a user would type it (stdin closed unless ``input``)."""
+    r = subprocess.run(
+        [*PYQVM, *args],
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        capture_output=True,
+        timeout=timeout,
+    )
+    return subprocess.CompletedProcess(
+        r.args, r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+    )
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def gone_within(pids: list[int], seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while any(alive(p) for p in pids):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture
+def runtime(default_image: image.GuestImage, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A registry of this test's own (a short path: sockets live in it); nothing may be left."""
+    d = Path(tempfile.mkdtemp(prefix="pq-rt-"))
+    d.chmod(0o700)
+    monkeypatch.setenv("PYQVM_RUNTIME_DIR", str(d))
+    try:
+        yield d
+    finally:
+        left = sorted(p.name for p in (d / "vms").iterdir()) if (d / "vms").is_dir() else []
+        if left:
+            pyqvm("stop", "--all", "--force")
+        shutil.rmtree(d, ignore_errors=True)
+        assert left == [], f"named VMs left running: {left}"
+
+
+def test_up_exec_ps_console_qmp_stop_from_other_processes(runtime: Path) -> None:
+    r = pyqvm("up", "--name", "web", "--memory", "384M")
+    assert (r.returncode, r.stdout) == (0, "web\n"), r.stderr
+    ps = pyqvm("ps", "--json")
+    (info,) = json.loads(ps.stdout)
+    assert info["name"] == "web" and info["state"] == "running" and info["status"] == "running"
+    assert info["memory"] == 384 and info["machine"] == "microvm" and info["accelerator"] == "tcg"
+    owner, qemu = info["owner_pid"], info["qemu_pid"]
+    assert alive(owner) and alive(qemu)
+    assert "web" in pyqvm("ps").stdout.splitlines()[1]
+
+    # exec: stdout and stderr apart, stdin passed through, the exit status table.
+    r = pyqvm("exec", "web", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
+    r = pyqvm("exec", "web", "--", "tr", "a-z", "A-Z", input=b"piped in\n")
+    assert (r.returncode, r.stdout) == (0, "PIPED IN\n")
+    assert pyqvm("exec", "web", "--", "no-such-command").returncode == 127
+    assert pyqvm("exec", "web", "--", "/etc/passwd").returncode == 126  # not executable
+    assert pyqvm("exec", "web", "--", "sh", "-c", "kill -TERM $$").returncode == 128 + 15
+    assert pyqvm("exec", "web").returncode == 2  # no command: a usage error
+    r = pyqvm("exec", "nosuch", "--", "true")
+    assert r.returncode == 125 and "no VM named 'nosuch'" in r.stderr and "web" in r.stderr
+
+    # qmp: QEMU's answer as JSON; QEMU's error as JSON, exit 1.
+    r = pyqvm("qmp", "web", "query-status")
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "running"
+    r = pyqvm("qmp", "web", "qom-get", '{"path": "/machine", "property": "type"}')
+    assert json.loads(r.stdout) == "microvm-machine"
+    r = pyqvm("qmp", "web", "no-such-command")
+    assert r.returncode == 1 and json.loads(r.stdout)["error"]["class"] == "CommandNotFound"
+
+    # console: typed into, its answer read back (stdin not a terminal); logs has it too.
+    r = pyqvm("console", "web", "--idle", "0.5", input=b"echo console-$((6*7))\n")
+    assert r.returncode == 0 and "console-42" in r.stdout
+    assert "console-42" in pyqvm("logs", "web").stdout
+
+    # The name is taken while web runs.
+    r = pyqvm("up", "--name", "web")
+    assert r.returncode == 125 and "taken by a running VM" in r.stderr
+
+    r = pyqvm("stop", "web")
+    assert r.returncode == 0, r.stderr
+    assert gone_within([owner, qemu], 1.0)
+    assert json.loads(pyqvm("ps", "--json").stdout) == []
+    assert not Path(info["runtime_dir"]).exists()
+    assert list((runtime / "vms").iterdir()) == []
+
+
+def test_a_failed_up_reports_the_launch_error_and_leaves_nothing(
+    runtime: Path, tmp_path: Path
+) -> None:
+    spec = tmp_path / "bad.toml"
+    spec.write_text('image = "default"\nextra_args = ["-device", "no-such-device-xyz"]\n')
+    r = pyqvm("up", str(spec), "--name", "bad")
+    assert r.returncode == 125
+    assert "LaunchError" not in r.stderr and "no-such-device-xyz" in r.stderr  # QEMU's stderr
+    assert list((runtime / "vms").iterdir()) == []
+    r = pyqvm("up", "--name", "x", "--memory", "1G", "--smp", "0")
+    assert r.returncode == 125 and "smp" in r.stderr  # refused before anything starts
+    assert list((runtime / "vms").iterdir()) == []
+
+
+def test_concurrent_execs_a_console_and_a_stop_during_an_exec(runtime: Path) -> None:
+    assert pyqvm("up", "--name", "c").returncode == 0
+    slow = subprocess.Popen(
+        [*PYQVM, "exec", "c", "--", "sh", "-c", "sleep 1.5; echo slow"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    console = subprocess.Popen(
+        [*PYQVM, "console", "c", "--idle", "2"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.3)
+    fast = pyqvm("exec", "c", "--", "echo", "fast")  # not held up by the slow one
+    assert (fast.returncode, fast.stdout) == (0, "fast\n")
+    busy = pyqvm("console", "c", "--idle", "0.1", input=b"")
+    assert busy.returncode == 125 and "in use" in busy.stderr
+    out, _ = slow.communicate(timeout=30)
+    assert (slow.returncode, out) == (0, "slow\n")
+    console_out, _ = console.communicate("echo from-console\n", timeout=30)
+    assert console.returncode == 0 and "from-console" in console_out
+
+    long = subprocess.Popen(
+        [*PYQVM, "exec", "c", "--", "sleep", "30"],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    assert pyqvm("stop", "c").returncode == 0
+    _, err = long.communicate(timeout=30)
+    assert long.returncode == 125 and "VM 'c' stopped while pyqvm-run ran" in err, err
+    assert time.monotonic() - t0 < 10
+
+
+def test_sigkilled_owner_takes_qemu_with_it_and_ps_prunes_it_once(runtime: Path) -> None:
+    assert pyqvm("up", "--name", "k").returncode == 0
+    info = json.loads(pyqvm("ps", "--json").stdout)[0]
+    os.kill(info["owner_pid"], signal.SIGKILL)
+    assert gone_within([info["owner_pid"], info["qemu_pid"]], 1.0)  # PR_SET_PDEATHSIG
+    r = pyqvm("ps")
+    assert "removed dead VM k: its owner process" in r.stderr
+    assert r.stdout.splitlines() == [r.stdout.splitlines()[0]]  # the header only
+    assert not Path(info["runtime_dir"]).exists()
+    assert pyqvm("ps").stderr == ""  # reported once
+    r = pyqvm("exec", "k", "--", "true")
+    assert r.returncode == 125 and "no VM named 'k'" in r.stderr
+
+
+def test_sigkilled_client_mid_exec_leaves_the_vm_usable(runtime: Path) -> None:
+    assert pyqvm("up", "--name", "u").returncode == 0
+    client = subprocess.Popen([*PYQVM, "exec", "u", "--", "sleep", "2"], stdin=subprocess.DEVNULL)
+    time.sleep(0.7)
+    client.kill()
+    client.wait()
+    r = pyqvm("exec", "u", "--", "echo", "still here")
+    assert (r.returncode, r.stdout) == (0, "still here\n")
+    time.sleep(1.5)  # the killed client's command ends in the guest; its answer is dropped
+    assert pyqvm("exec", "u", "--", "true").returncode == 0
+    assert pyqvm("stop", "u").returncode == 0
+
+
+def test_an_owner_that_does_not_answer_is_named_in_the_error(runtime: Path) -> None:
+    assert pyqvm("up", "--name", "s").returncode == 0
+    owner = json.loads(pyqvm("ps", "--json").stdout)[0]["owner_pid"]
+    os.kill(owner, signal.SIGSTOP)
+    try:
+        r = pyqvm("exec", "s", "--", "true")
+        assert r.returncode == 125
+        assert "'s'" in r.stderr and "does not answer" in r.stderr and str(owner) in r.stderr
+        ps = json.loads(pyqvm("ps", "--json").stdout)
+        assert ps[0]["state"] == "unresponsive"
+    finally:
+        os.kill(owner, signal.SIGCONT)
+    # A broken record is said so by the commands that read it; the owner still serves.
+    record = runtime / "vms" / "s" / "record.json"
+    record.write_text("{not json")
+    r = pyqvm("logs", "s")
+    assert r.returncode == 125 and "record" in r.stderr and "unreadable" in r.stderr
+    assert pyqvm("exec", "s", "--", "true").returncode == 0
+    assert pyqvm("stop", "s").returncode == 0
+
+
+def test_snapshot_hotplug_save_and_restore_from_the_command_line(
+    runtime: Path, tmp_path: Path
+) -> None:
+    spec = tmp_path / "vm.toml"
+    spec.write_text('image = "default"\nhotplug_slots = 1\n')
+    assert pyqvm("up", str(spec), "--name", "h").returncode == 0
+    assert pyqvm("exec", "h", "--", "sh", "-c", "echo one > /tmp/f").returncode == 0
+    assert pyqvm("snapshot", "h", "save", "s1").returncode == 0
+    assert pyqvm("exec", "h", "--", "sh", "-c", "echo two > /tmp/f").returncode == 0
+    listed = json.loads(pyqvm("snapshot", "h", "list", "--json").stdout)
+    assert [s["tag"] for s in listed] == ["s1"]
+    assert pyqvm("snapshot", "h", "load", "s1").returncode == 0
+    assert pyqvm("exec", "h", "--", "cat", "/tmp/f").stdout == "one\n"
+    assert pyqvm("snapshot", "h", "delete", "s1").returncode == 0
+    assert json.loads(pyqvm("snapshot", "h", "list", "--json").stdout) == []
+
+    disk = tmp_path / "extra.img"
+    disk.write_bytes(b"\0" * (8 << 20))
+    r = pyqvm("hotplug", "h", "disk", str(disk), "--format", "raw", "--id", "extra")
+    assert (r.returncode, r.stdout) == (0, "extra\n"), r.stderr
+    wait_vdb = "for i in $(seq 100); do [ -b /dev/vdb ] && break; sleep 0.1; done; [ -b /dev/vdb ]"
+    assert pyqvm("exec", "h", "--", "sh", "-c", wait_vdb).returncode == 0
+    assert pyqvm("unplug", "h", "extra").returncode == 0
+    r = pyqvm("hotplug", "h", "cpu")
+    assert r.returncode == 125 and "max_smp" in r.stderr  # says what the spec lacks
+
+    saved = tmp_path / "saved"
+    r = pyqvm("save", "h", str(saved))
+    assert r.returncode == 0 and (saved / "spec.json").is_file(), r.stderr
+    assert json.loads(pyqvm("ps", "--json").stdout) == []  # saved means stopped
+    assert pyqvm("restore", str(saved), "--name", "h2").returncode == 0
+    assert pyqvm("exec", "h2", "--", "cat", "/tmp/f").stdout == "one\n"  # RAM came back
+    assert pyqvm("stop", "h2").returncode == 0
+
+
+def test_ten_clones_up_then_stop_leave_nothing_behind(
+    runtime: Path, default_template: Template, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYQVM_TEMPLATES_DIR", str(default_template.directory.parent))
+    names = [f"n{i}" for i in range(10)]
+    procs = [
+        subprocess.Popen(
+            [*PYQVM, "up", "--template", default_template.name, "--name", n],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for n in names
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    infos = json.loads(pyqvm("ps", "--json").stdout)
+    assert sorted(i["name"] for i in infos) == names
+    assert {i["template"] for i in infos} == {default_template.name}
+    pids = [i["owner_pid"] for i in infos] + [i["qemu_pid"] for i in infos]
+    dirs = [Path(i["runtime_dir"]) for i in infos]
+    consoles = [Path(i["console_socket"]) for i in infos]
+    assert pyqvm("stop", "--all").returncode == 0
+    assert gone_within(pids, 2.0)
+    assert not any(d.exists() for d in dirs) and not any(c.exists() for c in consoles)
+    assert list((runtime / "vms").iterdir()) == []
+
+
+def test_the_python_api_attach_and_up(runtime: Path) -> None:
+    vm = up(VMSpec(image="default"), name="py")
+    assert vm.run(["echo", "hi"]).stdout == b"hi\n"
+    again = attach("py")
+    again.write_file("/tmp/x", b"data")
+    assert vm.read_file("/tmp/x") == b"data"
+    assert again.execute("query-status")["status"] == "running"
+    assert again.info()["name"] == "py"
+
+    async def concurrently() -> list[bytes]:
+        a = await AsyncNamedVM.attach("py")
+        b = await AsyncNamedVM.attach("py")
+        try:
+            results = await asyncio.gather(
+                a.run(["sh", "-c", "sleep 0.5; echo a"]), b.run(["echo", "b"])
+            )
+            return [r.stdout for r in results]
+        finally:
+            await a.close()
+            await b.close()
+
+    assert asyncio.run(concurrently()) == [b"a\n", b"b\n"]
+    vm.stop()
+    with pytest.raises(NamedVMError, match="no VM named 'py'"):
+        attach("py")
