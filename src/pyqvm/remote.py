@@ -130,6 +130,22 @@ class NamedVM:
     def save(self, directory: Path | str) -> dict[str, Any]:
         return self._do(lambda vm: vm.save(directory))
 
+    def migrate(
+        self,
+        to: str,
+        *,
+        transport: str = "unix",
+        storage: str = "copied",
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float = 600.0,
+    ) -> dict[str, Any]:
+        """Move the guest into a new named VM ``to``; see `AsyncNamedVM.migrate`."""
+        return self._do(
+            lambda vm: vm.migrate(
+                to, transport=transport, storage=storage, progress=progress, timeout=timeout
+            )
+        )
+
     def stop(self, timeout: float = 10.0, *, force: bool = False) -> int | None:
         return self._do(lambda vm: vm.stop(timeout, force=force))
 

@@ -8,10 +8,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -310,3 +312,45 @@ def test_the_python_api_attach_and_up(runtime: Path) -> None:
     vm.stop()
     with pytest.raises(NamedVMError, match="no VM named 'py'"):
         attach("py")
+
+
+def test_migrate_a_named_vm_into_a_new_one(runtime: Path) -> None:
+    port = free_port()
+    assert pyqvm("up", "--name", "m1", "--forward", f"{port}:8080").returncode == 0
+    serve = "mkdir -p /tmp/www && echo served > /tmp/www/hello && httpd -p 8080 -h /tmp/www"
+    script = f"{serve}; echo kept > /mnt/data/kept; sync; echo in-ram > /tmp/ram"
+    assert pyqvm("exec", "m1", "--", "sh", "-c", script).returncode == 0
+    before = json.loads(pyqvm("ps", "--json").stdout)[0]
+
+    r = pyqvm("migrate", "m1", "--to", "m2")  # copied storage, over a unix socket
+    assert r.returncode == 0 and r.stdout.startswith("m1 -> m2: "), r.stderr
+    assert gone_within([before["owner_pid"], before["qemu_pid"]], 2.0)
+    (after,) = json.loads(pyqvm("ps", "--json").stdout)
+    assert after["name"] == "m2" and after["status"] == "running"
+    r = pyqvm(
+        "exec",
+        "m2",
+        "--",
+        "sh",
+        "-c",
+        "cat /tmp/ram; echo 3 > /proc/sys/vm/drop_caches; cat /mnt/data/kept",
+    )
+    assert r.stdout == "in-ram\nkept\n"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/hello", timeout=10) as page:
+        assert page.read() == b"served\n"  # the port moved with the guest
+
+    # From Python, with progress, and with shared storage this time.
+    seen: list[dict[str, object]] = []
+    stats = attach("m2").migrate("m3", storage="shared", progress=seen.append)
+    assert stats["transferred"] > 0 and seen and seen[-1]["status"] == "completed"
+    assert attach("m3").run(["cat", "/mnt/data/kept"]).stdout == b"kept\n"
+    with pytest.raises(NamedVMError, match="taken by a running VM"):
+        attach("m3").migrate("m3")  # the destination's name must be free; m3 runs on
+    assert attach("m3").run(["true"]).returncode == 0
+    assert pyqvm("stop", "m3").returncode == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -19,6 +19,7 @@ pyqvm qmp NAME COMMAND [JSON-ARGS]                 a QMP command; prints QEMU's 
 pyqvm snapshot NAME save|load|list|delete [TAG]    internal snapshots
 pyqvm hotplug NAME disk PATH|nic|cpu|memory SIZE; pyqvm unplug NAME ID
 pyqvm save NAME DIR; pyqvm restore DIR --name NAME  to a directory and back
+pyqvm migrate NAME --to NAME2 [--storage copied|shared]   live-migrate into a new named VM
 pyqvm stop NAME... [--force] [--timeout S] | --all; pyqvm wait NAME
 
 One module per verb or family of verbs (``pyqvm.cli.run``, ``.up`` (up, restore), ``.ps``,

@@ -1,6 +1,6 @@
 """The verbs on a named VM that are one call to its owner each: ``qmp``, ``stop``, ``wait``,
-``snapshot``, ``hotplug``, ``unplug``, ``save`` (a module, not one per verb: each is a
-parser and three lines)."""
+``snapshot``, ``hotplug``, ``unplug``, ``migrate``, ``save`` (a module, not one per verb:
+each is a parser and a few lines)."""
 
 from __future__ import annotations
 
@@ -81,6 +81,25 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     u.add_argument("device", metavar="ID")
     u.add_argument("--timeout", type=float, default=30.0)
     u.set_defaults(run=run_unplug)
+
+    mg = sub.add_parser(
+        "migrate",
+        parents=par,
+        help="live-migrate a named VM into a new named VM",
+        description="Move the running guest of NAME into a new named VM NAME2 (started for "
+        "it, with the same spec); NAME is gone afterwards. A progress bar shows on a "
+        "terminal. On failure NAME runs on, untouched.",
+    )
+    mg.add_argument("name", metavar="NAME")
+    mg.add_argument("--to", required=True, metavar="NAME2")
+    mg.add_argument("--transport", choices=["unix", "tcp"], default="unix")
+    mg.add_argument(
+        "--storage",
+        choices=["copied", "shared"],
+        default="copied",
+        help="copy the disks over NBD (default) or open the same files",
+    )
+    mg.set_defaults(run=run_migrate)
 
     sv = sub.add_parser(
         "save",
@@ -208,6 +227,41 @@ def run_hotplug(args: argparse.Namespace) -> int:
 def run_unplug(args: argparse.Namespace) -> int:
     _on(args.name, lambda vm: vm.unplug(args.device, timeout=args.timeout))
     return 0
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    bar = _ProgressBar() if sys.stderr.isatty() else None
+
+    stats = _on(
+        args.name,
+        lambda vm: vm.migrate(
+            args.to, transport=args.transport, storage=args.storage, progress=bar
+        ),
+    )
+    if bar is not None:
+        bar.done()
+    print(
+        f"{args.name} -> {args.to}: {stats['transferred'] / 2**20:.1f} MiB in "
+        f"{stats['total_time']:.2f} s, downtime {stats['downtime'] * 1000:.0f} ms"
+    )
+    return 0
+
+
+class _ProgressBar:
+    """One line on a terminal's stderr, redrawn for each progress report."""
+
+    def __call__(self, p: dict[str, Any]) -> None:
+        total, remaining = p.get("total") or 0, p.get("remaining") or 0
+        done = 1.0 if not total else max(0.0, min(1.0, 1 - remaining / total))
+        filled = int(done * 30)
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {done:4.0%} {p.get('status', '')}"
+            f" {p.get('rate', 0) / 2**20:6.1f} MiB/s"
+        )
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        sys.stderr.write("\n")
 
 
 def run_save(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -252,6 +252,58 @@ class AsyncNamedVM:
         await self._until_gone()
         return out
 
+    async def migrate(
+        self,
+        to: str,
+        *,
+        transport: str = "unix",
+        storage: str = "copied",
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float = 600.0,
+    ) -> dict[str, Any]:
+        """Move this VM's guest into a new named VM ``to`` (started for it, its own owner).
+
+        Returns QEMU's figures (`MigrationStats` as JSON); this VM is gone
+        afterwards. ``progress`` gets each `MigrationProgress` (as JSON). On
+        failure this VM runs on and ``to`` is removed.
+        """
+        source = await self.call("pyqvm-migration-source", {"storage": storage})
+        stats: dict[str, Any] = {}
+
+        async def send(incoming: dict[str, Any]) -> None:
+            args = {k: incoming[k] for k in ("uri", "nbd", "storage")}
+            async with self.events("PYQVM_MIGRATION_PROGRESS") as listener:
+                relay = asyncio.ensure_future(_relay(listener, progress))
+                try:
+                    stats.update(await self.call("pyqvm-send", {**args, "timeout": timeout}))
+                finally:
+                    relay.cancel()
+
+        request = {
+            "name": to,
+            "spec": {**source["spec"], "name": to},
+            "incoming": {
+                "transport": transport,
+                "storage": storage,
+                "devices": source["devices"],
+                "overlays": source["overlays"],
+                "without_forwards": bool(source["forwards"]),
+                "timeout": timeout,
+            },
+        }
+        await start_owner(to, request, timeout=timeout, on_incoming=send)
+        await self._until_gone()
+        if source["forwards"]:
+            # This VM has quit: its host ports are free for the destination now.
+            async with await AsyncNamedVM.attach(to) as dst:
+                for netdev, rule in source["forwards"]:
+                    out = await dst.execute(
+                        "human-monitor-command", {"command-line": f"hostfwd_add {netdev} {rule}"}
+                    )
+                    if str(out).strip():
+                        log.warning("%s: port forward %s not restored: %s", to, rule, out)
+        return stats
+
     async def stop(self, timeout: float = 10.0, *, force: bool = False) -> int | None:
         """Stop the VM (``force``: kill QEMU at once) and wait until its owner is gone.
         Returns QEMU's exit code."""
@@ -280,6 +332,15 @@ class AsyncNamedVM:
             await asyncio.sleep(0.01)
 
 
+async def _relay(
+    listener: EventListener, progress: Callable[[dict[str, Any]], None] | None
+) -> None:
+    async for event in listener:
+        data = event.get("data")
+        if progress is not None and isinstance(data, dict):
+            progress(data)
+
+
 def _owner(entry: Entry) -> str:
     try:
         return f"pid {entry.record().owner_pid}"
@@ -287,9 +348,18 @@ def _owner(entry: Entry) -> str:
         return "pid unknown"
 
 
-async def start_owner(name: str, request: Mapping[str, Any], *, timeout: float) -> Record:
+async def start_owner(
+    name: str,
+    request: Mapping[str, Any],
+    *,
+    timeout: float,
+    on_incoming: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+) -> Record:
     """Reserve ``name``, start its owner process detached, return its `Record` once the
-    guest is ready; re-raise the owner's error if it could not start it."""
+    guest is ready; re-raise the owner's error if it could not start it.
+
+    A migration destination (``request["incoming"]``) first says where it listens:
+    ``on_incoming`` gets that (`Incoming` as JSON) and makes the source send."""
     reservation = registry.reserve(name)
     entry = reservation.entry
     owner_pid: int | None = None
@@ -319,6 +389,11 @@ async def start_owner(name: str, request: Mapping[str, Any], *, timeout: float) 
             if hello:
                 owner_pid = int(json.loads(hello)["pid"])
             line = await asyncio.wait_for(reader.readline(), timeout) if hello else b""
+            while line and "incoming" in (said := json.loads(line)):
+                if on_incoming is None:
+                    raise NamedVMError(f"VM {name!r}: its owner waits for a migration", name=name)
+                await on_incoming(said["incoming"])
+                line = await asyncio.wait_for(reader.readline(), timeout)
         finally:
             pipe.close()
     except TimeoutError:

@@ -34,10 +34,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pyqvm.devices import Plugged
 from pyqvm.errors import PyqvmError, VMExitedError
 from pyqvm.named import registry, wire
 from pyqvm.named.registry import REQUEST, Entry, Record
 from pyqvm.ops import template as templates
+from pyqvm.ops.hotplug import hostfwds
+from pyqvm.ops.migration import MigrationProgress
 from pyqvm.ops.snapshot import SnapshotInfo
 from pyqvm.spec import Disk, Network, VMSpec, spec_from_dict, spec_to_dict
 from pyqvm.state import VMState
@@ -141,6 +144,18 @@ class Owner:
 
     def end(self) -> None:
         self._ended.set()
+
+    def broadcast(self, event: str, data: Mapping[str, Any]) -> None:
+        """An event of the owner's own (``PYQVM_*``) to every client."""
+        now = time.time()
+        msg = {
+            "event": event,
+            "data": dict(data),
+            "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)},
+        }
+        for c in list(self._clients):
+            if c.negotiated:
+                c.send(msg)
 
     async def _drain(self) -> None:
         if self._tasks:
@@ -335,6 +350,42 @@ async def _save(owner: Owner, args: Mapping[str, Any]) -> Any:
     return {"directory": str(saved.directory), "disks": list(saved.disks), "size": saved.size}
 
 
+@command("pyqvm-migration-source")
+async def _migration_source(owner: Owner, args: Mapping[str, Any]) -> Any:
+    """What a destination needs to listen for this VM: its spec, its hot-plugged devices,
+    its port forwards (taken over once this VM has quit) and, for shared storage, the
+    overlays it would open."""
+    machine = owner.vm.machine
+    storage = arg(args, "storage", str, "copied")
+    return {
+        "spec": spec_to_dict(owner.vm.spec),
+        "devices": {d: p.to_json() for d, p in owner.vm.plugged.items()},
+        "forwards": [list(f) for f in hostfwds(machine)],
+        "overlays": {d: str(p) for d, p in machine.overlays().items()}
+        if storage == "shared"
+        else {},
+    }
+
+
+@command("pyqvm-send")
+async def _send(owner: Owner, args: Mapping[str, Any]) -> Any:
+    """Migrate this VM to a destination that listens (``uri``, ``nbd``); this VM stops
+    and its owner ends. Progress goes to the clients as ``PYQVM_MIGRATION_PROGRESS``."""
+
+    def progress(p: MigrationProgress) -> None:
+        owner.broadcast("PYQVM_MIGRATION_PROGRESS", dataclasses.asdict(p))
+
+    stats = await owner.vm.send(
+        arg(args, "uri", str),
+        storage=arg(args, "storage", str, "copied"),
+        nbd=arg(args, "nbd", str, None),
+        progress=progress,
+        timeout=arg(args, "timeout", float, 600.0),
+    )
+    owner.end()
+    return dataclasses.asdict(stats)
+
+
 @command("pyqvm-stop")
 async def _stop(owner: Owner, args: Mapping[str, Any]) -> Any:
     force = arg(args, "force", bool, False)
@@ -378,7 +429,9 @@ def _record(vm: AsyncVM, template: str | None) -> Record:
     )
 
 
-async def _start(request: Mapping[str, Any]) -> tuple[AsyncVM, str | None]:
+async def _start(
+    request: Mapping[str, Any], say: Callable[[Any], None]
+) -> tuple[AsyncVM, str | None]:
     image_cache = Path(request["image_cache"]) if request.get("image_cache") else None
     if request.get("template"):
         directory = Path(request["templates_dir"]) if request.get("templates_dir") else None
@@ -392,9 +445,27 @@ async def _start(request: Mapping[str, Any]) -> tuple[AsyncVM, str | None]:
     vm = AsyncVM(spec, image_cache=image_cache)
     if request.get("restore"):
         await vm.restore(request["restore"])
+    elif incoming := request.get("incoming"):
+        await _incoming(vm, incoming, say)
     else:
         await vm.start()
     return vm, None
+
+
+async def _incoming(vm: AsyncVM, request: Mapping[str, Any], say: Callable[[Any], None]) -> None:
+    """Listen as the destination of a migration, say where (one line on the ready pipe, for
+    whoever tells the source to send), and wait for the guest to arrive."""
+    devices = {d: Plugged.from_json(r) for d, r in (request.get("devices") or {}).items()}
+    overlays = {d: Path(p) for d, p in (request.get("overlays") or {}).items()}
+    incoming = await vm.listen(
+        transport=request.get("transport", "unix"),
+        storage=request.get("storage", "copied"),
+        devices=devices,
+        overlays=overlays or None,
+        without_forwards=bool(request.get("without_forwards")),
+    )
+    say({"incoming": dataclasses.asdict(incoming)})
+    await vm.accept(incoming, timeout=float(request.get("timeout", 600.0)))
 
 
 async def run_owner(directory: Path, ready_fd: int) -> int:
@@ -406,9 +477,13 @@ async def run_owner(directory: Path, ready_fd: int) -> int:
             ready.write(json.dumps(msg) + "\n")
             ready.close()
 
+    def tell(msg: Mapping[str, Any]) -> None:  # a line before the last
+        ready.write(json.dumps(msg) + "\n")
+        ready.flush()
+
     try:
         request = json.loads((directory / REQUEST).read_text())
-        vm, template = await _start(request)
+        vm, template = await _start(request, tell)
     except PyqvmError as e:
         log.error("%s: could not start: %s", entry.name, e)
         say({"error": wire.error_to_json(e)})
