@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import enum
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,7 +51,6 @@ class Splitter:
         self._pos = 0  # how far it has been scanned
         self._depth = 0
         self._in_string = False
-        self._escaped = False
 
     def feed(self, data: bytes) -> list[bytes]:
         """The objects ``data`` completes; `ValueError` for a non-object or an object past
@@ -59,35 +59,54 @@ class Splitter:
         out = []
         buf = self._buf
         while self._pos < len(buf):
-            c = buf[self._pos]
-            self._pos += 1
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif c == 0x5C:  # backslash
-                    self._escaped = True
-                elif c == 0x22:  # quote
+            if self._in_string:  # skip to the next quote or backslash (a file's base64)
+                m = _IN_STRING.search(buf, self._pos)
+                if m is None:
+                    self._pos = len(buf)
+                    break
+                self._pos = m.end()
+                if m.group() == b"\\":
+                    if self._pos == len(buf):  # the escaped byte has not come yet
+                        self._pos -= 1
+                        break
+                    self._pos += 1
+                else:
                     self._in_string = False
-            elif c == 0x22:
+                continue
+            if self._depth == 0:
+                m = _BETWEEN.match(buf, self._pos)  # whitespace up to the next object
+                assert m is not None
+                self._pos = m.end()
+                if self._pos == len(buf):
+                    break
+                if buf[self._pos] != 0x7B:
+                    raise ValueError(f"expected a JSON object, got {chr(buf[self._pos])!r}")
+                self._start = self._pos
+            m = _STRUCTURE.search(buf, self._pos)
+            if m is None:
+                self._pos = len(buf)
+                break
+            self._pos = m.end()
+            c = m.group()
+            if c == b'"':
                 self._in_string = True
-            elif c == 0x7B:  # {
-                if self._depth == 0:
-                    self._start = self._pos - 1
+            elif c == b"{":
                 self._depth += 1
-            elif c == 0x7D:  # }
+            else:
                 self._depth -= 1
-                if self._depth < 0:
-                    raise ValueError("'}' outside an object")
                 if self._depth == 0:
                     out.append(bytes(buf[self._start : self._pos]))
-            elif self._depth == 0 and c not in b" \t\r\n":
-                raise ValueError(f"expected a JSON object, got {chr(c)!r}")
-        if self._depth == 0:
+        if self._depth == 0 and not self._in_string:
             del buf[: self._pos]
             self._pos = self._start = 0
         elif self._pos - self._start > self.limit:
             raise ValueError(f"a message longer than {self.limit} bytes")
         return out
+
+
+_IN_STRING = re.compile(rb'["\\]')  # a quote or a backslash
+_BETWEEN = re.compile(rb"[ \t\r\n]*")
+_STRUCTURE = re.compile(rb'[{}"]')
 
 
 def greeting(name: str) -> dict[str, Any]:
