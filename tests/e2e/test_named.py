@@ -354,3 +354,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_wait_returns_when_the_guest_powers_off_and_logs_follow_until_then(
+    runtime: Path,
+) -> None:
+    assert pyqvm("up", "--name", "w").returncode == 0
+    waiter = subprocess.Popen([*PYQVM, "wait", "w"], stdin=subprocess.DEVNULL)
+    follower = subprocess.Popen(
+        [*PYQVM, "logs", "--follow", "w"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+    )
+    time.sleep(0.5)
+    assert waiter.poll() is None and follower.poll() is None
+    marker = "echo written-late > /dev/console"
+    assert pyqvm("exec", "w", "--", "sh", "-c", marker).returncode == 0
+    # The guest powers off on its own: the agent answers, then the VM ends.
+    pyqvm("exec", "w", "--", "sh", "-c", "(sleep 0.3; poweroff -f) >/dev/null 2>&1 &")
+    assert waiter.wait(timeout=30) == 0
+    out, _ = follower.communicate(timeout=30)
+    assert follower.returncode == 0 and b"written-late" in out
+    assert json.loads(pyqvm("ps", "--json").stdout) == []
