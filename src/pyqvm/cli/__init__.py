@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     for verb in _VERBS:
         verb.add_parser(sub, parents=[verbosity])
+    for verb_parser in sub.choices.values():
+        verb_parser.set_defaults(parser=verb_parser)  # a usage error shows the verb's usage
     ap.set_defaults(parser=ap, takes_command=False, min_log_level="warning")
     return ap
 

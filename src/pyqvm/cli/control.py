@@ -36,7 +36,12 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     s = sub.add_parser("stop", parents=par, help="stop named VMs")
     s.add_argument("names", nargs="*", metavar="NAME")
     s.add_argument("--all", action="store_true", help="every named VM of this user")
-    s.add_argument("--force", action="store_true", help="kill QEMU now, no shutdown")
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="no clean shutdown of the guest: QEMU is told to quit at once (and killed if "
+        "it hangs); an owner that does not answer is killed, and its QEMU with it",
+    )
     s.add_argument("--timeout", type=float, default=10.0, help="seconds for a clean stop")
     s.set_defaults(run=run_stop)
 
@@ -153,7 +158,7 @@ def run_qmp(args: argparse.Namespace) -> int:
 def run_stop(args: argparse.Namespace) -> int:
     import asyncio
 
-    from pyqvm.errors import PyqvmError
+    from pyqvm.errors import NamedVMError, PyqvmError
     from pyqvm.named import registry
     from pyqvm.named.client import AsyncNamedVM
 
@@ -164,6 +169,13 @@ def run_stop(args: argparse.Namespace) -> int:
     async def stop(name: str) -> str | None:
         try:
             vm = await AsyncNamedVM.attach(name)
+        except NamedVMError as e:
+            if not args.force or not registry.find(name).alive():
+                return f"{name}: {e}"
+            # An owner that does not answer: --force kills it (QEMU dies with it).
+            registry.kill_owner(registry.find(name))
+            return None
+        try:
             await vm.stop(args.timeout, force=args.force)
         except PyqvmError as e:
             return f"{name}: {e}"

@@ -8,13 +8,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pyqvm.cli.specargs import memory_size
-from pyqvm.host.claims import ClaimStore
-from pyqvm.host.doctor import MODES, Mode, Report, run_checks
-from pyqvm.passthrough import PassthroughHost, Recovered, recover
-from pyqvm.spec import parse_size_mib
+from pyqvm.host.modes import MODES, Mode
+
+if TYPE_CHECKING:  # imported when the verb runs
+    from pyqvm.host.doctor import Report
+    from pyqvm.passthrough import Recovered
 
 __all__ = ["add_parser", "run"]
 
@@ -81,6 +82,11 @@ def _fixed_json(done: list[Recovered]) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     """Run ``pyqvm doctor``; returns the exit code."""
     root: Path = args.root
+    from pyqvm.host.claims import ClaimStore
+    from pyqvm.host.doctor import run_checks
+    from pyqvm.passthrough import PassthroughHost, recover
+    from pyqvm.spec import parse_size_mib
+
     claims = ClaimStore()
     done: list[Recovered] | None = None
     if args.fix:

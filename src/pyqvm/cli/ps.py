@@ -29,6 +29,7 @@ async def _ask(name: str) -> dict[str, Any]:
     import asyncio
 
     from pyqvm.errors import PyqvmError
+    from pyqvm.named import registry
     from pyqvm.named.client import AsyncNamedVM
 
     try:
@@ -38,7 +39,11 @@ async def _ask(name: str) -> dict[str, Any]:
         finally:
             await vm.close()
     except (PyqvmError, TimeoutError) as e:
-        return {"name": name, "state": "unresponsive", "status": None, "error": str(e)}
+        try:  # what the record says still holds; only the state is unknown
+            known = registry.find(name).record().to_json()
+        except PyqvmError:
+            known = {"name": name}
+        return {**known, "state": "unresponsive", "status": None, "error": str(e)}
 
 
 async def _all() -> tuple[list[dict[str, Any]], list[str]]:

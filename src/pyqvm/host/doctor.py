@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pyqvm.host.accel import host_tsc_khz, kvm_status
 from pyqvm.host.claims import ClaimStore
 from pyqvm.host.facts import QEMU_PACKAGES, find_qemu_binaries
+from pyqvm.host.modes import MODES, Mode
 from pyqvm.host.pci import list_pci_devices
 from pyqvm.host.sriov import list_pfs
 from pyqvm.host.vfio import (
@@ -36,9 +37,7 @@ __all__ = ["MODES", "Check", "Mode", "Report", "Status", "run_checks"]
 
 _log = logging.getLogger(__name__)
 
-Mode = Literal["tcg", "kvm", "vfio", "xen"]
 Status = Literal["ok", "warn", "fail", "info"]
-MODES: tuple[Mode, ...] = ("tcg", "kvm", "vfio", "xen")
 
 #: Where Debian's qemu-system-xen puts the Xen device model (QEMU with -accel xen).
 XEN_DEVICE_MODELS = ("usr/libexec/xen-qemu-system-i386", "usr/lib/xen/bin/qemu-system-i386")

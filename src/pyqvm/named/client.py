@@ -83,6 +83,17 @@ class AsyncNamedVM:
                 f"{entry.socket}: {e}; it may still be starting",
                 name=name,
             ) from None
+        greeting = client.greeting
+        version = greeting.QMP.version.get("pyqvm") if greeting is not None else None
+        protocol = version.get("protocol") if isinstance(version, dict) else None
+        if protocol != wire.PROTOCOL:
+            await client.disconnect()
+            raise NamedVMError(
+                f"VM {name!r} is served by an owner of another pyqvm version (protocol "
+                f"{protocol}, this pyqvm speaks {wire.PROTOCOL}); use that pyqvm, or end it: "
+                f"pyqvm stop --force {name}",
+                name=name,
+            )
         return cls(entry, client)
 
     @classmethod
@@ -364,7 +375,9 @@ async def start_owner(
     entry = reservation.entry
     owner_pid: int | None = None
     try:
-        (entry.directory / REQUEST).write_text(json.dumps(request))
+        fd = os.open(entry.directory / REQUEST, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with open(fd, "w") as f:
+            json.dump(request, f)
         r, w = os.pipe()
         log_fd = os.open(
             entry.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600

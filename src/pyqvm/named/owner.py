@@ -514,6 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (never a zombie of a long-lived launcher) and lives in its own session.
     if os.fork():
         os._exit(0)
+    (directory / registry.LOCK).write_text(f"{os.getpid()}\n")  # for `kill_owner`
     os.write(ready_fd, json.dumps({"pid": os.getpid()}).encode() + b"\n")
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(

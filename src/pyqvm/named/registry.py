@@ -3,7 +3,8 @@
 Layout (``root()`` is ``$PYQVM_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/pyqvm``, else
 ``/tmp/pyqvm-<uid>``; always 0700 and ours)::
 
-    vms/NAME/lock         the owner process holds an exclusive flock on it for its life
+    vms/NAME/lock         the owner process holds an exclusive flock on it for its life;
+                          it holds the owner's pid
     vms/NAME/owner.sock   the owner's socket (0600; see `pyqvm.named.wire`)
     vms/NAME/record.json  a versioned `Record`, written once the guest is ready
     vms/NAME/owner.log    the owner's own log
@@ -180,6 +181,13 @@ class Entry:
             ) from None
         return Record.from_json(data, self.name)
 
+    def owner_pid(self) -> int | None:
+        """The pid the owner wrote into its lock file (None before it did)."""
+        try:
+            return int((self.directory / LOCK).read_text().strip() or "x")
+        except (OSError, ValueError):
+            return None
+
     def alive(self) -> bool:
         """Whether the owner process holds its lock (so the VM exists)."""
         try:
@@ -198,7 +206,9 @@ class Entry:
 def write_record(entry: Entry, record: Record) -> None:
     """Write ``record`` atomically (a reader sees no record or a whole one)."""
     tmp = entry.directory / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps(record.to_json(), indent=2) + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with open(fd, "w") as f:
+        f.write(json.dumps(record.to_json(), indent=2) + "\n")
     tmp.rename(entry.directory / RECORD)
 
 
@@ -322,6 +332,27 @@ def prune(entry: Entry) -> str | None:
         os.close(fd)
 
 
+def kill_owner(entry: Entry, timeout: float = 5.0) -> str:
+    """SIGKILL a live entry's owner (its QEMU dies with it) and prune the entry: the way
+    out when an owner does not answer. The pid comes from the record, and the lock still
+    being held proves it is still the owner's (a pid is not reused while its process lives).
+    """
+    pid = entry.owner_pid()
+    if entry.alive() and pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+        give_up = time.monotonic() + timeout
+        while entry.alive():  # the lock is freed when the kernel has closed its files
+            if time.monotonic() > give_up:
+                raise NamedVMError(
+                    f"VM {entry.name!r}: its owner (pid {pid}) was killed but "
+                    f"still holds its lock after {timeout:g} s",
+                    name=entry.name,
+                )
+            time.sleep(0.01)
+    return prune(entry) or "already removed"
+
+
 def _remove(entry: Entry) -> str:
     try:
         record: Record | None = entry.record()
@@ -356,6 +387,7 @@ def _kill_leftover(record: Record) -> None:
 
 
 __all__ = [
+    "LOCK",
     "LOG",
     "RECORD_FORMAT",
     "REQUEST",
@@ -364,6 +396,7 @@ __all__ = [
     "Record",
     "Reservation",
     "find",
+    "kill_owner",
     "prune",
     "reserve",
     "root",

@@ -275,6 +275,11 @@ async def plug_cpu(vm: Machine, id: str = "") -> str:
     """
     vm.require(*LIVE, what="hot-plugging a vCPU")
     spec = vm.resolved_spec
+    if not spec.max_smp or spec.max_smp <= spec.smp:
+        raise HotplugError(
+            f"VM {vm.name!r} has no room for another vCPU (smp = {spec.smp}, max_smp = "
+            f"{spec.max_smp}); set max_smp above smp in the spec"
+        )
     async with vm.devices.lock:
         slots: list[dict[str, Any]] = await vm.execute("query-hotpluggable-cpus")
         free = [s for s in slots if "qom-path" not in s]

@@ -126,7 +126,7 @@ async def save(
         if not overwrite:
             raise SnapshotError(
                 f"VM {vm.name!r} already has a snapshot {tag!r}; "
-                "delete it first or pass overwrite=True"
+                "delete it first or overwrite it (overwrite=True; pyqvm snapshot save --overwrite)"
             )
         await delete(vm, tag, timeout=timeout)
     args = {"tag": tag, "vmstate": nodes[0].node, "devices": [n.node for n in nodes]}
