@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pyqvm import AsyncNamedVM, NamedVMError, Template, VMSpec, attach, image, up
+from pyqvm import AsyncNamedVM, NamedVMError, Template, attach, up
 
 pytestmark = [pytest.mark.e2e]
 
@@ -42,6 +42,11 @@ def pyqvm(
     )
 
 
+def up_clone(name: str) -> subprocess.CompletedProcess[str]:
+    """``pyqvm up --template`` of the session's template (see the ``runtime`` fixture)."""
+    return pyqvm("up", "--template", os.environ["PQ_TEST_TEMPLATE"], "--name", name)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -60,11 +65,17 @@ def gone_within(pids: list[int], seconds: float) -> bool:
 
 
 @pytest.fixture
-def runtime(default_image: image.GuestImage, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A registry of this test's own (a short path: sockets live in it); nothing may be left."""
+def runtime(default_template: Template, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A registry of this test's own (a short path: sockets live in it); nothing may be left.
+
+    `up_clone` starts a clone of the session's template: these tests are about named VMs,
+    not about booting, so most skip the boot.
+    """
     d = Path(tempfile.mkdtemp(prefix="pq-rt-"))
     d.chmod(0o700)
     monkeypatch.setenv("PYQVM_RUNTIME_DIR", str(d))
+    monkeypatch.setenv("PYQVM_TEMPLATES_DIR", str(default_template.directory.parent))
+    monkeypatch.setenv("PQ_TEST_TEMPLATE", default_template.name)
     try:
         yield d
     finally:
@@ -138,7 +149,7 @@ def test_a_failed_up_reports_the_launch_error_and_leaves_nothing(
 
 
 def test_concurrent_execs_a_console_and_a_stop_during_an_exec(runtime: Path) -> None:
-    assert pyqvm("up", "--name", "c").returncode == 0
+    assert up_clone("c").returncode == 0
     slow = subprocess.Popen(
         [*PYQVM, "exec", "c", "--", "sh", "-c", "sleep 1.5; echo slow"],
         stdin=subprocess.DEVNULL,
@@ -176,7 +187,7 @@ def test_concurrent_execs_a_console_and_a_stop_during_an_exec(runtime: Path) -> 
 
 
 def test_sigkilled_owner_takes_qemu_with_it_and_ps_prunes_it_once(runtime: Path) -> None:
-    assert pyqvm("up", "--name", "k").returncode == 0
+    assert up_clone("k").returncode == 0
     info = json.loads(pyqvm("ps", "--json").stdout)[0]
     os.kill(info["owner_pid"], signal.SIGKILL)
     assert gone_within([info["owner_pid"], info["qemu_pid"]], 1.0)  # PR_SET_PDEATHSIG
@@ -190,7 +201,7 @@ def test_sigkilled_owner_takes_qemu_with_it_and_ps_prunes_it_once(runtime: Path)
 
 
 def test_sigkilled_client_mid_exec_leaves_the_vm_usable(runtime: Path) -> None:
-    assert pyqvm("up", "--name", "u").returncode == 0
+    assert up_clone("u").returncode == 0
     client = subprocess.Popen([*PYQVM, "exec", "u", "--", "sleep", "2"], stdin=subprocess.DEVNULL)
     time.sleep(0.7)
     client.kill()
@@ -203,7 +214,7 @@ def test_sigkilled_client_mid_exec_leaves_the_vm_usable(runtime: Path) -> None:
 
 
 def test_an_owner_that_does_not_answer_is_named_in_the_error(runtime: Path) -> None:
-    assert pyqvm("up", "--name", "s").returncode == 0
+    assert up_clone("s").returncode == 0
     owner = json.loads(pyqvm("ps", "--json").stdout)[0]["owner_pid"]
     os.kill(owner, signal.SIGSTOP)
     try:
@@ -265,9 +276,8 @@ def test_snapshot_hotplug_save_and_restore_from_the_command_line(
 
 
 def test_ten_clones_up_then_stop_leave_nothing_behind(
-    runtime: Path, default_template: Template, monkeypatch: pytest.MonkeyPatch
+    runtime: Path, default_template: Template
 ) -> None:
-    monkeypatch.setenv("PYQVM_TEMPLATES_DIR", str(default_template.directory.parent))
     names = [f"n{i}" for i in range(10)]
     procs = [
         subprocess.Popen(
@@ -293,8 +303,8 @@ def test_ten_clones_up_then_stop_leave_nothing_behind(
     assert list((runtime / "vms").iterdir()) == []
 
 
-def test_the_python_api_attach_and_up(runtime: Path) -> None:
-    vm = up(VMSpec(image="default"), name="py")
+def test_the_python_api_attach_and_up(runtime: Path, default_template: Template) -> None:
+    vm = up(name="py", template=default_template.name)
     assert vm.run(["echo", "hi"]).stdout == b"hi\n"
     again = attach("py")
     again.write_file("/tmp/x", b"data")
@@ -365,7 +375,7 @@ def free_port() -> int:
 def test_wait_returns_when_the_guest_powers_off_and_logs_follow_until_then(
     runtime: Path,
 ) -> None:
-    assert pyqvm("up", "--name", "w").returncode == 0
+    assert up_clone("w").returncode == 0
     waiter = subprocess.Popen([*PYQVM, "wait", "w"], stdin=subprocess.DEVNULL)
     follower = subprocess.Popen(
         [*PYQVM, "logs", "--follow", "w"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
