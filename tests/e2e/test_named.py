@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import pty
+import select
 import shutil
 import signal
 import socket
@@ -244,7 +247,9 @@ def test_snapshot_hotplug_save_and_restore_from_the_command_line(
     runtime: Path, tmp_path: Path
 ) -> None:
     spec = tmp_path / "vm.toml"
-    spec.write_text('image = "default"\nhotplug_slots = 1\n')
+    spec.write_text(
+        'image = "default"\nhotplug_slots = 2\nmax_smp = 2\nmax_memory = "1G"\nmemory_slots = 1\n'
+    )
     assert pyqvm("up", str(spec), "--name", "h").returncode == 0
     assert pyqvm("exec", "h", "--", "sh", "-c", "echo one > /tmp/f").returncode == 0
     assert pyqvm("snapshot", "h", "save", "s1").returncode == 0
@@ -263,8 +268,18 @@ def test_snapshot_hotplug_save_and_restore_from_the_command_line(
     wait_vdb = "for i in $(seq 100); do [ -b /dev/vdb ] && break; sleep 0.1; done; [ -b /dev/vdb ]"
     assert pyqvm("exec", "h", "--", "sh", "-c", wait_vdb).returncode == 0
     assert pyqvm("unplug", "h", "extra").returncode == 0
+    nic = pyqvm("hotplug", "h", "nic", "--mac", "52:54:00:12:34:99")
+    assert nic.returncode == 0, nic.stderr
+    macs = pyqvm("exec", "h", "--", "sh", "-c", "sleep 1; cat /sys/class/net/*/address").stdout
+    assert "52:54:00:12:34:99" in macs
+    cpu = pyqvm("hotplug", "h", "cpu")
+    assert cpu.returncode == 0, cpu.stderr
+    mem = pyqvm("hotplug", "h", "memory", "128M")
+    assert mem.returncode == 0, mem.stderr
+    q = json.loads(pyqvm("qmp", "h", "query-memory-devices").stdout)
+    assert [d["data"]["size"] for d in q] == [128 * 2**20]
     r = pyqvm("hotplug", "h", "cpu")
-    assert r.returncode == 125 and "max_smp" in r.stderr  # says what the spec lacks
+    assert r.returncode == 125 and "max_smp" in r.stderr  # full now: says what to raise
 
     saved = tmp_path / "saved"
     r = pyqvm("save", "h", str(saved))
@@ -390,3 +405,37 @@ def test_wait_returns_when_the_guest_powers_off_and_logs_follow_until_then(
     out, _ = follower.communicate(timeout=30)
     assert follower.returncode == 0 and b"written-late" in out
     assert json.loads(pyqvm("ps", "--json").stdout) == []
+
+
+def test_console_on_a_terminal_is_read_write_and_ctrl_close_bracket_detaches(
+    runtime: Path,
+) -> None:
+    assert up_clone("t").returncode == 0
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: `pyqvm console t` on a terminal
+        os.execv(sys.executable, [*PYQVM, "console", "t"])
+    try:
+        seen = b""
+
+        def read_until(marker: bytes, timeout: float = 20) -> None:
+            nonlocal seen
+            end = time.monotonic() + timeout
+            while marker not in seen:
+                assert time.monotonic() < end, seen
+                if select.select([fd], [], [], 0.2)[0]:
+                    seen += os.read(fd, 4096)
+
+        read_until(b"Escape character is ^]")
+        os.write(fd, b"echo tty-$((6*7))\r")
+        read_until(b"tty-42")
+        os.write(fd, b"\x1d")  # Ctrl-]
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    # Detaching left the VM as it was.
+    assert pyqvm("exec", "t", "--", "true").returncode == 0
+    assert pyqvm("stop", "t").returncode == 0
