@@ -1,10 +1,68 @@
-"""Shared fixtures: small files for specs, a built guest image for e2e tests."""
+"""Shared fixtures: small files for specs, a built guest image for e2e tests; and the check
+that the whole suite lost and leaked nothing."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from pyqvm import image
+from pyqvm.named import registry
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.glob("images/*/*")):
+        if p.is_file():
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _ours() -> set[str]:
+    """Runtime dirs of VMs (``pyqvm-*`` in the temp dir) and QEMU processes that exist now."""
+    found = {str(p) for p in Path(tempfile.gettempdir()).glob("pyqvm-*") if p.is_dir()}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv0 = proc.joinpath("cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            if argv0.endswith(b"qemu-system-x86_64") or argv0.endswith(b"qemu-system-i386"):
+                found.add(f"QEMU pid {proc.name}")
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_lost() -> Iterator[None]:
+    """After the whole suite: the built-in images hash as before, and no VM runtime dir, QEMU
+    process, template temp dir or registry entry is left (issue 12, "nothing lost").
+
+    Things that existed before the suite started are not its doing and are ignored; under
+    pytest-xdist another worker's VMs may still run, so only the images are checked there.
+    """
+    cache = image.cache_dir()
+    vms = registry.root() / "vms"  # made now if missing (it is a pyqvm-* dir in /tmp)
+    images, before = _hashes(cache), _ours()
+    yield
+    problems = []
+    now = _hashes(cache)
+    changed = [p for p, h in images.items() if now.get(p) != h]
+    if changed:
+        problems.append(f"built-in image files changed: {changed}")
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        if left := sorted(_ours() - before):
+            problems.append(f"left behind: {left}")
+        half_made = sorted(str(p) for p in (cache / "templates").glob(".tmp-*"))
+        if half_made:
+            problems.append(f"half-made templates left: {half_made}")
+        if vms.is_dir() and (entries := sorted(p.name for p in vms.iterdir())):
+            problems.append(f"named VMs left in {vms}: {entries}")
+    assert not problems, "; ".join(problems)
 
 
 @pytest.fixture

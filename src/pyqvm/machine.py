@@ -352,7 +352,9 @@ class Machine:
         rundir = self._rundir.path
         self.console = ConsoleLog(spec.serial_log or rundir / "console.log")
         assert self.console.path is not None
-        self.console.path.write_bytes(plan.console_prefix)
+        fd = os.open(self.console.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as f:
+            f.write(plan.console_prefix)
         for d in overlay_disks(spec):
             if d.id in plan.overlays:
                 adopt_overlay(Path(plan.overlays[d.id]), overlay_path(rundir, d.id))

@@ -54,4 +54,5 @@ async def make_overlay(base: Path, fmt: str, overlay: Path) -> Path:
             argv=argv,
             exitcode=proc.returncode,
         )
+    overlay.chmod(0o600)  # the guest's writes are this user's business only
     return overlay

@@ -87,6 +87,11 @@ def _reclaim_stale(base: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _private(path: str, flags: int) -> int:
+    """An ``open()`` opener: files pyqvm makes for a VM are readable by this user only."""
+    return os.open(path, flags, 0o600)
+
+
 class RuntimeDir:
     """A private (mode 0700) directory for one VM; `cleanup` removes it.
 
@@ -98,7 +103,8 @@ class RuntimeDir:
         base = _runtime_base()
         _reclaim_stale(Path(base or tempfile.gettempdir()))
         self._path = Path(tempfile.mkdtemp(prefix="pyqvm-", dir=base))
-        (self._path / _OWNER).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+        with open(self._path / _OWNER, "w", opener=_private) as f:
+            f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
 
     @property
     def path(self) -> Path:
@@ -224,6 +230,8 @@ def _child_setup(parent_pid: int) -> Callable[[], None]:
     sigkill = int(signal.SIGKILL)
 
     def setup() -> None:
+        # Whatever QEMU creates (its console socket, a save's files) is for this user only.
+        os.umask(0o077)
         if prctl_fn(PR_SET_PDEATHSIG, sigkill, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
         if os.getppid() != parent_pid:  # parent died before prctl: nobody will signal us
@@ -251,7 +259,8 @@ def _spawn(
     try:
         for path in (stderr_path,) if stdout_path is None else (stderr_path, stdout_path):
             try:
-                files.append(open(path, "wb"))  # noqa: SIM115 - closed below, once the child has it
+                # Private (0600) and closed below, once the child has it.
+                files.append(open(path, "wb", opener=_private))  # noqa: SIM115
             except OSError as exc:
                 raise LaunchError(f"cannot open {path}: {exc.strerror}", argv=argv) from exc
         try:
