@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,16 +24,35 @@ def _hashes(root: Path) -> dict[str, str]:
     return out
 
 
+#: Set for the whole session: every process the suite starts (pyqvm's CLI, owners, QEMU)
+#: inherits it, so the session-end check can tell its own leftovers from anyone else's.
+MARK = "PQ_TEST_SESSION"
+
+
+def _marked(pid: str) -> bool:
+    try:
+        return f"{MARK}={os.environ[MARK]}".encode() in Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+
+
 def _ours() -> set[str]:
-    """Runtime dirs of VMs (``pyqvm-*`` in the temp dir) and QEMU processes that exist now."""
-    found = {str(p) for p in Path(tempfile.gettempdir()).glob("pyqvm-*") if p.is_dir()}
+    """This session's VM runtime dirs whose owner still runs, and its QEMU processes."""
+    found = set()
+    for d in Path(tempfile.gettempdir()).glob("pyqvm-*"):
+        try:
+            owner = (d / "owner").read_text().split()[0]
+        except (OSError, IndexError):
+            continue  # not a VM's runtime dir (the registry root, say)
+        if _marked(owner):
+            found.add(str(d))
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 argv0 = proc.joinpath("cmdline").read_bytes().split(b"\0")[0]
             except OSError:
                 continue
-            if argv0.endswith(b"qemu-system-x86_64") or argv0.endswith(b"qemu-system-i386"):
+            if b"qemu-system-" in argv0 and _marked(proc.name):
                 found.add(f"QEMU pid {proc.name}")
     return found
 
@@ -45,6 +65,7 @@ def nothing_lost() -> Iterator[None]:
     Things that existed before the suite started are not its doing and are ignored; under
     pytest-xdist another worker's VMs may still run, so only the images are checked there.
     """
+    os.environ.setdefault(MARK, f"{os.getpid()}-{time.time_ns()}")
     cache = image.cache_dir()
     vms = registry.root() / "vms"  # made now if missing (it is a pyqvm-* dir in /tmp)
     images, before = _hashes(cache), _ours()
