@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-system-x86 qemu-utils qemu-guest-agent busybox-static cpio kmod e2fsprogs lz4 zstd xz-utils
-          dpkg apt qemu-system-xen)  # qemu-system-xen: the Xen device model whose argv tests check
+          dpkg apt qemu-system-xen iproute2)
+# qemu-system-xen: the Xen device model whose argv tests check; iproute2: `ip netns`, the
+# "hosts" of the TLS migration tests
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -53,6 +53,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
     "MigrationError": ("pyqvm.errors", "MigrationError"),
     "MigrationProgress": ("pyqvm.ops.migration", "MigrationProgress"),
     "MigrationStats": ("pyqvm.ops.migration", "MigrationStats"),
+    "MigrationTLS": ("pyqvm.ops.migration", "MigrationTLS"),
     "MigrationTuning": ("pyqvm.ops.migration", "MigrationTuning"),
     "NamedVM": ("pyqvm.remote", "NamedVM"),
     "NamedVMError": ("pyqvm.errors", "NamedVMError"),
@@ -118,6 +119,7 @@ if TYPE_CHECKING:
         Incoming,
         MigrationProgress,
         MigrationStats,
+        MigrationTLS,
         MigrationTuning,
         SavedState,
     )
@@ -172,6 +174,7 @@ __all__ = [
     "MigrationError",
     "MigrationProgress",
     "MigrationStats",
+    "MigrationTLS",
     "MigrationTuning",
     "NamedVM",
     "NamedVMError",

@@ -33,6 +33,7 @@ from pyqvm.ops.blockjobs import ChainLink
 from pyqvm.ops.migration import (
     Incoming,
     MigrationStats,
+    MigrationTLS,
     MigrationTuning,
     ProgressCallback,
     SavedState,
@@ -325,6 +326,8 @@ class VM:
         tuning: MigrationTuning | None = None,
         progress: ProgressCallback | None = None,
         timeout: float | None = 600.0,
+        tls: MigrationTLS | None = None,
+        insecure: bool = False,
     ) -> MigrationStats:
         if dst._loop is not self._loop:
             raise PyqvmError(
@@ -340,6 +343,8 @@ class VM:
                 tuning=tuning,
                 progress=progress,
                 timeout=timeout,
+                tls=tls,
+                insecure=insecure,
             )
         )
 
@@ -353,6 +358,8 @@ class VM:
         overlays: Mapping[str, Path] | None = None,
         devices: Mapping[str, Plugged] | None = None,
         without_forwards: bool = False,
+        tls: MigrationTLS | None = None,
+        insecure: bool = False,
     ) -> Incoming:
         return self._run(
             self._vm.listen(
@@ -363,6 +370,8 @@ class VM:
                 overlays=overlays,
                 devices=devices,
                 without_forwards=without_forwards,
+                tls=tls,
+                insecure=insecure,
             )
         )
 
@@ -377,6 +386,8 @@ class VM:
         progress_interval: float = 0.5,
         timeout: float | None = 600.0,
         stop_source: bool = True,
+        tls: MigrationTLS | None = None,
+        insecure: bool = False,
     ) -> MigrationStats:
         return self._run(
             self._vm.send(
@@ -388,6 +399,8 @@ class VM:
                 progress_interval=progress_interval,
                 timeout=timeout,
                 stop_source=stop_source,
+                tls=tls,
+                insecure=insecure,
             )
         )
 

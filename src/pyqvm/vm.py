@@ -31,6 +31,7 @@ from pyqvm.ops.blockjobs import ChainLink
 from pyqvm.ops.migration import (
     Incoming,
     MigrationStats,
+    MigrationTLS,
     MigrationTuning,
     ProgressCallback,
     SavedState,
@@ -318,6 +319,8 @@ class AsyncVM:
         tuning: MigrationTuning | None = None,
         progress: ProgressCallback | None = None,
         timeout: float | None = 600.0,
+        tls: MigrationTLS | None = None,
+        insecure: bool = False,
     ) -> MigrationStats:
         """Move this running guest into ``dst`` (same spec, not started); raises
         `MigrationError`, and the guest then runs on here."""
@@ -330,6 +333,8 @@ class AsyncVM:
             tuning=tuning,
             progress=progress,
             timeout=timeout,
+            tls=tls,
+            insecure=insecure,
         )
 
     async def listen(
@@ -342,6 +347,8 @@ class AsyncVM:
         overlays: Mapping[str, Path] | None = None,
         devices: Mapping[str, Plugged] | None = None,
         without_forwards: bool = False,
+        tls: MigrationTLS | None = None,
+        insecure: bool = False,
     ) -> Incoming:
         """Start as a migration destination for a source elsewhere; hand the result to its
         `send`, then call `accept`. See `pyqvm.ops.migration.listen`."""
@@ -354,6 +361,8 @@ class AsyncVM:
             overlays=overlays,
             devices=devices,
             without_forwards=without_forwards,
+            tls=tls,
+            insecure=insecure,
         )
 
     async def send(
@@ -367,6 +376,8 @@ class AsyncVM:
         progress_interval: float = 0.5,
         timeout: float | None = 600.0,
         stop_source: bool = True,
+        tls: MigrationTLS | None = None,
+        insecure: bool = False,
     ) -> MigrationStats:
         """Migrate this guest to a destination that listened at ``target``."""
         return await migration.send(
@@ -379,6 +390,8 @@ class AsyncVM:
             progress_interval=progress_interval,
             timeout=timeout,
             stop_source=stop_source,
+            tls=tls,
+            insecure=insecure,
         )
 
     async def accept(self, incoming: Incoming, *, timeout: float | None = 600.0) -> None:

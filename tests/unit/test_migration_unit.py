@@ -33,6 +33,7 @@ from pyqvm.ops.migration import (
     QEMU_DEFAULT_BANDWIDTH,
     QEMU_DEFAULT_DOWNTIME_MS,
     UNLIMITED_BANDWIDTH,
+    MigrationTLS,
     MigrationTuning,
     qapi,
 )
@@ -524,3 +525,72 @@ async def test_send_fd_errors(fd_qemu: tuple[QMPSession, FdQEMU]) -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+# --- TLS and clear text -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.5.6.7", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.213.0.2", False),
+        ("example.org", False),
+    ],
+)
+def test_only_loopback_counts_as_loopback(host: str, loopback: bool) -> None:
+    assert qapi.is_loopback(host) is loopback
+
+
+def test_clear_text_off_loopback_is_refused_unless_tls_or_insecure(tmp_path: Path) -> None:
+    (tmp_path / "ca-cert.pem").write_text("x")
+    tls = MigrationTLS(tmp_path)
+    qapi.refuse_cleartext("tcp", "127.0.0.1", None, False, "migrating to")
+    qapi.refuse_cleartext("unix", None, None, False, "migrating to")
+    qapi.refuse_cleartext("tcp", "10.0.0.2", tls, False, "migrating to")
+    qapi.refuse_cleartext("tcp", "10.0.0.2", None, True, "migrating to")
+    with pytest.raises(MigrationError, match=r"migrating to 10\.0\.0\.2: .*clear text"):
+        qapi.refuse_cleartext("tcp", "10.0.0.2", None, False, "migrating to")
+    assert qapi.tcp_uri_host("tcp:[::]:4444") == "::"
+    assert qapi.tcp_uri_host("unix:/x") is None
+
+
+def test_tls_objects_and_parameters_per_side(tmp_path: Path) -> None:
+    (tmp_path / "ca-cert.pem").write_text("x")
+    tls = MigrationTLS(tmp_path, hostname="dst.example", peer="O=o,CN=src")
+    creds, cmds = qapi.tls_objects(tls, "destination", 3)
+    assert creds == "pq-mig-tls3"
+    assert cmds[0] == (
+        "object-add",
+        {
+            "qom-type": "tls-creds-x509",
+            "id": "pq-mig-tls3",
+            "dir": str(tmp_path),
+            "endpoint": "server",
+            "verify-peer": True,
+        },
+    )
+    assert cmds[1][1] == {
+        "qom-type": "authz-simple",
+        "id": "pq-mig-tls3-authz",
+        "identity": "O=o,CN=src",
+    }
+    assert qapi.tls_parameters(tls, "destination", creds) == {
+        "tls-creds": creds,
+        "tls-authz": "pq-mig-tls3-authz",
+    }
+    _, src_cmds = qapi.tls_objects(tls, "source", 4)
+    assert [c[1]["endpoint"] for c in src_cmds] == ["client"]  # no authz on the source
+    assert qapi.tls_parameters(tls, "source", "c") == {
+        "tls-creds": "c",
+        "tls-hostname": "dst.example",
+    }
+    assert qapi.tls_parameters(None, "source", "") == {"tls-creds": ""}  # back to clear text
+    with pytest.raises(MigrationError, match=r"client-cert\.pem is missing"):
+        tls.check("source")

@@ -38,8 +38,8 @@ all of its memory (see docs/migration.md).
 
 The package, one module a concern (each function takes machines: `pyqvm.machine.Machine`):
 
-- `types`: `MigrationTuning` in; `MigrationProgress`, `MigrationStats`, `Incoming`,
-  `SavedState` out;
+- `types`: `MigrationTuning` and `MigrationTLS` in; `MigrationProgress`, `MigrationStats`,
+  `Incoming`, `SavedState` out;
 - `qapi`: pure helpers between those and QEMU's QAPI (no I/O: unit-tested without QEMU);
 - `common`: what both sides do, and `failure_guard`, the one error boundary;
 - `incoming`: the destination (`listen`, `accept`); `outgoing`: the source (`send`);
@@ -58,6 +58,7 @@ from pyqvm.ops.migration.types import (
     Incoming,
     MigrationProgress,
     MigrationStats,
+    MigrationTLS,
     MigrationTuning,
     ProgressCallback,
     SavedState,
@@ -72,6 +73,7 @@ __all__ = [
     "Incoming",
     "MigrationProgress",
     "MigrationStats",
+    "MigrationTLS",
     "MigrationTuning",
     "ProgressCallback",
     "SavedState",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -12,8 +13,13 @@ from pyqvm import passthrough
 from pyqvm.errors import MigrationError, PyqvmError
 from pyqvm.machine import Machine
 from pyqvm.ops import block_nodes
-from pyqvm.ops.migration.qapi import configure_commands, migration_error
-from pyqvm.ops.migration.types import MigrationTuning, Side
+from pyqvm.ops.migration.qapi import (
+    configure_commands,
+    migration_error,
+    tls_objects,
+    tls_parameters,
+)
+from pyqvm.ops.migration.types import MigrationTLS, MigrationTuning, Side
 from pyqvm.overlays import overlay_disks
 from pyqvm.spec import VMSpec
 from pyqvm.state import VMState
@@ -35,9 +41,25 @@ def refuse_blocked(vm: Machine, what: str) -> None:
         raise MigrationError(f"cannot {what} VM {vm.name!r}: {reason}")
 
 
-async def configure(vm: Machine, tuning: MigrationTuning, side: Side) -> None:
+async def configure(
+    vm: Machine, tuning: MigrationTuning, side: Side, tls: MigrationTLS | None = None
+) -> str | None:
+    """Apply ``tuning`` and ``tls`` on one side; returns the TLS credentials' object id
+    (for the NBD disk copy), or None without TLS."""
     for command, arguments in configure_commands(tuning, side):
         await vm.execute(command, arguments)
+    creds = None
+    if tls is not None:
+        tls.check(side)
+        creds, commands = tls_objects(tls, side, next(_tls_seq))
+        for command, arguments in commands:
+            await vm.execute(command, arguments)
+    # Always set: a TLS attempt that failed must not leave a later plain one encrypted.
+    await vm.execute("migrate-set-parameters", tls_parameters(tls, side, creds or ""))
+    return creds
+
+
+_tls_seq = itertools.count(1)  # credentials objects stay in QEMU; each attempt makes its own
 
 
 async def status(vm: Machine) -> dict[str, Any]:

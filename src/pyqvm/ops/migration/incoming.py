@@ -28,9 +28,16 @@ from pyqvm.ops.migration.qapi import (
     incoming_uri,
     listening_port,
     parse_address,
+    refuse_cleartext,
     uri_host,
 )
-from pyqvm.ops.migration.types import Incoming, MigrationTuning, Storage, Transport
+from pyqvm.ops.migration.types import (
+    Incoming,
+    MigrationTLS,
+    MigrationTuning,
+    Storage,
+    Transport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,8 @@ async def listen(
     overlays: Mapping[str, Path] | None = None,
     devices: Mapping[str, Plugged] | None = None,
     without_forwards: bool = False,
+    tls: MigrationTLS | None = None,
+    insecure: bool = False,
 ) -> Incoming:
     """Start ``dst`` as a migration destination and listen for the source.
 
@@ -57,11 +66,18 @@ async def listen(
     ``machine.devices.snapshot()``) are plugged into ``dst`` before the state
     comes, as the source has them. ``without_forwards`` starts ``dst``'s NICs
     without their host port forwards (a source on this host still holds the
-    ports; `add_forwards` adds them after). On failure ``dst`` is stopped and
-    removed.
+    ports; `add_forwards` adds them after). ``tls`` encrypts the stream and the
+    disk export and verifies the source's certificate; listening on TCP on a
+    non-loopback address without it is refused unless ``insecure``. On failure
+    ``dst`` is stopped and removed.
     """
     tuning = tuning or MigrationTuning()
     check_options(transport, storage, address)
+    if transport == "tcp":
+        host, _ = parse_address(address, "127.0.0.1")
+        refuse_cleartext(transport, host, tls, insecure, "listening for a migration on")
+    if tls is not None:
+        tls.check("destination")
     refuse_blocked(dst, "migrate into")
     plan = LaunchPlan(overlays=dict(overlays or {}), without_forwards=without_forwards)
     await dst.start_incoming(plan)
@@ -72,13 +88,13 @@ async def listen(
     ):
         # Autostart off: the guest runs here only once the source is known to be done.
         await dst.execute("stop")
-        await configure(dst, tuning, "destination")
+        creds = await configure(dst, tuning, "destination", tls)
         if devices:
             await replug(dst, devices, overlays=overlays, without_forwards=without_forwards)
         nbd: str | None = None
         exports: tuple[str, ...] = ()
         if storage == "copied":
-            nbd, exports = await _export_disks(dst, transport, address)
+            nbd, exports = await _export_disks(dst, transport, address, creds, tls)
         uri = incoming_uri(transport, dst.launched_dir(), address)
         await dst.execute("migrate-incoming", {"uri": uri})
         if uri.endswith(":0") and transport == "tcp":
@@ -93,12 +109,23 @@ async def listen(
 
 
 async def _export_disks(
-    dst: Machine, transport: Transport, address: str | None
+    dst: Machine,
+    transport: Transport,
+    address: str | None,
+    creds: str | None,
+    tls: MigrationTLS | None,
 ) -> tuple[str, tuple[str, ...]]:
+    # The disks travel as the RAM does: under the same credentials and authorization.
+    secure: dict[str, object] = {}
+    if creds is not None and tls is not None:
+        secure["tls-creds"] = creds
+        if tls.peer is not None:
+            secure["tls-authz"] = f"{creds}-authz"
     if transport == "unix":
         path = dst.runtime_file("nbd.sock")
         await dst.execute(
-            "nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(path)}}}
+            "nbd-server-start",
+            {"addr": {"type": "unix", "data": {"path": str(path)}}, **secure},
         )
         nbd = f"unix:{path}"
     else:
@@ -112,7 +139,8 @@ async def _export_disks(
             port = lsock.getsockname()[1]
             await dst.qmp.send_fd(lsock.fileno(), "pq-nbd-listen")
         await dst.execute(
-            "nbd-server-start", {"addr": {"type": "fd", "data": {"str": "pq-nbd-listen"}}}
+            "nbd-server-start",
+            {"addr": {"type": "fd", "data": {"str": "pq-nbd-listen"}}, **secure},
         )
         nbd = f"tcp:{uri_host(host)}:{port}"
     exports = []

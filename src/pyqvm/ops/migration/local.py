@@ -15,6 +15,7 @@ from pyqvm.ops.migration.incoming import accept, listen
 from pyqvm.ops.migration.outgoing import resume_source, send
 from pyqvm.ops.migration.types import (
     MigrationStats,
+    MigrationTLS,
     MigrationTuning,
     ProgressCallback,
     Storage,
@@ -35,6 +36,8 @@ async def migrate(
     tuning: MigrationTuning | None = None,
     progress: ProgressCallback | None = None,
     timeout: float | None = 600.0,
+    tls: MigrationTLS | None = None,
+    insecure: bool = False,
 ) -> MigrationStats:
     """Move the guest of ``src`` (running) into ``dst`` (created from the same spec, not started).
 
@@ -61,13 +64,22 @@ async def migrate(
         overlays=src.overlays() if storage == "shared" else None,
         devices=src.devices.snapshot(),
         without_forwards=bool(forwards),
+        tls=tls,
+        insecure=insecure,
     )
     # The destination often knows why the source's send failed: its stderr is quoted.
     async with failure_guard(
         "", lambda: kill_unless_stopped(dst), tail_of=dst, tail_label="destination"
     ):
         stats = await send(
-            src, incoming, tuning=tuning, progress=progress, timeout=timeout, stop_source=False
+            src,
+            incoming,
+            tuning=tuning,
+            progress=progress,
+            timeout=timeout,
+            stop_source=False,
+            tls=tls,
+            insecure=insecure,
         )
     try:
         await accept(dst, incoming, timeout=timeout)

@@ -22,11 +22,20 @@ from pyqvm.ops.migration.common import (
     status,
     writable_disks,
 )
-from pyqvm.ops.migration.qapi import FINAL, MIG_PREFIX, nbd_server, progress_from, stats_from
+from pyqvm.ops.migration.qapi import (
+    FINAL,
+    MIG_PREFIX,
+    nbd_server,
+    progress_from,
+    refuse_cleartext,
+    stats_from,
+    tcp_uri_host,
+)
 from pyqvm.ops.migration.types import (
     Incoming,
     MigrationProgress,
     MigrationStats,
+    MigrationTLS,
     MigrationTuning,
     ProgressCallback,
     Storage,
@@ -52,14 +61,27 @@ class DiskCopies:
         self.nodes: list[str] = []
         self._stack = AsyncExitStack()
 
-    async def start(self, nbd: str, deadline: Deadline) -> None:
+    async def start(
+        self, nbd: str, deadline: Deadline, creds: str | None = None, hostname: str | None = None
+    ) -> None:
         vm = self.vm
         server = nbd_server(nbd)
+        secure: dict[str, object] = {}
+        if creds is not None:
+            secure["tls-creds"] = creds
+            if hostname:
+                secure["tls-hostname"] = hostname
         for device, node, sync in await writable_disks(vm):
             target = f"{MIG_PREFIX}{device}"
             await vm.execute(
                 "blockdev-add",
-                {"driver": "nbd", "node-name": target, "server": server, "export": device},
+                {
+                    "driver": "nbd",
+                    "node-name": target,
+                    "server": server,
+                    "export": device,
+                    **secure,
+                },
             )
             self.nodes.append(target)
             args = {"device": node, "target": target, "sync": sync, "auto-dismiss": False}
@@ -130,6 +152,8 @@ async def send(
     progress_interval: float = 0.5,
     timeout: float | None = 600.0,
     stop_source: bool = True,
+    tls: MigrationTLS | None = None,
+    insecure: bool = False,
 ) -> MigrationStats:
     """Migrate ``src`` to a destination that `listen`\\ ed at ``target`` (an `Incoming` or its URI).
 
@@ -137,9 +161,11 @@ async def send(
     ``progress`` is called with a `MigrationProgress` about every
     ``progress_interval`` seconds. When it returns, the guest has left:
     ``src`` is stopped (or paused with ``stop_source=False``, for a caller that
-    confirms the destination first). On failure, timeout or cancellation the
-    source's guest runs on and `MigrationError` is raised (cancellation is
-    re-raised as such).
+    confirms the destination first). ``tls`` encrypts the stream and the disk
+    copy and checks the destination's certificate; sending over TCP to a
+    non-loopback address without it is refused unless ``insecure``. On failure,
+    timeout or cancellation the source's guest runs on and `MigrationError` is
+    raised (cancellation is re-raised as such).
     """
     t0 = time.monotonic()
     tuning = tuning or MigrationTuning()
@@ -149,6 +175,11 @@ async def send(
         uri, storage = target, storage or "shared"
     if storage == "copied" and not nbd:
         raise MigrationError("copied storage needs the destination's nbd address")
+    refuse_cleartext("tcp", tcp_uri_host(uri), tls, insecure, "migrating to")
+    if nbd is not None:
+        refuse_cleartext("tcp", tcp_uri_host(nbd), tls, insecure, "copying disks to")
+    if tls is not None:
+        tls.check("source")
     src.require(VMState.RUNNING, what="migrating")
     refuse_blocked(src, "migrate")
     src.move(VMState.MIGRATING)
@@ -159,7 +190,7 @@ async def send(
         lambda: recover_source(src, copies),
         suffix=f"; the guest runs on here ({src.name})",
     ):
-        await configure(src, tuning, "source")
+        creds = await configure(src, tuning, "source", tls)
         # Copied storage: stop before the device state goes, to end the disk copies first.
         copied = storage == "copied"
         await src.execute(
@@ -168,7 +199,7 @@ async def send(
         )
         if copied:
             assert nbd is not None
-            await copies.start(nbd, deadline)
+            await copies.start(nbd, deadline, creds, tls.hostname if tls else None)
         stats = await run_migration(
             src, uri, tuning, progress, deadline, t0, copies=copies, interval=progress_interval
         )

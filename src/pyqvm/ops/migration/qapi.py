@@ -7,6 +7,7 @@ what comes back (``query-migrate`` replies as `MigrationProgress` and
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from pyqvm.errors import MigrationError
 from pyqvm.ops.migration.types import (
     MigrationProgress,
     MigrationStats,
+    MigrationTLS,
     MigrationTuning,
     Side,
     Transport,
@@ -98,9 +100,82 @@ def parse_address(address: str | None, default_host: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine's loopback (``localhost``, 127.0.0.0/8, ``::1``);
+    the wildcard addresses are not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+
+
+def refuse_cleartext(
+    transport: str, host: str | None, tls: MigrationTLS | None, insecure: bool, what: str
+) -> None:
+    """`MigrationError` for a TCP migration that would carry guest memory in clear text
+    over a network: to or on a non-loopback ``host`` without ``tls``, unless ``insecure``."""
+    if transport != "tcp" or tls is not None or insecure or host is None or is_loopback(host):
+        return
+    raise MigrationError(
+        f"{what} {host}: a migration over TCP to a non-loopback address sends the guest's "
+        "memory and disks in clear text; give tls=MigrationTLS(directory) (certificates), "
+        "or insecure=True if this network is trusted"
+    )
+
+
+def tls_objects(
+    tls: MigrationTLS, side: Side, seq: int
+) -> tuple[str, list[tuple[str, dict[str, object]]]]:
+    """The id of the credentials object and the QMP commands that make it (and, on a
+    destination that names its ``peer``, the authorization object) for one ``side``."""
+    creds = f"{MIG_PREFIX}tls{seq}"
+    commands: list[tuple[str, dict[str, object]]] = [
+        (
+            "object-add",
+            {
+                "qom-type": "tls-creds-x509",
+                "id": creds,
+                "dir": str(tls.directory),
+                "endpoint": "server" if side == "destination" else "client",
+                "verify-peer": True,
+            },
+        )
+    ]
+    if side == "destination" and tls.peer is not None:
+        commands.append(
+            (
+                "object-add",
+                {"qom-type": "authz-simple", "id": f"{creds}-authz", "identity": tls.peer},
+            )
+        )
+    return creds, commands
+
+
+def tls_parameters(tls: MigrationTLS | None, side: Side, creds: str) -> dict[str, object]:
+    """``migrate-set-parameters`` for ``tls`` (or for none: QEMU's plain stream again)."""
+    if tls is None:
+        return {"tls-creds": ""}
+    params: dict[str, object] = {"tls-creds": creds}
+    if side == "source" and tls.hostname:
+        params["tls-hostname"] = tls.hostname
+    if side == "destination" and tls.peer is not None:
+        params["tls-authz"] = f"{creds}-authz"
+    return params
+
+
 def uri_host(host: str) -> str:
     """A host as it goes into a URI (IPv6 in brackets)."""
     return f"[{host}]" if ":" in host else host
+
+
+def tcp_uri_host(uri: str) -> str | None:
+    """The host of a ``tcp:HOST:PORT`` URI (None for any other kind)."""
+    kind, _, rest = uri.partition(":")
+    if kind != "tcp":
+        return None
+    return parse_address(rest, "127.0.0.1")[0]
 
 
 def check_options(transport: str, storage: str, address: str | None) -> None:

@@ -29,6 +29,44 @@ MANIFEST = "pyqvm-saved.json"
 
 
 @dataclass(frozen=True, slots=True)
+class MigrationTLS:
+    """TLS for a migration stream and its disk copy (QEMU's ``tls-creds-x509``).
+
+    ``directory`` holds ``ca-cert.pem`` and, as the side needs them,
+    ``server-cert.pem``/``server-key.pem`` (the destination) and
+    ``client-cert.pem``/``client-key.pem`` (the source; the destination
+    verifies it). ``hostname`` is the name the source expects in the
+    destination's certificate (default: the host in the address it dials, which
+    the certificate must then carry as an IP or DNS subject alternative name).
+    ``peer`` makes a destination accept only the source certificate with that
+    distinguished name, as GnuTLS writes it (``O=org,CN=name``).
+    """
+
+    directory: Path
+    hostname: str | None = None
+    peer: str | None = None
+
+    def __post_init__(self) -> None:
+        ca = Path(self.directory) / "ca-cert.pem"
+        if not ca.is_file():
+            raise MigrationError(
+                f"tls.directory: {ca} is missing; put the CA certificate there (PEM), with "
+                "server-cert.pem/server-key.pem for a destination and "
+                "client-cert.pem/client-key.pem for a source"
+            )
+
+    def check(self, side: Side) -> None:
+        """`MigrationError` naming the file a ``side`` lacks (before QEMU reads them)."""
+        role = "server" if side == "destination" else "client"
+        for name in (f"{role}-cert.pem", f"{role}-key.pem"):
+            if not (Path(self.directory) / name).is_file():
+                raise MigrationError(
+                    f"tls.directory: {Path(self.directory) / name} is missing; the {side} of a "
+                    f"TLS migration needs its {role} certificate and key there"
+                )
+
+
+@dataclass(frozen=True, slots=True)
 class MigrationTuning:
     """Migration parameters and capabilities; the defaults are pyqvm's.
 
