@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pyqvm.cli import status
-from pyqvm.cli.specargs import UsageError, add_spec_options, overrides_given, spec_from_args
+from pyqvm.cli.specargs import add_spec_options, refuse_overrides_with_template, spec_from_args
 from pyqvm.errors import PyqvmError
 
 if TYPE_CHECKING:  # imported when the verb runs: `pyqvm ps` need not pay for them
@@ -43,14 +43,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     if args.template:
-        # A clone runs its template's spec; only its name is its own.
-        ignored = (["SPEC"] if args.spec else []) + [
-            o for o in overrides_given(args) if o != "--name"
-        ]
-        if ignored:
-            raise UsageError(
-                f"--template: the template's spec is used; leave out {', '.join(ignored)}"
-            )
+        refuse_overrides_with_template(args)
         return asyncio.run(_clone_and_run(args.template, args.name, args.cmd))
     return asyncio.run(_run(spec_from_args(args), args.cmd))
 

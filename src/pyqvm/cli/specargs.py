@@ -68,6 +68,14 @@ def overrides_given(args: argparse.Namespace) -> list[str]:
     return [flag for dest, flag in options if getattr(args, dest) not in (None, [])]
 
 
+def refuse_overrides_with_template(args: argparse.Namespace) -> None:
+    """`UsageError` when a spec or spec options come with ``--template T``: a clone runs its
+    template's spec, and only its name is its own."""
+    ignored = (["SPEC"] if args.spec else []) + [o for o in overrides_given(args) if o != "--name"]
+    if ignored:
+        raise UsageError(f"--template: the template's spec is used; leave out {', '.join(ignored)}")
+
+
 def spec_from_args(args: argparse.Namespace) -> VMSpec:
     """The spec `run`/`cmdline` use: the TOML file (or nothing) plus command-line overrides."""
     data: dict[str, Any] = {}
@@ -115,4 +123,11 @@ def _forward(text: str) -> PortForward:
     return PortForward(host_port=int(host), guest_port=int(guest))
 
 
-__all__ = ["UsageError", "add_spec_options", "memory_size", "overrides_given", "spec_from_args"]
+__all__ = [
+    "UsageError",
+    "add_spec_options",
+    "memory_size",
+    "overrides_given",
+    "refuse_overrides_with_template",
+    "spec_from_args",
+]

@@ -8,7 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pyqvm.cli.specargs import UsageError, add_spec_options, overrides_given, spec_from_args
+from pyqvm.cli.specargs import (
+    UsageError,
+    add_spec_options,
+    refuse_overrides_with_template,
+    spec_from_args,
+)
 
 
 def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
@@ -42,13 +47,7 @@ def run_up(args: argparse.Namespace) -> int:
     if not args.name:
         raise UsageError("up needs --name NAME (the name other commands use)")
     if args.template:
-        ignored = (["SPEC"] if args.spec else []) + [
-            o for o in overrides_given(args) if o != "--name"
-        ]
-        if ignored:
-            raise UsageError(
-                f"--template: the template's spec is used; leave out {', '.join(ignored)}"
-            )
+        refuse_overrides_with_template(args)
         spec = None
     else:
         spec = spec_from_args(args)  # bad input fails here, before any process starts
