@@ -3,6 +3,7 @@ that the whole suite lost and leaked nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pyqvm import image
+from pyqvm import Template, VMSpec, image, templates
 from pyqvm.named import registry
 
 
@@ -99,3 +100,28 @@ def files(tmp_path: Path) -> dict[str, Path]:
         p.write_bytes(b"\0" * 512)
     out["qcow2"].write_bytes(b"QFI\xfb" + b"\0" * 508)
     return out
+
+
+@pytest.fixture(scope="session")
+def default_image() -> image.GuestImage:
+    return image.build("default")
+
+
+@pytest.fixture(scope="session")
+def full_image() -> image.GuestImage:
+    return image.build("full")
+
+
+@pytest.fixture(scope="session")
+def default_template(
+    default_image: image.GuestImage, tmp_path_factory: pytest.TempPathFactory
+) -> Template:
+    """A template of ``VMSpec(image="default")``, made once per session (a few seconds).
+
+    A test whose subject is not the boot itself starts its VMs as clones of it
+    (``AsyncVM.from_template(default_template)``, or ``start_from_template``
+    for a VM made from ``default_template.clone_spec(name)``): ready in a
+    fraction of a second instead of a cold boot.
+    """
+    where = tmp_path_factory.mktemp("templates")
+    return asyncio.run(templates.ensure(VMSpec(image="default"), directory=where))

@@ -41,6 +41,7 @@ from pyqvm.agent import GuestAgent
 from pyqvm.argv.build import LaunchContext, RamFile, build_argv
 from pyqvm.argv.devices import DiskFile
 from pyqvm.console import ConsoleLog
+from pyqvm.deadline import Deadline
 from pyqvm.devices import DeviceTable
 from pyqvm.errors import LaunchError, PyqvmError, VMStateError, tail
 from pyqvm.host.facts import HostFacts
@@ -55,6 +56,12 @@ from pyqvm.state import Lifecycle, VMState
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+#: Seconds a stop waits for QEMU to answer `quit` and to exit after it; and how much of a
+#: graceful stop's time is kept for that should the guest not power off.
+_QUIT_WAIT = 5.0
+_QUIT_RESERVE = 2.0
+#: Seconds between SIGTERM and SIGKILL when no deadline says otherwise.
+_TERM_WAIT = 5.0
 #: The serial console's unix socket in the runtime dir (see `argv.build.console_chardev`).
 CONSOLE_SOCKET = "console.sock"
 
@@ -453,9 +460,12 @@ class Machine:
         """Shut down in steps (powerdown -> quit -> SIGTERM -> SIGKILL) and remove everything.
 
         ``graceful`` asks the guest to power off first (through its agent, else
-        by ACPI) and waits up to ``timeout`` for it. By default that happens
-        only when the VM writes to a disk that outlives it; with throw-away
-        overlays there is nothing to keep and QEMU is told to ``quit`` at once.
+        by ACPI) and waits for it. By default that happens only when the VM
+        writes to a disk that outlives it; with throw-away overlays there is
+        nothing to keep and QEMU is told to ``quit`` at once. Every step shares
+        ``timeout``: whatever state QEMU is in (stopped by a signal, wedged), it
+        is SIGKILLed once the time is up, so a stop returns within ``timeout``
+        and a small fixed margin.
         Returns QEMU's exit status (None if it never started). Safe to call twice,
         and from two tasks at once: the second waits for the first's stop.
         """
@@ -474,41 +484,48 @@ class Machine:
                 not d.ephemeral and not d.readonly for d in self.resolved_spec.disks
             )
         self.move(VMState.STOPPING)
+        # One bound for every step, so that a QEMU that answers nothing (SIGSTOPped,
+        # wedged) costs ``timeout`` and then a SIGKILL, not each step's own wait.
+        deadline = Deadline(timeout)
         try:
-            await self._shutdown(timeout if graceful else 0.0)
+            await self._shutdown(deadline, graceful)
         finally:
-            await self.teardown()
+            await self.teardown(deadline)
         self.move(VMState.STOPPED)
         return self._last_code
 
-    async def _shutdown(self, powerdown_timeout: float) -> None:
+    async def _shutdown(self, deadline: Deadline, graceful: bool) -> None:
         proc, qmp = self._process, self._qmp
         if proc is None or proc.returncode is not None or qmp is None or not qmp.connected:
             return
-        if powerdown_timeout > 0:
+        if graceful:
+            # Keep a little of the time for `quit` should the guest not power off.
+            reserve = min(_QUIT_RESERVE, (deadline.timeout or 0) / 4)
             try:
-                await self._request_poweroff()
-                await proc.wait(powerdown_timeout)
+                await self._request_poweroff(deadline)
+                await proc.wait(max(0.0, (deadline.left() or 0) - reserve))
                 return
             except PyqvmError as e:
                 log.info("%s: no clean powerdown (%s); sending quit", self.name, e)
         try:
-            await qmp.execute("quit", timeout=5)
-            await proc.wait(5)
+            await qmp.execute("quit", timeout=deadline.within(_QUIT_WAIT) or 0.01)
+            await proc.wait(deadline.within(_QUIT_WAIT))
         except PyqvmError as e:
             log.info("%s: quit did not end QEMU (%s); terminating", self.name, e)
 
-    async def _request_poweroff(self) -> None:
+    async def _request_poweroff(self, deadline: Deadline) -> None:
         """Ask the guest to power off: through its agent when it answers (a guest
         without an ACPI daemon ignores the power button), else by ACPI."""
         if self._agent is not None and self.state is VMState.STOPPING:
             try:
-                await self._agent.execute("guest-shutdown", {"mode": "powerdown"}, timeout=2)
+                await self._agent.execute(
+                    "guest-shutdown", {"mode": "powerdown"}, timeout=deadline.within(2) or 0.01
+                )
                 log.info("%s: asked the guest agent to power off", self.name)
                 return
             except PyqvmError as e:
                 log.info("%s: guest agent shutdown failed (%s); trying ACPI", self.name, e)
-        await self.execute("system_powerdown", timeout=5)
+        await self.execute("system_powerdown", timeout=deadline.within(5) or 0.01)
         log.info("%s: sent ACPI powerdown", self.name)
 
     async def kill(self) -> None:
@@ -527,11 +544,14 @@ class Machine:
         await self.stop()
         return code
 
-    async def teardown(self) -> None:
+    async def teardown(self, deadline: Deadline | None = None) -> None:
         """Close the agent and QMP, reap QEMU, give host devices back, remove the runtime dir.
 
-        Leaves the state as it is (callers say what the machine is now).
+        QEMU still running gets SIGTERM, and SIGKILL when ``deadline`` (default: 5 s
+        from now) has passed. Leaves the state as it is (callers say what the machine is
+        now).
         """
+        deadline = deadline or Deadline(_TERM_WAIT)
         if self._agent is not None:
             await self._agent.close()
             self._agent = None
@@ -541,7 +561,7 @@ class Machine:
             self._qmp = None
         if self._process is not None:
             if self._process.returncode is None:
-                await self._process.terminate(5.0)
+                await self._process.terminate(deadline.left() or 0.0)
             self._last_code = self._process.returncode
         if self._passthrough is not None:
             # Only now that QEMU is gone does vfio-pci let go of the devices.
