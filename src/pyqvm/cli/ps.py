@@ -41,8 +41,8 @@ async def _ask(name: str) -> dict[str, Any]:
     except (PyqvmError, TimeoutError) as e:
         try:  # what the record says still holds; only the state is unknown
             known = registry.find(name).record().to_json()
-        except PyqvmError:
-            known = {"name": name}
+        except PyqvmError:  # no record yet: the owner is still starting the VM
+            return {"name": name, "state": "starting", "status": None}
         return {**known, "state": "unresponsive", "status": None, "error": str(e)}
 
 
