@@ -39,10 +39,13 @@ async def _ask(name: str) -> dict[str, Any]:
         finally:
             await vm.close()
     except (PyqvmError, TimeoutError) as e:
+        entry = registry.find(name)
         try:  # what the record says still holds; only the state is unknown
-            known = registry.find(name).record().to_json()
-        except PyqvmError:  # no record yet: the owner is still starting the VM
-            return {"name": name, "state": "starting", "status": None}
+            known = entry.record().to_json()
+        except PyqvmError:
+            if not (entry.directory / registry.RECORD).exists():
+                return {"name": name, "state": "starting", "status": None}
+            known = {"name": name}  # a broken record: the error says so
         return {**known, "state": "unresponsive", "status": None, "error": str(e)}
 
 

@@ -389,6 +389,7 @@ def _kill_leftover(record: Record) -> None:
 __all__ = [
     "LOCK",
     "LOG",
+    "RECORD",
     "RECORD_FORMAT",
     "REQUEST",
     "SOCKET",
