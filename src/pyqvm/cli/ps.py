@@ -39,7 +39,10 @@ async def _ask(name: str) -> dict[str, Any]:
         finally:
             await vm.close()
     except (PyqvmError, TimeoutError) as e:
-        entry = registry.find(name)
+        try:
+            entry = registry.find(name)
+        except PyqvmError as gone:  # it ended while we asked
+            return {"name": name, "state": "gone", "status": None, "error": str(gone)}
         try:  # what the record says still holds; only the state is unknown
             known = entry.record().to_json()
         except PyqvmError:
