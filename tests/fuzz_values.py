@@ -108,7 +108,7 @@ def _usable_name(name: str) -> bool:
 
 #: One file name (no ``/``) that a file can have, valid UTF-8, full of hostile pieces.
 file_names = st.one_of(
-    hostile_text.filter(_usable_name),
+    st.lists(pieces, min_size=1, max_size=10).map("".join).filter(_usable_name),
     st.sampled_from(
         [
             "a,readonly=off.img",
