@@ -203,6 +203,15 @@ def bug_mac(mac: str) -> bool:
     return bool(MAC_RULE.fullmatch(mac)) and int(mac.replace(":", ""), 16) == 0
 
 
+def unicast_mac(mac: str) -> bool:
+    """A MAC a NIC can have, as pyqvm requires: well-formed, not all zero, not multicast."""
+    return (
+        bool(MAC_RULE.fullmatch(mac))
+        and int(mac.replace(":", ""), 16) != 0
+        and not int(mac[:2], 16) & 1
+    )
+
+
 def bug_address(address: str) -> bool:
     """BUG: an address pyqvm's pattern lets through that slirp refuses or reads differently."""
     return (

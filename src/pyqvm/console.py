@@ -43,7 +43,10 @@ class ConsoleLog:
 
     def freeze(self) -> None:
         """Keep what the console holds now (its file is about to be removed)."""
-        self._frozen = self.text().encode()
+        try:
+            self._frozen = self.text().encode()
+        except OSError:  # never there, or not a file: nothing to keep, and no reason to fail
+            self._frozen = b""
 
     async def wait_for(self, pattern: str, timeout: float, name: str) -> None:
         """Wait until ``pattern`` (a plain substring) shows on the console."""

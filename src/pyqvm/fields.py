@@ -16,20 +16,49 @@ PCI_RE = re.compile(
 )
 GUEST_PCI_RE = re.compile(r"[0-1]?[0-9a-fA-F](?:\.[0-7])?\Z")
 MAC_RE = re.compile(r"(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\Z")
-SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE)
+# ASCII digits only, and few enough that int() never meets Python's 4300-digit limit.
+SIZE_RE = re.compile(r"\s*([0-9]{1,30})\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE)
 QCOW2_MAGIC = b"QFI\xfb"
+
+
+def show(value: object) -> str:
+    """``repr(value)`` for a message, short even for a huge int (whose repr would fail past
+    Python's 4300-digit limit) or a long string."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def boolean(value: object, field_name: str) -> None:
+    """Raise unless ``value`` is true or false (``"false"``, a string, is not)."""
+    if not isinstance(value, bool):
+        raise SpecError(field_name, f"{show(value)} is not true or false")
+
+
+def text(value: object, field_name: str, what: str = "a string") -> str:
+    """``value`` if it is a string QEMU can be given (no NUL, valid UTF-8); else `SpecError`."""
+    if not isinstance(value, str):
+        raise SpecError(field_name, f"{show(value)} is not {what}")
+    if "\0" in value:
+        raise SpecError(field_name, f"{show(value)} holds a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SpecError(field_name, f"{show(value)} is not valid UTF-8") from None
+    return value
 
 
 def parse_size_mib(value: int | str, field_name: str) -> int:
     """Parse a memory size (``512``, ``"512M"``, ``"2G"``, ``"1GiB"``) into MiB."""
-    if isinstance(value, bool):
-        raise SpecError(field_name, f"{value!r} is not a size; use e.g. 512M or 2G")
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise SpecError(field_name, f"{show(value)} is not a size; use e.g. 512M or 2G")
     if isinstance(value, int):
         mib = value
     else:
-        m = SIZE_RE.match(str(value))
+        m = SIZE_RE.match(value)
         if not m:
-            raise SpecError(field_name, f"{value!r} is not a size; use e.g. 512M or 2G")
+            raise SpecError(field_name, f"{show(value)} is not a size; use e.g. 512M or 2G")
         number, unit = int(m.group(1)), m.group(2).upper()
         if unit == "K":
             if number % 1024:
@@ -38,7 +67,7 @@ def parse_size_mib(value: int | str, field_name: str) -> int:
         else:
             mib = number * {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
     if mib <= 0:
-        raise SpecError(field_name, f"{value!r} must be positive; use e.g. 512M or 2G")
+        raise SpecError(field_name, f"{show(value)} must be positive; use e.g. 512M or 2G")
     return mib
 
 
@@ -74,13 +103,26 @@ def absolute_path(path: Path | str, field_name: str, *, must_exist: bool = True)
     """``path`` made absolute (relative to the working directory); it must be a file unless
     ``must_exist`` is false."""
     if not isinstance(path, (str, Path)) or str(path) == "":
-        raise SpecError(field_name, f"{path!r} is not a path")
-    p = Path(path).expanduser()
+        raise SpecError(field_name, f"{show(path)} is not a path")
+    # QEMU takes file names in JSON (UTF-8) and C strings: no NUL, no undecodable bytes.
+    text(str(path), field_name, "a path")
+    try:
+        p = Path(path).expanduser()
+    except RuntimeError as e:  # ~user of a user this host does not have
+        raise SpecError(field_name, f"'{path}': {e}") from None
     p = p if p.is_absolute() else Path.cwd() / p
     if must_exist and not p.is_file():
         what = "is a directory, not a file" if p.is_dir() else "no such file"
         raise SpecError(field_name, f"{what}: '{p}'; check the path")
     return p
+
+
+def writable_file(path: Path, field_name: str) -> None:
+    """Raise unless a file can be made at ``path`` (its directory exists; it is no directory)."""
+    if path.is_dir():
+        raise SpecError(field_name, f"'{path}' is a directory; name a file in it")
+    if not path.parent.is_dir():
+        raise SpecError(field_name, f"'{path.parent}' does not exist; create it or pick another")
 
 
 def set_field(obj: object, name: str, value: object) -> None:

@@ -432,6 +432,9 @@ class Machine:
             exited.cancel()
             if not task.done():
                 task.cancel()
+                # Retrieve what it ends with: an unretrieved error would be logged at
+                # garbage collection, wherever that happens to run.
+                await asyncio.gather(task, return_exceptions=True)
         if task in done and task.exception() is None:
             return task.result()
         if task in done and self._process.returncode is None:

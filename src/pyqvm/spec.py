@@ -13,6 +13,7 @@ directory, or to the TOML file's directory when loaded from TOML).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -28,11 +29,15 @@ from pyqvm.fields import (
     MAC_RE,
     QCOW2_MAGIC,
     absolute_path,
+    boolean,
     check_id,
     choice,
     normalize_pci_address,
     parse_size_mib,
     set_field,
+    show,
+    text,
+    writable_file,
 )
 
 Arch = Literal["x86_64", "aarch64"]
@@ -71,8 +76,7 @@ class KernelBoot:
         set_field(self, "kernel", absolute_path(self.kernel, "kernel.kernel"))
         if self.initrd is not None:
             set_field(self, "initrd", absolute_path(self.initrd, "kernel.initrd"))
-        if not isinstance(self.append, str):
-            raise SpecError("kernel.append", f"{self.append!r} is not a string")
+        text(self.append, "kernel.append")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +97,9 @@ class Disk:
                 set_field(self, "format", "qcow2" if f.read(4) == QCOW2_MAGIC else "raw")
         choice(self.format, get_args(DiskFormat), "disk.format")
         choice(self.interface, get_args(DiskInterface), "disk.interface")
-        if self.id:
+        boolean(self.ephemeral, "disk.ephemeral")
+        boolean(self.readonly, "disk.readonly")
+        if self.id != "":  # "" (the default) means: pyqvm names it
             check_id(self.id, "disk.id")
 
 
@@ -109,10 +115,12 @@ class PortForward:
     def __post_init__(self) -> None:
         for name in ("host_port", "guest_port"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
-                raise SpecError(f"forward.{name}", f"{v!r} is not a port number (0-65535)")
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+                raise SpecError(f"forward.{name}", f"{show(v)} is not a port number (1-65535)")
         choice(self.protocol, ("tcp", "udp"), "forward.protocol")
-        if not re.fullmatch(r"[0-9A-Za-z.:-]*", self.host_address):
+        if not isinstance(self.host_address, str) or not re.fullmatch(
+            r"[0-9A-Za-z.:-]*", self.host_address
+        ):
             raise SpecError("forward.host_address", f"{self.host_address!r} is not an address")
 
 
@@ -132,17 +140,26 @@ class Network:
         choice(self.model, get_args(NicModel), "network.model")
         set_field(self, "forwards", tuple(self.forwards))
         if self.mode == "tap":
-            if not self.tap or not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", self.tap):
+            if not isinstance(self.tap, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", self.tap):
                 raise SpecError("network.tap", f"{self.tap!r} is not a tap interface name")
         elif self.tap is not None:
             raise SpecError("network.tap", 'only valid with mode = "tap"')
         if self.forwards and self.mode != "user":
             raise SpecError("network.forwards", 'port forwards need mode = "user"')
-        if self.mac is not None and not MAC_RE.match(self.mac):
-            raise SpecError(
-                "network.mac", f"{self.mac!r} is not a MAC address like 52:54:00:12:34:56"
-            )
-        if self.id:
+        if self.mac is not None:
+            if not isinstance(self.mac, str) or not MAC_RE.match(self.mac):
+                raise SpecError(
+                    "network.mac", f"{show(self.mac)} is not a MAC address like 52:54:00:12:34:56"
+                )
+            first = int(self.mac[:2], 16)
+            if self.mac.replace(":", "").strip("0") == "" or first & 1:
+                # QEMU silently replaces the all-zero MAC; a multicast one the guest refuses.
+                raise SpecError(
+                    "network.mac",
+                    f"{self.mac!r} is not a unicast address a NIC can have (not all zero, "
+                    "first byte even); use e.g. 52:54:00:12:34:56",
+                )
+        if self.id != "":
             check_id(self.id, "network.id")
 
 
@@ -164,14 +181,18 @@ class HostDevice:
 
     def __post_init__(self) -> None:
         set_field(self, "address", normalize_pci_address(self.address, "host_device.address"))
-        if not isinstance(self.managed, bool):
-            raise SpecError("host_device.managed", f"{self.managed!r} is not true or false")
-        if self.guest_address is not None and not GUEST_PCI_RE.match(self.guest_address):
+        boolean(self.managed, "host_device.managed")
+        boolean(self.multifunction, "host_device.multifunction")
+        if self.rombar is not None:
+            boolean(self.rombar, "host_device.rombar")
+        if self.guest_address is not None and (
+            not isinstance(self.guest_address, str) or not GUEST_PCI_RE.match(self.guest_address)
+        ):
             raise SpecError(
                 "host_device.guest_address",
                 f"{self.guest_address!r} is not a guest slot[.function] like 05.0",
             )
-        if self.id:
+        if self.id != "":
             check_id(self.id, "host_device.id")
 
 
@@ -233,18 +254,24 @@ class VMSpec:
         choice(self.ready, get_args(Readiness), "ready")
         if self.image is not None:
             choice(self.image, get_args(ImageFlavour), "image")
-        if self.cpu is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=,-]*", self.cpu):
+        if self.cpu is not None and (
+            not isinstance(self.cpu, str)
+            or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=,-]*", self.cpu)
+        ):
             raise SpecError(
                 "cpu", f"{self.cpu!r} is not a CPU model (see qemu-system-x86_64 -cpu help)"
             )
         if isinstance(self.smp, bool) or not isinstance(self.smp, int) or not 1 <= self.smp <= 255:
-            raise SpecError("smp", f"{self.smp!r} must be a whole number from 1 to 255")
+            raise SpecError("smp", f"{show(self.smp)} must be a whole number from 1 to 255")
         set_field(self, "memory", parse_size_mib(self.memory, "memory"))
         self._check_hotplug_room()
-        if not isinstance(self.ready_timeout, (int, float)) or self.ready_timeout <= 0:
-            raise SpecError(
-                "ready_timeout", f"{self.ready_timeout!r} must be a positive number of seconds"
-            )
+        t = self.ready_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
+            raise SpecError("ready_timeout", f"{show(t)} must be a positive number of seconds")
+        for flag in ("rng", "balloon", "guest_agent", "sandbox"):
+            boolean(getattr(self, flag), flag)
+        if self.ready_pattern is not None:
+            text(self.ready_pattern, "ready_pattern")
 
         for name in ("disks", "cdroms", "networks", "host_devices", "extra_args"):
             set_field(self, name, tuple(getattr(self, name)))
@@ -265,12 +292,11 @@ class VMSpec:
         if self.ovmf_code is not None:
             set_field(self, "ovmf_code", absolute_path(self.ovmf_code, "ovmf_code"))
         if self.serial_log is not None:
-            set_field(
-                self, "serial_log", absolute_path(self.serial_log, "serial_log", must_exist=False)
-            )
+            log_path = absolute_path(self.serial_log, "serial_log", must_exist=False)
+            writable_file(log_path, "serial_log")
+            set_field(self, "serial_log", log_path)
         for i, a in enumerate(self.extra_args):
-            if not isinstance(a, str):
-                raise SpecError(f"extra_args[{i}]", f"{a!r} is not a string")
+            text(a, f"extra_args[{i}]")
 
         self._check_consistency()
 
@@ -472,7 +498,15 @@ def load_spec(path: Path | str, **overrides: Any) -> VMSpec:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise SpecError("", f"no such spec file: '{p}'") from None
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise SpecError("", f"'{p}' is a directory; give the spec file in it") from None
+    except OSError as e:
+        raise SpecError("", f"cannot read spec file '{p}': {e.strerror}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8
+        raise SpecError(
+            "", f"{p}: not valid TOML: not UTF-8 ({e.reason} at byte {e.start})"
+        ) from None
+    except (tomllib.TOMLDecodeError, ValueError) as e:  # ValueError: an integer too long
         raise SpecError("", f"{p}: not valid TOML: {e}") from None
     data.update(overrides)
     return spec_from_dict(data, base_dir=p.resolve().parent)
@@ -514,6 +548,11 @@ def _build(cls: type[Any], data: Mapping[str, Any], where: str, base: Path) -> A
         if key not in known:
             raise SpecError(path, f"unknown field; known fields: {', '.join(sorted(known))}")
         kwargs[key] = _convert(hints[key], value, path, base)
+    for f in dataclasses.fields(cls):
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if no_default and f.name not in kwargs:
+            path = f"{where}.{f.name}" if where else f.name
+            raise SpecError(path, "is required")
     try:
         return cls(**kwargs)
     except SpecError as e:
@@ -549,8 +588,11 @@ def _convert(hint: Any, value: Any, where: str, base: Path) -> Any:
         return _build(hint, value, where, base)
     if hint is Path:
         if not isinstance(value, str):
-            raise SpecError(where, f"expected a path string, got {value!r}")
-        p = Path(value).expanduser()
+            raise SpecError(where, f"expected a path string, got {show(value)}")
+        try:
+            p = Path(value).expanduser()
+        except RuntimeError as e:  # ~user of a user this host does not have
+            raise SpecError(where, f"'{value}': {e}") from None
         return p if p.is_absolute() else base / p
     return value
 
