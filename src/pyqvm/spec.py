@@ -13,6 +13,7 @@ directory, or to the TOML file's directory when loaded from TOML).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import re
 import tomllib
@@ -60,6 +61,26 @@ PROFILES: tuple[str, ...] = get_args(Profile)
 
 #: The id of the built-in image's disk, attached first when ``image`` is set.
 IMAGE_DISK_ID = "root"
+#: QEMU keeps block node names in 32 bytes; an overlaid disk's base is ``<id>-base``.
+NODE_NAME_MAX = 31
+_BASE_SUFFIX = "-base"
+#: Ids pyqvm gives its own objects: every ``pq-*``, the virtio-scsi bus, the CD-ROMs.
+_RESERVED_ID = re.compile(r"pq-.*|scsi0|cd[0-9]+")
+#: The largest memory QEMU's size options take, in MiB (2**63 bytes).
+MAX_MEMORY_MIB = 2**63 // 2**20 - 1
+
+
+def _slirp_address(text: str) -> bool:
+    """Whether slirp binds exactly ``text``: empty (any address) or a dotted IPv4 address
+    written as Python writes it (``127.1`` and ``010.0.0.1`` mean other things to it)."""
+    if text == "":
+        return True
+    try:
+        return str(ipaddress.IPv4Address(text)) == text
+    except ValueError:
+        return False
+
+
 #: The most q35 pcie-root-ports `VMSpec.hotplug_slots` may reserve (one PCIe slot each).
 MAX_HOTPLUG_SLOTS = 16
 
@@ -118,9 +139,7 @@ class PortForward:
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
                 raise SpecError(f"forward.{name}", f"{show(v)} is not a port number (1-65535)")
         choice(self.protocol, ("tcp", "udp"), "forward.protocol")
-        if not isinstance(self.host_address, str) or not re.fullmatch(
-            r"[0-9A-Za-z.:-]*", self.host_address
-        ):
+        if not isinstance(self.host_address, str) or not _slirp_address(self.host_address):
             raise SpecError("forward.host_address", f"{self.host_address!r} is not an address")
 
 
@@ -263,7 +282,12 @@ class VMSpec:
             )
         if isinstance(self.smp, bool) or not isinstance(self.smp, int) or not 1 <= self.smp <= 255:
             raise SpecError("smp", f"{show(self.smp)} must be a whole number from 1 to 255")
-        set_field(self, "memory", parse_size_mib(self.memory, "memory"))
+        memory = parse_size_mib(self.memory, "memory")
+        if memory > MAX_MEMORY_MIB:
+            raise SpecError(
+                "memory", f"{show(self.memory)} is more than QEMU takes ({MAX_MEMORY_MIB} MiB)"
+            )
+        set_field(self, "memory", memory)
         self._check_hotplug_room()
         t = self.ready_timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
@@ -300,6 +324,42 @@ class VMSpec:
 
         self._check_consistency()
 
+    def _check_ids(self) -> None:
+        """Ids QEMU would refuse at launch: pyqvm's own, and block node names it cannot hold."""
+        users = [(f"disks[{i}].id", d.id) for i, d in enumerate(self.disks)]
+        users += [(f"networks[{i}].id", n.id) for i, n in enumerate(self.networks)]
+        users += [(f"host_devices[{i}].id", h.id) for i, h in enumerate(self.host_devices)]
+        for where, ident in users:
+            if _RESERVED_ID.fullmatch(ident):
+                raise SpecError(
+                    where, f"{ident!r} is an id pyqvm uses itself (pq-*, scsi0, cdN); pick another"
+                )
+        bases = {f"{d.id}{_BASE_SUFFIX}": i for i, d in enumerate(self.disks) if d.ephemeral}
+        for i, d in enumerate(self.disks):
+            room = NODE_NAME_MAX - (len(_BASE_SUFFIX) if d.ephemeral else 0)
+            if len(d.id.encode()) > room:
+                raise SpecError(
+                    f"disks[{i}].id",
+                    f"{d.id!r} is too long: QEMU takes at most {room} characters here",
+                )
+            if d.id in bases:
+                raise SpecError(
+                    f"disks[{i}].id",
+                    f"{d.id!r} is the name of disks[{bases[d.id]}]'s base node; pick another",
+                )
+        seen: dict[tuple[str, str, int], str] = {}
+        for i, n in enumerate(self.networks):
+            for j, f in enumerate(n.forwards):
+                key = (f.protocol, f.host_address, f.host_port)
+                where = f"networks[{i}].forwards[{j}]"
+                if key in seen:
+                    raise SpecError(
+                        where,
+                        f"{f.protocol} {f.host_address or '*'}:{f.host_port} is already "
+                        f"forwarded by {seen[key]}",
+                    )
+                seen[key] = where
+
     def _check_consistency(self) -> None:
         if self.image is not None and self.kernel is not None:
             raise SpecError("image", "give either image (built-in guest) or kernel, not both")
@@ -327,6 +387,7 @@ class VMSpec:
             if ident in seen:
                 raise SpecError(where, f"{ident!r} is already used by {seen[ident]}")
             seen[ident] = where
+        self._check_ids()
         addrs = [h.address for h in self.host_devices]
         for i, a in enumerate(addrs):
             if a in addrs[:i]:

@@ -391,7 +391,6 @@ async def test_bug_append_with_nul(default_image: image.GuestImage, tmp_path: Pa
     ("disk_id", "ephemeral"),
     [("a" * 32, False), ("a" * 27, True), ("pq-balloon", False), ("pq-rng-dev", False)],
 )
-@bug("BUG-10 QEMU refuses the id (Node name too long / Duplicate device ID): LaunchError")
 async def test_bug_disk_id_qemu_refuses(tmp_path: Path, disk_id: str, ephemeral: bool) -> None:
     raw = tmp_path / "d.img"
     raw.write_bytes(b"\0" * 4096)
@@ -410,20 +409,15 @@ async def test_bug_non_utf8_file_name(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("address", ["127.1", "0x7f.1", "4294967295"])
-@bug(
-    "BUG-12 slirp binds another address than written (127.1 -> 127.0.0.1, 4294967295 -> "
-    "255.255.255.255)"
-)
 async def test_bug_host_address_read_differently(address: str) -> None:
-    port = 20000 + os.getpid() % 20000
-    spec = paused(networks=[Network(forwards=[PortForward(port, 22, host_address=address)])])
-    async with AsyncVM(spec) as vm:
-        text = await vm.execute("human-monitor-command", {"command-line": "info usernet"})
-        assert usernet(text) == {"net0": {("tcp", address, port, 22)}}
+    # slirp would bind another address than written (127.1 -> 127.0.0.1): refused.
+    await refused_before_qemu(
+        lambda: paused(networks=[Network(forwards=[PortForward(20021, 22, host_address=address)])]),
+        r"(forward|networks\[0\]\.forwards\[0\])\.host_address",
+    )
 
 
 @pytest.mark.parametrize("address", ["localhost", "::1", "010.0.0.1", "1.2.3.4:5-"])
-@bug("BUG-12 slirp refuses the host address: LaunchError instead of SpecError")
 async def test_bug_host_address_refused_by_qemu(address: str) -> None:
     await refused_before_qemu(
         lambda: paused(networks=[Network(forwards=[PortForward(20022, 22, host_address=address)])]),
@@ -446,7 +440,6 @@ async def test_bug_host_port_zero() -> None:
     )
 
 
-@bug("BUG-14 two forwards of one host port: QEMU cannot set up the second: LaunchError")
 async def test_bug_duplicate_forwards() -> None:
     nets = [Network(forwards=[PortForward(20024, 22)]), Network(forwards=[PortForward(20024, 23)])]
     await refused_before_qemu(lambda: paused(networks=nets), r"networks\[1\]\.forwards\[0\].*")
@@ -459,6 +452,5 @@ async def test_bug_zero_mac() -> None:
     )
 
 
-@bug("BUG-16 memory beyond QEMU's range: QEMU refuses -m (out of range for 'size'): LaunchError")
 async def test_bug_memory_beyond_qemu() -> None:
     await refused_before_qemu(lambda: paused(memory="16777216T"), "memory")
