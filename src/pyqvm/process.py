@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
-from pyqvm.errors import LaunchError, PyqvmTimeoutError, VMStateError
+from pyqvm.errors import HostError, LaunchError, PyqvmTimeoutError, VMStateError
 
 __all__ = ["QemuProcess", "RuntimeDir", "Spawner", "SpawnerThread", "shared_spawner"]
 
@@ -92,6 +92,13 @@ def _private(path: str, flags: int) -> int:
     return os.open(path, flags, 0o600)
 
 
+def _no_room(where: Path, e: OSError) -> HostError:
+    return HostError(
+        f"cannot make a VM runtime dir in {where}: {e.strerror}; free space there, or set "
+        "XDG_RUNTIME_DIR (or TMPDIR) to a writable directory of yours"
+    )
+
+
 class RuntimeDir:
     """A private (mode 0700) directory for one VM; `cleanup` removes it.
 
@@ -101,10 +108,18 @@ class RuntimeDir:
 
     def __init__(self) -> None:
         base = _runtime_base()
-        _reclaim_stale(Path(base or tempfile.gettempdir()))
-        self._path = Path(tempfile.mkdtemp(prefix="pyqvm-", dir=base))
-        with open(self._path / _OWNER, "w", opener=_private) as f:
-            f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
+        where = Path(base or tempfile.gettempdir())
+        _reclaim_stale(where)
+        try:
+            self._path = Path(tempfile.mkdtemp(prefix="pyqvm-", dir=base))
+        except OSError as e:
+            raise _no_room(where, e) from None
+        try:
+            with open(self._path / _OWNER, "w", opener=_private) as f:
+                f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
+        except OSError as e:  # a full disk: leave no half-made dir (reclaim skips those)
+            shutil.rmtree(self._path, ignore_errors=True)
+            raise _no_room(where, e) from None
 
     @property
     def path(self) -> Path:

@@ -127,12 +127,6 @@ async def test_an_unwritable_xdg_runtime_dir_falls_back_to_the_temporary_directo
 
 
 @pytest.mark.asyncio
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an unwritable runtime-dir base gives a bare OSError (EROFS/EACCES), not a "
-    "PyqvmError naming the directory and the fix: process.py RuntimeDir.__init__ calls "
-    "tempfile.mkdtemp() unguarded",
-)
 @pytest.mark.parametrize("how", ["clone", "boot"])
 async def test_an_unwritable_runtime_dir_base_is_a_clear_error(
     default_template: Template, base: Path, monkeypatch: pytest.MonkeyPatch, how: str
@@ -161,12 +155,6 @@ async def test_an_unwritable_runtime_dir_base_is_a_clear_error(
 
 
 @pytest.mark.asyncio
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a full runtime-dir file system gives a bare OSError(ENOSPC) without a path, "
-    "and leaves a half-made pyqvm-* dir (no owner file, so never reclaimed): process.py "
-    "RuntimeDir.__init__ writes the owner file unguarded after mkdtemp",
-)
 async def test_a_full_runtime_dir_file_system_is_a_clear_error_and_leaves_nothing(
     default_template: Template, base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
