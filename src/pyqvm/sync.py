@@ -272,11 +272,11 @@ class VM:
     ) -> ExecResult:
         return self._run(self._vm.run(argv, input=input, env=env, timeout=timeout, check=check))
 
-    def read_file(self, path: str) -> bytes:
-        return self._run(self._vm.read_file(path))
+    def read_file(self, path: str, *, timeout: float = 30.0) -> bytes:
+        return self._run(self._vm.read_file(path, timeout=timeout))
 
-    def write_file(self, path: str, data: bytes) -> None:
-        self._run(self._vm.write_file(path, data))
+    def write_file(self, path: str, data: bytes, *, timeout: float = 30.0) -> None:
+        self._run(self._vm.write_file(path, data, timeout=timeout))
 
     def snapshot_save(
         self, tag: str, *, overwrite: bool = False, timeout: float | None = 600.0

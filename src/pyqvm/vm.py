@@ -247,11 +247,11 @@ class AsyncVM:
             self.machine, argv, input=input, env=env, timeout=timeout, check=check
         )
 
-    async def read_file(self, path: str) -> bytes:
-        return await guest.read_file(self.machine, path)
+    async def read_file(self, path: str, *, timeout: float = 30.0) -> bytes:
+        return await guest.read_file(self.machine, path, timeout=timeout)
 
-    async def write_file(self, path: str, data: bytes) -> None:
-        await guest.write_file(self.machine, path, data)
+    async def write_file(self, path: str, data: bytes, *, timeout: float = 30.0) -> None:
+        await guest.write_file(self.machine, path, data, timeout=timeout)
 
     # --- snapshots (pyqvm.ops.snapshot, pyqvm.ops.blockjobs) ---------------------------------
 

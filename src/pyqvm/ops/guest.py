@@ -27,13 +27,13 @@ async def run(
     return result
 
 
-async def read_file(vm: Machine, path: str) -> bytes:
+async def read_file(vm: Machine, path: str, *, timeout: float = 30.0) -> bytes:
     """The contents of a file in the guest."""
     vm.require(VMState.RUNNING, what="reading a guest file")
-    return await vm.agent.read_file(path)
+    return await vm.agent.read_file(path, timeout=timeout)
 
 
-async def write_file(vm: Machine, path: str, data: bytes) -> None:
+async def write_file(vm: Machine, path: str, data: bytes, *, timeout: float = 30.0) -> None:
     """Write ``data`` to a file in the guest (created or replaced)."""
     vm.require(VMState.RUNNING, what="writing a guest file")
-    await vm.agent.write_file(path, data)
+    await vm.agent.write_file(path, data, timeout=timeout)
