@@ -95,13 +95,6 @@ async def test_every_operation_on_a_sigstopped_qemu_times_out_and_stop_kills_it(
     print(f"wall time {time.monotonic() - t_all:.1f} s")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: snapshot_save(timeout=T) on a stopped QEMU takes 60 s, not T: "
-    "ops/snapshot.py save() -> _writable() -> ops/__init__.py block_nodes() runs "
-    "vm.execute('query-block') with execute's default timeout (60 s), outside the "
-    "Deadline that only run_job gets",
-)
 async def test_snapshot_save_on_a_sigstopped_qemu_times_out_at_its_timeout(
     default_template: Template,
 ) -> None:

@@ -44,10 +44,10 @@ def device_id(qdev: str) -> str:
     return m.group(1) if m else qdev
 
 
-async def block_nodes(vm: Machine) -> list[BlockNode]:
+async def block_nodes(vm: Machine, timeout: float = 60.0) -> list[BlockNode]:
     """Every attached disk with a medium, in QEMU's order."""
     out = []
-    for b in await vm.execute("query-block"):
+    for b in await vm.execute("query-block", timeout=timeout):
         ins = b.get("inserted")
         if not ins:
             continue

@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from pyqvm.deadline import Deadline
 from pyqvm.errors import JobError, SnapshotError
 from pyqvm.machine import Machine
 from pyqvm.ops import BlockNode, block_nodes
@@ -53,13 +54,18 @@ def _check_tag(tag: str) -> None:
         raise SnapshotError(f"snapshot tag {tag!r} is all digits; add a letter, e.g. 's{tag}'")
 
 
-async def _writable(vm: Machine, what: str) -> list[BlockNode]:
+def _step(deadline: Deadline) -> float:
+    """A single QMP call's bound within ``deadline`` (at most a minute, as any call's)."""
+    return deadline.within(60.0) or 0.0
+
+
+async def _writable(vm: Machine, what: str, deadline: Deadline) -> list[BlockNode]:
     """The nodes a snapshot covers: every writable disk, each of which must be qcow2."""
     vm.require(*LIVE, what=what)
     blocker = migration_blocker(vm.resolved_spec)
     if blocker:
         raise SnapshotError(f"cannot {what}: {blocker}")
-    nodes = [n for n in await block_nodes(vm) if not n.readonly]
+    nodes = [n for n in await block_nodes(vm, _step(deadline)) if not n.readonly]
     for n in nodes:
         if n.driver != "qcow2":
             raise SnapshotError(
@@ -121,21 +127,22 @@ async def save(
     own failure), `PyqvmTimeoutError` after ``timeout`` seconds.
     """
     _check_tag(tag)
-    nodes = await _writable(vm, f"save snapshot {tag!r}")
+    deadline = Deadline(timeout)  # one bound for every QMP call of the operation
+    nodes = await _writable(vm, f"save snapshot {tag!r}", deadline)
     if any(i.tag == tag for i in _infos(nodes)):
         if not overwrite:
             raise SnapshotError(
                 f"VM {vm.name!r} already has a snapshot {tag!r}; "
                 "delete it first or overwrite it (overwrite=True; pyqvm snapshot save --overwrite)"
             )
-        await delete(vm, tag, timeout=timeout)
+        await delete(vm, tag, timeout=deadline.left())
     args = {"tag": tag, "vmstate": nodes[0].node, "devices": [n.node for n in nodes]}
     try:
-        await vm.qmp.run_job("snapshot-save", args, timeout=timeout)
+        await vm.qmp.run_job("snapshot-save", args, timeout=deadline.left())
     except JobError as e:
         raise SnapshotError(f"VM {vm.name!r}: saving snapshot {tag!r} failed: {e.error}") from e
     log.info("%s: saved snapshot %r", vm.name, tag)
-    for info in _infos([n for n in await block_nodes(vm) if not n.readonly]):
+    for info in _infos([n for n in await block_nodes(vm, _step(deadline)) if not n.readonly]):
         if info.tag == tag:
             return info
     raise SnapshotError(f"VM {vm.name!r}: snapshot {tag!r} was saved but no disk lists it")
@@ -149,7 +156,8 @@ async def load(vm: Machine, tag: str, *, timeout: float | None = TIMEOUT) -> Non
     does not). Raises `SnapshotError`.
     """
     _check_tag(tag)
-    nodes = await _writable(vm, f"load snapshot {tag!r}")
+    deadline = Deadline(timeout)  # one bound for every QMP call of the operation
+    nodes = await _writable(vm, f"load snapshot {tag!r}", deadline)
     info = next((i for i in _infos(nodes) if i.tag == tag), None)
     if info is None:
         have = ", ".join(repr(i.tag) for i in _infos(nodes)) or "none"
@@ -171,7 +179,7 @@ async def load(vm: Machine, tag: str, *, timeout: float | None = TIMEOUT) -> Non
     )
     args = {"tag": tag, "vmstate": vmstate, "devices": [n.node for n in nodes]}
     try:
-        await vm.qmp.run_job("snapshot-load", args, timeout=timeout)
+        await vm.qmp.run_job("snapshot-load", args, timeout=deadline.left())
     except JobError as e:
         raise SnapshotError(f"VM {vm.name!r}: loading snapshot {tag!r} failed: {e.error}") from e
     log.info("%s: loaded snapshot %r", vm.name, tag)
@@ -180,14 +188,15 @@ async def load(vm: Machine, tag: str, *, timeout: float | None = TIMEOUT) -> Non
 async def delete(vm: Machine, tag: str, *, timeout: float | None = TIMEOUT) -> None:
     """Delete snapshot ``tag`` from every disk that holds it. Raises `SnapshotError`."""
     _check_tag(tag)
-    nodes = await _writable(vm, f"delete snapshot {tag!r}")
+    deadline = Deadline(timeout)  # one bound for every QMP call of the operation
+    nodes = await _writable(vm, f"delete snapshot {tag!r}", deadline)
     holders = [n for n in nodes if any(s["name"] == tag for s in _snapshots(n))]
     if not holders:
         have = ", ".join(repr(i.tag) for i in _infos(nodes)) or "none"
         raise SnapshotError(f"VM {vm.name!r} has no snapshot {tag!r}; it has: {have}")
     args = {"tag": tag, "devices": [n.node for n in holders]}
     try:
-        await vm.qmp.run_job("snapshot-delete", args, timeout=timeout)
+        await vm.qmp.run_job("snapshot-delete", args, timeout=deadline.left())
     except JobError as e:
         raise SnapshotError(f"VM {vm.name!r}: deleting snapshot {tag!r} failed: {e.error}") from e
     log.info("%s: deleted snapshot %r", vm.name, tag)
