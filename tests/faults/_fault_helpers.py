@@ -36,6 +36,21 @@ def dead(pid: int) -> bool:
     return state(pid) in (None, "Z")
 
 
+def processes_naming(path: Path) -> list[int]:
+    """Live processes whose command line names ``path`` (QEMU, qemu-img: a VM's helpers)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = proc.joinpath("cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(path).encode() in argv and not dead(int(proc.name)):
+            out.append(int(proc.name))
+    return out
+
+
 def gone(pid: int) -> bool:
     """No process at all: reaped (a zombie still counts as left)."""
     return state(pid) is None

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
-from _fault_helpers import dead
+from _fault_helpers import dead, processes_naming
 
 from pyqvm import AsyncVM, Template, VMSpec, VMState
 from pyqvm.errors import HostError, LaunchError, PyqvmError, PyqvmTimeoutError
@@ -70,20 +70,6 @@ def fill(directory: Path, leave: int = 0) -> None:
     print(f"{directory}: {st.f_bavail * st.f_frsize} bytes free")
 
 
-def qemus_naming(path: Path) -> list[int]:
-    out = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = proc.joinpath("cmdline").read_bytes()
-        except OSError:
-            continue
-        if str(path).encode() in argv and not dead(int(proc.name)):
-            out.append(int(proc.name))
-    return out
-
-
 def assert_nothing_left(vm: AsyncVM, *bases: Path) -> None:
     assert vm.state is VMState.FAILED, vm.state
     assert vm.pid is None or dead(vm.pid)
@@ -91,7 +77,7 @@ def assert_nothing_left(vm: AsyncVM, *bases: Path) -> None:
     for base in bases:
         left = [p.name for p in base.iterdir() if p.name.startswith("pyqvm-")]
         assert left == [], f"left in {base}: {left}"
-        assert qemus_naming(base) == []
+        assert processes_naming(base) == []
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _fault_helpers import dead, rng, summary, wait_dead, wait_gone
+from _fault_helpers import dead, processes_naming, rng, summary, wait_dead, wait_gone
 
 from pyqvm import AsyncNamedVM, Template
 from pyqvm.process import RuntimeDir
@@ -182,21 +182,6 @@ async def _stop_named() -> None:
         await vm.stop()
 
 
-def _processes_naming(path: Path) -> list[int]:
-    """Live processes whose command line names ``path`` (QEMU, qemu-img: a VM's helpers)."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = proc.joinpath("cmdline").read_bytes()
-        except OSError:
-            continue
-        if str(path).encode() in argv and not dead(int(proc.name)):
-            out.append(int(proc.name))
-    return out
-
-
 STARTING_TRIALS = 20
 
 
@@ -218,11 +203,11 @@ def test_a_launcher_sigkilled_while_its_vms_start_leaves_nothing(
             try:
                 delay = r.uniform(0.1, 0.8)
                 time.sleep(delay)
-                ran = [p for p in _processes_naming(rundir_base) if p != named_qemu]
+                ran = [p for p in processes_naming(rundir_base) if p != named_qemu]
                 child.proc.send_signal(signal.SIGKILL)
                 child.proc.wait(10)
                 end = time.monotonic() + 1.0
-                while (left := [p for p in _processes_naming(rundir_base) if p != named_qemu]) and (
+                while (left := [p for p in processes_naming(rundir_base) if p != named_qemu]) and (
                     time.monotonic() < end
                 ):
                     time.sleep(0.01)
