@@ -39,6 +39,7 @@ from qemu.qmp import (
     QMPError,
     StateError,
 )
+from qemu.qmp.message import Message
 from qemu.qmp.protocol import Runstate
 
 from pyqvm.deadline import Deadline
@@ -106,6 +107,26 @@ class JobInfo:
             total_progress=int(data.get("total-progress", 0)),
             error=data.get("error"),
         )
+
+
+class _Listener(EventListener):
+    """qemu.qmp's listener, whose ``async for`` ends when the connection does (QEMU exited
+    or the VM was stopped) instead of waiting for ever."""
+
+    def __init__(
+        self,
+        session: QMPSession,
+        names: Iterable[str] | None,
+        event_filter: Callable[[Message], bool] | None,
+    ) -> None:
+        super().__init__(names, event_filter)
+        self._session = session
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self._session._bounded(self.get(), None, "the next event")
+        except VMExitedError:
+            raise StopAsyncIteration from None
 
 
 class QMPSession:
@@ -221,7 +242,7 @@ class QMPSession:
         a mapping its ``data`` must contain (``{"device": "disk1"}``).
         """
         names = (names,) if isinstance(names, str) else tuple(names)
-        listener = EventListener(names or None, event_filter(match))
+        listener = _Listener(self, names or None, event_filter(match))
         with self._client.listen(listener):
             yield listener
 

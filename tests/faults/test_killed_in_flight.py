@@ -314,12 +314,6 @@ async def _start_in_flight(kind: str, vm: AsyncVM, dst: AsyncVM | None) -> async
     return task
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: vm.events() hands out qemu.qmp's EventListener, whose async iterator never "
-    "ends on its own (qemu/qmp/events.py: __anext__ is `await self.get()`); nothing in "
-    "pyqvm ends it when QEMU dies or the VM is stopped (session.py QMPSession.events)",
-)
 @pytest.mark.parametrize("kind", ["qmp", "exec", "snapshot", "migration"])
 async def test_event_iterators_end_when_qemu_is_killed(
     default_template: Template, kind: str
