@@ -317,12 +317,8 @@ async def test_missing_path_fails_before_qemu(
 
 
 # =============================================================================================
-# Known bugs, as QEMU shows them: strict xfails, minimal inputs.
+# The bugs the fuzzing found, as QEMU showed them (all fixed), with their minimal inputs.
 # =============================================================================================
-
-
-def bug(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=f"BUG: {reason}")
 
 
 async def refused_before_qemu(make: Any, field: str) -> None:

@@ -1,4 +1,4 @@
-"""Hostile spec values, fuzzed (issue 12, item 2), without QEMU.
+r"""Hostile spec values, fuzzed (issue 12, item 2), without QEMU.
 
 The property, for every field: building the spec (``VMSpec(...)``, ``spec_from_dict``,
 ``load_spec``) either raises `SpecError` whose ``field`` names the field, or succeeds, and then
@@ -7,11 +7,9 @@ the argv `preview_argv` gives has the value only where it belongs, escaped (``,,
 (no injected option, no ``key=value`` split out of a value), and can be handed to execve.
 Never another exception type.
 
-Known pyqvm bugs are kept out of the properties by the narrow predicates in `fuzz_values`
-(``bug_*``) and by `known_bug` (an exception of an exactly known kind from a known place):
-such an example is counted as a hypothesis ``event`` (``--hypothesis-show-statistics`` shows
-how often) and not judged. Each of those bugs has a strict xfail test at the end of this file
-with its minimal input.
+The bugs this fuzzing found are fixed; each keeps a test with its minimal input at the end
+of this file. A few narrow predicates in `fuzz_values` (``bug_*``) still mark classes of
+values as hypothesis ``event``\ s (``--hypothesis-show-statistics`` shows how often).
 """
 
 from __future__ import annotations
@@ -93,29 +91,14 @@ def fresh(work: Path) -> Path:
     return d
 
 
-def known_bug(e: BaseException) -> str | None:
-    """The known bug this exception is (see the xfail tests); None: it is a new one.
-
-    The bugs it named (BUG-1, 3, 4, 6, 7: exceptions other than SpecError while a spec
-    was built) are fixed: any such exception now fails the property that met it.
-    """
-    return None
-
-
 def building(make: typing.Callable[[], VMSpec]) -> VMSpec | SpecError | None:
-    """``make()``: the spec, or its SpecError; None for a known bug (counted as an event)."""
+    """``make()``: the spec, or its SpecError (any other exception fails the test)."""
     try:
         return make()
     except SpecError as e:
         assert isinstance(e.field, str)
         assert str(e) == (f"{e.field}: {e.message}" if e.field else e.message)
         return e
-    except Exception as e:
-        bug = known_bug(e)
-        if bug is None:
-            raise
-        event(f"known {bug}")
-        return None
 
 
 def argv_of(spec: VMSpec) -> list[str]:
@@ -821,11 +804,6 @@ def outcome(make: typing.Callable[[], VMSpec]) -> tuple[str, Any]:
         return ("spec", make())
     except SpecError as e:
         return ("error", (e.field, e.message))
-    except Exception as e:
-        bug = known_bug(e)
-        if bug is None:
-            raise
-        return ("bug", bug)
 
 
 @MANY
@@ -844,9 +822,6 @@ def test_toml_means_what_the_data_means(work: Path, fields: dict[str, Any]) -> N
     toml.write_text(to_toml(fields), encoding="utf-8")
     from_file = outcome(lambda: load_spec(toml))
     from_data = outcome(lambda: spec_from_dict(fields, base_dir=d))
-    if "bug" in (from_file[0], from_data[0]):
-        event(f"known {from_file[1] if from_file[0] == 'bug' else from_data[1]}")
-        return
     if from_file[0] == "error" and from_data[0] == "error":
         event(f"refused: {from_file[1][0] or 'file'}")
     # nan != nan: compare ready_timeout separately
@@ -1002,13 +977,9 @@ def test_damaged_kernel_files(
 
 
 # =============================================================================================
-# Known bugs, each with its minimal input: strict xfails (they pass once the bug is fixed, and
-# then fail here as XPASS, so the mark must be removed with the fix).
+# The bugs the fuzzing found, each with its minimal input (all fixed; they guard against their
+# return).
 # =============================================================================================
-
-
-def bug(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=f"BUG: {reason}")
 
 
 def refused(make: typing.Callable[[], object], field: str) -> None:
@@ -1214,9 +1185,3 @@ def test_bug_falsy_id(value: object) -> None:
 
 def test_bug_memory_beyond_qemu() -> None:
     refused(lambda: VMSpec(memory="16777216T"), "memory")
-
-
-def test_no_exception_is_excused() -> None:
-    """`known_bug` excuses nothing now that the bugs it named are fixed."""
-    assert known_bug(ValueError("x")) is None
-    assert known_bug(TypeError("expected string or bytes-like object")) is None
