@@ -49,8 +49,13 @@ def text(value: object, field_name: str, what: str = "a string") -> str:
     return value
 
 
+#: The largest memory QEMU's size options take, in MiB (2**63 bytes).
+MAX_MEMORY_MIB = 2**63 // 2**20 - 1
+
+
 def parse_size_mib(value: int | str, field_name: str) -> int:
-    """Parse a memory size (``512``, ``"512M"``, ``"2G"``, ``"1GiB"``) into MiB."""
+    """Parse a memory size (``512``, ``"512M"``, ``"2G"``, ``"1GiB"``) into MiB, at most
+    :data:`MAX_MEMORY_MIB`."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise SpecError(field_name, f"{show(value)} is not a size; use e.g. 512M or 2G")
     if isinstance(value, int):
@@ -68,6 +73,8 @@ def parse_size_mib(value: int | str, field_name: str) -> int:
             mib = number * {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
     if mib <= 0:
         raise SpecError(field_name, f"{show(value)} must be positive; use e.g. 512M or 2G")
+    if mib > MAX_MEMORY_MIB:
+        raise SpecError(field_name, f"{show(value)} is more than QEMU takes ({MAX_MEMORY_MIB} MiB)")
     return mib
 
 

@@ -28,6 +28,7 @@ from pyqvm.errors import SpecError
 from pyqvm.fields import (
     GUEST_PCI_RE,
     MAC_RE,
+    MAX_MEMORY_MIB,
     QCOW2_MAGIC,
     absolute_path,
     boolean,
@@ -66,8 +67,6 @@ NODE_NAME_MAX = 31
 _BASE_SUFFIX = "-base"
 #: Ids pyqvm gives its own objects: every ``pq-*``, the virtio-scsi bus, the CD-ROMs.
 _RESERVED_ID = re.compile(r"pq-.*|scsi0|cd[0-9]+")
-#: The largest memory QEMU's size options take, in MiB (2**63 bytes).
-MAX_MEMORY_MIB = 2**63 // 2**20 - 1
 
 
 def _slirp_address(text: str) -> bool:
@@ -282,12 +281,7 @@ class VMSpec:
             )
         if isinstance(self.smp, bool) or not isinstance(self.smp, int) or not 1 <= self.smp <= 255:
             raise SpecError("smp", f"{show(self.smp)} must be a whole number from 1 to 255")
-        memory = parse_size_mib(self.memory, "memory")
-        if memory > MAX_MEMORY_MIB:
-            raise SpecError(
-                "memory", f"{show(self.memory)} is more than QEMU takes ({MAX_MEMORY_MIB} MiB)"
-            )
-        set_field(self, "memory", memory)
+        set_field(self, "memory", parse_size_mib(self.memory, "memory"))
         self._check_hotplug_room()
         t = self.ready_timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
@@ -659,6 +653,7 @@ def _convert(hint: Any, value: Any, where: str, base: Path) -> Any:
 
 
 __all__ = [
+    "MAX_MEMORY_MIB",
     "Disk",
     "HostDevice",
     "KernelBoot",

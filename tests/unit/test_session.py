@@ -239,7 +239,7 @@ async def test_the_transcript_keeps_commands_and_answers(connect: Any) -> None:
     with pytest.raises(QMPCommandError):
         await session.execute("stop", {"x": "y" * 1000})
     lines = list(session.transcript)
-    assert lines[0].endswith('-> query-status ') and lines[1].endswith(
+    assert lines[0].endswith("-> query-status ") and lines[1].endswith(
         '<- query-status: {"status": "running"}'
     )
     assert ' -> stop {"x": "yyy' in lines[2] and lines[2].endswith("...")  # clipped

@@ -465,7 +465,8 @@ sizes = st.one_of(
 
 
 def expected_mib(value: object) -> int | None:
-    """The MiB docs/spec.md says a size is (ASCII digits, binary units, case-insensitive)."""
+    """The MiB docs/spec.md says a size is (ASCII digits, binary units, case-insensitive,
+    at most 2**63 bytes: QEMU's own ceiling)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -483,7 +484,7 @@ def expected_mib(value: object) -> int | None:
         mib = n // 1024
     else:
         mib = n * {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
-    return mib if mib > 0 else None
+    return mib if 0 < mib < 2**63 // 2**20 else None
 
 
 @MANY
