@@ -193,7 +193,10 @@ def test_tap_and_extra_args(tmp_path: Path) -> None:
 def test_hotplug_room(tmp_path: Path) -> None:
     spec = VMSpec(guest_agent=False, hotplug_slots=2, max_smp=4, max_memory="2G", memory_slots=3)
     argv = build_argv(spec, ctx(tmp_path, agent_fd=None))
-    assert values(argv, "-m") == ["512M,slots=3,maxmem=2048M"]
+    # Under TCG both sizes carry 8 KiB more (see test_tcg_ram_is_not_whole_256k_blocks).
+    assert values(argv, "-m") == ["524296K,slots=3,maxmem=2097160K"]
+    kvm = build_argv(spec, ctx(tmp_path, agent_fd=None, accel="kvm"))
+    assert values(kvm, "-m") == ["524288K,slots=3,maxmem=2097152K"]
     assert values(argv, "-smp") == ["1,maxcpus=4"]
     ports = [d for d in devices(argv) if d["driver"] == "pcie-root-port"]
     assert ports == [
@@ -201,16 +204,33 @@ def test_hotplug_room(tmp_path: Path) -> None:
         {"driver": "pcie-root-port", "id": "pq-hp1", "bus": "pcie.0", "chassis": 2},
     ]
     plain = build_argv(VMSpec(guest_agent=False, max_smp=1), ctx(tmp_path, agent_fd=None))
-    assert values(plain, "-m") == ["512M"] and values(plain, "-smp") == ["1"]
+    assert values(plain, "-m") == ["524296K"] and values(plain, "-smp") == ["1"]
     assert not [d for d in devices(plain) if d["driver"] == "pcie-root-port"]
 
 
 def test_guest_ram_is_always_the_named_backend(tmp_path: Path) -> None:
     spec = VMSpec(guest_agent=False, memory="256M")
     anon = json.loads(values(build_argv(spec, ctx(tmp_path)), "-object")[0])
-    assert anon == {"qom-type": "memory-backend-ram", "id": "pq-ram", "size": 256 << 20}
+    assert anon == {"qom-type": "memory-backend-ram", "id": "pq-ram", "size": (256 << 20) + 8192}
     ram = RamFile(tmp_path / "mem,x", share=False)
     argv = build_argv(spec, dataclasses.replace(ctx(tmp_path), ram=ram))
     filed = json.loads(values(argv, "-object")[0])
     assert filed["qom-type"] == "memory-backend-file" and filed["share"] is False
     assert filed["mem-path"] == str(tmp_path / "mem,x")  # JSON: no escaping needed
+
+
+@pytest.mark.parametrize("ram", [None, "file"])
+def test_tcg_ram_is_not_whole_256k_blocks(tmp_path: Path, ram: str | None) -> None:
+    """Under TCG, QEMU before 9.0 loses guest writes in a live migration of a RAM block of
+    whole 256 KiB (its fast dirty sync skips TCG's TLB): pyqvm's is 8 KiB past its MiB.
+    Under KVM (its own dirty log) RAM is exactly the spec's."""
+    plan = RamFile(tmp_path / "ram", share=False) if ram else None
+    for accel, pad in (("tcg", 8192), ("kvm", 0)):
+        argv = build_argv(
+            VMSpec(memory="1G", guest_agent=False), ctx(tmp_path, accel=accel, ram=plan)
+        )
+        (obj,) = [json.loads(o) for o in values(argv, "-object") if '"pq-ram"' in o]
+        assert obj["size"] == 2**30 + pad
+        assert values(argv, "-m") == [f"{(2**30 + pad) >> 10}K"]
+        if accel == "tcg":
+            assert obj["size"] % (256 * 1024)

@@ -104,7 +104,7 @@ def test_cmdline_prints_the_argv(capsys: pytest.CaptureFixture[str]) -> None:
     # The built-in guest (scripts/setup.sh builds it), with an override.
     assert main(["cmdline", "--json", "--accel", "tcg", "--memory", "1G"]) == 0
     argv = json.loads(capsys.readouterr().out)
-    assert argv[0].endswith("qemu-system-x86_64") and "1024M" in argv
+    assert argv[0].endswith("qemu-system-x86_64") and "1048584K" in argv  # 1 GiB + TCG's 8 KiB
     assert argv[argv.index("-accel") + 1] == "tcg" and "-kernel" in argv
 
 
@@ -127,7 +127,7 @@ def test_cmdline_of_a_spec_file(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["cmdline", str(toml), "--smp", "3", "--accel", "tcg"]) == 0
     argv = shlex.split(capsys.readouterr().out)
     assert argv[argv.index("-kernel") + 1] == str(kernel)
-    assert argv[argv.index("-m") + 1] == "768M" and argv[argv.index("-smp") + 1] == "3"
+    assert argv[argv.index("-m") + 1] == "786440K" and argv[argv.index("-smp") + 1] == "3"
     assert argv[argv.index("-machine") + 1].startswith("q35")
 
 

@@ -512,11 +512,13 @@ def test_memory_sizes(memory: Any, max_memory: Any) -> None:
     argv = argv_of(got)
     m_arg = plain_args(argv, "-m")[0]
     implied, pairs = keyvalue(m_arg)
-    assert implied == f"{got.memory}M"
+    # Under TCG pyqvm adds 8 KiB (QEMU < 9.0 loses dirty pages of whole-256-KiB RAM blocks).
+    pad = 8 if plain_args(argv, "-accel") == ["tcg"] else 0
+    assert implied == f"{got.memory * 1024 + pad}K"
     if max_memory is not None:
-        assert pairs == {"slots": "1", "maxmem": f"{got.max_memory}M"}
+        assert pairs == {"slots": "1", "maxmem": f"{got.max_memory * 1024 + pad}K"}
     (ram,) = [o for o in json_args(argv, "-object") if o["id"] == "pq-ram"]
-    assert ram["size"] == got.memory << 20
+    assert ram["size"] == (got.memory << 20) + pad * 1024
 
 
 # --- ports and addresses -------------------------------------------------------------------------

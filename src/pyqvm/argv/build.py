@@ -40,6 +40,24 @@ SANDBOX = {
 #: The id of the guest RAM's backend when it is a file (`RamFile`).
 RAM_BACKEND_ID = "pq-ram"
 
+#: Under TCG the guest's RAM is this much past its MiB, so it is not a whole number of
+#: 256 KiB: QEMU before 9.0 syncs the dirty bitmap of such a block in 64-page words and
+#: forgets to reset TCG's TLB dirty state afterwards, so guest stores after a sync go
+#: untracked and a live migration hands the destination stale pages (QEMU 03bfc2188f,
+#: "physmem: Fix migration dirty bitmap coherency with TCG memory access"). Any other
+#: size takes the page-by-page sync, which resets the TLB. 8 KiB: ``-m`` is in 8 KiB.
+TCG_RAM_PAD = 8 * 1024
+
+
+def ram_bytes(spec: VMSpec, accel: str) -> int:
+    """The guest's boot RAM in bytes: ``spec.memory`` MiB, plus `TCG_RAM_PAD` under TCG."""
+    assert isinstance(spec.memory, int)
+    return (spec.memory << 20) + (TCG_RAM_PAD if accel == "tcg" else 0)
+
+
+def _kib(n: int) -> str:
+    return f"{n >> 10}K"
+
 
 @dataclass(frozen=True, slots=True)
 class RamFile:
@@ -141,18 +159,21 @@ def machine_arg(spec: VMSpec) -> str:
     return opts(spec.effective_machine, props)
 
 
-def memory_arg(spec: VMSpec) -> str:
+def memory_arg(spec: VMSpec, accel: str) -> str:
     """``-m``: the boot size, plus ``slots``/``maxmem`` when memory may be hot-added."""
+    size = ram_bytes(spec, accel)
     if spec.max_memory is None:
-        return f"{spec.memory}M"
-    return opts(f"{spec.memory}M", {"slots": spec.memory_slots, "maxmem": f"{spec.max_memory}M"})
+        return _kib(size)
+    # maxmem carries the pad too: the room for DIMMs stays max_memory - memory exactly.
+    assert isinstance(spec.max_memory, int) and isinstance(spec.memory, int)
+    maxmem = size + ((spec.max_memory - spec.memory) << 20)
+    return opts(_kib(size), {"slots": spec.memory_slots, "maxmem": _kib(maxmem)})
 
 
-def ram_object(spec: VMSpec, ram: RamFile | None) -> str:
+def ram_object(spec: VMSpec, accel: str, ram: RamFile | None) -> str:
     """The ``-object`` of the guest's boot RAM (as ``-m`` sizes it): anonymous memory, or a
     file (`RamFile`)."""
-    assert isinstance(spec.memory, int)
-    size = spec.memory * 1024 * 1024
+    size = ram_bytes(spec, accel)
     if ram is None:
         return qjson({"qom-type": "memory-backend-ram", "id": RAM_BACKEND_ID, "size": size})
     return qjson(
@@ -190,13 +211,13 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         "-accel",
         ctx.accel,
         "-m",
-        memory_arg(spec),
+        memory_arg(spec, ctx.accel),
         "-smp",
         smp_arg(spec),
         "-display",
         "none",
     ]
-    argv += ["-object", ram_object(spec, ctx.ram)]
+    argv += ["-object", ram_object(spec, ctx.accel, ctx.ram)]
     cpu = cpu_arg(spec, ctx.accel)
     if cpu:
         argv += ["-cpu", cpu]
