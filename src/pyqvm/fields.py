@@ -17,7 +17,8 @@ PCI_RE = re.compile(
 GUEST_PCI_RE = re.compile(r"[0-1]?[0-9a-fA-F](?:\.[0-7])?\Z")
 MAC_RE = re.compile(r"(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\Z")
 # ASCII digits only, and few enough that int() never meets Python's 4300-digit limit.
-SIZE_RE = re.compile(r"\s*([0-9]{1,30})\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE)
+# ASCII: a control character such as "\x1f" is Unicode whitespace, not a separator here.
+SIZE_RE = re.compile(r"\s*([0-9]{1,30})\s*([KMGT]?)(?:i?B)?\s*\Z", re.IGNORECASE | re.ASCII)
 QCOW2_MAGIC = b"QFI\xfb"
 
 

@@ -474,7 +474,7 @@ def expected_mib(value: object) -> int | None:
     if not isinstance(value, str):
         return None
     # (pyqvm also takes spaces between the number and its unit: "512 M")
-    m = re.fullmatch(r"([0-9]+)\s*([KMGT]?)(?:i?B)?", value.strip(), re.IGNORECASE | re.ASCII)
+    m = re.fullmatch(r"\s*([0-9]+)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE | re.ASCII)
     if not m:
         return None
     n, unit = int(m[1]), m[2].upper()
