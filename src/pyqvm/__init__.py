@@ -48,7 +48,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
     "KernelBoot": ("pyqvm.spec", "KernelBoot"),
     "LaunchError": ("pyqvm.errors", "LaunchError"),
     "LaunchPlan": ("pyqvm.machine", "LaunchPlan"),
-    "load_spec": ("pyqvm.spec", "load_spec"),
+    "load_spec": ("pyqvm.specio", "load_spec"),
     "Machine": ("pyqvm.machine", "Machine"),
     "MigrationError": ("pyqvm.errors", "MigrationError"),
     "MigrationProgress": ("pyqvm.ops.migration", "MigrationProgress"),
@@ -127,7 +127,8 @@ if TYPE_CHECKING:
     from pyqvm.ops.template import Template
     from pyqvm.remote import NamedVM, attach, attach_async, up
     from pyqvm.session import QMPSession
-    from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec, load_spec
+    from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec
+    from pyqvm.specio import load_spec
     from pyqvm.state import VMState
     from pyqvm.sync import VM
     from pyqvm.vm import AsyncVM

@@ -63,9 +63,8 @@ from pyqvm.spec import (
     Network,
     PortForward,
     VMSpec,
-    load_spec,
-    spec_from_dict,
 )
+from pyqvm.specio import load_spec, spec_from_dict
 
 FUZZ = settings(
     max_examples=150,

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from pyqvm.errors import PyqvmError, SpecError
-from pyqvm.spec import Network, PortForward, VMSpec, load_spec, parse_size_mib, spec_from_dict
+from pyqvm.spec import Network, PortForward, VMSpec, parse_size_mib
+from pyqvm.specio import load_spec, spec_from_dict
 
 
 class UsageError(PyqvmError):

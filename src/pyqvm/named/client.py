@@ -32,7 +32,8 @@ from pyqvm.agent import ExecResult
 from pyqvm.errors import NamedVMError, PyqvmError, PyqvmTimeoutError, tail
 from pyqvm.named import registry, wire
 from pyqvm.named.registry import REQUEST, Entry, Record
-from pyqvm.spec import Disk, VMSpec, spec_to_dict
+from pyqvm.spec import Disk, VMSpec
+from pyqvm.specio import spec_to_dict
 
 log = logging.getLogger(__name__)
 

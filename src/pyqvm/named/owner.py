@@ -42,7 +42,8 @@ from pyqvm.ops import template as templates
 from pyqvm.ops.hotplug import hostfwds
 from pyqvm.ops.migration import MigrationProgress
 from pyqvm.ops.snapshot import SnapshotInfo
-from pyqvm.spec import Disk, Network, VMSpec, spec_from_dict, spec_to_dict
+from pyqvm.spec import Disk, Network, VMSpec
+from pyqvm.specio import spec_from_dict, spec_to_dict
 from pyqvm.state import VMState
 from pyqvm.vm import AsyncVM
 

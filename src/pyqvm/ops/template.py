@@ -45,7 +45,8 @@ from pyqvm.machine import LaunchPlan, Machine
 from pyqvm.ops import guest
 from pyqvm.ops.migration import MigrationTuning, restore, save
 from pyqvm.ops.migration.types import MANIFEST, STATE_FILE
-from pyqvm.spec import VMSpec, check_id, spec_from_dict, spec_to_dict
+from pyqvm.spec import VMSpec, check_id
+from pyqvm.specio import spec_from_dict, spec_to_dict
 
 log = logging.getLogger(__name__)
 
