@@ -209,6 +209,43 @@ class GuestExecError(GuestError):
         self.signal = signal
 
 
+class GuestPausedError(GuestError):
+    """QEMU paused the guest on a disk I/O error (the disk's error policy: by default when
+    the host file system holding its image is full), so it cannot answer until resumed.
+
+    ``disk`` is the node or device name, ``file`` its image (None if unknown),
+    ``operation`` ``read`` or ``write``, ``reason`` QEMU's text (``No space left on
+    device``) and ``nospace`` whether it was ENOSPC.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        disk: str,
+        file: str | None,
+        operation: str,
+        reason: str,
+        nospace: bool,
+    ) -> None:
+        where = f"disk {disk!r}" + (f" ({file})" if file else "")
+        fix = (
+            "free space on the host file system holding it"
+            if nospace
+            else "fix the host side of that disk"
+        )
+        super().__init__(
+            f"VM {name!r}: QEMU paused the guest (io-error): {operation or 'I/O'} error on "
+            f"{where}: {reason or 'I/O error'}; {fix}, then resume the VM, or stop it"
+        )
+        self.name = name
+        self.disk = disk
+        self.file = file
+        self.operation = operation
+        self.reason = reason
+        self.nospace = nospace
+
+
 class OperationError(PyqvmError):
     """A VM operation (snapshot, hotplug, migration) was refused or failed."""
 
@@ -289,6 +326,7 @@ __all__ = [
     "GuestCommandError",
     "GuestError",
     "GuestExecError",
+    "GuestPausedError",
     "HostError",
     "HotplugError",
     "ImageError",

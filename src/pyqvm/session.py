@@ -129,6 +129,28 @@ class _Listener(EventListener):
             raise StopAsyncIteration from None
 
 
+class _IOErrorPause(EventListener):
+    """Notes the ``BLOCK_IO_ERROR`` that paused the guest, until a ``RESUME``; queues nothing.
+
+    ``accept`` is qemu.qmp's hook for custom listeners: answering False keeps the
+    queue empty, so this costs nothing however long the VM runs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(("BLOCK_IO_ERROR", "RESUME"))
+        self.data: dict[str, Any] | None = None
+
+    def accept(self, event: Message) -> bool:
+        if super().accept(event):
+            raw = event.get("data")
+            data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+            if event["event"] == "RESUME":
+                self.data = None
+            elif data.get("action") == "stop":
+                self.data = data
+        return False
+
+
 class QMPSession:
     """One QMP connection to a QEMU process."""
 
@@ -140,6 +162,8 @@ class QMPSession:
         self.transcript: collections.deque[str] = collections.deque(maxlen=TRANSCRIPT_LINES)
         # One fd in flight at a time: QEMU pairs a passed fd with the next getfd.
         self._fd_lock = asyncio.Lock()
+        self._io_error = _IOErrorPause()
+        self._client.register_listener(self._io_error)
 
     async def connect(self, sock: socket.socket, timeout: float = 30.0) -> None:
         """Connect over an already connected socket (one end of a socketpair QEMU holds)."""
@@ -155,6 +179,12 @@ class QMPSession:
     @property
     def connected(self) -> bool:
         return self._client.runstate.name == "RUNNING"
+
+    @property
+    def io_error_pause(self) -> Mapping[str, Any] | None:
+        """The ``BLOCK_IO_ERROR`` data of the disk error that paused the guest (QEMU's
+        ``werror``/``rerror`` action ``stop``), until the guest resumes; else None."""
+        return self._io_error.data
 
     async def execute(
         self,

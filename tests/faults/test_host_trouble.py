@@ -26,7 +26,13 @@ import pytest
 from _fault_helpers import dead, processes_naming
 
 from pyqvm import AsyncVM, Template, VMSpec, VMState
-from pyqvm.errors import HostError, LaunchError, PyqvmError, PyqvmTimeoutError
+from pyqvm.errors import (
+    GuestPausedError,
+    HostError,
+    LaunchError,
+    PyqvmError,
+    VMStateError,
+)
 from pyqvm.host.facts import read_host_facts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]  # and asyncio on each async test
@@ -186,15 +192,13 @@ async def test_no_room_for_an_overlay_is_a_launch_error_naming_it(
 
 
 @pytest.mark.asyncio
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when the overlay's file system fills up, QEMU pauses the guest "
-    "(BLOCK_IO_ERROR nospace, status io-error) and pyqvm's run only says it timed out "
-    "(agent.py GuestAgent.exec); nothing names the full disk, and vm.state stays RUNNING",
-)
+@pytest.mark.asyncio
 async def test_the_disk_filling_up_under_a_running_guest_is_named(
     default_template: Template, base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """QEMU pauses the guest when its overlay's file system fills up (BLOCK_IO_ERROR,
+    nospace; status io-error): the guest command fails at once with GuestPausedError naming
+    the disk, its file and ENOSPC, not with a timeout, and the VM says it is paused."""
     with tmpfs(base / "full", "size=2M,mode=0700") as full:
         monkeypatch.setenv("XDG_RUNTIME_DIR", str(full))
         vm = await AsyncVM.from_template(default_template)
@@ -202,15 +206,20 @@ async def test_the_disk_filling_up_under_a_running_guest_is_named(
         try:
             fill_guest = "dd if=/dev/urandom of=/mnt/data/big bs=64k count=100; sync"
             t0 = time.monotonic()
-            with pytest.raises(PyqvmError) as caught:
-                await vm.run(["sh", "-c", fill_guest], timeout=5)
+            with pytest.raises(GuestPausedError) as caught:
+                await vm.run(["sh", "-c", fill_guest], timeout=30)
             took = time.monotonic() - t0
-            status = await vm.execute("query-status")
-            print(f"{type(caught.value).__name__} after {took:.2f} s: {caught.value}; {status}")
-            assert status["status"] == "io-error"  # what QEMU knows
-            msg = str(caught.value)
-            assert NO_SPACE in msg or "io-error" in msg, msg
-            assert not isinstance(caught.value, PyqvmTimeoutError) or NO_SPACE in msg
+            e = caught.value
+            print(f"GuestPausedError after {took:.2f} s: {e}")
+            assert took < 20, "it waited for the timeout instead of noticing the pause"
+            assert (await vm.execute("query-status"))["status"] == "io-error"  # what QEMU knows
+            assert vm.state is VMState.PAUSED
+            assert e.nospace and NO_SPACE in str(e) and e.operation == "write"
+            assert e.file is not None and e.file.startswith(str(full)), e.file
+            assert e.file in str(e) and "free space" in str(e)
+            # A later call, with the pause already there, is refused by state.
+            with pytest.raises(VMStateError):
+                await vm.run(["true"])
         finally:
             await vm.stop(timeout=3)
         assert pid is not None and rundir is not None

@@ -1,12 +1,23 @@
-"""Commands and files in a running guest, through its guest agent."""
+"""Commands and files in a running guest, through its guest agent.
+
+Each call also watches for QEMU pausing the guest on a disk error (``BLOCK_IO_ERROR``
+with action ``stop``: by default when a disk's host file system is full). A paused
+guest answers nothing, so the call fails at once with `GuestPausedError`, naming the
+disk and its file, instead of running into its timeout.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from pyqvm.agent import ExecResult
+from pyqvm.errors import GuestPausedError, PyqvmError, PyqvmTimeoutError
 from pyqvm.machine import Machine
 from pyqvm.state import VMState
+
+T = TypeVar("T")
 
 
 async def run(
@@ -21,7 +32,7 @@ async def run(
     """Run ``argv`` in the guest and collect its output; ``check`` raises `GuestExecError`
     when it fails."""
     vm.require(VMState.RUNNING, what="running a guest command")
-    result = await vm.agent.exec(argv, input=input, env=env, timeout=timeout)
+    result = await _unless_paused(vm, vm.agent.exec(argv, input=input, env=env, timeout=timeout))
     if check:
         result.check()
     return result
@@ -30,10 +41,88 @@ async def run(
 async def read_file(vm: Machine, path: str, *, timeout: float = 30.0) -> bytes:
     """The contents of a file in the guest."""
     vm.require(VMState.RUNNING, what="reading a guest file")
-    return await vm.agent.read_file(path, timeout=timeout)
+    return await _unless_paused(vm, vm.agent.read_file(path, timeout=timeout))
 
 
 async def write_file(vm: Machine, path: str, data: bytes, *, timeout: float = 30.0) -> None:
     """Write ``data`` to a file in the guest (created or replaced)."""
     vm.require(VMState.RUNNING, what="writing a guest file")
-    await vm.agent.write_file(path, data, timeout=timeout)
+    await _unless_paused(vm, vm.agent.write_file(path, data, timeout=timeout))
+
+
+async def _unless_paused(vm: Machine, call: Awaitable[T]) -> T:
+    """``call``'s result, or `GuestPausedError` as soon as QEMU pauses the guest on an I/O
+    error (at once if it already has; the session notes the pause, so no QMP is needed)."""
+    task = asyncio.ensure_future(call)
+    try:
+        qmp = vm.qmp
+        if qmp.io_error_pause is None:
+            async with vm.events("BLOCK_IO_ERROR", _pausing) as listener:
+                paused = asyncio.ensure_future(listener.get())
+                try:
+                    await asyncio.wait((task, paused), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    paused.cancel()
+        if qmp.io_error_pause is None:
+            try:
+                return await task
+            except PyqvmTimeoutError:
+                if qmp.io_error_pause is None:
+                    raise
+        raise await _paused_error(vm) from None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _pausing(event: Mapping[str, Any]) -> bool:
+    data = event.get("data")
+    return isinstance(data, dict) and data.get("action") == "stop"
+
+
+async def _paused_error(vm: Machine) -> GuestPausedError:
+    """The guest is paused on an I/O error (QEMU answers QMP then): say which disk and file."""
+    vm.move(VMState.PAUSED)
+    try:
+        blocks = await vm.execute("query-block", timeout=5)
+    except PyqvmError:
+        blocks = []
+    return paused_error(vm.name, blocks, vm.qmp.io_error_pause)
+
+
+def paused_error(
+    name: str, blocks: Sequence[Any], event: Mapping[str, Any] | None = None
+) -> GuestPausedError:
+    """A `GuestPausedError` from ``query-block`` and, when there was one, the
+    ``BLOCK_IO_ERROR`` event's data (without it, the first disk whose ``io-status`` is
+    not ``ok`` is named)."""
+    event = event or {}
+    node, device = str(event.get("node-name") or ""), str(event.get("device") or "")
+    io_status = "nospace" if event.get("nospace") else "failed"
+    file = None
+    for b in blocks:
+        inserted = b.get("inserted") or {}
+        if node or device:
+            ours = (node and inserted.get("node-name") == node) or (
+                device and b.get("device") == device
+            )
+        else:
+            ours = b.get("io-status", "ok") != "ok"
+        if ours:
+            file = inserted.get("file")
+            node = node or str(inserted.get("node-name") or b.get("qdev") or "")
+            io_status = str(b.get("io-status") or io_status)
+            break
+    nospace = bool(event.get("nospace", io_status == "nospace"))
+    reason = event.get("reason") or ("No space left on device" if nospace else "I/O error")
+    return GuestPausedError(
+        name,
+        disk=node or device,
+        file=file,
+        operation=str(event.get("operation", "")),
+        reason=str(reason),
+        nospace=nospace,
+    )
+
+
+__all__ = ["paused_error", "read_file", "run", "write_file"]
