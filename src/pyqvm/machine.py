@@ -60,6 +60,8 @@ _T = TypeVar("_T")
 #: graceful stop's time is kept for that should the guest not power off.
 _QUIT_WAIT = 5.0
 _QUIT_RESERVE = 2.0
+#: States in which QEMU runs: one that has exited there ended without a stop.
+_QEMU_UP = (VMState.RUNNING, VMState.PAUSED, VMState.MIGRATING, VMState.INMIGRATE)
 #: Seconds between SIGTERM and SIGKILL when no deadline says otherwise.
 _TERM_WAIT = 5.0
 #: The serial console's unix socket in the runtime dir (see `argv.build.console_chardev`).
@@ -120,6 +122,7 @@ class Machine:
         self._stopping: asyncio.Future[int | None] | None = None  # the one stop in progress
         self._transcript: list[str] = []
         self._boot_seconds: float | None = None
+        self._exit_note = ""  # why QEMU ended without a stop, once it has
 
     def __repr__(self) -> str:
         return f"<Machine {self.name!r} {self.state.value} pid={self.pid}>"
@@ -137,11 +140,34 @@ class Machine:
 
     @property
     def state(self) -> VMState:
+        self._notice_exit()
         return self._life.state
 
     def require(self, *states: VMState, what: str = "this") -> None:
         """Raise `VMStateError` (naming the state and ``states``) unless in one of ``states``."""
-        self._life.require(*states, what=what)
+        self._notice_exit()
+        try:
+            self._life.require(*states, what=what)
+        except VMStateError as e:
+            if self._exit_note:
+                e.args = (f"{e}; {self._exit_note}",)
+            raise
+
+    def _notice_exit(self) -> None:
+        """QEMU ended without a stop (killed, crashed, the guest powered off): ``FAILED``.
+
+        Asked at every look at the state, so nothing has to be watching; the look
+        also reaps QEMU (no zombie) and keeps the reason for later messages.
+        """
+        if self._life.state not in _QEMU_UP or self._process is None:
+            return
+        code = self._process.returncode  # waitpid(WNOHANG): reaps an exited QEMU
+        if code is None:
+            return
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        self._exit_note = f"QEMU ended by itself ({how}); stop() cleans up"
+        log.warning("%s: %s%s", self.name, self._exit_note, self.stderr_tail())
+        self._life.move(VMState.FAILED)
 
     def move(self, to: VMState) -> None:
         """Change the state (an operation starting or ending: migrating, paused, running)."""
