@@ -48,7 +48,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
     "JobError": ("pyqvm.errors", "JobError"),
     "KernelBoot": ("pyqvm.spec", "KernelBoot"),
     "LaunchError": ("pyqvm.errors", "LaunchError"),
-    "LaunchPlan": ("pyqvm.machine", "LaunchPlan"),
+    "LaunchPlan": ("pyqvm.launch", "LaunchPlan"),
     "load_spec": ("pyqvm.specio", "load_spec"),
     "Machine": ("pyqvm.machine", "Machine"),
     "MigrationError": ("pyqvm.errors", "MigrationError"),
@@ -63,7 +63,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
     "PassthroughError": ("pyqvm.errors", "PassthroughError"),
     "Plugged": ("pyqvm.devices", "Plugged"),
     "PortForward": ("pyqvm.spec", "PortForward"),
-    "preview_argv": ("pyqvm.machine", "preview_argv"),
+    "preview_argv": ("pyqvm.launch", "preview_argv"),
     "PyqvmError": ("pyqvm.errors", "PyqvmError"),
     "PyqvmTimeoutError": ("pyqvm.errors", "PyqvmTimeoutError"),
     "QMPCommandError": ("pyqvm.errors", "QMPCommandError"),
@@ -113,7 +113,8 @@ if TYPE_CHECKING:
         VMExitedError,
         VMStateError,
     )
-    from pyqvm.machine import LaunchPlan, Machine, preview_argv
+    from pyqvm.launch import LaunchPlan, preview_argv
+    from pyqvm.machine import Machine
     from pyqvm.named.client import AsyncNamedVM
     from pyqvm.ops import template as templates
     from pyqvm.ops.blockjobs import ChainLink

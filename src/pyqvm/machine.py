@@ -31,20 +31,18 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from qemu.qmp import EventListener
 
 from pyqvm.agent import GuestAgent
-from pyqvm.argv.build import LaunchContext, RamFile, build_argv
-from pyqvm.argv.devices import DiskFile
 from pyqvm.console import ConsoleLog
 from pyqvm.deadline import Deadline
 from pyqvm.devices import DeviceTable
 from pyqvm.errors import LaunchError, PyqvmError, VMStateError, tail
 from pyqvm.host.facts import HostFacts
+from pyqvm.launch import CONSOLE_SOCKET, LaunchPlan, launch_argv
 from pyqvm.overlays import adopt_overlay, make_overlay, overlay_disks, overlay_path
 from pyqvm.passthrough import Passthrough, PassthroughHost, assign
 from pyqvm.process import QemuProcess, RuntimeDir
@@ -64,32 +62,6 @@ _QUIT_RESERVE = 2.0
 _QEMU_UP = (VMState.RUNNING, VMState.PAUSED, VMState.MIGRATING, VMState.INMIGRATE)
 #: Seconds between SIGTERM and SIGKILL when no deadline says otherwise.
 _TERM_WAIT = 5.0
-#: The serial console's unix socket in the runtime dir (see `argv.build.console_chardev`).
-CONSOLE_SOCKET = "console.sock"
-
-
-@dataclass(frozen=True, slots=True)
-class LaunchPlan:
-    """How to launch a machine, beyond its spec.
-
-    ``incoming``: start as a migration destination (``-incoming defer``).
-    ``overlays``: an ephemeral disk's id -> an existing overlay to open instead
-    of a fresh one (shared storage: the source's overlay; hard-linked into
-    this runtime dir, so either side's cleanup leaves the other's disk
-    intact). ``without_forwards``: leave out the NICs' host port forwards (a
-    source on this host still holds the ports). ``spec``: launch this spec
-    instead of the machine's (a restore: disks over the saved overlays); it
-    becomes the machine's spec. ``ram``: guest RAM in a file (a template, or a
-    clone of one), see `pyqvm.argv.RamFile`. ``console_prefix``: what the console
-    log starts with (a clone: the template's boot, which is this guest's too).
-    """
-
-    incoming: str | None = None
-    overlays: Mapping[str, Path] = field(default_factory=dict)
-    without_forwards: bool = False
-    spec: VMSpec | None = None
-    ram: RamFile | None = None
-    console_prefix: bytes = b""
 
 
 class Machine:
@@ -602,49 +574,4 @@ class Machine:
             self._rundir = None
 
 
-def launch_argv(
-    resolved: Resolved,
-    rundir: Path,
-    *,
-    console_log: Path,
-    qmp_fd: int,
-    agent_fd: int | None,
-    incoming: str | None = None,
-    ram: RamFile | None = None,
-) -> list[str]:
-    """The argv for one launch of a resolved spec, given its runtime dir and inherited fds."""
-    spec = resolved.spec
-    console_socket = rundir / CONSOLE_SOCKET
-    ctx = LaunchContext(
-        qemu=resolved.qemu,
-        accel=resolved.accel,
-        qmp_fd=qmp_fd,
-        agent_fd=agent_fd,
-        console_log=console_log,
-        # A unix socket path has room for 107 bytes; a longer runtime dir gets no socket.
-        console_socket=console_socket if len(os.fsencode(console_socket)) < 108 else None,
-        disk_files={
-            d.id: DiskFile(overlay=overlay_path(rundir, d.id)) for d in overlay_disks(spec)
-        },
-        tsc_khz=resolved.facts.tsc_khz,
-        incoming=incoming,
-        ram=ram,
-    )
-    return build_argv(spec, ctx)
-
-
-def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
-    """The argv `Machine.start` would run for ``spec``, with a placeholder runtime dir
-    (``$PYQVM_RUNDIR``) and the fd numbers QEMU would inherit (3 and 4)."""
-    resolved = resolve(spec, image_cache=image_cache)
-    rundir = Path("$PYQVM_RUNDIR")
-    return launch_argv(
-        resolved,
-        rundir,
-        console_log=resolved.spec.serial_log or rundir / "console.log",
-        qmp_fd=3,
-        agent_fd=4 if resolved.spec.guest_agent else None,
-    )
-
-
-__all__ = ["CONSOLE_SOCKET", "LaunchPlan", "Machine", "launch_argv", "preview_argv"]
+__all__ = ["Machine"]

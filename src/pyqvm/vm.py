@@ -24,7 +24,8 @@ from qemu.qmp import EventListener
 from pyqvm.agent import ExecResult, GuestAgent
 from pyqvm.devices import Plugged
 from pyqvm.host.facts import HostFacts
-from pyqvm.machine import LaunchPlan, Machine, preview_argv
+from pyqvm.launch import LaunchPlan, preview_argv
+from pyqvm.machine import Machine
 from pyqvm.ops import blockjobs, guest, hotplug, migration, snapshot
 from pyqvm.ops import template as templates
 from pyqvm.ops.blockjobs import ChainLink

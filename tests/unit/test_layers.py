@@ -33,6 +33,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
         "pyqvm.overlays",
         "pyqvm.passthrough",
         "pyqvm.resolve",
+        "pyqvm.launch",
         "pyqvm.console",
         "pyqvm.devices",
     ),

@@ -55,7 +55,7 @@ from hypothesis import strategies as st
 from pyqvm.argv import DiskFile, LaunchContext, build_argv
 from pyqvm.errors import SpecError
 from pyqvm.host.facts import read_host_facts
-from pyqvm.machine import preview_argv
+from pyqvm.launch import preview_argv
 from pyqvm.spec import (
     Disk,
     HostDevice,

@@ -21,7 +21,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from pyqvm.machine import preview_argv
+    from pyqvm.launch import preview_argv
 
     argv = preview_argv(spec_from_args(args))
     print(json.dumps(argv) if args.json else shlex.join(argv))

@@ -41,7 +41,8 @@ from typing import Any
 from pyqvm import image
 from pyqvm.argv.build import RamFile
 from pyqvm.errors import PyqvmError, TemplateError
-from pyqvm.machine import LaunchPlan, Machine
+from pyqvm.launch import LaunchPlan
+from pyqvm.machine import Machine
 from pyqvm.ops import guest
 from pyqvm.ops.migration import MigrationTuning, restore, save
 from pyqvm.ops.migration.types import MANIFEST, STATE_FILE

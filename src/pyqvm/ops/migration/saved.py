@@ -24,7 +24,8 @@ from pyqvm.argv.build import RamFile
 from pyqvm.deadline import Deadline
 from pyqvm.devices import DeviceTable, Plugged
 from pyqvm.errors import MigrationError, PyqvmError
-from pyqvm.machine import LaunchPlan, Machine
+from pyqvm.launch import LaunchPlan
+from pyqvm.machine import Machine
 from pyqvm.ops.hotplug import replug
 from pyqvm.ops.migration.common import (
     configure,
