@@ -32,6 +32,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from signal import SIGTERM
 from typing import Any, TypeVar
 
 from qemu.qmp import EventListener
@@ -43,7 +44,13 @@ from pyqvm.devices import DeviceTable
 from pyqvm.errors import LaunchError, PyqvmError, VMStateError, tail
 from pyqvm.host.facts import HostFacts
 from pyqvm.launch import CONSOLE_SOCKET, LaunchPlan, launch_argv
-from pyqvm.overlays import adopt_overlay, make_overlay, overlay_disks, overlay_path
+from pyqvm.overlays import (
+    adopt_overlay,
+    make_overlay,
+    overlay_disks,
+    overlay_path,
+    reclaim_leaks,
+)
 from pyqvm.passthrough import Passthrough, PassthroughHost, assign
 from pyqvm.process import QemuProcess, RuntimeDir
 from pyqvm.resolve import Resolved, resolve
@@ -563,7 +570,10 @@ class Machine:
         if self._process is not None:
             if self._process.returncode is None:
                 await self._process.terminate(deadline.left() or 0.0)
-            self._last_code = self._process.returncode
+            code = self._process.returncode
+            if self._last_code is None and code is not None and code < 0 and code != -SIGTERM:
+                await self._reclaim_leaks(deadline)
+            self._last_code = code
         if self._passthrough is not None:
             # Only now that QEMU is gone does vfio-pci let go of the devices.
             self._passthrough.release()
@@ -572,6 +582,28 @@ class Machine:
             self.console.freeze()  # for error messages after teardown
             self._rundir.cleanup()
             self._rundir = None
+
+    async def _reclaim_leaks(self, deadline: Deadline) -> None:
+        """QEMU was killed (or crashed): give back the clusters it may have leaked in the
+        qcow2 disks that outlive it, while the stop's time lasts."""
+        disks = list(self.resolved_spec.disks)
+        disks += [p.disk for p in self.devices.snapshot().values() if p.disk is not None]
+        for d in disks:
+            if d.ephemeral or d.readonly or d.format != "qcow2":
+                continue
+            left = deadline.within(30)
+            if left is not None and left <= 0:
+                log.warning(
+                    "%s: no time left to check %s; run: qemu-img check -r leaks %s",
+                    self.name,
+                    d.path,
+                    d.path,
+                )
+                continue
+            if await reclaim_leaks(d.path, left):
+                log.info(
+                    "%s: %s checked after QEMU was killed (leaks reclaimed)", self.name, d.path
+                )
 
 
 __all__ = ["Machine"]
