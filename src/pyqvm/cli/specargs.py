@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyqvm.errors import PyqvmError, SpecError
-from pyqvm.spec import Network, PortForward, VMSpec, parse_size_mib
-from pyqvm.specio import load_spec, spec_from_dict
+from pyqvm.fields import parse_size_mib
+
+if TYPE_CHECKING:  # the spec's modules load when a VM is built, not for every verb's parser
+    from pyqvm.spec import PortForward, VMSpec
 
 
 class UsageError(PyqvmError):
@@ -79,6 +81,9 @@ def refuse_overrides_with_template(args: argparse.Namespace) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> VMSpec:
     """The spec `run`/`cmdline` use: the TOML file (or nothing) plus command-line overrides."""
+    from pyqvm.spec import Network
+    from pyqvm.specio import load_spec, spec_from_dict
+
     data: dict[str, Any] = {}
     kernel: dict[str, Any] = {}
     if args.kernel:
@@ -118,6 +123,8 @@ def spec_from_args(args: argparse.Namespace) -> VMSpec:
 
 
 def _forward(text: str) -> PortForward:
+    from pyqvm.spec import PortForward
+
     host, sep, guest = text.partition(":")
     if not sep or not host.isdigit() or not guest.isdigit():
         raise UsageError(f"--forward {text!r}: use HOST:GUEST port numbers, e.g. 2222:22")
