@@ -572,7 +572,9 @@ class Machine:
                 await self._process.terminate(deadline.left() or 0.0)
             code = self._process.returncode
             if self._last_code is None and code is not None and code < 0 and code != -SIGTERM:
-                await self._reclaim_leaks(deadline)
+                # A kept qcow2 disk may hold clusters QEMU had taken but not yet used.
+                plugged = [p.disk for p in self.devices.snapshot().values() if p.disk]
+                await reclaim_leaks(self.name, [*self.resolved_spec.disks, *plugged], deadline)
             self._last_code = code
         if self._passthrough is not None:
             # Only now that QEMU is gone does vfio-pci let go of the devices.
@@ -582,28 +584,6 @@ class Machine:
             self.console.freeze()  # for error messages after teardown
             self._rundir.cleanup()
             self._rundir = None
-
-    async def _reclaim_leaks(self, deadline: Deadline) -> None:
-        """QEMU was killed (or crashed): give back the clusters it may have leaked in the
-        qcow2 disks that outlive it, while the stop's time lasts."""
-        disks = list(self.resolved_spec.disks)
-        disks += [p.disk for p in self.devices.snapshot().values() if p.disk is not None]
-        for d in disks:
-            if d.ephemeral or d.readonly or d.format != "qcow2":
-                continue
-            left = deadline.within(30)
-            if left is not None and left <= 0:
-                log.warning(
-                    "%s: no time left to check %s; run: qemu-img check -r leaks %s",
-                    self.name,
-                    d.path,
-                    d.path,
-                )
-                continue
-            if await reclaim_leaks(d.path, left):
-                log.info(
-                    "%s: %s checked after QEMU was killed (leaks reclaimed)", self.name, d.path
-                )
 
 
 __all__ = ["Machine"]

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
-from pyqvm.errors import HostError, LaunchError
+from pyqvm.deadline import Deadline
+from pyqvm.errors import HostError, LaunchError, PyqvmError
 from pyqvm.spec import Disk, VMSpec
 
 log = logging.getLogger(__name__)
@@ -37,53 +39,72 @@ def adopt_overlay(existing: Path, overlay: Path) -> None:
         overlay.symlink_to(existing)
 
 
-async def make_overlay(base: Path, fmt: str, overlay: Path) -> Path:
-    """A qcow2 overlay over ``base``: the guest writes there, the base is never written."""
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base), str(overlay)]
+async def _qemu_img(*args: str, timeout: float | None = None) -> tuple[int, str]:
+    """Run ``qemu-img ARGS``: (exit status, stderr). `HostError` if it is not installed;
+    killed and `TimeoutError` after ``timeout``."""
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            "qemu-img", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
         )
     except FileNotFoundError:
         raise HostError(
             "qemu-img not found; install it with: apt-get install -y qemu-utils"
         ) from None
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise LaunchError(
-            f"could not create an overlay for {base}: {err.decode(errors='replace').strip()}",
-            argv=argv,
-            exitcode=proc.returncode,
-        )
-    overlay.chmod(0o600)  # the guest's writes are this user's business only
-    return overlay
-
-
-async def reclaim_leaks(image: Path, timeout: float | None) -> bool:
-    """``qemu-img check -r leaks`` on a qcow2 image QEMU no longer holds; True if it is clean.
-
-    A QEMU killed while it allocated clusters (a snapshot save, a write) leaves some
-    allocated but unused: harmless (``qemu-img check`` exits 3, "leaked clusters") but
-    lost space. This gives them back; it never touches data in use.
-    """
-    argv = ["qemu-img", "check", "-q", "-r", "leaks", "-f", "qcow2", str(image)]
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-        )
-    except OSError as e:
-        log.warning("cannot reclaim leaked clusters in %s: %s", image, e)
-        return False
     try:
         async with asyncio.timeout(timeout):
             _, err = await proc.communicate()
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        log.warning("qemu-img check -r leaks %s took over %s s; stopped it", image, timeout)
-        return False
-    if proc.returncode != 0:
-        text = err.decode(errors="replace").strip()
-        log.warning("qemu-img check -r leaks %s: exit %s: %s", image, proc.returncode, text)
-        return False
-    return True
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, err.decode(errors="replace").strip()
+
+
+async def make_overlay(base: Path, fmt: str, overlay: Path) -> Path:
+    """A qcow2 overlay over ``base``: the guest writes there, the base is never written."""
+    args = ["create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base), str(overlay)]
+    code, err = await _qemu_img(*args)
+    if code != 0:
+        raise LaunchError(
+            f"could not create an overlay for {base}: {err}",
+            argv=["qemu-img", *args],
+            exitcode=code,
+        )
+    overlay.chmod(0o600)  # the guest's writes are this user's business only
+    return overlay
+
+
+async def reclaim_leaks(name: str, disks: Iterable[Disk], deadline: Deadline) -> None:
+    """After QEMU was killed (or crashed): ``qemu-img check -r leaks`` on each writable kept
+    qcow2 disk of VM ``name``, while ``deadline`` lasts.
+
+    A QEMU killed while it allocated clusters (a snapshot save, a write) leaves some
+    allocated but unused: harmless (``qemu-img check`` exits 3, "leaked clusters") but
+    lost space. This gives them back; it never touches data in use.
+    """
+    for d in disks:
+        if d.ephemeral or d.readonly or d.format != "qcow2":
+            continue
+        left = deadline.within(30)
+        if left is not None and left <= 0:
+            log.warning(
+                "%s: no time left to check %s; run: qemu-img check -r leaks %s",
+                name,
+                d.path,
+                d.path,
+            )
+            continue
+        try:
+            code, err = await _qemu_img(
+                "check", "-q", "-r", "leaks", "-f", "qcow2", str(d.path), timeout=left
+            )
+        except (PyqvmError, TimeoutError) as e:
+            log.warning(
+                "%s: cannot reclaim leaked clusters in %s: %s", name, d.path, e or "timeout"
+            )
+            continue
+        if code == 0:
+            log.info("%s: %s checked after QEMU was killed (leaks reclaimed)", name, d.path)
+        else:
+            log.warning("%s: qemu-img check -r leaks %s: exit %s: %s", name, d.path, code, err)

@@ -139,6 +139,7 @@ class _IOErrorPause(EventListener):
     def __init__(self) -> None:
         super().__init__(("BLOCK_IO_ERROR", "RESUME"))
         self.data: dict[str, Any] | None = None
+        self.paused = asyncio.Event()
 
     def accept(self, event: Message) -> bool:
         if super().accept(event):
@@ -146,8 +147,10 @@ class _IOErrorPause(EventListener):
             data: dict[str, Any] = raw if isinstance(raw, dict) else {}
             if event["event"] == "RESUME":
                 self.data = None
+                self.paused.clear()
             elif data.get("action") == "stop":
                 self.data = data
+                self.paused.set()
         return False
 
 
@@ -185,6 +188,10 @@ class QMPSession:
         """The ``BLOCK_IO_ERROR`` data of the disk error that paused the guest (QEMU's
         ``werror``/``rerror`` action ``stop``), until the guest resumes; else None."""
         return self._io_error.data
+
+    async def io_error_paused(self) -> None:
+        """Wait until a disk error pauses the guest (`io_error_pause` is set then)."""
+        await self._io_error.paused.wait()
 
     async def execute(
         self,

@@ -1,9 +1,9 @@
 """Commands and files in a running guest, through its guest agent.
 
-Each call also watches for QEMU pausing the guest on a disk error (``BLOCK_IO_ERROR``
-with action ``stop``: by default when a disk's host file system is full). A paused
-guest answers nothing, so the call fails at once with `GuestPausedError`, naming the
-disk and its file, instead of running into its timeout.
+Each call also waits on the session's note of QEMU pausing the guest on a disk error
+(``BLOCK_IO_ERROR`` with action ``stop``: by default when a disk's host file system is
+full). A paused guest answers nothing, so the call fails at once with
+`GuestPausedError`, naming the disk and its file, instead of running into its timeout.
 """
 
 from __future__ import annotations
@@ -52,17 +52,16 @@ async def write_file(vm: Machine, path: str, data: bytes, *, timeout: float = 30
 
 async def _unless_paused(vm: Machine, call: Awaitable[T]) -> T:
     """``call``'s result, or `GuestPausedError` as soon as QEMU pauses the guest on an I/O
-    error (at once if it already has; the session notes the pause, so no QMP is needed)."""
+    error (at once if it already has: the session notes the pause, so no QMP is needed)."""
     task = asyncio.ensure_future(call)
     try:
         qmp = vm.qmp
         if qmp.io_error_pause is None:
-            async with vm.events("BLOCK_IO_ERROR", _pausing) as listener:
-                paused = asyncio.ensure_future(listener.get())
-                try:
-                    await asyncio.wait((task, paused), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    paused.cancel()
+            paused = asyncio.ensure_future(qmp.io_error_paused())
+            try:
+                await asyncio.wait((task, paused), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                paused.cancel()
         if qmp.io_error_pause is None:
             try:
                 return await task
@@ -73,11 +72,6 @@ async def _unless_paused(vm: Machine, call: Awaitable[T]) -> T:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-
-
-def _pausing(event: Mapping[str, Any]) -> bool:
-    data = event.get("data")
-    return isinstance(data, dict) and data.get("action") == "stop"
 
 
 async def _paused_error(vm: Machine) -> GuestPausedError:
