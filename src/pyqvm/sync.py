@@ -14,6 +14,7 @@ death signal is tied to the process.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import weakref
 from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
@@ -202,7 +203,7 @@ class VM:
         template: Template | str,
         *,
         name: str | None = None,
-        directory: Path | None = None,
+        directory: str | os.PathLike[str] | None = None,
         image_cache: Path | None = None,
     ) -> VM:
         t = templates.get(template, directory=directory)

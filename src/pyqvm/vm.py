@@ -13,6 +13,7 @@ behind: no process, socket, overlay or directory.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -154,7 +155,7 @@ class AsyncVM:
         template: Template | str,
         *,
         name: str | None = None,
-        directory: Path | None = None,
+        directory: str | os.PathLike[str] | None = None,
         image_cache: Path | None = None,
     ) -> AsyncVM:
         """A running clone of ``template`` (a `Template` or its name); see `start_from_template`."""

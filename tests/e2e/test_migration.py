@@ -217,10 +217,6 @@ def _postcopy(stats: MigrationStats) -> None:
     assert stats.postcopy, stats
 
 
-def _auto_converge(stats: MigrationStats) -> None:
-    assert stats.cpu_throttle >= 60, stats
-
-
 @pytest.mark.parametrize(
     ("tuning", "transport", "dirty", "check"),
     [
@@ -234,21 +230,6 @@ def _auto_converge(stats: MigrationStats) -> None:
             _postcopy,
             id="postcopy",
         ),
-        # 32 MiB/s and 30 ms do not converge while the guest rewrites 64 MiB in a loop;
-        # auto-converge throttles its vCPU until they do. (QEMU's 128 MiB/s default sometimes
-        # converged unthrottled: the page-by-page dirty sync of a TCG guest holds the vCPU.)
-        pytest.param(
-            MigrationTuning(
-                auto_converge=True,
-                max_bandwidth=32 * 2**20,
-                downtime_limit=30,
-                parameters={"cpu-throttle-initial": 60, "cpu-throttle-increment": 30},
-            ),
-            "unix",
-            True,
-            _auto_converge,
-            id="auto-converge",
-        ),
     ],
 )
 async def test_migration_tuning_is_used(
@@ -258,8 +239,7 @@ async def test_migration_tuning_is_used(
     dirty: bool,
     check: Callable[[MigrationStats], None],
 ) -> None:
-    """multifd, postcopy and auto-converge each take effect, as QEMU reports, and the guest
-    arrives intact."""
+    """multifd and postcopy each take effect, as QEMU reports, and the guest arrives intact."""
     src, dst = AsyncVM(default_template.clone_spec("tune-src")), AsyncVM(spec("tune-dst"))
     try:
         digest, before = await start_busy(src, default_template)
@@ -269,6 +249,51 @@ async def test_migration_tuning_is_used(
         check(stats)
         await check_moved(src, dst, before, digest)
     finally:
+        await dst.stop()
+        await src.stop()
+
+
+async def test_auto_converge_throttles_a_guest_that_outruns_the_link(
+    default_template: Template,
+) -> None:
+    """32 MiB/s and 30 ms never converge while the guest rewrites 64 MiB in a loop:
+    auto-converge throttles its vCPU, and the progress reports show it.
+
+    Whether 30 ms is then met is luck under TCG: a vCPU held to 1 % still dirties a few
+    MiB/s (a memcpy burst in its 10 ms slice), about what 30 ms of the link carries. So once
+    the throttle shows, the test allows 5 s of downtime mid-flight, as an operator would,
+    and the migration ends.
+    """
+    src, dst = AsyncVM(default_template.clone_spec("tune-src")), AsyncVM(spec("tune-dst"))
+    tuning = MigrationTuning(
+        auto_converge=True,
+        max_bandwidth=32 * 2**20,
+        downtime_limit=30,
+        parameters={"cpu-throttle-initial": 60, "cpu-throttle-increment": 30},
+    )
+    throttled = asyncio.Event()
+    seen: list[int] = []
+
+    def watch(p: MigrationProgress) -> None:
+        seen.append(p.cpu_throttle)
+        if p.cpu_throttle >= 60:
+            throttled.set()
+
+    async def relent() -> None:
+        await throttled.wait()
+        await src.execute("migrate-set-parameters", {"downtime-limit": 5000})
+
+    relenting = asyncio.create_task(relent())
+    try:
+        digest, before = await start_busy(src, default_template)
+        await src.run(["sh", "-c", DIRTIER], check=True)
+        stats = await src.migrate(dst, transport="unix", tuning=tuning, progress=watch, timeout=120)
+        assert relenting.done() and relenting.exception() is None, seen
+        assert stats.cpu_throttle >= 60, stats
+        assert seen[0] == 0, seen  # unthrottled until QEMU saw the guest outrun the link
+        await check_moved(src, dst, before, digest)
+    finally:
+        relenting.cancel()
         await dst.stop()
         await src.stop()
 

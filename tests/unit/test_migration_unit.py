@@ -374,9 +374,12 @@ def test_progress_from_an_active_migration() -> None:
         dirty_rate=2_560 * 4096,  # pages per second, times the page size
         expected_downtime=0.041,
         passes=2,
+        cpu_throttle=0,
         storage_transferred=3 << 20,
         storage_remaining=1 << 20,
     )
+    throttled = qapi.progress_from({**ACTIVE, "cpu-throttle-percentage": 90}, 1.25, {})
+    assert throttled.cpu_throttle == 90
 
 
 def test_progress_before_qemu_has_numbers() -> None:

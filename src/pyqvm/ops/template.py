@@ -65,11 +65,11 @@ _RESEED_MAX = 60.0
 _clones = itertools.count(1)
 
 
-def templates_dir(directory: Path | None = None) -> Path:
+def templates_dir(directory: str | os.PathLike[str] | None = None) -> Path:
     """Where templates live: ``directory``, else ``$PYQVM_TEMPLATES_DIR``, else
     ``templates/`` in pyqvm's cache dir."""
     if directory is not None:
-        return directory
+        return Path(directory)
     if env := os.environ.get("PYQVM_TEMPLATES_DIR"):
         return Path(env)
     return image.cache_dir() / "templates"
@@ -184,7 +184,7 @@ class Template:
                 )
 
 
-def load(name: str, *, directory: Path | None = None) -> Template:
+def load(name: str, *, directory: str | os.PathLike[str] | None = None) -> Template:
     """The template called ``name``; `TemplateError` if there is none or it is broken."""
     where = templates_dir(directory) / name
     try:
@@ -200,7 +200,7 @@ def load(name: str, *, directory: Path | None = None) -> Template:
     return Template.from_json(data, where)
 
 
-def list_templates(*, directory: Path | None = None) -> list[Template]:
+def list_templates(*, directory: str | os.PathLike[str] | None = None) -> list[Template]:
     """Every complete template, by name (half-made ones are never listed)."""
     base = templates_dir(directory)
     out = []
@@ -214,7 +214,7 @@ def list_templates(*, directory: Path | None = None) -> list[Template]:
     return out
 
 
-def remove(name: str, *, directory: Path | None = None) -> None:
+def remove(name: str, *, directory: str | os.PathLike[str] | None = None) -> None:
     """Delete template ``name`` (its clones that run keep their mapping of it)."""
     where = templates_dir(directory) / name
     if not where.is_dir():
@@ -253,7 +253,7 @@ async def create(
     name: str,
     *,
     setup: Sequence[str] = (),
-    directory: Path | None = None,
+    directory: str | os.PathLike[str] | None = None,
     image_cache: Path | None = None,
     replace: bool = False,
     timeout: float = 600.0,
@@ -282,7 +282,7 @@ async def _create(
     name: str,
     *,
     setup: Sequence[str] = (),
-    directory: Path | None = None,
+    directory: str | os.PathLike[str] | None = None,
     image_cache: Path | None = None,
     replace: bool,
     timeout: float = 600.0,
@@ -379,7 +379,7 @@ async def ensure(
     spec: VMSpec,
     *,
     name: str | None = None,
-    directory: Path | None = None,
+    directory: str | os.PathLike[str] | None = None,
     image_cache: Path | None = None,
 ) -> Template:
     """The template of ``spec``: reused when it is current, else made, once across processes.
@@ -430,7 +430,7 @@ def templatable(spec: VMSpec) -> bool:
     return True
 
 
-def get(template: Template | str, *, directory: Path | None = None) -> Template:
+def get(template: Template | str, *, directory: str | os.PathLike[str] | None = None) -> Template:
     """``template`` itself, or the template of that name (`load`)."""
     return load(template, directory=directory) if isinstance(template, str) else template
 

@@ -221,7 +221,8 @@ async def send(
 
 def _notify(progress: ProgressCallback | None, p: MigrationProgress) -> None:
     log.debug(
-        "migration %s: %.1f s, %d/%d MiB sent, %d MiB left, %.0f MiB/s, dirty %.0f MiB/s, pass %d",
+        "migration %s: %.1f s, %d/%d MiB sent, %d MiB left, %.0f MiB/s, dirty %.0f MiB/s, "
+        "pass %d, throttle %d%%",
         p.status,
         p.elapsed,
         p.transferred >> 20,
@@ -230,6 +231,7 @@ def _notify(progress: ProgressCallback | None, p: MigrationProgress) -> None:
         p.rate / 2**20,
         p.dirty_rate / 2**20,
         p.passes,
+        p.cpu_throttle,
     )
     if progress is not None:
         progress(p)
@@ -259,9 +261,9 @@ async def run_migration(
             info = await status(src)
             state = str(info.get("status", "none"))
             postcopy_started |= state == "postcopy-active"
-            throttle = max(throttle, int(info.get("cpu-throttle-percentage", 0)))
-            elapsed = time.monotonic() - t0
-            _notify(progress, progress_from(info, elapsed, await copies.totals()))
+            look = progress_from(info, time.monotonic() - t0, await copies.totals())
+            throttle = max(throttle, look.cpu_throttle)
+            _notify(progress, look)
             if state == "completed":
                 break
             if state in ("failed", "cancelled"):

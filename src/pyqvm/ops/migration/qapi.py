@@ -65,6 +65,7 @@ def progress_from(
         dirty_rate=float(ram.get("dirty-pages-rate", 0)) * page,
         expected_downtime=exp / 1000 if isinstance(exp, int) else None,
         passes=int(ram.get("dirty-sync-count", 0)),
+        cpu_throttle=int(info.get("cpu-throttle-percentage", 0)),
         storage_transferred=mirrors.get("done", 0),
         storage_remaining=mirrors.get("left", 0),
     )

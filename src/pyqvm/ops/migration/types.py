@@ -134,7 +134,8 @@ class MigrationProgress:
 
     Sizes in bytes, rates in bytes/s, times in seconds. ``expected_downtime``
     is QEMU's estimate (None before it has one); ``passes`` counts RAM dirty
-    syncs; ``storage_*`` cover the disk mirrors of copied storage.
+    syncs; ``cpu_throttle`` is the percentage auto-converge holds the vCPUs
+    back by (0 unthrottled); ``storage_*`` cover the disk mirrors of copied storage.
     """
 
     status: str
@@ -146,6 +147,7 @@ class MigrationProgress:
     dirty_rate: float = 0.0
     expected_downtime: float | None = None
     passes: int = 0
+    cpu_throttle: int = 0
     storage_transferred: int = 0
     storage_remaining: int = 0
 
