@@ -26,6 +26,7 @@ from guest_helpers import counter, counter_beyond, run_script, start_counter
 from pyqvm import (
     AsyncVM,
     Disk,
+    MigrationError,
     MigrationProgress,
     MigrationStats,
     MigrationTuning,
@@ -407,10 +408,23 @@ async def test_save_and_restore(default_template: Template, tmp_path: Path) -> N
     try:
         digest, before = await start_busy(src, default_template)
 
+        accelerator = src.accelerator
         saved = await src.save(tmp_path / "state")
 
         assert src.state is VMState.STOPPED
         assert saved.disks == ("root",) and saved.state_file.stat().st_size == saved.size
+        # The state loads only under the accelerator it was saved under: a record of the
+        # other one is refused before QEMU starts.
+        manifest = saved.directory / "pyqvm-saved.json"
+        record = json.loads(manifest.read_text())
+        assert record["accelerator"] == accelerator
+        other = "kvm" if accelerator == "tcg" else "tcg"
+        manifest.write_text(json.dumps({**record, "accelerator": other}))
+        refused = AsyncVM(spec("saved"))
+        with pytest.raises(MigrationError, match=f"saved under {other} and would load under"):
+            await refused.restore(saved.directory)
+        assert refused.state is VMState.CREATED and refused.pid is None
+        manifest.write_text(json.dumps(record))
         overlay_hash = hashlib.sha256((saved.directory / "root.qcow2").read_bytes()).hexdigest()
         await restored.restore(saved.directory)
         assert restored.state is VMState.RUNNING

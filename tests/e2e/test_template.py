@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import signal
 import sys
@@ -14,6 +16,7 @@ import pytest
 import pytest_asyncio
 
 from pyqvm import AsyncVM, Template, TemplateError, VMSpec, VMState, image, templates
+from pyqvm.host.accel import KvmStatus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
 
@@ -84,6 +87,23 @@ async def test_a_stale_or_broken_template_is_refused(made: Template) -> None:
     other = AsyncVM(VMSpec(image="default", memory=256))
     with pytest.raises(TemplateError, match="another spec"):
         await other.start_from_template(made)
+
+
+async def test_a_template_of_another_accelerator_is_refused(made: Template) -> None:
+    """A TCG template on a host that has KVM now (and the other way round) cannot be cloned:
+    the state holds what the accelerator shaped. Refused before QEMU starts."""
+    here = made.accelerator
+    assert json.loads((made.directory / "template.json").read_text())["accelerator"] == here
+    made.check()
+    other = "kvm" if here == "tcg" else "tcg"
+    # The host as it would be if KVM came (or went): "auto" would pick the other one.
+    changed = KvmStatus(usable=other == "kvm", reason="a fake for this test")
+    with pytest.raises(TemplateError, match=f"saved under {here} and would load under {other}"):
+        made.check(kvm=changed)
+    vm = AsyncVM(made.clone_spec("accel-clone"))
+    with pytest.raises(TemplateError, match=f"saved under {other} and would load under {here}"):
+        await vm.start_from_template(dataclasses.replace(made, accelerator=other))
+    assert vm.state is VMState.CREATED and vm.pid is None
 
 
 async def test_a_failed_setup_leaves_no_template(

@@ -45,7 +45,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.template_command == "list":
         for t in templates.list_templates():
             made = time.strftime("%Y-%m-%d %H:%M", time.localtime(t.created))
-            print(f"{t.name:20} {t.machine:8} QEMU {t.qemu_version:8} {made}  {t.directory}")
+            print(
+                f"{t.name:20} {t.machine:8} {t.accelerator:4} QEMU {t.qemu_version:8} {made}  "
+                f"{t.directory}"
+            )
     else:
         for name in args.names:
             templates.remove(name)

@@ -40,11 +40,12 @@ from typing import Any
 
 from pyqvm import image
 from pyqvm.argv.build import RamFile
-from pyqvm.errors import PyqvmError, TemplateError
+from pyqvm.errors import MigrationError, PyqvmError, TemplateError
+from pyqvm.host.accel import KvmStatus
 from pyqvm.launch import LaunchPlan
 from pyqvm.machine import Machine
 from pyqvm.ops import guest
-from pyqvm.ops.migration import MigrationTuning, restore, save
+from pyqvm.ops.migration import MigrationTuning, check_accelerator, restore, save
 from pyqvm.ops.migration.types import MANIFEST, STATE_FILE
 from pyqvm.spec import VMSpec, check_id
 from pyqvm.specio import spec_from_dict, spec_to_dict
@@ -52,7 +53,7 @@ from pyqvm.specio import spec_from_dict, spec_to_dict
 log = logging.getLogger(__name__)
 
 #: The version of a template's record; templates of another version are refused.
-TEMPLATE_FORMAT = 1
+TEMPLATE_FORMAT = 2  # 2: the accelerator is recorded
 RECORD = "template.json"
 MEMORY = "memory"
 STATE = "state"
@@ -95,6 +96,7 @@ class Template:
     spec: VMSpec
     spec_hash: str
     machine: str
+    accelerator: str  # "kvm" or "tcg": the state loads only under the one it was made with
     qemu: str  # the binary's path
     qemu_version: str
     created: float
@@ -121,6 +123,7 @@ class Template:
             "spec": spec_to_dict(self.spec),
             "spec_hash": self.spec_hash,
             "machine": self.machine,
+            "accelerator": self.accelerator,
             "qemu": self.qemu,
             "qemu_version": self.qemu_version,
             "created": self.created,
@@ -143,6 +146,7 @@ class Template:
                 spec=spec_from_dict(data["spec"]),
                 spec_hash=str(data["spec_hash"]),
                 machine=str(data["machine"]),
+                accelerator=str(data["accelerator"]),
                 qemu=str(data["qemu"]),
                 qemu_version=str(data["qemu_version"]),
                 created=float(data["created"]),
@@ -154,18 +158,25 @@ class Template:
                 name=name,
             ) from None
 
-    def check(self, spec: VMSpec | None = None) -> None:
+    def check(self, spec: VMSpec | None = None, *, kvm: KvmStatus | None = None) -> None:
         """Raise `TemplateError` unless a clone can use this template now.
 
-        It must have been made from ``spec`` (if given), with the same QEMU
-        binary and image files, and all its files must be as they were written.
-        Costs a few ``stat`` calls, no QEMU.
+        It must have been made from ``spec`` (if given), under the accelerator
+        a clone gets here (``kvm``: this host's KVM status, probed if None),
+        with the same QEMU binary and image files, and all its files must be as
+        they were written. Costs a few ``stat`` calls, no QEMU.
         """
         if spec is not None and spec_hash(spec) != self.spec_hash:
             raise TemplateError(
                 f"template {self.name!r} was made from another spec; make it again for this one",
                 name=self.name,
             )
+        try:
+            check_accelerator(self.accelerator, self.spec, kvm)
+        except MigrationError as e:
+            raise TemplateError(
+                f"template {self.name!r}: {e}; make it again here", name=self.name
+            ) from None
         for path, stamp in self.stamps.items():
             p = Path(path)
             try:
@@ -340,6 +351,7 @@ async def _create(
             spec=spec,
             spec_hash=spec_hash(spec),
             machine=resolved.effective_machine,
+            accelerator=str(machine.accelerator),
             qemu=qemu,
             qemu_version=f"{version['major']}.{version['minor']}.{version['micro']}",
             created=time.time(),
@@ -444,7 +456,7 @@ async def clone_into(machine: Machine, template: Template) -> None:
     if QEMU refuses the state.
     """
     async with _locked(template.directory.parent, template.name, fcntl.LOCK_SH):
-        template.check(machine.spec)
+        template.check(machine.spec, kvm=machine.host.kvm if machine.host else None)
         try:
             console = (template.directory / CONSOLE).read_bytes()
         except OSError:

@@ -50,7 +50,13 @@ from pyqvm.ops.migration.common import migration_blocker
 from pyqvm.ops.migration.incoming import accept, listen
 from pyqvm.ops.migration.local import add_forwards, migrate
 from pyqvm.ops.migration.outgoing import send
-from pyqvm.ops.migration.saved import restore, restored_spec, save, saved_devices
+from pyqvm.ops.migration.saved import (
+    check_accelerator,
+    restore,
+    restored_spec,
+    save,
+    saved_devices,
+)
 from pyqvm.ops.migration.types import (
     QEMU_DEFAULT_BANDWIDTH,
     QEMU_DEFAULT_DOWNTIME_MS,
@@ -81,6 +87,7 @@ __all__ = [
     "Transport",
     "accept",
     "add_forwards",
+    "check_accelerator",
     "listen",
     "migrate",
     "migration_blocker",

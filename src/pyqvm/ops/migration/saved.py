@@ -24,6 +24,7 @@ from pyqvm.argv.build import RamFile
 from pyqvm.deadline import Deadline
 from pyqvm.devices import DeviceTable, Plugged
 from pyqvm.errors import MigrationError, PyqvmError
+from pyqvm.host.accel import KvmStatus, choose_accelerator, kvm_status
 from pyqvm.launch import LaunchPlan
 from pyqvm.machine import Machine
 from pyqvm.ops.hotplug import replug
@@ -109,6 +110,7 @@ async def save(
             shutil.copyfile(path, out / f"{disk_id}.qcow2")
         manifest = {
             "name": vm.name,
+            "accelerator": vm.accelerator,
             "disks": disks,
             "memory_mib": vm.spec.memory,
             # Restored before the state is loaded, as a migration destination gets them.
@@ -125,6 +127,25 @@ async def save(
     else:
         await vm.stop()
     return SavedState(directory=out, disks=tuple(disks), size=size)
+
+
+def check_accelerator(saved: str | None, spec: VMSpec, kvm: KvmStatus | None = None) -> None:
+    """`MigrationError` unless ``spec`` runs here under ``saved``, the accelerator a state
+    was saved under (None: not recorded, not checked). ``kvm``: this host's, probed if None.
+
+    The state holds what the accelerator shaped (the CPU model's features, a TCG guest's
+    padded RAM), so it loads only under the same one.
+    """
+    if saved is None:
+        return
+    status = kvm or kvm_status()
+    here = choose_accelerator(spec.accelerator, status)
+    if here != saved:
+        raise MigrationError(
+            f"the state was saved under {saved} and would load under {here} here "
+            f"(accelerator {spec.accelerator!r}; KVM: {status.reason}); it loads only under "
+            f"the accelerator it was saved under"
+        )
 
 
 def _manifest(directory: Path) -> dict[str, Any]:
@@ -191,6 +212,12 @@ async def restore(
         raise MigrationError(f"'{directory}' holds no saved VM state ({STATE_FILE} missing)")
     vm.require(VMState.CREATED, what="restoring into it")
     refuse_blocked(vm, "restore")  # restored_spec changes the disks only
+    try:
+        check_accelerator(
+            _manifest(directory).get("accelerator"), vm.spec, vm.host.kvm if vm.host else None
+        )
+    except MigrationError as e:
+        raise MigrationError(f"{vm.name}: cannot restore from '{directory}': {e}") from None
     spec = restored_spec(vm.spec, directory, image_cache=vm.image_cache)
     devices = saved_devices(directory)
     t0 = time.monotonic()
@@ -214,4 +241,4 @@ async def restore(
     log.info("%s: restored from %s in %.2f s", vm.name, directory, time.monotonic() - t0)
 
 
-__all__ = ["restore", "restored_spec", "save", "saved_devices"]
+__all__ = ["check_accelerator", "restore", "restored_spec", "save", "saved_devices"]
