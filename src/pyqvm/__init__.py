@@ -2,7 +2,7 @@
 
 Public API (everything a user handles is importable from here)::
 
-    VMSpec (+ Disk, Network, PortForward, KernelBoot, HostDevice), load_spec: describe a VM
+    VMSpec (+ Disk, Network, PortForward, KernelBoot, HostDevice, Share), load_spec: describe a VM
     AsyncVM (asyncio) / VM (blocking): run it; VMState: where it is
     ExecResult: a guest command's outcome (like subprocess.CompletedProcess)
     SnapshotInfo, ChainLink: internal and external snapshots
@@ -63,6 +63,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
     "PassthroughError": ("pyqvm.errors", "PassthroughError"),
     "Plugged": ("pyqvm.devices", "Plugged"),
     "PortForward": ("pyqvm.spec", "PortForward"),
+    "Share": ("pyqvm.shares", "Share"),
     "preview_argv": ("pyqvm.launch", "preview_argv"),
     "PyqvmError": ("pyqvm.errors", "PyqvmError"),
     "PyqvmTimeoutError": ("pyqvm.errors", "PyqvmTimeoutError"),
@@ -130,6 +131,7 @@ if TYPE_CHECKING:
     from pyqvm.ops.template import Template
     from pyqvm.remote import NamedVM, attach, attach_async, up
     from pyqvm.session import QMPSession
+    from pyqvm.shares import Share
     from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec
     from pyqvm.specio import load_spec
     from pyqvm.state import VMState
@@ -193,6 +195,7 @@ __all__ = [
     "QMPCommandError",
     "QMPSession",
     "SavedState",
+    "Share",
     "SnapshotError",
     "SnapshotInfo",
     "SpecError",

@@ -17,6 +17,7 @@ from pyqvm.argv.devices import DiskFile
 from pyqvm.overlays import overlay_disks, overlay_path
 from pyqvm.resolve import Resolved, resolve
 from pyqvm.spec import VMSpec
+from pyqvm.virtiofs import socket_path
 
 #: The serial console's unix socket in the runtime dir (see `argv.build.console_chardev`).
 CONSOLE_SOCKET = "console.sock"
@@ -73,6 +74,7 @@ def launch_argv(
         tsc_khz=resolved.facts.tsc_khz,
         incoming=incoming,
         ram=ram,
+        share_sockets={s.tag: socket_path(rundir, s) for s in spec.shares},
     )
     return build_argv(spec, ctx)
 

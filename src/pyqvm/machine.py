@@ -57,6 +57,7 @@ from pyqvm.resolve import Resolved, resolve
 from pyqvm.session import EventFilter, QMPSession
 from pyqvm.spec import VMSpec
 from pyqvm.state import Lifecycle, VMState
+from pyqvm.virtiofs import Virtiofsds
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Machine:
         self.console = ConsoleLog()
         self._life = Lifecycle(spec.name)
         self._passthrough: Passthrough | None = None
+        self._virtiofsds = Virtiofsds()
         self._resolved: Resolved | None = None
         self._rundir: RuntimeDir | None = None
         self._process: QemuProcess | None = None
@@ -372,6 +374,7 @@ class Machine:
                 adopt_overlay(Path(plan.overlays[d.id]), overlay_path(rundir, d.id))
             else:
                 await make_overlay(d.path, d.format or "raw", overlay_path(rundir, d.id))
+        await self._virtiofsds.start(spec, rundir)  # QEMU connects to their sockets
         qmp_ours, qmp_theirs = socket.socketpair()
         agent_ours, agent_theirs = socket.socketpair() if spec.guest_agent else (None, None)
         theirs = [s for s in (qmp_theirs, agent_theirs) if s is not None]
@@ -580,6 +583,7 @@ class Machine:
             # Only now that QEMU is gone does vfio-pci let go of the devices.
             self._passthrough.release()
             self._passthrough = None
+        await self._virtiofsds.stop()
         if self._rundir is not None:
             self.console.freeze()  # for error messages after teardown
             self._rundir.cleanup()

@@ -219,38 +219,64 @@ os.register_at_fork(after_in_child=_forget_spawner)
 
 # --- the child side ----------------------------------------------------------------------
 
-_prctl: Any = None
+_libc: Any = None
+
+# <sched.h>, <sys/mount.h>
+CLONE_NEWNS = 0x00020000
+MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
 
 
-def _child_setup(parent_pid: int) -> Callable[[], None]:
+def _c_functions() -> Any:
+    """libc's prctl, unshare and mount, typed once (never in a forked child)."""
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ulong, cstr = ctypes.c_ulong, ctypes.c_char_p
+        libc.prctl.argtypes = [ctypes.c_int, ulong, ulong, ulong, ulong]
+        libc.unshare.argtypes = [ctypes.c_int]
+        libc.mount.argtypes = [cstr, cstr, cstr, ulong, ctypes.c_void_p]
+        for fn in (libc.prctl, libc.unshare, libc.mount):
+            fn.restype = ctypes.c_int
+        _libc = libc
+    return _libc
+
+
+def _child_setup(parent_pid: int, readonly: Sequence[Path] = ()) -> Callable[[], None]:
     """Build the preexec_fn: set PDEATHSIG, then make sure the parent did not already die.
 
     Why preexec_fn despite its thread-safety warning: the getppid re-check has to run in
     the child between prctl and exec, which leaves preexec_fn or an exec wrapper.
     `setpriv --pdeathsig` cannot re-check; a ``python -c`` wrapper costs ~11 ms per
     spawn against ~2 ms here (fork instead of vfork, so it grows with our RSS: ~20 ms
-    at 500 MiB). The function below takes no locks, imports nothing and calls a libc
-    function resolved before the fork; CPython holds the import lock over the fork and
+    at 500 MiB). The function below takes no locks, imports nothing and calls libc
+    functions resolved before the fork; CPython holds the import lock over the fork and
     re-initialises its own state in the child.
+
+    ``readonly``: directories the child sees read-only, whatever it does (a mount
+    namespace of its own with read-only bind mounts of them; needs CAP_SYS_ADMIN).
     """
-    global _prctl
-    if _prctl is None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-        ulong = ctypes.c_ulong
-        prctl.argtypes = [ctypes.c_int, ulong, ulong, ulong, ulong]
-        prctl.restype = ctypes.c_int
-        _prctl = prctl
-    prctl_fn = _prctl
+    libc = _c_functions()
     sigkill = int(signal.SIGKILL)
+    targets = [os.fsencode(p) for p in readonly]
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            raise OSError(ctypes.get_errno(), what)
 
     def setup() -> None:
         # Whatever QEMU creates (its console socket, a save's files) is for this user only.
         os.umask(0o077)
-        if prctl_fn(PR_SET_PDEATHSIG, sigkill, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        check(libc.prctl(PR_SET_PDEATHSIG, sigkill, 0, 0, 0), "prctl(PR_SET_PDEATHSIG) failed")
         if os.getppid() != parent_pid:  # parent died before prctl: nobody will signal us
             os._exit(127)
+        if targets:
+            check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS) failed")
+            # Private first: the read-only mounts below must not reach the host's namespace.
+            check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount / private")
+            for t in targets:
+                check(libc.mount(t, t, None, MS_BIND | MS_REC, None), "bind mount failed")
+                flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+                check(libc.mount(None, t, None, flags, None), "read-only remount failed")
 
     return setup
 
@@ -268,6 +294,7 @@ def _spawn(
     stdout_path: Path | None,
     stdin_devnull: bool,
     own_process_group: bool,
+    readonly: tuple[Path, ...],
 ) -> _Spawned:
     """Runs on the spawner thread: open the log files, fork/exec, get a pidfd."""
     files: list[IO[bytes]] = []
@@ -288,7 +315,7 @@ def _spawn(
                 close_fds=True,
                 # Own group: a terminal's Ctrl-C reaches only us, and we run the stepwise stop.
                 process_group=0 if own_process_group else None,
-                preexec_fn=_child_setup(os.getpid()),
+                preexec_fn=_child_setup(os.getpid(), readonly),
             )
         except OSError as exc:
             what = exc.filename or argv[0]
@@ -374,6 +401,7 @@ class QemuProcess:
         stdout_path: Path | None = None,
         stdin_devnull: bool = True,
         own_process_group: bool = True,
+        readonly: Sequence[Path] = (),
     ) -> None:
         """Start ``argv`` (no shell) with output in files and a parent-death SIGKILL.
 
@@ -385,6 +413,7 @@ class QemuProcess:
             stdin_devnull: give the child /dev/null as stdin (else it inherits ours).
             own_process_group: put the child in its own process group; pass False for an
                 interactive console on the terminal.
+            readonly: directories the child sees read-only (see `_child_setup`).
 
         Raises:
             LaunchError: the program could not be executed.
@@ -404,6 +433,7 @@ class QemuProcess:
                 stdout_path,
                 stdin_devnull,
                 own_process_group,
+                tuple(readonly),
             )
         )
         try:

@@ -17,7 +17,9 @@ from pyqvm.host.accel import choose_accelerator
 from pyqvm.host.facts import HostFacts, qemu_binary, read_host_facts
 from pyqvm.host.kernel import KernelInfo, inspect_kernel
 from pyqvm.host.pci import pci_device_dir
+from pyqvm.shares import cmdline_entries
 from pyqvm.spec import IMAGE_DISK_ID, Disk, KernelBoot, VMSpec
+from pyqvm.virtiofs import choose_transports
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,14 @@ def with_image(spec: VMSpec, cache: Path | None = None) -> VMSpec:
     kernel = KernelBoot(kernel=img.kernel, initrd=img.initrd, append=image.KERNEL_CMDLINE)
     disk = Disk(path=img.disk, format="qcow2", ephemeral=True, id=IMAGE_DISK_ID)
     return dataclasses.replace(spec, image=None, kernel=kernel, disks=(disk, *spec.disks))
+
+
+def _mount_at_boot(spec: VMSpec) -> VMSpec:
+    """The built-in guest's init mounts the shares it finds on its kernel command line."""
+    assert spec.kernel is not None
+    append = " ".join([spec.kernel.append, *cmdline_entries(spec.shares)]).strip()
+    kernel = dataclasses.replace(spec.kernel, append=append)
+    return dataclasses.replace(spec, kernel=kernel)
 
 
 def pick_machine(spec: VMSpec, accel: str, facts: HostFacts) -> VMSpec:
@@ -114,7 +124,9 @@ def resolve(
             pci_device_dir(h.address, host_root)
         except HostError as e:
             raise SpecError(f"host_devices[{i}].address", str(e)) from None
-    concrete = with_image(spec, image_cache)
+    concrete = with_image(choose_transports(spec), image_cache)
+    if spec.image is not None and concrete.shares:
+        concrete = _mount_at_boot(concrete)
     concrete = pick_machine(concrete, accel, facts)
     if spec.kernel is not None:
         check_kernel(spec)

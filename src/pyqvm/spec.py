@@ -39,6 +39,7 @@ from pyqvm.fields import (
     text,
     writable_file,
 )
+from pyqvm.shares import Share, with_defaults
 
 Arch = Literal["x86_64", "aarch64"]
 Machine = Literal["auto", "q35", "pc", "microvm"]
@@ -244,6 +245,7 @@ class VMSpec:
     cdroms: tuple[Path, ...] = ()
     networks: tuple[Network, ...] = ()
     host_devices: tuple[HostDevice, ...] = ()
+    shares: tuple[Share, ...] = ()
     rng: bool = True
     balloon: bool = True
     guest_agent: bool = True
@@ -300,6 +302,7 @@ class VMSpec:
             "host_devices",
             tuple(_with_id(h, f"hostdev{i}") for i, h in enumerate(self.host_devices)),
         )
+        set_field(self, "shares", with_defaults(tuple(self.shares)))
         set_field(
             self,
             "cdroms",
@@ -355,6 +358,13 @@ class VMSpec:
     def _check_consistency(self) -> None:
         if self.image is not None and self.kernel is not None:
             raise SpecError("image", "give either image (built-in guest) or kernel, not both")
+        for i, s in enumerate(self.shares):
+            if s.transport == "9p" and self.image == "default":
+                raise SpecError(
+                    f"shares[{i}].transport",
+                    'the default image\'s kernel has no 9p; use image = "full" or '
+                    'transport = "virtiofs" (or "auto")',
+                )
         machine = self.effective_machine
         if machine == "microvm":
             if self.profile == "emulated":
@@ -537,6 +547,7 @@ __all__ = [
     "KernelBoot",
     "Network",
     "PortForward",
+    "Share",
     "VMSpec",
     "check_id",
     "normalize_pci_address",

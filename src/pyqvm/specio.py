@@ -16,7 +16,7 @@ from typing import Any
 
 from pyqvm.errors import SpecError
 from pyqvm.fields import show
-from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec
+from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, Share, VMSpec
 
 
 def spec_from_dict(data: Mapping[str, Any], *, base_dir: Path | None = None) -> VMSpec:
@@ -73,6 +73,7 @@ _NESTED: dict[str, type] = {
     "Network": Network,
     "PortForward": PortForward,
     "HostDevice": HostDevice,
+    "Share": Share,
 }
 
 
@@ -102,6 +103,7 @@ def _build(cls: type[Any], data: Mapping[str, Any], where: str, base: Path) -> A
             "forward",
             "host_device",
             "kernel",
+            "share",
         }:
             rest = e.field.split(".", 1)[1] if "." in e.field else ""
             raise SpecError(f"{where}.{rest}" if rest else where, e.message) from None

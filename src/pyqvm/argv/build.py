@@ -21,6 +21,7 @@ from pyqvm.argv.devices import (
     hotplug_port_args,
     net_args,
     pv_extra_args,
+    share_args,
     uses_ide,
     virtio,
 )
@@ -87,6 +88,7 @@ class LaunchContext:
     tsc_khz: int | None = None
     incoming: str | None = None
     ram: RamFile | None = None
+    share_sockets: Mapping[str, Path] = field(default_factory=dict)  # tag -> virtiofsd's
 
 
 def console_chardev(ctx: LaunchContext) -> str:
@@ -174,6 +176,11 @@ def ram_object(spec: VMSpec, accel: str, ram: RamFile | None) -> str:
     """The ``-object`` of the guest's boot RAM (as ``-m`` sizes it): anonymous memory, or a
     file (`RamFile`)."""
     size = ram_bytes(spec, accel)
+    if ram is None and any(s.transport == "virtiofs" for s in spec.shares):
+        # virtiofsd maps the guest's RAM to reach its buffers: it must be shareable.
+        return qjson(
+            {"qom-type": "memory-backend-memfd", "id": RAM_BACKEND_ID, "size": size, "share": True}
+        )
     if ram is None:
         return qjson({"qom-type": "memory-backend-ram", "id": RAM_BACKEND_ID, "size": size})
     return qjson(
@@ -278,6 +285,11 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
     argv += net_args(spec, ctx.accel)
     argv += pv_extra_args(spec)
     argv += hostdev_args(spec)
+    argv += share_args(spec, ctx.share_sockets)
+    if spec.effective_machine == "microvm" and any(s.transport == "virtiofs" for s in spec.shares):
+        # microvm's virtio-mmio is legacy (v1) by default; virtiofsd's libvhost-user
+        # takes modern devices only (it panics on a legacy one).
+        argv += ["-global", "virtio-mmio.force-legacy=false"]
     argv += hotplug_port_args(spec)
     if ctx.incoming is not None:
         argv += ["-incoming", ctx.incoming]

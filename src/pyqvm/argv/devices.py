@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyqvm.argv.escape import qjson
+from pyqvm.argv.escape import opts, qjson
 from pyqvm.errors import SpecError
 from pyqvm.spec import Disk, Network, PortForward, VMSpec
 
@@ -240,3 +240,56 @@ def hotplug_port_args(spec: VMSpec) -> list[str]:
         dev = {"driver": "pcie-root-port", "id": port, "bus": "pcie.0", "chassis": i + 1}
         argv += ["-device", qjson(dev)]
     return argv
+
+
+#: 9p's security model. "none": files the guest creates belong to QEMU's user on the
+#: host, with the mode the guest gave them (chown from the guest is ignored, not failed).
+#: "mapped-xattr" would keep the guest's owners in xattrs, which host tools do not read.
+NINEP_SECURITY_MODEL = "none"
+
+
+def share_args(spec: VMSpec, sockets: Mapping[str, Path]) -> list[str]:
+    """Each share's device: vhost-user-fs on its virtiofsd's socket (``sockets``: tag ->
+    path), or virtio-9p over QEMU's own ``local`` fsdev."""
+    out: list[str] = []
+    fs_driver = f"vhost-user-fs-{'device' if bus_kind(spec) == 'mmio' else 'pci'}"
+    for i, s in enumerate(spec.shares):
+        if s.transport == "virtiofs":
+            out += [
+                "-chardev",
+                opts("socket", {"id": f"pq-fs{i}", "path": str(sockets[s.tag])}),
+                "-device",
+                qjson(
+                    {
+                        "driver": fs_driver,
+                        "id": f"pq-fsdev{i}",
+                        "chardev": f"pq-fs{i}",
+                        "tag": s.tag,
+                    }
+                ),
+            ]
+        elif s.transport == "9p":
+            fsdev = {
+                "id": f"pq-fs{i}",
+                "path": str(s.host),
+                "security_model": NINEP_SECURITY_MODEL,
+                # Inode numbers stay unique when the tree spans host file systems.
+                "multidevs": "remap",
+                "readonly": True if s.readonly else None,
+            }
+            out += [
+                "-fsdev",
+                opts("local", fsdev),
+                "-device",
+                qjson(
+                    {
+                        "driver": virtio(spec, "9p"),
+                        "id": f"pq-fsdev{i}",
+                        "fsdev": f"pq-fs{i}",
+                        "mount_tag": s.tag,
+                    }
+                ),
+            ]
+        else:
+            raise ValueError(f"share {s.tag!r}: decide the transport before building argv")
+    return out

@@ -42,6 +42,7 @@ from pyqvm.image.guest import (
 )
 from pyqvm.image.modules import (
     ModulePlan,
+    on_demand_modules,
     parse_module_list,
     parse_modules_builtin,
     parse_modules_dep,
@@ -273,7 +274,9 @@ def _modules(moddir: Path, version: str, flavour: str, initrd: Path) -> ModulePl
     tools.run(["depmod", "-b", str(moddir.parents[2]), version], what="depmod")
     builtin_file = moddir / "modules.builtin"
     builtin = parse_modules_builtin(builtin_file.read_text() if builtin_file.exists() else "")
-    wanted = parse_module_list((RECIPES / "modules.txt").read_text(), flavour)
+    listed = (RECIPES / "modules.txt").read_text()
+    wanted = parse_module_list(listed, flavour)
+    on_demand = on_demand_modules(listed, flavour)
     plan = plan_modules(wanted, parse_modules_dep((moddir / "modules.dep").read_text()), builtin)
     log.info(
         "modules: load %s (%d files); built in: %s; not in this kernel: %s",
@@ -291,7 +294,8 @@ def _modules(moddir: Path, version: str, flavour: str, initrd: Path) -> ModulePl
     # busybox modprobe reads modules.dep; depmod writes it for the copied subset.
     tools.run(["depmod", "-b", str(initrd), version], what="depmod (initramfs)")
     (initrd / "etc/pyqvm").mkdir(parents=True, exist_ok=True)
-    (initrd / "etc/pyqvm/modules").write_text(" ".join(plan.load) + "\n")
+    at_boot = [name for name in plan.load if name not in on_demand]
+    (initrd / "etc/pyqvm/modules").write_text(" ".join(at_boot) + "\n")
     return plan
 
 

@@ -33,14 +33,32 @@ def parse_modules_builtin(text: str) -> frozenset[str]:
     return frozenset(module_name(line.strip()) for line in text.splitlines() if line.strip())
 
 
-def parse_module_list(text: str, flavour: str) -> tuple[str, ...]:
-    """The recipe's modules.txt: ``NAME [FLAVOUR...]`` lines; no flavour means all."""
-    names: list[str] = []
+#: modules.txt's word for a module packed into the image but loaded only when used
+#: (the share file systems: loading them at every boot would cost every boot).
+ON_DEMAND = "on-demand"
+
+
+def _entries(text: str, flavour: str) -> list[tuple[str, bool]]:
+    out: list[tuple[str, bool]] = []
     for raw in text.splitlines():
         words = raw.split("#", 1)[0].split()
-        if words and (len(words) == 1 or flavour in words[1:]):
-            names.append(module_name(words[0]))
-    return tuple(dict.fromkeys(names))
+        if not words:
+            continue
+        flavours = [w for w in words[1:] if w != ON_DEMAND]
+        if not flavours or flavour in flavours:
+            out.append((module_name(words[0]), ON_DEMAND in words[1:]))
+    return out
+
+
+def parse_module_list(text: str, flavour: str) -> tuple[str, ...]:
+    """The recipe's modules.txt: ``NAME [FLAVOUR...] [on-demand]`` lines; no flavour
+    means all."""
+    return tuple(dict.fromkeys(name for name, _ in _entries(text, flavour)))
+
+
+def on_demand_modules(text: str, flavour: str) -> frozenset[str]:
+    """The modules of modules.txt marked ``on-demand``: packed, not loaded at boot."""
+    return frozenset(name for name, demand in _entries(text, flavour) if demand)
 
 
 @dataclass(frozen=True, slots=True)

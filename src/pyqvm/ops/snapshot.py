@@ -25,7 +25,7 @@ from pyqvm.deadline import Deadline
 from pyqvm.errors import JobError, SnapshotError
 from pyqvm.machine import Machine
 from pyqvm.ops import BlockNode, block_nodes
-from pyqvm.passthrough import migration_blocker
+from pyqvm.ops.migration.common import migration_blocker
 from pyqvm.state import LIVE
 
 log = logging.getLogger(__name__)

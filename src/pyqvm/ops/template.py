@@ -247,6 +247,11 @@ def refuse_untemplatable(spec: VMSpec) -> None:
             "host_devices: a VM with vfio-pci devices cannot be templated (their state "
             "lives in the hardware); remove them from the spec"
         )
+    if spec.shares:
+        raise TemplateError(
+            "shares: a VM with shared folders cannot be templated (the guest's open files "
+            "live in the share's server, which a clone cannot take over); remove them"
+        )
     if not spec.guest_agent:
         raise TemplateError(
             "guest_agent: a template's clones are made their own (clock, random seed) "

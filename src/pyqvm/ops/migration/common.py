@@ -23,6 +23,7 @@ from pyqvm.ops.migration.types import MigrationTLS, MigrationTuning, Side
 from pyqvm.overlays import overlay_disks
 from pyqvm.spec import VMSpec
 from pyqvm.state import VMState
+from pyqvm.virtiofs import share_blocker
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,9 @@ Cleanup = Callable[[], Awaitable[Mapping[str, Any] | None]]
 
 
 def migration_blocker(spec: VMSpec) -> str | None:
-    """Why this VM cannot be migrated or saved (a vfio-pci host device), or None."""
-    return passthrough.migration_blocker(spec)
+    """Why this VM cannot be migrated, saved or snapshotted (a vfio-pci host device, a
+    shared folder), or None."""
+    return passthrough.migration_blocker(spec) or share_blocker(spec)
 
 
 def refuse_blocked(vm: Machine, what: str) -> None:
