@@ -1,5 +1,5 @@
-"""SIGKILL the Python process that holds a VM: QEMU must die with it, and the runtime dir it
-could not remove is reclaimed by the next pyqvm process."""
+"""SIGKILL the Python process that holds a VM: QEMU (and the virtiofsd of each share) must die
+with it, and the runtime dir it could not remove is reclaimed by the next pyqvm process."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _fault_helpers import processes_naming, wait_gone
 
 from pyqvm.process import RuntimeDir
 
@@ -45,6 +46,40 @@ def test_sigkilled_launcher_leaves_no_qemu_and_no_rundir(
         assert _gone(pid), f"QEMU {pid} outlived its launcher"
         assert rundir.is_dir()  # nothing could run in the killed process
         RuntimeDir().cleanup()  # the next pyqvm process reclaims it
+        assert not rundir.exists()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+def test_sigkilled_launcher_leaves_no_virtiofsd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    shared = tmp_path / "shared"
+    run.mkdir()
+    shared.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    child = subprocess.Popen(
+        [sys.executable, str(CHILD), str(shared)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        info = json.loads(child.stdout.readline())
+        pid, rundir = int(info["pid"]), Path(info["rundir"])
+        # QEMU, and virtiofsd with the fork it sandboxes itself in: each names its socket.
+        helpers = [p for p in processes_naming(rundir) if p != pid]
+        names = {Path(f"/proc/{p}/exe").resolve().name for p in helpers}
+        assert names == {"virtiofsd"} and len(helpers) >= 1, (helpers, names)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        left = [p for p in (pid, *helpers) if not wait_gone([p], 10)]
+        assert not left, f"{left} outlived their launcher ({names})"
+        assert processes_naming(rundir) == []
+        RuntimeDir().cleanup()
         assert not rundir.exists()
     finally:
         if child.poll() is None:

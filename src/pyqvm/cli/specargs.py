@@ -16,6 +16,7 @@ from pyqvm.errors import PyqvmError, SpecError
 from pyqvm.fields import parse_size_mib
 
 if TYPE_CHECKING:  # the spec's modules load when a VM is built, not for every verb's parser
+    from pyqvm.shares import Share
     from pyqvm.spec import PortForward, VMSpec
 
 
@@ -57,6 +58,13 @@ def add_spec_options(p: argparse.ArgumentParser) -> None:
             default=[],
             metavar="HOST:GUEST",
             help="forward a TCP port from 127.0.0.1 into the guest (user network)",
+        ),
+        g.add_argument(
+            "--share",
+            action="append",
+            default=[],
+            metavar="HOST[:GUEST][:ro]",
+            help="share a host directory (mounted at GUEST, default /mnt/shareN; docs/shares.md)",
         ),
         g.add_argument("--image", choices=["default", "full"], help="built-in image flavour"),
         g.add_argument("--name", help="VM name"),
@@ -119,7 +127,30 @@ def spec_from_args(args: argparse.Namespace) -> VMSpec:
     elif args.forward or args.net == "user" or (not base.networks and not args.spec):
         forwards = tuple(_forward(f) for f in args.forward)
         changes["networks"] = (Network(forwards=forwards),)
+    if args.share:
+        n = len(base.shares)
+        changes["shares"] = (*base.shares, *(_share(t, n + i) for i, t in enumerate(args.share)))
     return dataclasses.replace(base, **changes) if changes else base
+
+
+def _share(text: str, index: int) -> Share:
+    """``HOST[:GUEST][:ro]``: the guest path is the last part that starts with '/'."""
+    from pyqvm.shares import Share
+
+    rest, readonly = text, False
+    for mode in (":ro", ":rw"):
+        if rest.endswith(mode):
+            rest, readonly = rest[: -len(mode)], mode == ":ro"
+            break
+    host, sep, guest = rest.rpartition(":")
+    if not sep or not guest.startswith("/"):
+        host, guest = rest, ""
+    if not host:
+        raise UsageError(f"--share {text!r}: use HOST[:GUEST][:ro], e.g. ./src:/mnt/src:ro")
+    try:
+        return Share(host=Path(host), guest=guest, readonly=readonly)
+    except SpecError as e:
+        raise SpecError(f"--share {text!r} ({e.field})", e.message) from None
 
 
 def _forward(text: str) -> PortForward:
