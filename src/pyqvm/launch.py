@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pyqvm.argv.build import LaunchContext, RamFile, build_argv
 from pyqvm.argv.devices import DiskFile
+from pyqvm.errors import SpecError
 from pyqvm.overlays import overlay_disks, overlay_path
 from pyqvm.resolve import Resolved, resolve
 from pyqvm.spec import VMSpec
@@ -21,6 +22,7 @@ from pyqvm.virtiofs import socket_path
 
 #: The serial console's unix socket in the runtime dir (see `argv.build.console_chardev`).
 CONSOLE_SOCKET = "console.sock"
+GDB_SOCKET = "gdb.sock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,12 @@ def launch_argv(
     """The argv for one launch of a resolved spec, given its runtime dir and inherited fds."""
     spec = resolved.spec
     console_socket = rundir / CONSOLE_SOCKET
+    if spec.gdb is True and len(os.fsencode(rundir / GDB_SOCKET)) >= 108:
+        raise SpecError(
+            "gdb",
+            f"the runtime dir '{rundir}' is too long for a unix socket path; set "
+            'PYQVM_RUNTIME_DIR to a shorter directory or use gdb = "127.0.0.1:PORT"',
+        )
     ctx = LaunchContext(
         qemu=resolved.qemu,
         accel=resolved.accel,
@@ -75,6 +83,7 @@ def launch_argv(
         incoming=incoming,
         ram=ram,
         share_sockets={s.tag: socket_path(rundir, s) for s in spec.shares},
+        gdb_socket=rundir / GDB_SOCKET,
     )
     return build_argv(spec, ctx)
 
@@ -93,4 +102,4 @@ def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
     )
 
 
-__all__ = ["CONSOLE_SOCKET", "LaunchPlan", "launch_argv", "preview_argv"]
+__all__ = ["CONSOLE_SOCKET", "GDB_SOCKET", "LaunchPlan", "launch_argv", "preview_argv"]

@@ -122,6 +122,19 @@ class Disk:
             check_id(self.id, "disk.id")
 
 
+def gdb_tcp_address(value: object) -> tuple[str, int]:
+    """``"HOST:PORT"`` of ``gdb``'s TCP form (IPv6 in brackets), or `SpecError` naming ``gdb``."""
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise SpecError(
+            "gdb",
+            f'{show(value)}: use true (a unix socket in the runtime dir) or "HOST:PORT" '
+            'for TCP, e.g. "127.0.0.1:1234"',
+        )
+    return host, int(port)
+
+
 @dataclass(frozen=True, slots=True)
 class PortForward:
     """A host port forwarded into the guest (user-mode networking)."""
@@ -254,6 +267,8 @@ class VMSpec:
     ready_pattern: str | None = None
     ready_timeout: float = 120.0
     sandbox: bool = True
+    # QEMU's gdbstub: True serves it on a unix socket in the runtime dir; "HOST:PORT" on TCP.
+    gdb: bool | str = False
     extra_args: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -290,6 +305,8 @@ class VMSpec:
             boolean(getattr(self, flag), flag)
         if self.ready_pattern is not None:
             text(self.ready_pattern, "ready_pattern")
+        if not isinstance(self.gdb, bool):
+            gdb_tcp_address(self.gdb)
 
         for name in ("disks", "cdroms", "networks", "host_devices", "extra_args"):
             set_field(self, name, tuple(getattr(self, name)))
@@ -550,6 +567,7 @@ __all__ = [
     "Share",
     "VMSpec",
     "check_id",
+    "gdb_tcp_address",
     "normalize_pci_address",
     "parse_size_mib",
 ]

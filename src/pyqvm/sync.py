@@ -243,6 +243,14 @@ class VM:
     def qmp_transcript(self) -> list[str]:
         return self._vm.qmp_transcript()
 
+    def gdb_target(self) -> str:
+        return self._vm.gdb_target()
+
+    def gdb_argv(
+        self, *, vmlinux: Path | None = None, commands: Sequence[str] = (), batch: bool = False
+    ) -> list[str]:
+        return self._vm.gdb_argv(vmlinux=vmlinux, commands=commands, batch=batch)
+
     def wait_for_console(self, pattern: str, timeout: float) -> None:
         self._run(self._vm.wait_for_console(pattern, timeout))
 

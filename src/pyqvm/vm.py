@@ -24,8 +24,10 @@ from qemu.qmp import EventListener
 
 from pyqvm.agent import ExecResult, GuestAgent
 from pyqvm.devices import Plugged
+from pyqvm.errors import SpecError
 from pyqvm.host.facts import HostFacts
-from pyqvm.launch import LaunchPlan, preview_argv
+from pyqvm.host.gdb import gdb_argv, vmlinux_for
+from pyqvm.launch import GDB_SOCKET, LaunchPlan, preview_argv
 from pyqvm.machine import Machine
 from pyqvm.ops import blockjobs, guest, hotplug, migration, snapshot
 from pyqvm.ops import template as templates
@@ -211,6 +213,28 @@ class AsyncVM:
     def qmp_transcript(self) -> list[str]:
         """The last QMP commands sent and their answers, one line each (also after `stop`)."""
         return self.machine.qmp_transcript()
+
+    # --- gdb (pyqvm.host.gdb) ----------------------------------------------------------------
+
+    def gdb_target(self) -> str:
+        """What gdb's ``target remote`` takes for this VM's gdbstub: the unix socket in the
+        runtime dir (``gdb = true``) or the spec's ``HOST:PORT``."""
+        gdb = self.resolved_spec.gdb
+        if gdb is False:
+            raise SpecError("gdb", f"VM {self.name!r} has no gdbstub; start it with gdb = true")
+        return str(self.machine.runtime_file(GDB_SOCKET)) if gdb is True else gdb
+
+    def gdb_argv(
+        self, *, vmlinux: Path | None = None, commands: Sequence[str] = (), batch: bool = False
+    ) -> list[str]:
+        """The host's gdb attached to this VM, the guest kernel loaded (``vmlinux``, or the
+        kernel the VM booted; see `pyqvm.host.gdb.vmlinux_for`), then ``commands``; with
+        ``batch`` it detaches and exits after them, and the guest runs on."""
+        target = self.gdb_target()
+        kernel = self.resolved_spec.kernel
+        if vmlinux is None and kernel is not None:
+            vmlinux = vmlinux_for(kernel.kernel, self.machine.launched_dir())
+        return gdb_argv(target, vmlinux=vmlinux, commands=commands, batch=batch)
 
     async def wait_for_console(self, pattern: str, timeout: float) -> None:
         """Wait until ``pattern`` (a plain substring) shows on the serial console."""

@@ -56,7 +56,7 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
 
 def test_the_docstring_lists_every_verb() -> None:
     verbs = [
-        "run", "up", "restore", "ps", "exec", "console", "logs", "qmp", "stop", "wait",
+        "run", "up", "restore", "ps", "exec", "console", "logs", "gdb", "qmp", "stop", "wait",
         "snapshot", "hotplug", "unplug", "migrate", "save", "cmdline", "image", "template",
         "doctor",
     ]  # fmt: skip

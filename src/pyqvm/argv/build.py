@@ -25,9 +25,9 @@ from pyqvm.argv.devices import (
     uses_ide,
     virtio,
 )
-from pyqvm.argv.escape import opts, qjson
+from pyqvm.argv.escape import OptValue, opts, qjson
 from pyqvm.errors import SpecError
-from pyqvm.spec import VMSpec
+from pyqvm.spec import VMSpec, gdb_tcp_address
 
 AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 SANDBOX = {
@@ -89,6 +89,7 @@ class LaunchContext:
     incoming: str | None = None
     ram: RamFile | None = None
     share_sockets: Mapping[str, Path] = field(default_factory=dict)  # tag -> virtiofsd's
+    gdb_socket: Path | None = None  # with spec.gdb = True
 
 
 def console_chardev(ctx: LaunchContext) -> str:
@@ -119,7 +120,25 @@ def kernel_append(spec: VMSpec, ctx: LaunchContext) -> str:
     # calibration against the PIT can hang under TCG (about 1 boot in 5).
     if spec.effective_machine == "microvm" and ctx.tsc_khz and "tsc_early_khz=" not in append:
         append = f"{append} tsc_early_khz={ctx.tsc_khz}".strip()
+    # A vmlinux's symbols are at their link addresses only without KASLR.
+    if spec.gdb is not False and "kaslr" not in append.split():
+        append = f"{append} nokaslr".strip()
     return append
+
+
+def gdb_args(spec: VMSpec, ctx: LaunchContext) -> list[str]:
+    """QEMU's gdbstub on its own chardev: a unix socket unless the spec names a TCP address."""
+    if spec.gdb is False:
+        return []
+    chardev: dict[str, OptValue] = {"id": "pq-gdb", "server": True, "wait": False}
+    if spec.gdb is True:
+        if ctx.gdb_socket is None:
+            raise ValueError("gdb is on but no gdb socket path was given")
+        chardev["path"] = str(ctx.gdb_socket)
+    else:
+        host, port = gdb_tcp_address(spec.gdb)
+        chardev |= {"host": host, "port": str(port)}
+    return ["-chardev", opts("socket", chardev), "-gdb", "chardev:pq-gdb"]
 
 
 def cpu_arg(spec: VMSpec, accel: str) -> str | None:
@@ -290,6 +309,7 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         # microvm's virtio-mmio is legacy (v1) by default; virtiofsd's libvhost-user
         # takes modern devices only (it panics on a legacy one).
         argv += ["-global", "virtio-mmio.force-legacy=false"]
+    argv += gdb_args(spec, ctx)
     argv += hotplug_port_args(spec)
     if ctx.incoming is not None:
         argv += ["-incoming", ctx.incoming]

@@ -15,6 +15,7 @@ pyqvm ps [--json]                                  list them (dead ones are remo
 pyqvm exec NAME [-n] [--env K=V] -- CMD            run CMD in it (its exit status)
 pyqvm console NAME                                 its serial console (Ctrl-] detaches)
 pyqvm logs NAME [--follow]                         its console log
+pyqvm gdb NAME [--vmlinux F] [-x CMD] [--batch]    the host's gdb on its gdbstub (--gdb)
 pyqvm qmp NAME COMMAND [JSON-ARGS]                 a QMP command; prints QEMU's answer
 pyqvm snapshot NAME save|load|list|delete [TAG]    internal snapshots
 pyqvm hotplug NAME disk PATH|nic|cpu|memory SIZE; pyqvm unplug NAME ID
@@ -23,13 +24,13 @@ pyqvm migrate NAME --to NAME2 [--storage copied|shared]   live-migrate into a ne
 pyqvm stop NAME... [--force] [--timeout S] | --all; pyqvm wait NAME
 
 One module per verb or family of verbs (``pyqvm.cli.run``, ``.up`` (up, restore), ``.ps``,
-``.exec_cmd``, ``.console`` (console, logs), ``.control`` (the one-call verbs on a named VM),
-``.cmdline``, ``.image``, ``.template``, ``.doctor``), each with ``add_parser(subparsers,
-parents)``; argparse dispatches to the function a parser names. Heavy modules (asyncio,
-qemu.qmp, the VM machinery) are imported inside those functions, so ``pyqvm ps`` pays only
-for what it uses. Exit status (`pyqvm.cli.status`): the guest command's own for ``run`` and
-``exec`` (128+N for signal N, 126/127 when it cannot run); 2 for a usage error; 125 when
-pyqvm itself fails (like ``docker run``); 130 on Ctrl-C.
+``.exec_cmd``, ``.console`` (console, logs), ``.gdb``, ``.control`` (the one-call verbs on a
+named VM), ``.cmdline``, ``.image``, ``.template``, ``.doctor``), each with
+``add_parser(subparsers, parents)``; argparse dispatches to the function a parser names.
+Heavy modules (asyncio, qemu.qmp, the VM machinery) are imported inside those functions,
+so ``pyqvm ps`` pays only for what it uses. Exit status (`pyqvm.cli.status`): the guest
+command's own for ``run`` and ``exec`` (128+N for signal N, 126/127 when it cannot run); 2
+for a usage error; 125 when pyqvm itself fails (like ``docker run``); 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -40,12 +41,24 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pyqvm.cli import cmdline, console, control, doctor, exec_cmd, image, ps, run, template, up
+from pyqvm.cli import (
+    cmdline,
+    console,
+    control,
+    doctor,
+    exec_cmd,
+    gdb,
+    image,
+    ps,
+    run,
+    template,
+    up,
+)
 from pyqvm.cli.specargs import UsageError, spec_from_args
 from pyqvm.cli.status import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE
 from pyqvm.errors import PyqvmError
 
-_VERBS = (run, up, ps, exec_cmd, console, control, cmdline, image, template, doctor)
+_VERBS = (run, up, ps, exec_cmd, console, gdb, control, cmdline, image, template, doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -66,6 +66,12 @@ def add_spec_options(p: argparse.ArgumentParser) -> None:
             metavar="HOST[:GUEST][:ro]",
             help="share a host directory (mounted at GUEST, default /mnt/shareN; docs/shares.md)",
         ),
+        g.add_argument(
+            "--gdb",
+            action="store_true",
+            default=None,
+            help="QEMU's gdbstub on a unix socket in the runtime dir (pyqvm gdb NAME)",
+        ),
         g.add_argument("--image", choices=["default", "full"], help="built-in image flavour"),
         g.add_argument("--name", help="VM name"),
         g.add_argument("--timeout", type=float, help="seconds to wait for the guest to be ready"),
@@ -111,6 +117,7 @@ def spec_from_args(args: argparse.Namespace) -> VMSpec:
         ("name", args.name),
         ("ready_timeout", args.timeout),
         ("image", args.image),
+        ("gdb", args.gdb),
     ):
         if value is not None:
             data[key] = value

@@ -1,0 +1,75 @@
+"""``pyqvm gdb NAME``: the host's gdb on a named VM's gdbstub, the guest kernel loaded."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    p = sub.add_parser(
+        "gdb",
+        parents=list(parents),
+        help="debug a named VM's guest kernel with the host's gdb",
+        description="Run the host's gdb against the gdbstub of a named VM started with "
+        "--gdb (a unix socket in its runtime dir), with the guest kernel loaded: the "
+        "debug vmlinux of Debian's linux-image-RELEASE-dbg when installed, else the booted "
+        "kernel (no symbols; read addresses from the guest's /proc/kallsyms). The guest "
+        "stops while gdb holds it; quitting gdb detaches and it runs on.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--vmlinux", type=Path, help="the ELF vmlinux to load (with symbols)")
+    p.add_argument(
+        "-x",
+        "--ex",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="a gdb command to run after attaching (repeatable)",
+    )
+    p.add_argument(
+        "--batch", action="store_true", help="run the --ex commands, detach and exit (scripts)"
+    )
+    p.set_defaults(run=run_gdb)
+
+
+def gdb_command(args: argparse.Namespace) -> list[str]:
+    """The gdb argv for the named VM (separate from running it, for tests and --dry-run)."""
+    from pyqvm.errors import NamedVMError
+    from pyqvm.host.gdb import gdb_argv, vmlinux_for
+    from pyqvm.launch import GDB_SOCKET
+    from pyqvm.named import registry
+    from pyqvm.resolve import with_image
+    from pyqvm.specio import spec_from_dict
+
+    record = registry.find(args.name).record()
+    spec = spec_from_dict(record.spec)
+    if spec.gdb is False:
+        raise NamedVMError(
+            f"VM {args.name!r} has no gdbstub; start it with `pyqvm up --gdb --name {args.name}`",
+            name=args.name,
+        )
+    rundir = Path(record.runtime_dir)
+    target = str(rundir / GDB_SOCKET) if spec.gdb is True else spec.gdb
+    vmlinux: Path | None = args.vmlinux
+    if vmlinux is None:
+        release = None
+        if spec.image is not None:
+            from pyqvm import image
+
+            release = image.find(spec.image).kernel_version
+        booted = with_image(spec).kernel
+        if booted is not None:
+            vmlinux = vmlinux_for(booted.kernel, rundir, release)
+    return gdb_argv(target, vmlinux=vmlinux, commands=args.ex, batch=args.batch)
+
+
+def run_gdb(args: argparse.Namespace) -> int:
+    argv = gdb_command(args)
+    if args.batch:
+        return subprocess.run(argv, check=False).returncode
+    os.execv(argv[0], argv)  # gdb owns the terminal (Ctrl-C interrupts the guest, not us)
