@@ -7,6 +7,7 @@ cmdline``) without starting anything.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pyqvm.argv.build import LaunchContext, RamFile, build_argv
 from pyqvm.argv.devices import DiskFile
 from pyqvm.errors import SpecError
 from pyqvm.overlays import overlay_disks, overlay_path
+from pyqvm.privnet import Membership, guest_cmdline, preview_memberships
 from pyqvm.resolve import Resolved, resolve
 from pyqvm.spec import VMSpec
 from pyqvm.virtiofs import socket_path
@@ -58,9 +60,21 @@ def launch_argv(
     agent_fd: int | None,
     incoming: str | None = None,
     ram: RamFile | None = None,
+    networks: Mapping[str, Membership] | None = None,
 ) -> list[str]:
-    """The argv for one launch of a resolved spec, given its runtime dir and inherited fds."""
+    """The argv for one launch of a resolved spec, given its runtime dir and inherited fds,
+    and the private networks its NICs joined (`pyqvm.privnet`), by NIC id."""
     spec = resolved.spec
+    members = dict(networks or {})
+    missing = [n.id for n in spec.networks if n.mode == "private" and n.id not in members]
+    if missing:
+        raise ValueError(f"private NICs {missing} have not joined their networks")
+    if members:
+        nets = tuple(
+            dataclasses.replace(n, mac=members[n.id].mac) if n.id in members else n
+            for n in spec.networks
+        )
+        spec = dataclasses.replace(spec, networks=nets)
     console_socket = rundir / CONSOLE_SOCKET
     if spec.gdb is True and len(os.fsencode(rundir / GDB_SOCKET)) >= 108:
         raise SpecError(
@@ -84,6 +98,8 @@ def launch_argv(
         ram=ram,
         share_sockets={s.tag: socket_path(rundir, s) for s in spec.shares},
         gdb_socket=rundir / GDB_SOCKET,
+        vde_sockets={i: m.switch for i, m in members.items()},
+        append_extra=tuple(guest_cmdline(members)) if resolved.builtin_guest else (),
     )
     return build_argv(spec, ctx)
 
@@ -99,6 +115,7 @@ def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
         console_log=resolved.spec.serial_log or rundir / "console.log",
         qmp_fd=3,
         agent_fd=4 if resolved.spec.guest_agent else None,
+        networks=preview_memberships(resolved.spec),
     )
 
 

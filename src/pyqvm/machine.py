@@ -52,6 +52,7 @@ from pyqvm.overlays import (
     reclaim_leaks,
 )
 from pyqvm.passthrough import Passthrough, PassthroughHost, assign
+from pyqvm.privnet import PrivateNetworks
 from pyqvm.process import QemuProcess, RuntimeDir
 from pyqvm.resolve import Resolved, resolve
 from pyqvm.session import EventFilter, QMPSession
@@ -93,6 +94,7 @@ class Machine:
         self._life = Lifecycle(spec.name)
         self._passthrough: Passthrough | None = None
         self._virtiofsds = Virtiofsds()
+        self.networks = PrivateNetworks()  # its private-network NICs' leases, while it runs
         self._resolved: Resolved | None = None
         self._rundir: RuntimeDir | None = None
         self._process: QemuProcess | None = None
@@ -375,6 +377,7 @@ class Machine:
             else:
                 await make_overlay(d.path, d.format or "raw", overlay_path(rundir, d.id))
         await self._virtiofsds.start(spec, rundir)  # QEMU connects to their sockets
+        networks = await self.networks.join(spec)  # and to the switches of these
         qmp_ours, qmp_theirs = socket.socketpair()
         agent_ours, agent_theirs = socket.socketpair() if spec.guest_agent else (None, None)
         theirs = [s for s in (qmp_theirs, agent_theirs) if s is not None]
@@ -389,6 +392,7 @@ class Machine:
                     agent_fd=agent_theirs.fileno() if agent_theirs else None,
                     incoming=plan.incoming,
                     ram=plan.ram,
+                    networks=networks,
                 )
                 log.info(
                     "%s: starting %s (accel %s)", self.name, resolved.qemu.name, resolved.accel
@@ -406,6 +410,7 @@ class Machine:
                     s.close()
             self._qmp = QMPSession(self.name)
             await self.until_exit(self._qmp.connect(qmp_ours), "connecting QMP")
+            self.networks.connected()  # QEMU's NICs are plugged in by now
         except BaseException:
             for s in ours:
                 s.close()
@@ -584,6 +589,7 @@ class Machine:
             self._passthrough.release()
             self._passthrough = None
         await self._virtiofsds.stop()
+        self.networks.leave()
         if self._rundir is not None:
             self.console.freeze()  # for error messages after teardown
             self._rundir.cleanup()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import logging
 import os
@@ -24,6 +25,7 @@ import queue
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -34,7 +36,14 @@ from typing import IO, Any, Protocol, TypeVar
 
 from pyqvm.errors import HostError, LaunchError, PyqvmTimeoutError, VMStateError
 
-__all__ = ["QemuProcess", "RuntimeDir", "Spawner", "SpawnerThread", "shared_spawner"]
+__all__ = [
+    "QemuProcess",
+    "RuntimeDir",
+    "Spawner",
+    "SpawnerThread",
+    "runtime_root",
+    "shared_spawner",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -59,6 +68,34 @@ def _runtime_base() -> str | None:
     if st.st_uid != os.getuid() or not os.access(base, os.W_OK | os.X_OK):
         return None
     return base
+
+
+def runtime_root() -> Path:
+    """pyqvm's per-user runtime dir, made 0700 if missing; `HostError` if it is not safe.
+
+    ``$PYQVM_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/pyqvm``, else ``/tmp/pyqvm-<uid>``: named
+    VMs (`pyqvm.named.registry`) and private networks (`pyqvm.privnet`) live in it.
+
+    Another user must not be able to put sockets in it, so it must be ours and
+    closed to everyone else (an attacker could otherwise pre-create
+    ``/tmp/pyqvm-<uid>``).
+    """
+    if env := os.environ.get("PYQVM_RUNTIME_DIR"):
+        path = Path(env)
+    elif (xdg := os.environ.get("XDG_RUNTIME_DIR")) and Path(xdg).is_dir():
+        path = Path(xdg) / "pyqvm"
+    else:
+        path = Path("/tmp") / f"pyqvm-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise HostError(
+            f"pyqvm's runtime dir {path} is not a directory of yours closed to others "
+            f"(mode {stat.filemode(st.st_mode)}, uid {st.st_uid}); remove it, or set "
+            "PYQVM_RUNTIME_DIR to a directory of yours"
+        )
+    return path
 
 
 _OWNER = "owner"

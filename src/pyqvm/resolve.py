@@ -32,6 +32,8 @@ class Resolved:
     accel: Literal["kvm", "tcg"]
     qemu: Path
     facts: HostFacts
+    # The built-in guest: its init reads pyqvm.* entries on the kernel command line.
+    builtin_guest: bool = False
 
 
 def with_image(spec: VMSpec, cache: Path | None = None) -> VMSpec:
@@ -130,4 +132,10 @@ def resolve(
     concrete = pick_machine(concrete, accel, facts)
     if spec.kernel is not None:
         check_kernel(spec)
-    return Resolved(spec=concrete, accel=accel, qemu=qemu, facts=facts)
+    return Resolved(
+        spec=concrete,
+        accel=accel,
+        qemu=qemu,
+        facts=facts,
+        builtin_guest=spec.image is not None,
+    )

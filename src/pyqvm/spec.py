@@ -18,6 +18,7 @@ import ipaddress
 import math
 import re
 import typing
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -48,7 +49,7 @@ Accelerator = Literal["auto", "kvm", "tcg"]
 Profile = Literal["virtio", "emulated", "passthrough"]
 DiskFormat = Literal["qcow2", "raw"]
 DiskInterface = Literal["auto", "virtio-blk", "virtio-scsi", "ahci", "ide"]
-NetMode = Literal["none", "user", "tap"]
+NetMode = Literal["none", "user", "tap", "private"]
 NicModel = Literal["auto", "virtio", "e1000", "e1000e"]
 Firmware = Literal["seabios", "ovmf"]
 GuestOS = Literal["linux", "windows", "other"]
@@ -122,6 +123,39 @@ class Disk:
             check_id(self.id, "disk.id")
 
 
+PRIVATE_NET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+
+
+def private_subnet(name: str) -> ipaddress.IPv4Network:
+    """The subnet of private network ``name`` when its VMs give no address: a /24 in
+    10.200-249.x, the same for every VM that names it (never QEMU's user net 10.0.2.0/24)."""
+    h = zlib.crc32(name.encode())
+    return ipaddress.IPv4Network(f"10.{200 + h % 50}.{(h >> 8) % 256}.0/24")
+
+
+def private_address(name: str, value: object) -> ipaddress.IPv4Interface:
+    """``address`` of a private NIC: an IPv4 host address with its prefix, e.g. 10.9.0.5/24."""
+    try:
+        iface = ipaddress.IPv4Interface(value) if isinstance(value, str) and "/" in value else None
+    except ValueError:
+        iface = None
+    if (
+        iface is None
+        or iface.network.prefixlen > 30
+        or iface.ip
+        in (
+            iface.network.network_address,
+            iface.network.broadcast_address,
+        )
+    ):
+        raise SpecError(
+            "network.address",
+            f"{show(value)} is not a host address with its prefix for network {name!r}; "
+            'use e.g. "10.9.0.5/24" (or leave it out: pyqvm leases one)',
+        )
+    return iface
+
+
 def gdb_tcp_address(value: object) -> tuple[str, int]:
     """``"HOST:PORT"`` of ``gdb``'s TCP form (IPv6 in brackets), or `SpecError` naming ``gdb``."""
     host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
@@ -156,7 +190,9 @@ class PortForward:
 
 @dataclass(frozen=True, slots=True)
 class Network:
-    """One NIC: ``user`` is QEMU's user-mode (slirp) network, ``tap`` an existing tap device."""
+    """One NIC: ``user`` is QEMU's user-mode (slirp) network, ``tap`` an existing tap device,
+    ``private`` the L2 segment ``name`` that every VM naming it on this host shares
+    (`pyqvm.privnet`), at ``address`` (CIDR) or one pyqvm leases in the network's subnet."""
 
     mode: NetMode = "user"
     model: NicModel = "auto"
@@ -164,6 +200,8 @@ class Network:
     tap: str | None = None
     mac: str | None = None
     id: str = ""
+    name: str | None = None
+    address: str | None = None
 
     def __post_init__(self) -> None:
         choice(self.mode, get_args(NetMode), "network.mode")
@@ -176,6 +214,20 @@ class Network:
             raise SpecError("network.tap", 'only valid with mode = "tap"')
         if self.forwards and self.mode != "user":
             raise SpecError("network.forwards", 'port forwards need mode = "user"')
+        if self.mode == "private":
+            if not isinstance(self.name, str) or not PRIVATE_NET_RE.fullmatch(self.name):
+                raise SpecError(
+                    "network.name",
+                    f"{show(self.name)} is not a private network name: use 1-32 letters, "
+                    "digits, '-', '_' or '.', starting with a letter or digit (e.g. \"lab\")",
+                )
+            if self.address is not None:
+                private_address(self.name, self.address)
+        elif self.name is not None or self.address is not None:
+            raise SpecError(
+                "network.name" if self.name is not None else "network.address",
+                'only valid with mode = "private"',
+            )
         if self.mac is not None:
             if not isinstance(self.mac, str) or not MAC_RE.match(self.mac):
                 raise SpecError(
@@ -371,6 +423,16 @@ class VMSpec:
                         f"forwarded by {seen[key]}",
                     )
                 seen[key] = where
+        private: dict[str, int] = {}
+        for i, n in enumerate(self.networks):
+            if n.mode == "private" and n.name is not None:
+                if n.name in private:
+                    raise SpecError(
+                        f"networks[{i}].name",
+                        f"networks[{private[n.name]}] is on private network {n.name!r} "
+                        "already; one NIC per network",
+                    )
+                private[n.name] = i
 
     def _check_consistency(self) -> None:
         if self.image is not None and self.kernel is not None:
@@ -559,6 +621,7 @@ def _with_id(item: _Item, default: str) -> _Item:
 
 __all__ = [
     "MAX_MEMORY_MIB",
+    "PRIVATE_NET_RE",
     "Disk",
     "HostDevice",
     "KernelBoot",
@@ -570,4 +633,6 @@ __all__ = [
     "gdb_tcp_address",
     "normalize_pci_address",
     "parse_size_mib",
+    "private_address",
+    "private_subnet",
 ]

@@ -44,6 +44,7 @@ from pyqvm.ops.migration import (
 from pyqvm.ops.snapshot import SnapshotInfo
 from pyqvm.ops.template import Template
 from pyqvm.passthrough import PassthroughHost
+from pyqvm.privnet import Membership
 from pyqvm.session import Event, EventFilter
 from pyqvm.spec import Disk, Network, VMSpec
 from pyqvm.state import VMState
@@ -180,6 +181,10 @@ class VM:
     @property
     def runtime_dir(self) -> Path | None:
         return self._vm.runtime_dir
+
+    @property
+    def private_networks(self) -> dict[str, Membership]:
+        return self._vm.private_networks
 
     @property
     def resolved_spec(self) -> VMSpec:

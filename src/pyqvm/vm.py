@@ -45,6 +45,7 @@ from pyqvm.ops.migration import (
 from pyqvm.ops.snapshot import SnapshotInfo
 from pyqvm.ops.template import Template
 from pyqvm.passthrough import PassthroughHost
+from pyqvm.privnet import Membership
 from pyqvm.session import EventFilter, QMPSession
 from pyqvm.spec import Disk, Network, VMSpec
 from pyqvm.state import VMState
@@ -114,6 +115,11 @@ class AsyncVM:
     @property
     def runtime_dir(self) -> Path | None:
         return self.machine.runtime_dir
+
+    @property
+    def private_networks(self) -> dict[str, Membership]:
+        """NIC id -> its private network, address and MAC (while the VM runs)."""
+        return dict(self.machine.networks.members)
 
     @property
     def plugged(self) -> dict[str, Plugged]:

@@ -37,6 +37,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
         "pyqvm.console",
         "pyqvm.devices",
         "pyqvm.virtiofs",
+        "pyqvm.privnet",
     ),
     ("pyqvm.machine",),
     ("pyqvm.ops.*",),

@@ -90,6 +90,8 @@ class LaunchContext:
     ram: RamFile | None = None
     share_sockets: Mapping[str, Path] = field(default_factory=dict)  # tag -> virtiofsd's
     gdb_socket: Path | None = None  # with spec.gdb = True
+    vde_sockets: Mapping[str, Path] = field(default_factory=dict)  # private NIC id -> switch
+    append_extra: tuple[str, ...] = ()  # for the kernel command line (pyqvm.ip=...)
 
 
 def console_chardev(ctx: LaunchContext) -> str:
@@ -115,7 +117,9 @@ def console_chardev(ctx: LaunchContext) -> str:
 def kernel_append(spec: VMSpec, ctx: LaunchContext) -> str:
     """The kernel command line, plus what the machine type needs to boot reliably."""
     assert spec.kernel is not None
-    append = spec.kernel.append
+    append = spec.kernel.append  # the user's text as given: never stripped or re-split
+    if ctx.append_extra:
+        append = " ".join([append, *ctx.append_extra]) if append else " ".join(ctx.append_extra)
     # microvm has no HPET or PM timer: without a known TSC rate the guest's
     # calibration against the PIT can hang under TCG (about 1 boot in 5).
     if spec.effective_machine == "microvm" and ctx.tsc_khz and "tsc_early_khz=" not in append:
@@ -301,7 +305,7 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
             ),
         ]
     argv += disk_args(spec, ctx.disk_files)
-    argv += net_args(spec, ctx.accel)
+    argv += net_args(spec, ctx.accel, ctx.vde_sockets)
     argv += pv_extra_args(spec)
     argv += hostdev_args(spec)
     argv += share_args(spec, ctx.share_sockets)

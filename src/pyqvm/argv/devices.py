@@ -154,12 +154,18 @@ def hostfwd_rule(f: PortForward) -> str:
     return f"{f.protocol}:{f.host_address}:{f.host_port}-:{f.guest_port}"
 
 
-def netdev_props(spec: VMSpec, net: Network, accel: str) -> dict[str, object]:
+def netdev_props(
+    spec: VMSpec, net: Network, accel: str, vde_socket: Path | None = None
+) -> dict[str, object]:
     """The ``-netdev`` (or QMP ``netdev_add``) members for one NIC's host side."""
     netdev: dict[str, object] = {"id": net.id, "type": net.mode}
     if net.mode == "user":
         if net.forwards:
             netdev["hostfwd"] = [{"str": hostfwd_rule(f)} for f in net.forwards]
+    elif net.mode == "private":
+        if vde_socket is None:
+            raise ValueError(f"private NIC {net.id!r} has no switch to plug into")
+        netdev |= {"type": "vde", "sock": str(vde_socket)}
     else:
         netdev |= {"ifname": net.tap, "script": "no", "downscript": "no"}
         if accel == "kvm" and spec.profile != "emulated":
@@ -181,12 +187,13 @@ def nic_props(spec: VMSpec, net: Network) -> dict[str, object]:
     }
 
 
-def net_args(spec: VMSpec, accel: str) -> list[str]:
+def net_args(spec: VMSpec, accel: str, vde_sockets: Mapping[str, Path] | None = None) -> list[str]:
     argv: list[str] = []
     for net in spec.networks:
         if net.mode == "none":
             continue
-        argv += ["-netdev", qjson(netdev_props(spec, net, accel))]
+        sock = (vde_sockets or {}).get(net.id)
+        argv += ["-netdev", qjson(netdev_props(spec, net, accel, sock))]
         argv += ["-device", qjson(nic_props(spec, net))]
     return argv
 

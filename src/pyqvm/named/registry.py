@@ -26,13 +26,13 @@ import json
 import logging
 import os
 import shutil
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pyqvm.errors import HostError, NamedVMError, PyqvmError
+from pyqvm.process import runtime_root
 from pyqvm.spec import check_id
 
 log = logging.getLogger(__name__)
@@ -47,28 +47,8 @@ REQUEST = "request.json"  # what the owner is to start (written by `up`, read by
 
 
 def root() -> Path:
-    """pyqvm's per-user runtime dir, made 0700 if missing; `HostError` if it is not safe.
-
-    Another user must not be able to put sockets in it, so it must be ours and
-    closed to everyone else (an attacker could otherwise pre-create
-    ``/tmp/pyqvm-<uid>``).
-    """
-    if env := os.environ.get("PYQVM_RUNTIME_DIR"):
-        path = Path(env)
-    elif (xdg := os.environ.get("XDG_RUNTIME_DIR")) and Path(xdg).is_dir():
-        path = Path(xdg) / "pyqvm"
-    else:
-        path = Path("/tmp") / f"pyqvm-{os.getuid()}"
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700, parents=True)
-    st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise HostError(
-            f"pyqvm's runtime dir {path} is not a directory of yours closed to others "
-            f"(mode {stat.filemode(st.st_mode)}, uid {st.st_uid}); remove it, or set "
-            "PYQVM_RUNTIME_DIR to a directory of yours"
-        )
-    return path
+    """pyqvm's per-user runtime dir (`pyqvm.process.runtime_root`)."""
+    return runtime_root()
 
 
 def vms_dir() -> Path:

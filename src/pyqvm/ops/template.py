@@ -252,6 +252,12 @@ def refuse_untemplatable(spec: VMSpec) -> None:
             "shares: a VM with shared folders cannot be templated (the guest's open files "
             "live in the share's server, which a clone cannot take over); remove them"
         )
+    if any(n.mode == "private" for n in spec.networks):
+        raise TemplateError(
+            "networks: a VM on a private network cannot be templated (every clone would "
+            "wake up with the template's address on the segment); leave the private "
+            "network out of the template's spec"
+        )
     if not spec.guest_agent:
         raise TemplateError(
             "guest_agent: a template's clones are made their own (clock, random seed) "

@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 Cleanup = Callable[[], Awaitable[Mapping[str, Any] | None]]
 
 
+def network_blocker(spec: VMSpec) -> str | None:
+    """Why a VM on a private network cannot move to another QEMU (a snapshot is fine)."""
+    names = [n.name for n in spec.networks if n.mode == "private"]
+    if not names:
+        return None
+    return (
+        f"VM {spec.name!r} is on private network {names[0]!r}: the guest keeps the address "
+        "its NIC leased there, which the new QEMU would not hold; stop the VM instead"
+    )
+
+
 def migration_blocker(spec: VMSpec) -> str | None:
     """Why this VM cannot be migrated, saved or snapshotted (a vfio-pci host device, a
     shared folder), or None."""
@@ -38,7 +49,7 @@ def migration_blocker(spec: VMSpec) -> str | None:
 
 def refuse_blocked(vm: Machine, what: str) -> None:
     """`MigrationError` (before QEMU is asked) if ``vm`` cannot be migrated or saved."""
-    reason = migration_blocker(vm.spec)
+    reason = migration_blocker(vm.spec) or network_blocker(vm.spec)
     if reason:
         raise MigrationError(f"cannot {what} VM {vm.name!r}: {reason}")
 
@@ -130,6 +141,7 @@ __all__ = [
     "failure_guard",
     "kill_unless_stopped",
     "migration_blocker",
+    "network_blocker",
     "refuse_blocked",
     "status",
     "writable_disks",
