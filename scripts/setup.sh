@@ -5,10 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-system-x86 qemu-utils qemu-guest-agent busybox-static cpio kmod e2fsprogs lz4 zstd xz-utils
-          dpkg apt qemu-system-xen iproute2 gdb vde-switch)
+          dpkg apt qemu-system-xen iproute2 gdb vde-switch
+          openssh-client)
 # qemu-system-xen: the Xen device model whose argv tests check; iproute2: `ip netns`, the
 # "hosts" of the TLS migration tests; gdb: `pyqvm gdb` and its e2e test; vde-switch: the
-# switch of each private network (pyqvm.privnet)
+# switch of each private network (pyqvm.privnet); openssh-client: `pyqvm ssh`
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -16,6 +16,7 @@ from pathlib import Path
 from pyqvm.argv.build import LaunchContext, RamFile, build_argv
 from pyqvm.argv.devices import DiskFile
 from pyqvm.errors import SpecError
+from pyqvm.host.sshkeys import SshKeys, make_keys, ssh_keys_in
 from pyqvm.overlays import overlay_disks, overlay_path
 from pyqvm.privnet import Membership, guest_cmdline, preview_memberships
 from pyqvm.resolve import Resolved, resolve
@@ -25,6 +26,9 @@ from pyqvm.virtiofs import socket_path
 #: The serial console's unix socket in the runtime dir (see `argv.build.console_chardev`).
 CONSOLE_SOCKET = "console.sock"
 GDB_SOCKET = "gdb.sock"
+SSH_DIR = "ssh"  # the VM's key set (pyqvm.host.sshkeys)
+SSH_FW_CFG_HOST_KEY = "opt/pyqvm/ssh/host_key"
+SSH_FW_CFG_AUTHORIZED = "opt/pyqvm/ssh/authorized_keys"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,7 @@ def launch_argv(
     incoming: str | None = None,
     ram: RamFile | None = None,
     networks: Mapping[str, Membership] | None = None,
+    ssh_keys: SshKeys | None = None,
 ) -> list[str]:
     """The argv for one launch of a resolved spec, given its runtime dir and inherited fds,
     and the private networks its NICs joined (`pyqvm.privnet`), by NIC id."""
@@ -82,6 +87,15 @@ def launch_argv(
             f"the runtime dir '{rundir}' is too long for a unix socket path; set "
             'PYQVM_RUNTIME_DIR to a shorter directory or use gdb = "127.0.0.1:PORT"',
         )
+    extra = guest_cmdline(members) if resolved.builtin_guest else []
+    fw_cfg: dict[str, Path] = {}
+    if spec.ssh and resolved.builtin_guest:
+        if ssh_keys is None:
+            raise ValueError("ssh is on but no keys were made (make_ssh_keys)")
+        # The guest's init reads them from fw_cfg sysfs and starts dropbear with them.
+        fw_cfg = {SSH_FW_CFG_HOST_KEY: ssh_keys.host_key_dropbear}
+        fw_cfg[SSH_FW_CFG_AUTHORIZED] = ssh_keys.client_pub
+        extra.append("pyqvm.ssh=1")
     ctx = LaunchContext(
         qemu=resolved.qemu,
         accel=resolved.accel,
@@ -99,9 +113,18 @@ def launch_argv(
         share_sockets={s.tag: socket_path(rundir, s) for s in spec.shares},
         gdb_socket=rundir / GDB_SOCKET,
         vde_sockets={i: m.switch for i, m in members.items()},
-        append_extra=tuple(guest_cmdline(members)) if resolved.builtin_guest else (),
+        append_extra=tuple(extra),
+        fw_cfg=fw_cfg,
     )
     return build_argv(spec, ctx)
+
+
+def make_ssh_keys(resolved: Resolved, rundir: Path) -> SshKeys | None:
+    """A fresh key set in the runtime dir for a built-in guest with ``ssh`` (a guest of
+    your own has its keys: ``ssh_key``)."""
+    if not (resolved.spec.ssh and resolved.builtin_guest):
+        return None
+    return make_keys(rundir / SSH_DIR)
 
 
 def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
@@ -116,7 +139,16 @@ def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
         qmp_fd=3,
         agent_fd=4 if resolved.spec.guest_agent else None,
         networks=preview_memberships(resolved.spec),
+        ssh_keys=ssh_keys_in(rundir / SSH_DIR),
     )
 
 
-__all__ = ["CONSOLE_SOCKET", "GDB_SOCKET", "LaunchPlan", "launch_argv", "preview_argv"]
+__all__ = [
+    "CONSOLE_SOCKET",
+    "GDB_SOCKET",
+    "SSH_DIR",
+    "LaunchPlan",
+    "launch_argv",
+    "make_ssh_keys",
+    "preview_argv",
+]

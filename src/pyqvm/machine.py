@@ -43,7 +43,7 @@ from pyqvm.deadline import Deadline
 from pyqvm.devices import DeviceTable
 from pyqvm.errors import LaunchError, PyqvmError, VMStateError, tail
 from pyqvm.host.facts import HostFacts
-from pyqvm.launch import CONSOLE_SOCKET, LaunchPlan, launch_argv
+from pyqvm.launch import CONSOLE_SOCKET, LaunchPlan, launch_argv, make_ssh_keys
 from pyqvm.overlays import (
     adopt_overlay,
     make_overlay,
@@ -378,6 +378,7 @@ class Machine:
                 await make_overlay(d.path, d.format or "raw", overlay_path(rundir, d.id))
         await self._virtiofsds.start(spec, rundir)  # QEMU connects to their sockets
         networks = await self.networks.join(spec)  # and to the switches of these
+        ssh_keys = make_ssh_keys(resolved, rundir)  # handed to the guest by fw_cfg
         qmp_ours, qmp_theirs = socket.socketpair()
         agent_ours, agent_theirs = socket.socketpair() if spec.guest_agent else (None, None)
         theirs = [s for s in (qmp_theirs, agent_theirs) if s is not None]
@@ -393,6 +394,7 @@ class Machine:
                     incoming=plan.incoming,
                     ram=plan.ram,
                     networks=networks,
+                    ssh_keys=ssh_keys,
                 )
                 log.info(
                     "%s: starting %s (accel %s)", self.name, resolved.qemu.name, resolved.accel

@@ -126,6 +126,12 @@ def resolve(
             pci_device_dir(h.address, host_root)
         except HostError as e:
             raise SpecError(f"host_devices[{i}].address", str(e)) from None
+    if spec.ssh and spec.image is None and spec.ssh_key is None:
+        raise SpecError(
+            "ssh_key",
+            "a guest pyqvm did not build needs the private key its SSH server accepts "
+            "(and ssh_user); only the built-in image gets keys made by pyqvm",
+        )
     concrete = with_image(choose_transports(spec), image_cache)
     if spec.image is not None and concrete.shares:
         concrete = _mount_at_boot(concrete)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import os
 import re
 import typing
 import zlib
@@ -123,6 +124,7 @@ class Disk:
             check_id(self.id, "disk.id")
 
 
+SSH_USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
 PRIVATE_NET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 
 
@@ -321,6 +323,11 @@ class VMSpec:
     sandbox: bool = True
     # QEMU's gdbstub: True serves it on a unix socket in the runtime dir; "HOST:PORT" on TCP.
     gdb: bool | str = False
+    # An SSH server reachable through a port forward (`pyqvm.ops.ssh`): the built-in guest
+    # runs one with keys pyqvm makes per VM; a guest of your own names its user and key.
+    ssh: bool = False
+    ssh_user: str = "root"
+    ssh_key: Path | None = None
     extra_args: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -359,6 +366,14 @@ class VMSpec:
             text(self.ready_pattern, "ready_pattern")
         if not isinstance(self.gdb, bool):
             gdb_tcp_address(self.gdb)
+        boolean(self.ssh, "ssh")
+        if not isinstance(self.ssh_user, str) or not SSH_USER_RE.fullmatch(self.ssh_user):
+            raise SpecError("ssh_user", f"{show(self.ssh_user)} is not a user name, e.g. root")
+        if self.ssh_key is not None:
+            key = absolute_path(self.ssh_key, "ssh_key")
+            if not os.access(key, os.R_OK):
+                raise SpecError("ssh_key", f"cannot read '{key}'; give a private key file of yours")
+            set_field(self, "ssh_key", key)
 
         for name in ("disks", "cdroms", "networks", "host_devices", "extra_args"):
             set_field(self, name, tuple(getattr(self, name)))
@@ -437,6 +452,12 @@ class VMSpec:
     def _check_consistency(self) -> None:
         if self.image is not None and self.kernel is not None:
             raise SpecError("image", "give either image (built-in guest) or kernel, not both")
+        if self.ssh and not any(n.mode == "user" for n in self.networks):
+            raise SpecError(
+                "ssh",
+                "ssh reaches the guest through a user network's port forward; add "
+                'networks = [{mode = "user"}]',
+            )
         for i, s in enumerate(self.shares):
             if s.transport == "9p" and self.image == "default":
                 raise SpecError(

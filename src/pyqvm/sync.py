@@ -248,6 +248,9 @@ class VM:
     def qmp_transcript(self) -> list[str]:
         return self._vm.qmp_transcript()
 
+    def ssh_argv(self, command: Sequence[str] = ()) -> list[str]:
+        return self._run(self._vm.ssh_argv(command))
+
     def gdb_target(self) -> str:
         return self._vm.gdb_target()
 

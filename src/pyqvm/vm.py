@@ -29,7 +29,7 @@ from pyqvm.host.facts import HostFacts
 from pyqvm.host.gdb import gdb_argv, vmlinux_for
 from pyqvm.launch import GDB_SOCKET, LaunchPlan, preview_argv
 from pyqvm.machine import Machine
-from pyqvm.ops import blockjobs, guest, hotplug, migration, snapshot
+from pyqvm.ops import blockjobs, guest, hotplug, migration, snapshot, ssh
 from pyqvm.ops import template as templates
 from pyqvm.ops.blockjobs import ChainLink
 from pyqvm.ops.migration import (
@@ -219,6 +219,13 @@ class AsyncVM:
     def qmp_transcript(self) -> list[str]:
         """The last QMP commands sent and their answers, one line each (also after `stop`)."""
         return self.machine.qmp_transcript()
+
+    # --- ssh (pyqvm.ops.ssh) -----------------------------------------------------------------
+
+    async def ssh_argv(self, command: Sequence[str] = ()) -> list[str]:
+        """The ``ssh`` command into this VM (``ssh = true``): its port forward, key and
+        known-hosts entry, no prompts; runs ``command`` there, or a login shell."""
+        return await ssh.ssh_argv(self.machine, command)
 
     # --- gdb (pyqvm.host.gdb) ----------------------------------------------------------------
 

@@ -92,6 +92,7 @@ class LaunchContext:
     gdb_socket: Path | None = None  # with spec.gdb = True
     vde_sockets: Mapping[str, Path] = field(default_factory=dict)  # private NIC id -> switch
     append_extra: tuple[str, ...] = ()  # for the kernel command line (pyqvm.ip=...)
+    fw_cfg: Mapping[str, Path] = field(default_factory=dict)  # name -> file (SSH keys)
 
 
 def console_chardev(ctx: LaunchContext) -> str:
@@ -306,6 +307,8 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         ]
     argv += disk_args(spec, ctx.disk_files)
     argv += net_args(spec, ctx.accel, ctx.vde_sockets)
+    for name, path in ctx.fw_cfg.items():
+        argv += ["-fw_cfg", opts(None, {"name": name, "file": str(path)})]
     argv += pv_extra_args(spec)
     argv += hostdev_args(spec)
     argv += share_args(spec, ctx.share_sockets)

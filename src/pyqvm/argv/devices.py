@@ -154,14 +154,22 @@ def hostfwd_rule(f: PortForward) -> str:
     return f"{f.protocol}:{f.host_address}:{f.host_port}-:{f.guest_port}"
 
 
+#: The SSH port forward of ``spec.ssh``, on the first user network.
+SSH_HOSTFWD = "tcp:127.0.0.1:0-:22"
+
+
 def netdev_props(
     spec: VMSpec, net: Network, accel: str, vde_socket: Path | None = None
 ) -> dict[str, object]:
     """The ``-netdev`` (or QMP ``netdev_add``) members for one NIC's host side."""
     netdev: dict[str, object] = {"id": net.id, "type": net.mode}
     if net.mode == "user":
-        if net.forwards:
-            netdev["hostfwd"] = [{"str": hostfwd_rule(f)} for f in net.forwards]
+        rules = [hostfwd_rule(f) for f in net.forwards]
+        if spec.ssh and net is next((n for n in spec.networks if n.mode == "user"), None):
+            # Port 0: the host picks a free one, read back with `info usernet` (ops/ssh.py).
+            rules.append(SSH_HOSTFWD)
+        if rules:
+            netdev["hostfwd"] = [{"str": r} for r in rules]
     elif net.mode == "private":
         if vde_socket is None:
             raise ValueError(f"private NIC {net.id!r} has no switch to plug into")

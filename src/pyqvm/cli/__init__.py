@@ -13,6 +13,7 @@ Named VMs, which live on after the command that started them (see docs/cli.md):
 pyqvm up [SPEC.toml] [options] [--template T] --name NAME    start one; prints NAME when ready
 pyqvm ps [--json]                                  list them (dead ones are removed)
 pyqvm exec NAME [-n] [--env K=V] -- CMD            run CMD in it (its exit status)
+pyqvm ssh NAME [--print] [-- CMD]                  ssh into it (--ssh), no prompts
 pyqvm console NAME                                 its serial console (Ctrl-] detaches)
 pyqvm logs NAME [--follow]                         its console log
 pyqvm gdb NAME [--vmlinux F] [-x CMD] [--batch]    the host's gdb on its gdbstub (--gdb)
@@ -24,8 +25,8 @@ pyqvm migrate NAME --to NAME2 [--storage copied|shared]   live-migrate into a ne
 pyqvm stop NAME... [--force] [--timeout S] | --all; pyqvm wait NAME
 
 One module per verb or family of verbs (``pyqvm.cli.run``, ``.up`` (up, restore), ``.ps``,
-``.exec_cmd``, ``.console`` (console, logs), ``.gdb``, ``.control`` (the one-call verbs on a
-named VM), ``.cmdline``, ``.image``, ``.template``, ``.doctor``), each with
+``.exec_cmd``, ``.ssh``, ``.console`` (console, logs), ``.gdb``, ``.control`` (the one-call
+verbs on a named VM), ``.cmdline``, ``.image``, ``.template``, ``.doctor``), each with
 ``add_parser(subparsers, parents)``; argparse dispatches to the function a parser names.
 Heavy modules (asyncio, qemu.qmp, the VM machinery) are imported inside those functions,
 so ``pyqvm ps`` pays only for what it uses. Exit status (`pyqvm.cli.status`): the guest
@@ -51,6 +52,7 @@ from pyqvm.cli import (
     image,
     ps,
     run,
+    ssh,
     template,
     up,
 )
@@ -58,7 +60,7 @@ from pyqvm.cli.specargs import UsageError, spec_from_args
 from pyqvm.cli.status import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE
 from pyqvm.errors import PyqvmError
 
-_VERBS = (run, up, ps, exec_cmd, console, gdb, control, cmdline, image, template, doctor)
+_VERBS = (run, up, ps, exec_cmd, ssh, console, gdb, control, cmdline, image, template, doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -67,6 +67,12 @@ def add_spec_options(p: argparse.ArgumentParser) -> None:
             help="share a host directory (mounted at GUEST, default /mnt/shareN; docs/shares.md)",
         ),
         g.add_argument(
+            "--ssh",
+            action="store_true",
+            default=None,
+            help="an SSH server in the guest, through a port forward (pyqvm ssh NAME)",
+        ),
+        g.add_argument(
             "--gdb",
             action="store_true",
             default=None,
@@ -134,6 +140,8 @@ def spec_from_args(args: argparse.Namespace) -> VMSpec:
     elif args.forward or args.net == "user" or (not base.networks and not args.spec):
         forwards = tuple(_forward(f) for f in args.forward)
         changes["networks"] = (Network(forwards=forwards),)
+    if args.ssh:  # with the default user network above: ssh goes through its port forward
+        changes["ssh"] = True
     if args.share:
         n = len(base.shares)
         changes["shares"] = (*base.shares, *(_share(t, n + i) for i, t in enumerate(args.share)))

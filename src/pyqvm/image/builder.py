@@ -52,7 +52,7 @@ from pyqvm.image.modules import (
 log = logging.getLogger(__name__)
 
 # Bump when the build steps change in a way the recipe files do not show.
-BUILDER_VERSION = "2"  # 2: LZ4 initramfs
+BUILDER_VERSION = "3"  # 2: LZ4 initramfs; 3: packages of GUEST_PACKAGES, libraries from .debs
 
 RECIPES = Path(__file__).with_name("recipes")
 DISK_SIZE = "64M"
@@ -67,6 +67,17 @@ INITRD_FILES = {
     "modprobe.conf": ("etc/modprobe.d/pyqvm.conf", 0o644),
 }
 DISK_FILES = ("hello.txt",)
+
+# Debian packages unpacked into the initramfs: package -> the executables taken from it,
+# at the same paths, with the shared libraries they load. A package with no executables
+# lends its libraries: dropbear's libtomcrypt1 and libtommath1 are not on a stock host, so
+# they come from their .debs; every other library from the host (the same Debian release).
+GUEST_PACKAGES: dict[str, tuple[str, ...]] = {
+    "qemu-guest-agent": ("usr/sbin/qemu-ga",),  # the agent pyqvm drives the guest with
+    "dropbear-bin": ("usr/sbin/dropbear",),  # SSH server; init starts it on pyqvm.ssh=1
+    "libtomcrypt1": (),
+    "libtommath1": (),
+}
 _DIRS = (
     "bin", "sbin", "usr/bin", "usr/sbin", "lib", "lib64", "etc/pyqvm", "etc/modprobe.d",
     "dev", "proc", "sys", "run", "tmp", "mnt/data", "root", "var",
@@ -83,7 +94,7 @@ class _Inputs:
     flavour: str
     kernel: tools.Package
     busybox: tools.Package
-    agent: tools.Package
+    packages: tuple[tools.Package, ...]  # GUEST_PACKAGES, in that order
     recipes: dict[str, str]  # file name -> sha256
 
     def as_dict(self) -> dict[str, str]:
@@ -92,8 +103,8 @@ class _Inputs:
             "builder": BUILDER_VERSION,
             "kernel": f"{self.kernel.name}={self.kernel.version}",
             "busybox": f"{self.busybox.name}={self.busybox.version}",
-            "qemu-guest-agent": f"{self.agent.name}={self.agent.version}",
         }
+        d.update({pkg.name: f"{pkg.name}={pkg.version}" for pkg in self.packages})
         d.update({f"recipe:{name}": digest for name, digest in self.recipes.items()})
         return d
 
@@ -122,8 +133,9 @@ def kernel_package(meta: tools.Package) -> tuple[str, str | None]:
 
 def _resolve(flavour: str) -> _Inputs:
     meta = KERNEL_PACKAGES[flavour]
-    log.info("resolving %s, busybox-static and qemu-guest-agent with apt-cache", meta)
-    found = tools.apt_show([meta, "busybox-static", "qemu-guest-agent"])
+    names = [meta, "busybox-static", *GUEST_PACKAGES]
+    log.info("resolving %s with apt-cache", ", ".join(names))
+    found = tools.apt_show(names)
     name, pinned = kernel_package(found[meta])
     # Each apt-cache run costs ~0.6 s without a pkgcache.bin: skip it when pinned.
     kernel = (
@@ -133,7 +145,7 @@ def _resolve(flavour: str) -> _Inputs:
         flavour=flavour,
         kernel=kernel,
         busybox=found["busybox-static"],
-        agent=found["qemu-guest-agent"],
+        packages=tuple(found[name] for name in GUEST_PACKAGES),
         recipes=recipe_digests(),
     )
 
@@ -187,7 +199,7 @@ def build(
             for name, pkg in (
                 ("kernel", inputs.kernel),
                 ("busybox", inputs.busybox),
-                ("agent", inputs.agent),
+                *((pkg.name, pkg) for pkg in inputs.packages),
             )
         }
         tmp = images / f".tmp-{flavour}-{key}-{os.getpid()}"
@@ -215,10 +227,12 @@ def build(
 
 def _assemble(out: Path, inputs: _Inputs, debs: dict[str, Path]) -> dict[str, object]:
     work = out / "work"
-    kroot, broot, qroot = work / "kernel", work / "busybox", work / "agent"
+    kroot, broot = work / "kernel", work / "busybox"
     tools.unpack(debs["kernel"], kroot)
     tools.unpack(debs["busybox"], broot)
-    tools.unpack(debs["agent"], qroot)
+    roots = {name: work / "packages" / name for name in GUEST_PACKAGES}
+    for name, root in roots.items():
+        tools.unpack(debs[name], root)
 
     vmlinuzes = sorted((kroot / "boot").glob("vmlinuz-*"))
     if len(vmlinuzes) != 1:
@@ -234,7 +248,7 @@ def _assemble(out: Path, inputs: _Inputs, debs: dict[str, Path]) -> dict[str, ob
 
     initrd = work / "initrd"
     plan = _modules(moddir, version, inputs.flavour, initrd)
-    _userland(initrd, broot, qroot)
+    _userland(initrd, broot, roots)
     log.info("writing initramfs")
     _write_initramfs(initrd, out / "initrd.img")
 
@@ -253,6 +267,8 @@ def _assemble(out: Path, inputs: _Inputs, debs: dict[str, Path]) -> dict[str, ob
         "flavour": inputs.flavour,
         "kernel_version": version,
         "kernel_package": f"{inputs.kernel.name}={inputs.kernel.version}",
+        # Debian package -> version, of everything in the initramfs (dropbear-bin's too).
+        "packages": {pkg.name: pkg.version for pkg in (inputs.busybox, *inputs.packages)},
         "kernel": kernel,
         "bzimage": "vmlinuz",
         "initrd": "initrd.img",
@@ -322,11 +338,13 @@ def _copy_module(src: Path, dest: Path) -> None:
         raise ImageError(f"unknown kernel module compression: {src}")
 
 
-def _userland(initrd: Path, broot: Path, qroot: Path) -> None:
-    log.info("adding busybox, qemu-ga and the init recipe to the initramfs")
+def _userland(initrd: Path, broot: Path, roots: dict[str, Path]) -> None:
+    log.info("adding busybox, %s and the init recipe to the initramfs", ", ".join(roots))
     for d in _DIRS:
         (initrd / d).mkdir(parents=True, exist_ok=True)
     (initrd / "var/run").symlink_to("../run")
+    # cpio keeps the mode; dropbear refuses keys under a home others can write to.
+    (initrd / "root").chmod(0o700)
 
     busybox = broot / "bin/busybox"
     _install(busybox, initrd / "bin/busybox", 0o755)
@@ -341,13 +359,7 @@ def _userland(initrd: Path, broot: Path, qroot: Path) -> None:
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to("/bin/busybox")
 
-    agent = qroot / "usr/sbin/qemu-ga"
-    if not agent.is_file():
-        raise ImageError("the qemu-guest-agent package has no usr/sbin/qemu-ga")
-    _install(agent, initrd / "usr/sbin/qemu-ga", 0o755)
-    # Host libraries: the host runs the same Debian release the package targets.
-    for lib in tools.shared_libraries(agent):
-        _install(lib.resolve(), initrd / lib.relative_to("/"), 0o755)
+    _packages(initrd, roots)
 
     for recipe, (path, mode) in INITRD_FILES.items():
         dest = initrd / path
@@ -356,6 +368,21 @@ def _userland(initrd: Path, broot: Path, qroot: Path) -> None:
         _install(RECIPES / recipe, dest, mode)
     for path, text in _ETC.items():
         (initrd / path).write_text(text)
+
+
+def _packages(initrd: Path, roots: dict[str, Path]) -> None:
+    """GUEST_PACKAGES' executables and their libraries: from the unpacked .debs first,
+    else the host's (which runs the Debian release the packages target)."""
+    lib_dirs = sorted({lib.parent for root in roots.values() for lib in root.rglob("*.so*")})
+    for name, executables in GUEST_PACKAGES.items():
+        for rel in executables:
+            exe = roots[name] / rel
+            if not exe.is_file():
+                raise ImageError(f"the {name} package has no {rel}")
+            _install(exe, initrd / rel, 0o755)
+            for lib in tools.shared_libraries(exe, library_dirs=lib_dirs, package=name):
+                root = next((r for r in roots.values() if lib.is_relative_to(r)), Path("/"))
+                _install(lib.resolve(), initrd / lib.relative_to(root), 0o755)
 
 
 def _install(src: Path, dest: Path, mode: int) -> None:

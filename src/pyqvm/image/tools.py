@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,11 +45,23 @@ def tool(name: str) -> str:
     return found
 
 
-def run(argv: Sequence[str], *, what: str, cwd: Path | None = None) -> str:
-    """Run a tool (no shell) and return its stdout; ImageError with stderr on failure."""
+def run(
+    argv: Sequence[str],
+    *,
+    what: str,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """Run a tool (no shell) and return its stdout; ImageError with stderr on failure.
+
+    ``env`` is added to this process's environment.
+    """
     exe = tool(argv[0])
     log.debug("running %s", " ".join(argv))
-    proc = subprocess.run([exe, *argv[1:]], cwd=cwd, capture_output=True, text=True, check=False)
+    full = {**os.environ, **env} if env else None
+    proc = subprocess.run(
+        [exe, *argv[1:]], cwd=cwd, env=full, capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
         raise ImageError(f"{what} failed: `{' '.join(argv)}` exited {proc.returncode}\n{tail}")
@@ -140,16 +152,23 @@ def unpack(deb: Path, root: Path) -> None:
     run(["dpkg-deb", "-x", str(deb), str(root)], what=f"unpacking {deb.name}")
 
 
-def shared_libraries(binary: Path) -> list[Path]:
-    """Every shared object ``binary`` loads (the dynamic loader included), per host ldd."""
-    out = run(["ldd", str(binary)], what=f"listing the libraries of {binary.name}")
+def shared_libraries(
+    binary: Path, *, library_dirs: Sequence[Path] = (), package: str = "qemu-guest-agent"
+) -> list[Path]:
+    """Every shared object ``binary`` loads (the dynamic loader included), per host ldd.
+
+    ``library_dirs`` are searched before the host's own (unpacked .debs of libraries a
+    stock host lacks); ``package`` is named in the hint when a library is found nowhere.
+    """
+    env = {"LD_LIBRARY_PATH": os.pathsep.join(map(str, library_dirs))} if library_dirs else None
+    out = run(["ldd", str(binary)], what=f"listing the libraries of {binary.name}", env=env)
     libs: list[Path] = []
     for line in out.splitlines():
         line = line.strip()
         if "not found" in line:
             raise HostError(
                 f"{binary.name} needs {line.split()[0]}, which this host lacks; "
-                "install it with: apt-get install -y qemu-guest-agent"
+                f"install it with: apt-get install -y {package}"
             )
         match = re.search(r"(/\S+)\s+\(0x", line)
         if match:

@@ -240,6 +240,10 @@ async def plug_nic(vm: Machine, net: Network | None = None) -> str:
     net = net or Network()
     if net.mode == "none":
         raise HotplugError('a NIC with mode = "none" has nothing to plug; use "user" or "tap"')
+    if net.mode == "private":
+        raise HotplugError(
+            "a private-network NIC cannot be hot-plugged yet; put it in the spec's networks"
+        )
     spec = vm.resolved_spec
     ports = _hotplug_ports(vm)
     async with vm.devices.lock:

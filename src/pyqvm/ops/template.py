@@ -258,6 +258,11 @@ def refuse_untemplatable(spec: VMSpec) -> None:
             "wake up with the template's address on the segment); leave the private "
             "network out of the template's spec"
         )
+    if spec.ssh:
+        raise TemplateError(
+            "ssh: a VM with an SSH server cannot be templated yet (its clones would share "
+            "the template's host key); leave ssh out of the template's spec"
+        )
     if not spec.guest_agent:
         raise TemplateError(
             "guest_agent: a template's clones are made their own (clock, random seed) "
