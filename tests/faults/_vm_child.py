@@ -1,7 +1,8 @@
 """Helper for test_vm_killed: start a paused VM through the sync facade, report, then idle.
 
-``_vm_child.py [SHARE_DIR]``: with a directory, the VM shares it over virtiofs (a virtiofsd
-of pyqvm's own runs beside QEMU). Prints one JSON line ``{"pid": ..., "rundir": ...}`` and
+``_vm_child.py [share:DIR | net:NAME]...``: the VM shares DIR over virtiofs (a virtiofsd of
+pyqvm's own runs beside QEMU), or has a NIC on private network NAME (a switch and its
+owner process run beside it). Prints one JSON line ``{"pid": ..., "rundir": ...}`` and
 sleeps until killed (at most 120 s).
 """
 
@@ -12,13 +13,20 @@ import sys
 import time
 from pathlib import Path
 
-from pyqvm import VM, Share, VMSpec
+from pyqvm import VM, Network, Share, VMSpec
 
 
 def main() -> int:
-    shares = tuple(Share(host=Path(p), transport="virtiofs") for p in sys.argv[1:])
+    args = [a.split(":", 1) for a in sys.argv[1:]]
+    shares = tuple(Share(host=Path(v), transport="virtiofs") for k, v in args if k == "share")
+    nets = tuple(Network(mode="private", name=v) for k, v in args if k == "net")
     spec = VMSpec(
-        name="orphan-check", guest_agent=False, ready="none", extra_args=("-S",), shares=shares
+        name="orphan-check",
+        guest_agent=False,
+        ready="none",
+        extra_args=("-S",),
+        shares=shares,
+        networks=nets,
     )
     vm = VM(spec)
     vm.start()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,7 +66,7 @@ def test_sigkilled_launcher_leaves_no_virtiofsd(
     shared.mkdir()
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
     child = subprocess.Popen(
-        [sys.executable, str(CHILD), str(shared)], stdout=subprocess.PIPE, text=True
+        [sys.executable, str(CHILD), f"share:{shared}"], stdout=subprocess.PIPE, text=True
     )
     try:
         assert child.stdout is not None
@@ -87,3 +89,35 @@ def test_sigkilled_launcher_leaves_no_virtiofsd(
             child.wait()
         if child.stdout is not None:
             child.stdout.close()
+
+
+def test_sigkilled_launcher_leaves_no_network_switch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The runtime root holds the networks too: a short private one (unix socket paths).
+    root = Path(tempfile.mkdtemp(prefix="pq-kill-"))
+    monkeypatch.setenv("PYQVM_RUNTIME_DIR", str(root))
+    child = subprocess.Popen(
+        [sys.executable, str(CHILD), "net:killnet"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        info = json.loads(child.stdout.readline())
+        pid = int(info["pid"])
+        network = root / "networks" / "killnet"
+        owner = int((network / "owner.lock").read_text())
+        switches = [p for p in processes_naming(network) if p != pid]
+        assert owner in switches and len(switches) == 2, switches  # the owner and vde_switch
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        # QEMU dies with its launcher; the network's owner sees no port left and ends.
+        left = [p for p in (pid, *switches) if not wait_gone([p], 15)]
+        assert not left, f"{left} outlived the launcher"
+        assert not (network / "sw").exists()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+        shutil.rmtree(root, ignore_errors=True)
