@@ -86,6 +86,13 @@ BENCHES: tuple[Bench, ...] = (
         ("-n", "16"),
         "16 clones vs 16 cold boots at once, until all answered",
     ),
+    Bench(
+        "share",
+        "share.py",
+        ("-n", "5"),
+        ("-n", "1", "--files", "2000"),
+        "10,000 small files over virtiofs (and 9p) vs the guest's own disk",
+    ),
     # --quick runs only the case the result line is about (filled), once per tuning.
     Bench(
         "migration",
@@ -135,6 +142,16 @@ TARGETS: Mapping[str, tuple[Target, ...]] = {
     ),
     # Issue 10: "16 clones all answering ≤ 1.5 s in total from one loop".
     "scale": (at_most("pyqvm", 1.5, issue=10, unit=" s"),),
+    "share": (
+        # Issue 13: "virtiofs within 3x of the local disk and at least 5x faster than 9p on
+        # the metadata-heavy part".
+        at_most("ratio", 3.0, issue=13),
+        Target(
+            "meta_9p_over_virtiofs ≥ 5",
+            lambda v: v.get("meta_9p_over_virtiofs", 0.0) >= 5.0,
+            issue=13,
+        ),
+    ),
     # Issue 11 (bench/named.py): "the CLI round trip ≤ 0.25 s on this machine".
     "exec": (at_most("pyqvm", 0.25, issue=11, unit=" s"),),
 }

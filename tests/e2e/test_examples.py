@@ -79,6 +79,15 @@ def test_ephemeral_vm_example(default_image: image.GuestImage) -> None:
     assert "problem:" not in proc.stderr
 
 
+def test_reach_example(default_image: image.GuestImage) -> None:
+    proc = run([sys.executable, "examples/reach.py"])
+    assert proc.returncode == 0, explain(proc)
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "ok", explain(proc)
+    assert "a pings b: exit 0" in lines, explain(proc)
+    assert "over ssh: 'from the host'" in lines, explain(proc)
+
+
 def test_vm_toml_loads_and_previews() -> None:
     spec = pyqvm.load_spec(VM_TOML)
     assert spec.image == "default"

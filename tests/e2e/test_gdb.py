@@ -3,20 +3,16 @@ read from a running guest, in-process (`vm.gdb_argv`) and on a named VM (`pyqvm 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _cli import own_registry, pyqvm
 
 from pyqvm import VM, SpecError, VMSpec
 
 pytestmark = [pytest.mark.e2e]
-
-PYQVM = [sys.executable, "-m", "pyqvm"]
 
 
 def _banner(vm: VM) -> tuple[str, str]:
@@ -61,26 +57,11 @@ def test_gdb_is_off_unless_asked(default_image: object) -> None:
 
 @pytest.fixture
 def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="pq-gdb-"))
-    monkeypatch.setenv("PYQVM_RUNTIME_DIR", str(d))
-    try:
+    with own_registry(monkeypatch, "pq-gdb-") as d:
         yield d
-    finally:
-        subprocess.run([*PYQVM, "stop", "--all", "--force"], capture_output=True, timeout=60)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_pyqvm_gdb_on_a_named_vm(runtime: Path, default_image: object) -> None:
-    def pyqvm(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*PYQVM, *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-
     r = pyqvm("up", "--gdb", "--name", "dbg")
     assert r.returncode == 0, r.stderr
     r = pyqvm("exec", "dbg", "--", "grep", " linux_banner$", "/proc/kallsyms")

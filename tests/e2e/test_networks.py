@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _cli import own_registry
 
 from pyqvm import AsyncVM, Network, VMSpec
 
@@ -21,12 +20,8 @@ pytestmark = [pytest.mark.e2e]
 
 @pytest.fixture
 def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="pq-net-"))
-    monkeypatch.setenv("PYQVM_RUNTIME_DIR", str(d))
-    try:
+    with own_registry(monkeypatch, "pq-net-") as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _spec(name: str, net: str, address: str | None = None) -> VMSpec:

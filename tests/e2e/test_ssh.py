@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _cli import own_registry, pyqvm
 
 from pyqvm import VM, KernelBoot, Network, VMSpec, image
 from pyqvm.host.sshkeys import make_keys
 
 pytestmark = [pytest.mark.e2e]
-
-PYQVM = [sys.executable, "-m", "pyqvm"]
 
 
 def _ssh(argv: list[str], input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -78,19 +76,11 @@ def test_ssh_into_a_guest_of_your_own(default_image: image.GuestImage, tmp_path:
 
 @pytest.fixture
 def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="pq-ssh-"))
-    monkeypatch.setenv("PYQVM_RUNTIME_DIR", str(d))
-    try:
+    with own_registry(monkeypatch, "pq-ssh-") as d:
         yield d
-    finally:
-        subprocess.run([*PYQVM, "stop", "--all", "--force"], capture_output=True, timeout=60)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_pyqvm_ssh_on_a_named_vm(runtime: Path, default_image: object) -> None:
-    def pyqvm(*args: str) -> subprocess.CompletedProcess[str]:
-        return _ssh([*PYQVM, *args])
-
     r = pyqvm("up", "--ssh", "--name", "s1")
     assert r.returncode == 0, r.stderr
     r = pyqvm("ssh", "s1", "--", "sh", "-c", "echo hi; exit 7")

@@ -233,3 +233,15 @@ async def test_another_network_is_another_switch(runtime: Path) -> None:
     finally:
         a.leave()
         b.leave()
+
+
+def test_templates_and_migration_refuse_private_nics_and_ssh() -> None:
+    from pyqvm.ops.migration.common import network_blocker
+    from pyqvm.ops.template import templatable
+
+    private = VMSpec(image="default", networks=(Network(mode="private", name="lab"),))
+    assert not templatable(private)
+    assert "private network 'lab'" in (network_blocker(private) or "")
+    ssh = VMSpec(image="default", ssh=True, networks=(Network(),))
+    assert not templatable(ssh) and network_blocker(ssh) is None
+    assert templatable(VMSpec(image="default", networks=(Network(),)))
