@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import fcntl
 import ipaddress
+import itertools
 import logging
 import os
 import re
@@ -43,7 +44,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def find_vde_switch() -> Path:
         why = f" ({VDE_SWITCH_ENV}={explicit} is not executable)" if explicit else ""
         raise HostError(
             f"private networks need vde_switch{why}: install Debian's vde-switch package "
-            "(apt-get install vde2)"
+            "(apt-get install vde-switch)"
         )
     return Path(found)
 
@@ -194,6 +195,12 @@ class PrivateNetworks:
             for n in nets:
                 assert n.name is not None
                 directory = networks_dir() / n.name
+                if len(os.fsencode(directory / SWITCH_DIR / "ctl")) >= 108:
+                    raise SpecError(
+                        "network.name",
+                        f"'{directory}' is too long for the switch's unix sockets; use a "
+                        "shorter name or set PYQVM_RUNTIME_DIR to a shorter directory",
+                    )
                 directory.mkdir(mode=0o700, exist_ok=True)
                 (directory / LEASES).mkdir(mode=0o700, exist_ok=True)
                 self._joining.append(await self._hold_join(directory, deadline))
@@ -219,12 +226,14 @@ class PrivateNetworks:
         self, vm: str, net: Network, directory: Path, subnet: ipaddress.IPv4Network
     ) -> Membership:
         assert net.name is not None
+        candidates: Iterable[ipaddress.IPv4Interface]
         if net.address is not None:
             candidates = [private_address(net.name, net.address)]
         else:
-            # The first host address is left for a gateway the user may add.
-            hosts = list(subnet.hosts())[1:]
-            candidates = [ipaddress.IPv4Interface(f"{h}/{subnet.prefixlen}") for h in hosts]
+            # The first host address is left for a gateway the user may add; lazily: a /8
+            # has 16 million.
+            hosts = itertools.islice(subnet.hosts(), 1, None)
+            candidates = (ipaddress.IPv4Interface(f"{h}/{subnet.prefixlen}") for h in hosts)
         for cand in candidates:
             fd = _lock_fd(directory / LEASES / str(cand.ip), fcntl.LOCK_EX)
             if fd is None:

@@ -48,7 +48,8 @@ async def test_two_vms_talk_and_a_third_cannot(runtime: Path, default_image: obj
     c = AsyncVM(_spec("c", "elsewhere", "10.9.0.3/24"))  # same subnet, another segment
     vms = (a, b, c)
     try:
-        await asyncio.gather(*(v.start() for v in vms))
+        await a.start()  # the first VM to join sets the network's subnet: a's
+        await asyncio.gather(b.start(), c.start())
         addr = {v.name: next(iter(v.private_networks.values())).address for v in vms}
         assert str(addr["b"].network) == "10.9.0.0/24" and addr["b"].ip != addr["a"].ip
         # The built-in guest's init gave each NIC its address, and user networking the other.

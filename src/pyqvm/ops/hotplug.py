@@ -340,7 +340,12 @@ async def plug_memory(vm: Machine, size: int | str, id: str = "") -> str:
             )
         ident = await _new_id(vm, id, "dimm", "id")
         backend = f"{ident}-mem"
-        memory = {"qom-type": "memory-backend-ram", "id": backend, "size": mib * _MIB}
+        memory: dict[str, object] = {"id": backend, "size": mib * _MIB}
+        if any(s.transport == "virtiofs" for s in spec.shares):
+            # virtiofsd maps guest RAM to reach its buffers: new RAM must be shared too.
+            memory |= {"qom-type": "memory-backend-memfd", "share": True}
+        else:
+            memory["qom-type"] = "memory-backend-ram"
         dimm = {"driver": "pc-dimm", "id": ident, "memdev": backend}
         try:
             await vm.execute("object-add", memory)
