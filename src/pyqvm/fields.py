@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -136,3 +138,61 @@ def writable_file(path: Path, field_name: str) -> None:
 def set_field(obj: object, name: str, value: object) -> None:
     # Normalising inside __post_init__ of a frozen dataclass.
     object.__setattr__(obj, name, value)
+
+
+def slirp_address(text: str) -> bool:
+    """Whether slirp binds exactly ``text``: empty (any address) or a dotted IPv4 address
+    written as Python writes it (``127.1`` and ``010.0.0.1`` mean other things to it)."""
+    if text == "":
+        return True
+    try:
+        return str(ipaddress.IPv4Address(text)) == text
+    except ValueError:
+        return False
+
+
+SSH_USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+PRIVATE_NET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+
+
+def private_subnet(name: str) -> ipaddress.IPv4Network:
+    """The subnet of private network ``name`` when its VMs give no address: a /24 in
+    10.200-249.x, the same for every VM that names it (never QEMU's user net 10.0.2.0/24)."""
+    h = zlib.crc32(name.encode())
+    return ipaddress.IPv4Network(f"10.{200 + h % 50}.{(h >> 8) % 256}.0/24")
+
+
+def private_address(name: str, value: object) -> ipaddress.IPv4Interface:
+    """``address`` of a private NIC: an IPv4 host address with its prefix, e.g. 10.9.0.5/24."""
+    try:
+        iface = ipaddress.IPv4Interface(value) if isinstance(value, str) and "/" in value else None
+    except ValueError:
+        iface = None
+    if (
+        iface is None
+        or iface.network.prefixlen > 30
+        or iface.ip
+        in (
+            iface.network.network_address,
+            iface.network.broadcast_address,
+        )
+    ):
+        raise SpecError(
+            "network.address",
+            f"{show(value)} is not a host address with its prefix for network {name!r}; "
+            'use e.g. "10.9.0.5/24" (or leave it out: pyqvm leases one)',
+        )
+    return iface
+
+
+def gdb_tcp_address(value: object) -> tuple[str, int]:
+    """``"HOST:PORT"`` of ``gdb``'s TCP form (IPv6 in brackets), or `SpecError` naming ``gdb``."""
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise SpecError(
+            "gdb",
+            f'{show(value)}: use true (a unix socket in the runtime dir) or "HOST:PORT" '
+            'for TCP, e.g. "127.0.0.1:1234"',
+        )
+    return host, int(port)

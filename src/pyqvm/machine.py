@@ -53,8 +53,9 @@ from pyqvm.overlays import (
 )
 from pyqvm.passthrough import Passthrough, PassthroughHost, assign
 from pyqvm.privnet import PrivateNetworks
-from pyqvm.process import QemuProcess, RuntimeDir
+from pyqvm.process import QemuProcess
 from pyqvm.resolve import Resolved, resolve
+from pyqvm.rundir import RuntimeDir
 from pyqvm.session import EventFilter, QMPSession
 from pyqvm.spec import VMSpec
 from pyqvm.state import Lifecycle, VMState

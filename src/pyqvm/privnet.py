@@ -23,7 +23,7 @@ Layout, in ``runtime_root()/networks/NAME``::
     sw/           the switch's socket directory (``-netdev vde,sock=``)
     mgmt          the switch's management socket (the owner counts connected ports on it)
     subnet        the network's subnet while it lives: the first VM's address's, else the
-                  name's default (`pyqvm.spec.private_subnet`); leases are taken in it
+                  name's default (`pyqvm.fields.private_subnet`); leases are taken in it
     leases/ADDR   a VM's address: it is the VM's while the VM's launcher holds a flock on it
     owner.log     the owner's and the switch's messages
 """
@@ -50,8 +50,9 @@ from pathlib import Path
 
 from pyqvm.deadline import Deadline
 from pyqvm.errors import HostError, LaunchError, SpecError
-from pyqvm.process import runtime_root
-from pyqvm.spec import Network, VMSpec, private_address, private_subnet
+from pyqvm.fields import private_address, private_subnet
+from pyqvm.rundir import runtime_root
+from pyqvm.spec import Network, VMSpec
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 `QemuProcess` starts QEMU with no shell, output going to files, and a parent-death
 signal so the child cannot outlive us; it waits for exit without blocking the loop
-and stops stepwise (SIGTERM, bounded wait, SIGKILL), always reaping. `RuntimeDir`
-is the private directory for a VM's sockets, logs and overlays. QMP is not spoken
-here: the VM layer asks QEMU to quit first and then calls `QemuProcess.terminate`.
+and stops stepwise (SIGTERM, bounded wait, SIGKILL), always reaping (the runtime
+dirs its files go in are `pyqvm.rundir`'s). QMP is not spoken here: the VM layer asks
+QEMU to quit first and then calls `QemuProcess.terminate`.
 
 Why a spawner thread: ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the
 child exits, not the process. The sync facade runs its loop in a helper thread and
@@ -17,31 +17,26 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import ctypes
 import logging
 import os
 import queue
 import shlex
-import shutil
 import signal
-import stat
 import subprocess
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
-from pyqvm.errors import HostError, LaunchError, PyqvmTimeoutError, VMStateError
+from pyqvm.errors import LaunchError, PyqvmTimeoutError, VMStateError
+from pyqvm.rundir import private_open
 
 __all__ = [
     "QemuProcess",
-    "RuntimeDir",
     "Spawner",
     "SpawnerThread",
-    "runtime_root",
     "shared_spawner",
 ]
 
@@ -51,135 +46,6 @@ _T = TypeVar("_T")
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 TAIL_BYTES = 64 * 1024
-
-
-# --- runtime directory -------------------------------------------------------------------
-
-
-def _runtime_base() -> str | None:
-    """$XDG_RUNTIME_DIR if it is ours and writable; None lets tempfile pick (/tmp)."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if not base:
-        return None
-    try:
-        st = os.stat(base)
-    except OSError:
-        return None
-    if st.st_uid != os.getuid() or not os.access(base, os.W_OK | os.X_OK):
-        return None
-    return base
-
-
-def runtime_root() -> Path:
-    """pyqvm's per-user runtime dir, made 0700 if missing; `HostError` if it is not safe.
-
-    ``$PYQVM_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/pyqvm``, else ``/tmp/pyqvm-<uid>``: named
-    VMs (`pyqvm.named.registry`) and private networks (`pyqvm.privnet`) live in it.
-
-    Another user must not be able to put sockets in it, so it must be ours and
-    closed to everyone else (an attacker could otherwise pre-create
-    ``/tmp/pyqvm-<uid>``).
-    """
-    if env := os.environ.get("PYQVM_RUNTIME_DIR"):
-        path = Path(env)
-    elif (xdg := os.environ.get("XDG_RUNTIME_DIR")) and Path(xdg).is_dir():
-        path = Path(xdg) / "pyqvm"
-    else:
-        path = Path("/tmp") / f"pyqvm-{os.getuid()}"
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700, parents=True)
-    st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise HostError(
-            f"pyqvm's runtime dir {path} is not a directory of yours closed to others "
-            f"(mode {stat.filemode(st.st_mode)}, uid {st.st_uid}); remove it, or set "
-            "PYQVM_RUNTIME_DIR to a directory of yours"
-        )
-    return path
-
-
-_OWNER = "owner"
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot): with the pid, unique over time."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _reclaim_stale(base: Path) -> None:
-    """Remove runtime dirs whose owning process is gone (it was killed before cleaning up)."""
-    for d in base.glob("pyqvm-*"):
-        try:
-            pid_s, start = (d / _OWNER).read_text().split()
-            if d.stat().st_uid != os.getuid():
-                continue
-        except (OSError, ValueError):
-            continue  # not ours, or still being set up
-        if _start_time(int(pid_s)) != start:
-            _log.info("removing stale runtime dir %s (owner pid %s is gone)", d, pid_s)
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def _private(path: str, flags: int) -> int:
-    """An ``open()`` opener: files pyqvm makes for a VM are readable by this user only."""
-    return os.open(path, flags, 0o600)
-
-
-def _no_room(where: Path, e: OSError) -> HostError:
-    return HostError(
-        f"cannot make a VM runtime dir in {where}: {e.strerror}; free space there, or set "
-        "XDG_RUNTIME_DIR (or TMPDIR) to a writable directory of yours"
-    )
-
-
-class RuntimeDir:
-    """A private (mode 0700) directory for one VM; `cleanup` removes it.
-
-    It records its owner (pid and start time), so a directory left behind by a
-    killed process is removed by the next pyqvm process that makes one.
-    """
-
-    def __init__(self) -> None:
-        base = _runtime_base()
-        where = Path(base or tempfile.gettempdir())
-        _reclaim_stale(where)
-        try:
-            self._path = Path(tempfile.mkdtemp(prefix="pyqvm-", dir=base))
-        except OSError as e:
-            raise _no_room(where, e) from None
-        try:
-            with open(self._path / _OWNER, "w", opener=_private) as f:
-                f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
-        except OSError as e:  # a full disk: leave no half-made dir (reclaim skips those)
-            shutil.rmtree(self._path, ignore_errors=True)
-            raise _no_room(where, e) from None
-
-    @property
-    def path(self) -> Path:
-        return self._path
-
-    def cleanup(self) -> None:
-        """Remove the directory and its contents; a no-op if it is already gone."""
-        # Retry: an entry vanishing under rmtree (e.g. QEMU removing its socket) aborts it.
-        for _ in range(3):
-            try:
-                shutil.rmtree(self._path)
-            except FileNotFoundError:
-                continue
-            return
-
-    def __enter__(self) -> RuntimeDir:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.cleanup()
-
-    def __repr__(self) -> str:
-        return f"RuntimeDir({str(self._path)!r})"
 
 
 # --- the spawner thread ------------------------------------------------------------------
@@ -339,7 +205,7 @@ def _spawn(
         for path in (stderr_path,) if stdout_path is None else (stderr_path, stdout_path):
             try:
                 # Private (0600) and closed below, once the child has it.
-                files.append(open(path, "wb", opener=_private))  # noqa: SIM115
+                files.append(open(path, "wb", opener=private_open))  # noqa: SIM115
             except OSError as exc:
                 raise LaunchError(f"cannot open {path}: {exc.strerror}", argv=argv) from exc
         try:

@@ -14,12 +14,10 @@ TOML or plain data, and turning a spec back into data, is `pyqvm.specio`'s.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import math
 import os
 import re
 import typing
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -29,15 +27,20 @@ from pyqvm.fields import (
     GUEST_PCI_RE,
     MAC_RE,
     MAX_MEMORY_MIB,
+    PRIVATE_NET_RE,
     QCOW2_MAGIC,
+    SSH_USER_RE,
     absolute_path,
     boolean,
     check_id,
     choice,
+    gdb_tcp_address,
     normalize_pci_address,
     parse_size_mib,
+    private_address,
     set_field,
     show,
+    slirp_address,
     text,
     writable_file,
 )
@@ -68,17 +71,6 @@ NODE_NAME_MAX = 31
 _BASE_SUFFIX = "-base"
 #: Ids pyqvm gives its own objects: every ``pq-*``, the virtio-scsi bus, the CD-ROMs.
 _RESERVED_ID = re.compile(r"pq-.*|scsi0|cd[0-9]+")
-
-
-def _slirp_address(text: str) -> bool:
-    """Whether slirp binds exactly ``text``: empty (any address) or a dotted IPv4 address
-    written as Python writes it (``127.1`` and ``010.0.0.1`` mean other things to it)."""
-    if text == "":
-        return True
-    try:
-        return str(ipaddress.IPv4Address(text)) == text
-    except ValueError:
-        return False
 
 
 #: The most q35 pcie-root-ports `VMSpec.hotplug_slots` may reserve (one PCIe slot each).
@@ -124,53 +116,6 @@ class Disk:
             check_id(self.id, "disk.id")
 
 
-SSH_USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
-PRIVATE_NET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
-
-
-def private_subnet(name: str) -> ipaddress.IPv4Network:
-    """The subnet of private network ``name`` when its VMs give no address: a /24 in
-    10.200-249.x, the same for every VM that names it (never QEMU's user net 10.0.2.0/24)."""
-    h = zlib.crc32(name.encode())
-    return ipaddress.IPv4Network(f"10.{200 + h % 50}.{(h >> 8) % 256}.0/24")
-
-
-def private_address(name: str, value: object) -> ipaddress.IPv4Interface:
-    """``address`` of a private NIC: an IPv4 host address with its prefix, e.g. 10.9.0.5/24."""
-    try:
-        iface = ipaddress.IPv4Interface(value) if isinstance(value, str) and "/" in value else None
-    except ValueError:
-        iface = None
-    if (
-        iface is None
-        or iface.network.prefixlen > 30
-        or iface.ip
-        in (
-            iface.network.network_address,
-            iface.network.broadcast_address,
-        )
-    ):
-        raise SpecError(
-            "network.address",
-            f"{show(value)} is not a host address with its prefix for network {name!r}; "
-            'use e.g. "10.9.0.5/24" (or leave it out: pyqvm leases one)',
-        )
-    return iface
-
-
-def gdb_tcp_address(value: object) -> tuple[str, int]:
-    """``"HOST:PORT"`` of ``gdb``'s TCP form (IPv6 in brackets), or `SpecError` naming ``gdb``."""
-    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise SpecError(
-            "gdb",
-            f'{show(value)}: use true (a unix socket in the runtime dir) or "HOST:PORT" '
-            'for TCP, e.g. "127.0.0.1:1234"',
-        )
-    return host, int(port)
-
-
 @dataclass(frozen=True, slots=True)
 class PortForward:
     """A host port forwarded into the guest (user-mode networking)."""
@@ -186,7 +131,7 @@ class PortForward:
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
                 raise SpecError(f"forward.{name}", f"{show(v)} is not a port number (1-65535)")
         choice(self.protocol, ("tcp", "udp"), "forward.protocol")
-        if not isinstance(self.host_address, str) or not _slirp_address(self.host_address):
+        if not isinstance(self.host_address, str) or not slirp_address(self.host_address):
             raise SpecError("forward.host_address", f"{self.host_address!r} is not an address")
 
 
@@ -642,7 +587,6 @@ def _with_id(item: _Item, default: str) -> _Item:
 
 __all__ = [
     "MAX_MEMORY_MIB",
-    "PRIVATE_NET_RE",
     "Disk",
     "HostDevice",
     "KernelBoot",
@@ -651,9 +595,6 @@ __all__ = [
     "Share",
     "VMSpec",
     "check_id",
-    "gdb_tcp_address",
     "normalize_pci_address",
     "parse_size_mib",
-    "private_address",
-    "private_subnet",
 ]

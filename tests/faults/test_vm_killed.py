@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from _fault_helpers import processes_naming, wait_gone
 
-from pyqvm.process import RuntimeDir
+from pyqvm.rundir import RuntimeDir
 
 pytestmark = pytest.mark.qemu
 

@@ -27,6 +27,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("pyqvm.spec", "pyqvm.specio", "pyqvm.fields", "pyqvm.shares", "pyqvm.host.*"),
     ("pyqvm.argv.*", "pyqvm.image.*", "pyqvm.xen"),
     (
+        "pyqvm.rundir",
         "pyqvm.process",
         "pyqvm.session",
         "pyqvm.agent",

@@ -16,6 +16,7 @@ import pytest
 
 from pyqvm.argv import LaunchContext, build_argv
 from pyqvm.errors import SpecError
+from pyqvm.fields import private_subnet
 from pyqvm.host.accel import KvmStatus
 from pyqvm.host.facts import HostFacts
 from pyqvm.launch import launch_argv
@@ -29,7 +30,7 @@ from pyqvm.privnet import (
     switch_alive,
 )
 from pyqvm.resolve import Resolved
-from pyqvm.spec import KernelBoot, Network, VMSpec, private_subnet
+from pyqvm.spec import KernelBoot, Network, VMSpec
 from pyqvm.specio import spec_from_dict
 
 TCG_HOST = HostFacts(kvm=KvmStatus(False, "no vmx/svm"), tsc_khz=2596132)

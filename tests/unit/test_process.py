@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from pyqvm.errors import LaunchError, PyqvmTimeoutError, VMStateError
-from pyqvm.process import QemuProcess, RuntimeDir, SpawnerThread, shared_spawner
+from pyqvm.process import QemuProcess, SpawnerThread, shared_spawner
+from pyqvm.rundir import RuntimeDir
 
 PY = sys.executable
 QEMU = shutil.which("qemu-system-x86_64")

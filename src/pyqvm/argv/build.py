@@ -27,7 +27,8 @@ from pyqvm.argv.devices import (
 )
 from pyqvm.argv.escape import OptValue, opts, qjson
 from pyqvm.errors import SpecError
-from pyqvm.spec import VMSpec, gdb_tcp_address
+from pyqvm.fields import gdb_tcp_address
+from pyqvm.spec import VMSpec
 
 AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 SANDBOX = {
