@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import stat
 import struct
 import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from pyqvm.errors import SpecError
 from pyqvm.host.sshkeys import dropbear_host_key, known_hosts_line, make_keys, read_public_key
-
-serialization = pytest.importorskip("cryptography.hazmat.primitives.serialization")
-ed25519 = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.ed25519")
 
 
 def ssh_strings(data: bytes) -> list[bytes]:
@@ -132,7 +130,6 @@ def test_read_public_key_keeps_every_key_and_skips_comments(tmp_path: Path) -> N
     assert read_public_key(path) == a.client_pub.read_text() + b.host_pub.read_text()
 
 
-@pytest.mark.skipif(shutil.which("dropbearkey") is None, reason="dropbear-bin not installed")
 def test_dropbearkey_reads_our_host_key(tmp_path: Path) -> None:
     keys = make_keys(tmp_path)
     out = subprocess.run(
