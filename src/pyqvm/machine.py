@@ -1,7 +1,8 @@
 """`Machine`: one launch of QEMU and everything it holds, with the API operations use.
 
 A machine owns, in order of creation: the host devices it was given
-(passthrough), its runtime dir (sockets, logs, overlays), the QEMU process,
+(passthrough), its runtime dir (sockets, logs, overlays), its `Companions`
+(virtiofsds, private-network leases, SSH keys), the QEMU process,
 the QMP session, the guest agent, and the table of devices hot-plugged into
 it. It tears them down in reverse, each step bounded, shielded from the
 caller's cancellation::
@@ -38,12 +39,13 @@ from typing import Any, TypeVar
 from qemu.qmp import EventListener
 
 from pyqvm.agent import GuestAgent
+from pyqvm.companions import Companions
 from pyqvm.console import ConsoleLog
 from pyqvm.deadline import Deadline
 from pyqvm.devices import DeviceTable
 from pyqvm.errors import LaunchError, PyqvmError, VMStateError, tail
 from pyqvm.host.facts import HostFacts
-from pyqvm.launch import CONSOLE_SOCKET, LaunchPlan, launch_argv, make_ssh_keys
+from pyqvm.launch import CONSOLE_SOCKET, LaunchPlan, launch_argv
 from pyqvm.overlays import (
     adopt_overlay,
     make_overlay,
@@ -52,14 +54,12 @@ from pyqvm.overlays import (
     reclaim_leaks,
 )
 from pyqvm.passthrough import Passthrough, PassthroughHost, assign
-from pyqvm.privnet import PrivateNetworks
 from pyqvm.process import QemuProcess
 from pyqvm.resolve import Resolved, resolve
 from pyqvm.rundir import RuntimeDir
 from pyqvm.session import EventFilter, QMPSession
 from pyqvm.spec import VMSpec
 from pyqvm.state import Lifecycle, VMState
-from pyqvm.virtiofs import Virtiofsds
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,7 @@ class Machine:
         self.console = ConsoleLog()
         self._life = Lifecycle(spec.name)
         self._passthrough: Passthrough | None = None
-        self._virtiofsds = Virtiofsds()
-        self.networks = PrivateNetworks()  # its private-network NICs' leases, while it runs
+        self.companions = Companions()  # virtiofsds, private-network leases, SSH keys
         self._resolved: Resolved | None = None
         self._rundir: RuntimeDir | None = None
         self._process: QemuProcess | None = None
@@ -377,9 +376,7 @@ class Machine:
                 adopt_overlay(Path(plan.overlays[d.id]), overlay_path(rundir, d.id))
             else:
                 await make_overlay(d.path, d.format or "raw", overlay_path(rundir, d.id))
-        await self._virtiofsds.start(spec, rundir)  # QEMU connects to their sockets
-        networks = await self.networks.join(spec)  # and to the switches of these
-        ssh_keys = make_ssh_keys(resolved, rundir)  # handed to the guest by fw_cfg
+        prepared = await self.companions.prepare(resolved, rundir)
         qmp_ours, qmp_theirs = socket.socketpair()
         agent_ours, agent_theirs = socket.socketpair() if spec.guest_agent else (None, None)
         theirs = [s for s in (qmp_theirs, agent_theirs) if s is not None]
@@ -394,8 +391,8 @@ class Machine:
                     agent_fd=agent_theirs.fileno() if agent_theirs else None,
                     incoming=plan.incoming,
                     ram=plan.ram,
-                    networks=networks,
-                    ssh_keys=ssh_keys,
+                    networks=prepared.networks,
+                    ssh_keys=prepared.ssh_keys,
                 )
                 log.info(
                     "%s: starting %s (accel %s)", self.name, resolved.qemu.name, resolved.accel
@@ -413,7 +410,7 @@ class Machine:
                     s.close()
             self._qmp = QMPSession(self.name)
             await self.until_exit(self._qmp.connect(qmp_ours), "connecting QMP")
-            self.networks.connected()  # QEMU's NICs are plugged in by now
+            self.companions.qemu_connected()
         except BaseException:
             for s in ours:
                 s.close()
@@ -591,8 +588,7 @@ class Machine:
             # Only now that QEMU is gone does vfio-pci let go of the devices.
             self._passthrough.release()
             self._passthrough = None
-        await self._virtiofsds.stop()
-        self.networks.leave()
+        await self.companions.stop()
         if self._rundir is not None:
             self.console.freeze()  # for error messages after teardown
             self._rundir.cleanup()

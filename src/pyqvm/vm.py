@@ -24,12 +24,10 @@ from qemu.qmp import EventListener
 
 from pyqvm.agent import ExecResult, GuestAgent
 from pyqvm.devices import Plugged
-from pyqvm.errors import SpecError
 from pyqvm.host.facts import HostFacts
-from pyqvm.host.gdb import gdb_argv, vmlinux_for
-from pyqvm.launch import GDB_SOCKET, LaunchPlan, preview_argv
+from pyqvm.launch import LaunchPlan, preview_argv
 from pyqvm.machine import Machine
-from pyqvm.ops import blockjobs, guest, hotplug, migration, snapshot, ssh
+from pyqvm.ops import blockjobs, gdb, guest, hotplug, migration, snapshot, ssh
 from pyqvm.ops import template as templates
 from pyqvm.ops.blockjobs import ChainLink
 from pyqvm.ops.migration import (
@@ -119,7 +117,7 @@ class AsyncVM:
     @property
     def private_networks(self) -> dict[str, Membership]:
         """NIC id -> its private network, address and MAC (while the VM runs)."""
-        return dict(self.machine.networks.members)
+        return dict(self.machine.companions.networks.members)
 
     @property
     def plugged(self) -> dict[str, Plugged]:
@@ -227,15 +225,12 @@ class AsyncVM:
         known-hosts entry, no prompts; runs ``command`` there, or a login shell."""
         return await ssh.ssh_argv(self.machine, command)
 
-    # --- gdb (pyqvm.host.gdb) ----------------------------------------------------------------
+    # --- gdb (pyqvm.ops.gdb) -----------------------------------------------------------------
 
     def gdb_target(self) -> str:
         """What gdb's ``target remote`` takes for this VM's gdbstub: the unix socket in the
         runtime dir (``gdb = true``) or the spec's ``HOST:PORT``."""
-        gdb = self.resolved_spec.gdb
-        if gdb is False:
-            raise SpecError("gdb", f"VM {self.name!r} has no gdbstub; start it with gdb = true")
-        return str(self.machine.runtime_file(GDB_SOCKET)) if gdb is True else gdb
+        return gdb.gdb_target(self.spec, self.machine.launched_dir())
 
     def gdb_argv(
         self, *, vmlinux: Path | None = None, commands: Sequence[str] = (), batch: bool = False
@@ -243,11 +238,14 @@ class AsyncVM:
         """The host's gdb attached to this VM, the guest kernel loaded (``vmlinux``, or the
         kernel the VM booted; see `pyqvm.host.gdb.vmlinux_for`), then ``commands``; with
         ``batch`` it detaches and exits after them, and the guest runs on."""
-        target = self.gdb_target()
-        kernel = self.resolved_spec.kernel
-        if vmlinux is None and kernel is not None:
-            vmlinux = vmlinux_for(kernel.kernel, self.machine.launched_dir())
-        return gdb_argv(target, vmlinux=vmlinux, commands=commands, batch=batch)
+        return gdb.gdb_command(
+            self.spec,
+            self.machine.launched_dir(),
+            vmlinux=vmlinux,
+            commands=commands,
+            batch=batch,
+            image_cache=self.machine.image_cache,
+        )
 
     async def wait_for_console(self, pattern: str, timeout: float) -> None:
         """Wait until ``pattern`` (a plain substring) shows on the serial console."""

@@ -39,6 +39,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
         "pyqvm.devices",
         "pyqvm.virtiofs",
         "pyqvm.privnet",
+        "pyqvm.companions",
     ),
     ("pyqvm.machine",),
     ("pyqvm.ops.*",),

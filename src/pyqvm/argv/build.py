@@ -16,6 +16,7 @@ from typing import Literal
 
 from pyqvm.argv.devices import (
     DiskFile,
+    anonymous_ram,
     disk_args,
     hostdev_args,
     hotplug_port_args,
@@ -23,6 +24,7 @@ from pyqvm.argv.devices import (
     pv_extra_args,
     share_args,
     uses_ide,
+    uses_virtiofs,
     virtio,
 )
 from pyqvm.argv.escape import OptValue, opts, qjson
@@ -201,13 +203,8 @@ def ram_object(spec: VMSpec, accel: str, ram: RamFile | None) -> str:
     """The ``-object`` of the guest's boot RAM (as ``-m`` sizes it): anonymous memory, or a
     file (`RamFile`)."""
     size = ram_bytes(spec, accel)
-    if ram is None and any(s.transport == "virtiofs" for s in spec.shares):
-        # virtiofsd maps the guest's RAM to reach its buffers: it must be shareable.
-        return qjson(
-            {"qom-type": "memory-backend-memfd", "id": RAM_BACKEND_ID, "size": size, "share": True}
-        )
     if ram is None:
-        return qjson({"qom-type": "memory-backend-ram", "id": RAM_BACKEND_ID, "size": size})
+        return qjson(anonymous_ram(spec, RAM_BACKEND_ID, size))
     return qjson(
         {
             "qom-type": "memory-backend-file",
@@ -313,7 +310,7 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
     argv += pv_extra_args(spec)
     argv += hostdev_args(spec)
     argv += share_args(spec, ctx.share_sockets)
-    if spec.effective_machine == "microvm" and any(s.transport == "virtiofs" for s in spec.shares):
+    if spec.effective_machine == "microvm" and uses_virtiofs(spec):
         # microvm's virtio-mmio is legacy (v1) by default; virtiofsd's libvhost-user
         # takes modern devices only (it panics on a legacy one).
         argv += ["-global", "virtio-mmio.force-legacy=false"]

@@ -154,6 +154,18 @@ def hostfwd_rule(f: PortForward) -> str:
     return f"{f.protocol}:{f.host_address}:{f.host_port}-:{f.guest_port}"
 
 
+def uses_virtiofs(spec: VMSpec) -> bool:
+    return any(s.transport == "virtiofs" for s in spec.shares)
+
+
+def anonymous_ram(spec: VMSpec, backend_id: str, size: int) -> dict[str, object]:
+    """A RAM backend object (boot or hot-plugged): shareable memfd when a virtiofsd must map
+    the guest's RAM to reach its buffers, plain anonymous memory otherwise."""
+    if uses_virtiofs(spec):
+        return {"qom-type": "memory-backend-memfd", "id": backend_id, "size": size, "share": True}
+    return {"qom-type": "memory-backend-ram", "id": backend_id, "size": size}
+
+
 #: The SSH port forward of ``spec.ssh``, on the first user network.
 SSH_HOSTFWD = "tcp:127.0.0.1:0-:22"
 

@@ -40,10 +40,8 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
 def gdb_command(args: argparse.Namespace) -> list[str]:
     """The gdb argv for the named VM (separate from running it, for tests and --dry-run)."""
     from pyqvm.errors import NamedVMError
-    from pyqvm.host.gdb import gdb_argv, vmlinux_for
-    from pyqvm.launch import GDB_SOCKET
     from pyqvm.named import registry
-    from pyqvm.resolve import with_image
+    from pyqvm.ops.gdb import gdb_command
     from pyqvm.specio import spec_from_dict
 
     record = registry.find(args.name).record()
@@ -53,19 +51,9 @@ def gdb_command(args: argparse.Namespace) -> list[str]:
             f"VM {args.name!r} has no gdbstub; start it with `pyqvm up --gdb --name {args.name}`",
             name=args.name,
         )
-    rundir = Path(record.runtime_dir)
-    target = str(rundir / GDB_SOCKET) if spec.gdb is True else spec.gdb
-    vmlinux: Path | None = args.vmlinux
-    if vmlinux is None:
-        release = None
-        if spec.image is not None:
-            from pyqvm import image
-
-            release = image.find(spec.image).kernel_version
-        booted = with_image(spec).kernel
-        if booted is not None:
-            vmlinux = vmlinux_for(booted.kernel, rundir, release)
-    return gdb_argv(target, vmlinux=vmlinux, commands=args.ex, batch=args.batch)
+    return gdb_command(
+        spec, Path(record.runtime_dir), vmlinux=args.vmlinux, commands=args.ex, batch=args.batch
+    )
 
 
 def run_gdb(args: argparse.Namespace) -> int:

@@ -143,12 +143,11 @@ def spec_from_args(args: argparse.Namespace) -> VMSpec:
     if args.ssh:  # with the default user network above: ssh goes through its port forward
         changes["ssh"] = True
     if args.share:
-        n = len(base.shares)
-        changes["shares"] = (*base.shares, *(_share(t, n + i) for i, t in enumerate(args.share)))
+        changes["shares"] = (*base.shares, *(_share(t) for t in args.share))
     return dataclasses.replace(base, **changes) if changes else base
 
 
-def _share(text: str, index: int) -> Share:
+def _share(text: str) -> Share:
     """``HOST[:GUEST][:ro]``: the guest path is the last part that starts with '/'."""
     from pyqvm.shares import Share
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from pyqvm.argv.devices import (
     DiskFile,
+    anonymous_ram,
     blockdev_props,
     hostfwd_rule,
     hotplug_port_ids,
@@ -340,12 +341,7 @@ async def plug_memory(vm: Machine, size: int | str, id: str = "") -> str:
             )
         ident = await _new_id(vm, id, "dimm", "id")
         backend = f"{ident}-mem"
-        memory: dict[str, object] = {"id": backend, "size": mib * _MIB}
-        if any(s.transport == "virtiofs" for s in spec.shares):
-            # virtiofsd maps guest RAM to reach its buffers: new RAM must be shared too.
-            memory |= {"qom-type": "memory-backend-memfd", "share": True}
-        else:
-            memory["qom-type"] = "memory-backend-ram"
+        memory = anonymous_ram(spec, backend, mib * _MIB)
         dimm = {"driver": "pc-dimm", "id": ident, "memdev": backend}
         try:
             await vm.execute("object-add", memory)
