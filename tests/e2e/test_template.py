@@ -45,6 +45,11 @@ async def test_clones_see_the_setup_and_keep_their_writes_to_themselves(
     try:
         assert a.state is VMState.RUNNING and b.state is VMState.RUNNING
         assert a.boot_seconds is None  # never booted
+        # Made their own from the first moment: random bytes differ (without a reseed of
+        # their own, clones share the template's CRNG key until the kernel's next one).
+        rand_a = await sh(a, "head -c 32 /dev/urandom | od -An -tx1")
+        rand_b = await sh(b, "head -c 32 /dev/urandom | od -An -tx1")
+        assert rand_a != rand_b
         for vm in (a, b):
             assert await sh(vm, f"cat {DATA}/setup.txt /tmp/ram.txt") == "from-setup\nin-ram\n"
         # A's writes, to RAM (tmpfs) and to its disk, stay A's.
@@ -57,10 +62,7 @@ async def test_clones_see_the_setup_and_keep_their_writes_to_themselves(
             sh(b, "echo b-$(cat /proc/sys/kernel/hostname)"),
         )
         assert out_a == "2000\n" and out_b.startswith("b-")
-        # Made their own: random bytes differ, the clock is the host's.
-        rand_a = await sh(a, "head -c 32 /dev/urandom | od -An -tx1")
-        rand_b = await sh(b, "head -c 32 /dev/urandom | od -An -tx1")
-        assert rand_a != rand_b
+        # The clock is the host's.
         for vm in (a, b):
             assert abs(int(await sh(vm, "date +%s")) - time.time()) < 3
     finally:
@@ -87,6 +89,24 @@ async def test_a_stale_or_broken_template_is_refused(made: Template) -> None:
     other = AsyncVM(VMSpec(image="default", memory=256))
     with pytest.raises(TemplateError, match="another spec"):
         await other.start_from_template(made)
+
+
+async def test_a_template_of_an_older_image_is_refused(
+    made: Template, default_image: image.GuestImage
+) -> None:
+    """After `pyqvm image build` makes a newer image, templates of the old one are stale
+    (their RAM holds the old kernel and init), even though the old files are still there."""
+    assert str(default_image.kernel) in made.stamps
+    older = dataclasses.replace(
+        made,
+        stamps={p: s for p, s in made.stamps.items() if Path(p).parent != default_image.directory},
+    )
+    with pytest.raises(TemplateError, match=r"stale: it was made with an older 'default' image"):
+        older.check()
+    vm = AsyncVM(made.clone_spec("old-image-clone"))
+    with pytest.raises(TemplateError, match="older 'default' image"):
+        await vm.start_from_template(older)
+    assert vm.state is VMState.CREATED and vm.pid is None
 
 
 async def test_a_template_of_another_accelerator_is_refused(made: Template) -> None:

@@ -44,7 +44,12 @@ def test_recipe_digests_follow_file_contents(tmp_path: Path) -> None:
 
 def test_shipped_recipes_are_complete() -> None:
     names = set(builder.recipe_digests())
-    assert {*builder.INITRD_FILES, *builder.DISK_FILES, "modules.txt"} <= names
+    assert {
+        *builder.INITRD_FILES,
+        *builder.INITRD_PROGRAMS,
+        *builder.DISK_FILES,
+        "modules.txt",
+    } <= names
 
 
 def test_kernel_package_from_meta_depends() -> None:

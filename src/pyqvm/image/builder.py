@@ -52,7 +52,8 @@ from pyqvm.image.modules import (
 log = logging.getLogger(__name__)
 
 # Bump when the build steps change in a way the recipe files do not show.
-BUILDER_VERSION = "3"  # 2: LZ4 initramfs; 3: packages of GUEST_PACKAGES, libraries from .debs
+# 2: LZ4 initramfs; 3: packages of GUEST_PACKAGES, libraries from .debs; 4: INITRD_PROGRAMS
+BUILDER_VERSION = "4"
 
 RECIPES = Path(__file__).with_name("recipes")
 DISK_SIZE = "64M"
@@ -67,6 +68,11 @@ INITRD_FILES = {
     "modprobe.conf": ("etc/modprobe.d/pyqvm.conf", 0o644),
 }
 DISK_FILES = ("hello.txt",)
+# C recipe -> (path in the initramfs): compiled with the host's cc for the guest
+# (the host runs the Debian release and architecture of the guest's libraries).
+INITRD_PROGRAMS = {
+    "pyqvm-reseed.c": "sbin/pyqvm-reseed",  # reseeds a clone's CRNG (ops.template)
+}
 
 # Debian packages unpacked into the initramfs: package -> the executables taken from it,
 # at the same paths, with the shared libraries they load. A package with no executables
@@ -180,6 +186,7 @@ def build(
     root = cache or cache_dir()
     for name in ("apt-cache", "apt-get", "dpkg-deb", "depmod", "mkfs.ext4", "qemu-img", "ldd"):
         tools.tool(name)
+    tools.tool("cc")  # INITRD_PROGRAMS
     inputs = _resolve(flavour)
     key = cache_key(inputs.as_dict())
     images = root / "images"
@@ -360,6 +367,7 @@ def _userland(initrd: Path, broot: Path, roots: dict[str, Path]) -> None:
             link.symlink_to("/bin/busybox")
 
     _packages(initrd, roots)
+    _programs(initrd, initrd.parent / "programs")
 
     for recipe, (path, mode) in INITRD_FILES.items():
         dest = initrd / path
@@ -383,6 +391,21 @@ def _packages(initrd: Path, roots: dict[str, Path]) -> None:
             for lib in tools.shared_libraries(exe, library_dirs=lib_dirs, package=name):
                 root = next((r for r in roots.values() if lib.is_relative_to(r)), Path("/"))
                 _install(lib.resolve(), initrd / lib.relative_to(root), 0o755)
+
+
+def _programs(initrd: Path, build: Path) -> None:
+    """INITRD_PROGRAMS, compiled; the C library they load is already there (qemu-ga's)."""
+    build.mkdir(parents=True, exist_ok=True)
+    for recipe, rel in INITRD_PROGRAMS.items():
+        exe = build / Path(rel).name
+        tools.run(
+            ["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(exe), str(RECIPES / recipe)],
+            what=f"compiling {recipe} (the C headers come with libc6-dev)",
+        )
+        _install(exe, initrd / rel, 0o755)
+        for lib in tools.shared_libraries(exe, package="libc6"):
+            if not (initrd / lib.relative_to("/")).exists():
+                _install(lib.resolve(), initrd / lib.relative_to("/"), 0o755)
 
 
 def _install(src: Path, dest: Path, mode: int) -> None:

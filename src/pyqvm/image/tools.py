@@ -26,6 +26,7 @@ TOOL_PACKAGES = {
     "ldd": "libc-bin",
     "lz4": "lz4",
     "zstd": "zstd",
+    "cc": "gcc libc6-dev",
 }
 
 # Non-root shells often lack the sbin directories, where depmod and mkfs live.

@@ -2,8 +2,7 @@
 
 Making a template (`create`) boots a VM whose RAM is a file
 (``memory-backend-file,share=on``), runs the setup commands, syncs the
-guest's disks, waits until the guest kernel's random generator would reseed
-at its next use (see docs/templates.md), pauses it and saves its device state
+guest's disks, pauses it and saves its device state
 with the ``x-ignore-shared`` migration capability: the RAM stays in the file
 and is not copied at all (tens of KB of state). Its disk overlays become
 read-only backing files. Everything goes into a temporary directory that is
@@ -12,8 +11,8 @@ renamed into place last, so a template is either complete or absent.
 A clone (`clone_into`) is a new QEMU that maps the same file privately
 (``share=off``: copy-on-write, its writes are its own), opens its own
 overlays on the frozen disks, and loads the device state with ``-incoming``.
-Then it is made its own: the guest clock is set, fresh host entropy is
-written into the guest's ``/dev/urandom``, and the agent is resynchronised.
+Then it is made its own: the guest clock is set and its kernel's random
+generator is reseeded from fresh host entropy (`_reseed`).
 
 Templates live under the cache dir (``~/.cache/pyqvm/templates/NAME``) with
 a record (`Template`) of the QEMU binary, machine, spec and image they were
@@ -40,7 +39,7 @@ from typing import Any
 
 from pyqvm import image
 from pyqvm.argv.build import RamFile
-from pyqvm.errors import MigrationError, PyqvmError, TemplateError
+from pyqvm.errors import GuestError, MigrationError, PyqvmError, TemplateError
 from pyqvm.host.accel import KvmStatus
 from pyqvm.launch import LaunchPlan
 from pyqvm.machine import Machine
@@ -158,13 +157,20 @@ class Template:
                 name=name,
             ) from None
 
-    def check(self, spec: VMSpec | None = None, *, kvm: KvmStatus | None = None) -> None:
+    def check(
+        self,
+        spec: VMSpec | None = None,
+        *,
+        kvm: KvmStatus | None = None,
+        image_cache: Path | None = None,
+    ) -> None:
         """Raise `TemplateError` unless a clone can use this template now.
 
         It must have been made from ``spec`` (if given), under the accelerator
         a clone gets here (``kvm``: this host's KVM status, probed if None),
-        with the same QEMU binary and image files, and all its files must be as
-        they were written. Costs a few ``stat`` calls, no QEMU.
+        with the same QEMU binary and image files -- for the built-in guest,
+        the newest image of its flavour in ``image_cache`` -- and all its files
+        must be as they were written. Costs a few ``stat`` calls, no QEMU.
         """
         if spec is not None and spec_hash(spec) != self.spec_hash:
             raise TemplateError(
@@ -177,6 +183,14 @@ class Template:
             raise TemplateError(
                 f"template {self.name!r}: {e}; make it again here", name=self.name
             ) from None
+        if self.spec.image is not None:
+            newest = image.find(self.spec.image, cache=image_cache)
+            if str(newest.kernel) not in self.stamps:
+                raise TemplateError(
+                    f"template {self.name!r} is stale: it was made with an older "
+                    f"{self.spec.image!r} image than {newest.directory}; make it again",
+                    name=self.name,
+                )
         for path, stamp in self.stamps.items():
             p = Path(path)
             try:
@@ -339,7 +353,8 @@ async def _create(
                     name=name,
                 )
         await guest.run(machine, ["sync"], timeout=timeout, check=True)
-        await _await_stale_seed(machine)
+        if spec.image is None:
+            await _await_stale_seed(machine)
         version = (await machine.execute("query-version"))["qemu"]
         qemu = machine.argv[0]
         resolved = machine.resolved_spec
@@ -387,14 +402,16 @@ async def _create(
 
 
 async def _await_stale_seed(machine: Machine) -> None:
-    """Idle until the guest kernel's CRNG seed is old enough to be replaced at its next use.
+    """For a guest of the user's own: idle until its CRNG seed is old enough to be
+    replaced at its next use.
 
     A clone starts with the template's CRNG state: until it reseeds, two clones
     would read the same ``/dev/urandom`` bytes. Linux 6.1 reseeds at the first
-    use after min(max(1 s, uptime / 2), 60 s) without one (``crng_has_old_seed``);
-    freezing the template only after that long idle (guest time, which a clone
-    carries on from) makes every clone reseed at its first use, from an input
-    pool into which it has just been given fresh host entropy.
+    use after min(max(1 s, uptime / 2), 60 s) without one (``crng_has_old_seed``).
+    Freezing only after that long idle (guest time, which a clone carries on
+    from) makes a clone reseed at its first use -- unless something in the
+    guest drew random bytes just before the freeze, which nothing here can rule
+    out: this is best effort. The built-in guest needs no wait (`_reseed`).
     """
     uptime = float((await machine.agent.read_file("/proc/uptime")).split()[0])
     wait = min(max(1.0, uptime), _RESEED_MAX) + 0.2
@@ -419,7 +436,7 @@ async def ensure(
     async with _locked(templates_dir(directory), name, fcntl.LOCK_EX):
         try:
             template = load(name, directory=directory)
-            template.check(spec)
+            template.check(spec, image_cache=image_cache)
             return template
         except TemplateError as e:
             log.info("template %s: %s; making it", name, e)
@@ -472,7 +489,11 @@ async def clone_into(machine: Machine, template: Template) -> None:
     if QEMU refuses the state.
     """
     async with _locked(template.directory.parent, template.name, fcntl.LOCK_SH):
-        template.check(machine.spec, kvm=machine.host.kvm if machine.host else None)
+        template.check(
+            machine.spec,
+            kvm=machine.host.kvm if machine.host else None,
+            image_cache=machine.image_cache,
+        )
         try:
             console = (template.directory / CONSOLE).read_bytes()
         except OSError:
@@ -485,15 +506,48 @@ async def clone_into(machine: Machine, template: Template) -> None:
             ram=RamFile(template.memory_file, share=False),
             console_prefix=console,
         )
-    # The clone's RAM is its own now: a later migration or save must send it.
-    await machine.execute(
-        "migrate-set-capabilities",
-        {"capabilities": [{"capability": "x-ignore-shared", "state": False}]},
-    )
-    agent = machine.agent
-    await agent.execute("guest-set-time", {"time": time.time_ns()})
-    await agent.write_file("/dev/urandom", os.urandom(64))
+    try:
+        # The clone's RAM is its own now: a later migration or save must send it.
+        await machine.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-ignore-shared", "state": False}]},
+        )
+        await machine.agent.execute("guest-set-time", {"time": time.time_ns()})
+        await _reseed(machine, builtin=template.spec.image is not None)
+    except BaseException:
+        # Not its own yet (it would share the template's random key): nobody gets it.
+        await machine.kill()
+        raise
     log.info("%s: cloned from template %s", machine.name, template.name)
+
+
+#: The built-in guest's helper (image recipe pyqvm-reseed.c): credits the bytes on its
+#: stdin to the kernel's pool and reseeds the CRNG from it (ioctl RNDRESEEDCRNG).
+RESEED_HELPER = "/sbin/pyqvm-reseed"
+
+
+async def _reseed(machine: Machine, *, builtin: bool) -> None:
+    """Give the clone's kernel a CRNG key of its own, from fresh host entropy.
+
+    Writing to ``/dev/urandom`` alone is not enough on Linux 6.1: it feeds the
+    input pool, which the CRNG draws from only at its next reseed, up to 60 s
+    (of the template's guest time) later; until then two clones read the same
+    bytes. The built-in guest reseeds at once with its helper; a guest of the
+    user's own gets the bytes written and relies on `_await_stale_seed`.
+    """
+    entropy = os.urandom(64)
+    if not builtin:
+        await machine.agent.write_file("/dev/urandom", entropy)
+        return
+    try:
+        await guest.run(machine, [RESEED_HELPER], input=entropy, timeout=30.0, check=True)
+    except GuestError as e:
+        raise TemplateError(
+            f"{machine.name}: reseeding the clone's random generator failed ({e}); "
+            "an image built without the helper (builder version < 4) lacks it: "
+            "run `pyqvm image build`",
+            name=machine.name,
+        ) from e
 
 
 __all__ = [
