@@ -5,12 +5,15 @@ Makes one template (untimed), then alternates rounds: a cold boot
 timed from the call until its first ``run(["true"])`` succeeded. Every VM is
 then left idle for ``--idle`` seconds and its QEMU's proportional set size
 (``Pss`` of ``/proc/PID/smaps_rollup``: shared pages split among sharers) is
-read, so a clone's share of the template's page cache counts, only divided.
+read. A VM alone shares nothing, so its QEMU's code and the template's page
+cache count in full; the memory a template saves shows when clones run side
+by side. So PSS is also measured with ``--together`` VMs of a kind alive at
+once (clones of one template, or cold boots of one image), per VM.
 
-    python bench/template.py [-n 7] [--memory 512M] [--idle 1]
+    python bench/template.py [-n 7] [--memory 512M] [--idle 1] [--together 4]
 
 The last line is ``result: template pyqvm=<clone median s> baseline=<cold median s>
-ratio=<r> pss_ratio=<clone PSS / cold PSS>``.
+ratio=<r> pss_ratio=<clone PSS / cold PSS, alone> pss_together=<the same, K at once>``.
 """
 
 from __future__ import annotations
@@ -45,11 +48,26 @@ async def measure(start: object, idle: float) -> tuple[float, int]:
         await vm.stop()
 
 
+async def pss_together(start: object, count: int, idle: float) -> list[int]:
+    """PSS of each of ``count`` VMs alive at once, idle after a first command."""
+    vms: list[AsyncVM] = []
+    try:
+        for _ in range(count):
+            vm = await start()  # type: ignore[operator]
+            vms.append(vm)
+            await vm.run(["true"], check=True)
+        await asyncio.sleep(idle)
+        return [pss_kib(vm.pid) for vm in vms if vm.pid is not None]
+    finally:
+        await asyncio.gather(*(vm.stop() for vm in vms))
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=7, help="rounds (default 7)")
     parser.add_argument("--memory", default="512M")
     parser.add_argument("--idle", type=float, default=1.0, help="seconds idle before PSS")
+    parser.add_argument("--together", type=int, default=4, help="VMs alive at once (default 4)")
     args = parser.parse_args()
     spec = VMSpec(image="default", memory=args.memory)
     with tempfile.TemporaryDirectory(prefix="pyqvm-bench-") as tmp:
@@ -74,13 +92,23 @@ async def main() -> None:
                 times[name].append(ready)
                 pss[name].append(kib)
                 print(f"round {i} {name:5s}: ready {ready:.3f} s  PSS {kib / 1024:.1f} MiB")
+        together: dict[str, list[int]] = {}
+        for name, fn in (("clone", clone), ("cold", cold)):
+            together[name] = await pss_together(fn, args.together, args.idle)
+            each = " ".join(f"{k / 1024:.1f}" for k in together[name])
+            print(f"{args.together} {name} VMs at once: PSS each {each} MiB")
     c, b = statistics.median(times["clone"]), statistics.median(times["cold"])
     pc, pb = statistics.median(pss["clone"]), statistics.median(pss["cold"])
     print(f"median ready: clone {c:.3f} s, cold boot {b:.3f} s")
+    tc, tb = statistics.median(together["clone"]), statistics.median(together["cold"])
     print(f"median idle PSS: clone {pc / 1024:.1f} MiB, cold boot {pb / 1024:.1f} MiB")
     print(
+        f"median idle PSS with {args.together} at once: clone {tc / 1024:.1f} MiB, "
+        f"cold boot {tb / 1024:.1f} MiB"
+    )
+    print(
         f"result: template pyqvm={c:.3f} baseline={b:.3f} ratio={c / b:.3f} "
-        f"pss_ratio={pc / pb:.3f}"
+        f"pss_ratio={pc / pb:.3f} pss_together={tc / tb:.3f}"
     )
 
 

@@ -12,7 +12,7 @@ A clone (`clone_into`) is a new QEMU that maps the same file privately
 (``share=off``: copy-on-write, its writes are its own), opens its own
 overlays on the frozen disks, and loads the device state with ``-incoming``.
 Then it is made its own: the guest clock is set and its kernel's random
-generator is reseeded from fresh host entropy (`_reseed`).
+generator is reseeded from fresh host entropy (`_make_own`).
 
 Templates live under the cache dir (``~/.cache/pyqvm/templates/NAME``) with
 a record (`Template`) of the QEMU binary, machine, spec and image they were
@@ -411,7 +411,7 @@ async def _await_stale_seed(machine: Machine) -> None:
     Freezing only after that long idle (guest time, which a clone carries on
     from) makes a clone reseed at its first use -- unless something in the
     guest drew random bytes just before the freeze, which nothing here can rule
-    out: this is best effort. The built-in guest needs no wait (`_reseed`).
+    out: this is best effort. The built-in guest needs no wait (`_make_own`).
     """
     uptime = float((await machine.agent.read_file("/proc/uptime")).split()[0])
     wait = min(max(1.0, uptime), _RESEED_MAX) + 0.2
@@ -512,8 +512,7 @@ async def clone_into(machine: Machine, template: Template) -> None:
             "migrate-set-capabilities",
             {"capabilities": [{"capability": "x-ignore-shared", "state": False}]},
         )
-        await machine.agent.execute("guest-set-time", {"time": time.time_ns()})
-        await _reseed(machine, builtin=template.spec.image is not None)
+        await _make_own(machine, builtin=template.spec.image is not None)
     except BaseException:
         # Not its own yet (it would share the template's random key): nobody gets it.
         await machine.kill()
@@ -521,29 +520,33 @@ async def clone_into(machine: Machine, template: Template) -> None:
     log.info("%s: cloned from template %s", machine.name, template.name)
 
 
-#: The built-in guest's helper (image recipe pyqvm-reseed.c): credits the bytes on its
-#: stdin to the kernel's pool and reseeds the CRNG from it (ioctl RNDRESEEDCRNG).
-RESEED_HELPER = "/sbin/pyqvm-reseed"
+#: The built-in guest's helper (image recipe pyqvm-wake.c): sets the clock to its
+#: argument and reseeds the CRNG from the bytes on its stdin (ioctl RNDRESEEDCRNG).
+WAKE_HELPER = "/sbin/pyqvm-wake"
 
 
-async def _reseed(machine: Machine, *, builtin: bool) -> None:
-    """Give the clone's kernel a CRNG key of its own, from fresh host entropy.
+async def _make_own(machine: Machine, *, builtin: bool) -> None:
+    """Set the clone's clock to the host's and give its kernel a CRNG key of its own.
 
     Writing to ``/dev/urandom`` alone is not enough on Linux 6.1: it feeds the
     input pool, which the CRNG draws from only at its next reseed, up to 60 s
     (of the template's guest time) later; until then two clones read the same
-    bytes. The built-in guest reseeds at once with its helper; a guest of the
-    user's own gets the bytes written and relies on `_await_stale_seed`.
+    bytes. The built-in guest does both in one exec of its helper; a guest of
+    the user's own gets ``guest-set-time``, the bytes written to its
+    ``/dev/urandom``, and relies on `_await_stale_seed`.
     """
     entropy = os.urandom(64)
     if not builtin:
+        await machine.agent.execute("guest-set-time", {"time": time.time_ns()})
         await machine.agent.write_file("/dev/urandom", entropy)
         return
     try:
-        await guest.run(machine, [RESEED_HELPER], input=entropy, timeout=30.0, check=True)
+        await guest.run(
+            machine, [WAKE_HELPER, str(time.time_ns())], input=entropy, timeout=30.0, check=True
+        )
     except GuestError as e:
         raise TemplateError(
-            f"{machine.name}: reseeding the clone's random generator failed ({e}); "
+            f"{machine.name}: setting the clone's clock and random generator failed ({e}); "
             "an image built without the helper (builder version < 4) lacks it: "
             "run `pyqvm image build`",
             name=machine.name,
