@@ -42,8 +42,8 @@ def with_image(spec: VMSpec, cache: Path | None = None) -> VMSpec:
         return spec
     from pyqvm import image  # the launcher touches image/ only to find a built image
 
-    img = image.find(spec.image, cache=cache)
-    kernel = KernelBoot(kernel=img.kernel, initrd=img.initrd, append=image.KERNEL_CMDLINE)
+    img = image.find(spec.image, cache=cache, arch=spec.arch)
+    kernel = KernelBoot(kernel=img.kernel, initrd=img.initrd, append=img.cmdline)
     disk = Disk(path=img.disk, format="qcow2", ephemeral=True, id=IMAGE_DISK_ID)
     return dataclasses.replace(spec, image=None, kernel=kernel, disks=(disk, *spec.disks))
 

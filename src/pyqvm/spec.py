@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+from pyqvm.arches import arch_info
 from pyqvm.errors import SpecError
 from pyqvm.fields import (
     GUEST_PCI_RE,
-    MAC_RE,
     MAX_MEMORY_MIB,
-    PRIVATE_NET_RE,
     QCOW2_MAGIC,
     SSH_USER_RE,
     absolute_path,
@@ -37,24 +36,21 @@ from pyqvm.fields import (
     gdb_tcp_address,
     normalize_pci_address,
     parse_size_mib,
-    private_address,
     set_field,
     show,
-    slirp_address,
     text,
     writable_file,
 )
+from pyqvm.nets import Network, PortForward
 from pyqvm.shares import Share, with_defaults
 
 Arch = Literal["x86_64", "aarch64"]
-Machine = Literal["auto", "q35", "pc", "microvm"]
-ConcreteMachine = Literal["q35", "pc", "microvm"]
+Machine = Literal["auto", "q35", "pc", "microvm", "virt"]
+ConcreteMachine = Literal["q35", "pc", "microvm", "virt"]
 Accelerator = Literal["auto", "kvm", "tcg"]
 Profile = Literal["virtio", "emulated", "passthrough"]
 DiskFormat = Literal["qcow2", "raw"]
 DiskInterface = Literal["auto", "virtio-blk", "virtio-scsi", "ahci", "ide"]
-NetMode = Literal["none", "user", "tap", "private"]
-NicModel = Literal["auto", "virtio", "e1000", "e1000e"]
 Firmware = Literal["seabios", "ovmf"]
 GuestOS = Literal["linux", "windows", "other"]
 Readiness = Literal["auto", "agent", "console", "none"]
@@ -114,82 +110,6 @@ class Disk:
         boolean(self.readonly, "disk.readonly")
         if self.id != "":  # "" (the default) means: pyqvm names it
             check_id(self.id, "disk.id")
-
-
-@dataclass(frozen=True, slots=True)
-class PortForward:
-    """A host port forwarded into the guest (user-mode networking)."""
-
-    host_port: int
-    guest_port: int
-    protocol: Literal["tcp", "udp"] = "tcp"
-    host_address: str = "127.0.0.1"
-
-    def __post_init__(self) -> None:
-        for name in ("host_port", "guest_port"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
-                raise SpecError(f"forward.{name}", f"{show(v)} is not a port number (1-65535)")
-        choice(self.protocol, ("tcp", "udp"), "forward.protocol")
-        if not isinstance(self.host_address, str) or not slirp_address(self.host_address):
-            raise SpecError("forward.host_address", f"{self.host_address!r} is not an address")
-
-
-@dataclass(frozen=True, slots=True)
-class Network:
-    """One NIC: ``user`` is QEMU's user-mode (slirp) network, ``tap`` an existing tap device,
-    ``private`` the L2 segment ``name`` that every VM naming it on this host shares
-    (`pyqvm.privnet`), at ``address`` (CIDR) or one pyqvm leases in the network's subnet."""
-
-    mode: NetMode = "user"
-    model: NicModel = "auto"
-    forwards: tuple[PortForward, ...] = ()
-    tap: str | None = None
-    mac: str | None = None
-    id: str = ""
-    name: str | None = None
-    address: str | None = None
-
-    def __post_init__(self) -> None:
-        choice(self.mode, get_args(NetMode), "network.mode")
-        choice(self.model, get_args(NicModel), "network.model")
-        set_field(self, "forwards", tuple(self.forwards))
-        if self.mode == "tap":
-            if not isinstance(self.tap, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", self.tap):
-                raise SpecError("network.tap", f"{self.tap!r} is not a tap interface name")
-        elif self.tap is not None:
-            raise SpecError("network.tap", 'only valid with mode = "tap"')
-        if self.forwards and self.mode != "user":
-            raise SpecError("network.forwards", 'port forwards need mode = "user"')
-        if self.mode == "private":
-            if not isinstance(self.name, str) or not PRIVATE_NET_RE.fullmatch(self.name):
-                raise SpecError(
-                    "network.name",
-                    f"{show(self.name)} is not a private network name: use 1-32 letters, "
-                    "digits, '-', '_' or '.', starting with a letter or digit (e.g. \"lab\")",
-                )
-            if self.address is not None:
-                private_address(self.name, self.address)
-        elif self.name is not None or self.address is not None:
-            raise SpecError(
-                "network.name" if self.name is not None else "network.address",
-                'only valid with mode = "private"',
-            )
-        if self.mac is not None:
-            if not isinstance(self.mac, str) or not MAC_RE.match(self.mac):
-                raise SpecError(
-                    "network.mac", f"{show(self.mac)} is not a MAC address like 52:54:00:12:34:56"
-                )
-            first = int(self.mac[:2], 16)
-            if self.mac.replace(":", "").strip("0") == "" or first & 1:
-                # QEMU silently replaces the all-zero MAC; a multicast one the guest refuses.
-                raise SpecError(
-                    "network.mac",
-                    f"{self.mac!r} is not a unicast address a NIC can have (not all zero, "
-                    "first byte even); use e.g. 52:54:00:12:34:56",
-                )
-        if self.id != "":
-            check_id(self.id, "network.id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,8 +201,6 @@ class VMSpec:
         ):
             raise SpecError("name", f"{self.name!r}: use 1-64 letters, digits, '-', '.', '_'")
         choice(self.arch, ARCHES, "arch")
-        if self.arch != "x86_64":
-            raise SpecError("arch", f"{self.arch!r} is not supported yet; use x86_64")
         choice(self.machine, MACHINES, "machine")
         choice(self.accelerator, get_args(Accelerator), "accelerator")
         choice(self.profile, PROFILES, "profile")
@@ -411,6 +329,13 @@ class VMSpec:
                     'transport = "virtiofs" (or "auto")',
                 )
         machine = self.effective_machine
+        if self.arch != "x86_64":
+            self._check_arm()
+        if machine not in arch_info(self.arch).machines:
+            machines = ", ".join(arch_info(self.arch).machines)
+            raise SpecError(
+                "machine", f"{machine!r} is not a machine of {self.arch}; use {machines}"
+            )
         if machine == "microvm":
             if self.profile == "emulated":
                 raise SpecError("machine", "microvm has no emulated PCI devices; use q35 or pc")
@@ -503,11 +428,11 @@ class VMSpec:
             set_field(self, "max_memory", parse_size_mib(self.max_memory, "max_memory"))
         machine = self.effective_machine  # needs the numbers above checked
         if hotplug_slots and machine != "q35":
-            hint = (
-                'machine "pc" hot-plugs into its pci.0 bus without reserved slots; leave it 0'
-                if machine == "pc"
-                else 'microvm has no PCI hotplug; use machine = "q35"'
-            )
+            hint = {
+                "pc": 'machine "pc" hot-plugs into its pci.0 bus without reserved slots; '
+                "leave it 0",
+                "virt": f"not supported on {self.arch} yet; leave it out",
+            }.get(machine, 'microvm has no PCI hotplug; use machine = "q35"')
             raise SpecError("hotplug_slots", hint)
         if self.max_smp is not None:
             if self.max_smp < self.smp:
@@ -531,6 +456,39 @@ class VMSpec:
             return self.profile == "emulated"
         return disk.interface in ("ahci", "ide")
 
+    def _check_arm(self) -> None:
+        """What aarch64's virt board has no counterpart for, or pyqvm does not drive yet."""
+        if self.profile == "emulated":
+            raise SpecError(
+                "profile",
+                'profile "emulated" means PC hardware (e1000, AHCI, IDE), which an aarch64 '
+                'guest has no use for; use profile = "virtio" (virt\'s own devices are PL011 '
+                "and PCIe, which every profile gets)",
+            )
+        if self.kernel is None and self.image is None:
+            raise SpecError(
+                "kernel",
+                "firmware boot of an aarch64 disk is not supported yet; boot a kernel "
+                "directly (set kernel or image)",
+            )
+        for field_name, value in (
+            ("cdroms", self.cdroms),
+            ("max_memory", self.max_memory),
+            ("hotplug_slots", self.hotplug_slots),
+        ):
+            if value:
+                raise SpecError(field_name, f"not supported on {self.arch} yet; leave it out")
+        if self.max_smp is not None and self.max_smp > self.smp:
+            raise SpecError("max_smp", f"vCPU hotplug is not supported on {self.arch} yet")
+        for i, d in enumerate(self.disks):
+            if d.interface in ("ahci", "ide"):
+                raise SpecError(
+                    f"disks[{i}].interface", f"{d.interface!r} is PC hardware; use virtio-blk"
+                )
+        for i, n in enumerate(self.networks):
+            if n.model in ("e1000", "e1000e"):
+                raise SpecError(f"networks[{i}].model", f"{n.model!r} is PC hardware; use virtio")
+
     @property
     def effective_machine(self) -> ConcreteMachine:
         """The machine type ``machine = "auto"`` means for this spec.
@@ -542,6 +500,8 @@ class VMSpec:
         """
         if self.machine != "auto":
             return self.machine
+        if self.arch == "aarch64":
+            return "virt"
         if any(d.interface == "ide" for d in self.disks):
             return "pc"
         if self._needs_pci():

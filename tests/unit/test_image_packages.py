@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pyqvm.arches import ARCHES
 from pyqvm.image import builder, tools
 from pyqvm.image.guest import FLAVOURS, cache_key
 from pyqvm.image.modules import on_demand_modules, parse_module_list
@@ -16,10 +17,11 @@ from pyqvm.image.modules import on_demand_modules, parse_module_list
 INIT = builder.RECIPES / "init"
 
 
-def inputs(**versions: str) -> builder._Inputs:
+def inputs(arch: str = "x86_64", **versions: str) -> builder._Inputs:
     pkg = lambda name: tools.Package(name, versions.get(name, "1.0"), "amd64")  # noqa: E731
     return builder._Inputs(
         flavour="default",
+        arch=ARCHES[arch],
         kernel=pkg("linux-image-6.1.0-57-cloud-amd64"),
         busybox=pkg("busybox-static"),
         packages=tuple(pkg(name) for name in builder.GUEST_PACKAGES),
@@ -40,6 +42,8 @@ def test_each_package_version_is_a_cache_input() -> None:
     assert base.as_dict()["qemu-guest-agent"] == "qemu-guest-agent=1.0"
     for name in builder.GUEST_PACKAGES:
         assert cache_key(inputs(**{name: "2.0"}).as_dict()) != cache_key(base.as_dict())
+    # An aarch64 image of the same package versions is another image.
+    assert cache_key(inputs("aarch64").as_dict()) != cache_key(base.as_dict())
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)

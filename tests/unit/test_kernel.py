@@ -128,7 +128,9 @@ def test_bzimage_compression_from_magic(tmp_path: Path, magic: bytes, name: str 
 def test_garbage_is_refused_with_a_hint(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_bytes(b"hello, this is not a kernel\n" * 40)
-    with pytest.raises(SpecError, match=r"neither an ELF vmlinux nor a bzImage") as err:
+    with pytest.raises(
+        SpecError, match=r"neither an ELF vmlinux, a bzImage nor an arm64 Image"
+    ) as err:
         inspect_kernel(path, field="machine.kernel")
     assert err.value.field == "machine.kernel"
     assert "/boot/vmlinuz-*" in str(err.value)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pyqvm.arches import arch_info
 from pyqvm.argv.devices import (
     DiskFile,
     anonymous_ram,
@@ -150,11 +151,14 @@ def gdb_args(spec: VMSpec, ctx: LaunchContext) -> list[str]:
 
 
 def cpu_arg(spec: VMSpec, accel: str) -> str | None:
-    """The ``-cpu`` value: the host CPU with PV features under KVM, QEMU's default under TCG."""
+    """The ``-cpu`` value: the host CPU with PV features under KVM, the arch's TCG choice
+    (`ArchInfo.tcg_cpu`; QEMU's default on x86) under TCG."""
     if spec.cpu is not None:
         return spec.cpu
     if accel != "kvm":
-        return None
+        return arch_info(spec.arch).tcg_cpu
+    if spec.arch != "x86_64":
+        return "host"
     props: dict[str, str | bool | None] = {}
     if spec.profile == "emulated":
         # Full virtualization: the guest sees plain hardware, no KVM signature or PV clock.
@@ -174,7 +178,7 @@ def cpu_arg(spec: VMSpec, accel: str) -> str | None:
     return opts("host", props)
 
 
-def machine_arg(spec: VMSpec) -> str:
+def machine_arg(spec: VMSpec, accel: str) -> str:
     # Guest RAM is always the backend RAM_BACKEND_ID, so that its migration stream names
     # the same RAM block whether it lives in a file (a template, a clone) or not: any two
     # pyqvm VMs of one spec can migrate into each other, and a clone can be saved.
@@ -185,6 +189,9 @@ def machine_arg(spec: VMSpec) -> str:
         props |= {"sata": False, "smbus": False}
     if spec.firmware == "ovmf":
         props["pflash0"] = "pq-ovmf-code"
+    if spec.effective_machine == "virt":
+        # GICv3: more than 8 vCPUs, and what KVM hosts have ("host" takes theirs).
+        props["gic-version"] = "host" if accel == "kvm" else "3"
     return opts(spec.effective_machine, props)
 
 
@@ -236,7 +243,7 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         "-name",
         opts(spec.name, {"process": f"pyqvm-{spec.name}"}),
         "-machine",
-        machine_arg(spec),
+        machine_arg(spec, ctx.accel),
         "-accel",
         ctx.accel,
         "-m",

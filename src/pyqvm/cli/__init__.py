@@ -3,7 +3,7 @@
 pyqvm run [SPEC.toml] [options] [--template T] [-- CMD ARGS...]  boot (or clone), run CMD,
                                                                 exit with its code
 pyqvm cmdline SPEC.toml [--json]                   print the QEMU argv pyqvm would run
-pyqvm image build [--flavour F] [--force]          build the built-in guest image
+pyqvm image build [--flavour F] [--arch A] [--force]  build the built-in guest image
 pyqvm image list | prune [--dry-run]               the built images; remove old ones
 pyqvm template create [SPEC] --name T [--setup CMD]...   freeze a ready guest as template T
 pyqvm template list | rm NAME...                   the templates

@@ -14,12 +14,15 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
         "build", parents=list(parents), help="build the built-in guest from Debian packages"
     )
     build.add_argument("--flavour", choices=["default", "full", "all"], default="default")
+    build.add_argument(
+        "--arch", choices=["x86_64", "aarch64"], default="x86_64", help="guest architecture"
+    )
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
     isub.add_parser("list", parents=list(parents), help="list the built images, newest first")
     prune = isub.add_parser(
         "prune",
         parents=list(parents),
-        help="remove every built image but the newest of each flavour",
+        help="remove every built image but the newest of each flavour and arch",
         description="Remove every built image but the newest of each flavour. A state saved "
         "(VM.save) from a VM on an older image needs that image to be restored.",
     )
@@ -33,15 +36,21 @@ def run(args: argparse.Namespace) -> int:
 
     if args.image_command == "build":
         for f in image.FLAVOURS if args.flavour == "all" else (args.flavour,):
-            img = image.build(f, force=args.force)
-            print(f"{img.flavour}: {img.directory}")
+            img = image.build(f, force=args.force, arch=args.arch)
+            print(
+                f"{img.flavour}{'' if img.arch == 'x86_64' else f' ({img.arch})'}: {img.directory}"
+            )
     elif args.image_command == "list":
-        newest: set[str] = set()
+        newest: set[tuple[str, str]] = set()
         for img in image.built_images():
             size = sum(p.stat().st_size for p in img.directory.iterdir()) >> 20
-            mark = "" if img.flavour in newest else "  (newest: the one VMs use)"
-            newest.add(img.flavour)
-            print(f"{img.flavour:8} {img.kernel_version:24} {size:5d} MiB  {img.directory}{mark}")
+            kind = (img.flavour, img.arch)
+            mark = "" if kind in newest else "  (newest: the one VMs use)"
+            newest.add(kind)
+            print(
+                f"{img.flavour:8} {img.arch:8} {img.kernel_version:24} {size:5d} MiB  "
+                f"{img.directory}{mark}"
+            )
     else:
         for img in image.prune(dry_run=args.dry_run):
             print(f"{'would remove' if args.dry_run else 'removed'} {img.directory}")

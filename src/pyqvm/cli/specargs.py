@@ -44,7 +44,8 @@ def add_spec_options(p: argparse.ArgumentParser) -> None:
         g.add_argument("--append", help="kernel command line for --kernel"),
         g.add_argument("--memory", "-m", type=memory_size, help="guest memory, e.g. 512M or 2G"),
         g.add_argument("--smp", type=int, help="number of vCPUs"),
-        g.add_argument("--machine", choices=["auto", "q35", "pc", "microvm"]),
+        g.add_argument("--arch", choices=["x86_64", "aarch64"], help="guest architecture"),
+        g.add_argument("--machine", choices=["auto", "q35", "pc", "microvm", "virt"]),
         g.add_argument(
             "--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default auto)"
         ),
@@ -115,6 +116,7 @@ def spec_from_args(args: argparse.Namespace) -> VMSpec:
     if kernel and "kernel" not in kernel:
         raise UsageError("--initrd/--append need --kernel")
     for key, value in (
+        ("arch", args.arch),
         ("memory", args.memory),
         ("smp", args.smp),
         ("machine", args.machine),
@@ -129,6 +131,9 @@ def spec_from_args(args: argparse.Namespace) -> VMSpec:
             data[key] = value
     if kernel:
         data["kernel"] = kernel
+    elif not args.spec and "image" not in data:
+        # Like `docker run`: the built-in guest (and an aarch64 spec is not valid without one).
+        data["image"] = "full" if data.get("profile") == "emulated" else "default"
     base = load_spec(args.spec, **data) if args.spec else spec_from_dict(data)
 
     changes: dict[str, Any] = {}

@@ -64,8 +64,11 @@ _PAYLOAD_MAGIC: tuple[tuple[bytes, str], ...] = (
 )
 
 _NOT_A_KERNEL = (
-    "is neither an ELF vmlinux nor a bzImage; give a kernel image such as /boot/vmlinuz-*"
+    "is neither an ELF vmlinux, a bzImage nor an arm64 Image; give a kernel image such as "
+    "/boot/vmlinuz-*"
 )
+# arm64's Image header (Documentation/arch/arm64/booting.rst): "ARM\x64" at offset 56.
+_ARM64_MAGIC = (56, b"ARM\x64")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +81,7 @@ class KernelInfo:
     """
 
     path: Path
-    format: Literal["elf", "bzimage"]
+    format: Literal["elf", "bzimage", "image"]  # image: arm64's (possibly gzipped)
     arch: str
     pvh_entry: int | None = None
     protocol_version: tuple[int, int] | None = None
@@ -112,6 +115,16 @@ def inspect_kernel(path: Path, field: str = "kernel") -> KernelInfo:
         raise SpecError(field, f"cannot read '{path}': {e.strerror}") from None
     if len(head) >= _HEADER_END and head[_HDRS_MAGIC : _HDRS_MAGIC + 4] == b"HdrS":
         return _inspect_bzimage(path, head)
+    compression = None
+    if head[:2] == b"\x1f\x8b":  # QEMU unpacks a gzipped arm64 Image itself
+        compression = "gzip"
+        try:
+            head = zlib.decompressobj(wbits=31).decompress(head, 64)
+        except zlib.error:
+            head = b""
+    offset, magic = _ARM64_MAGIC
+    if head[offset : offset + len(magic)] == magic:
+        return KernelInfo(path=path, format="image", arch="aarch64", compression=compression)
     raise SpecError(field, f"'{path}' {_NOT_A_KERNEL}")
 
 

@@ -24,12 +24,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyqvm.arches import ArchInfo, arch_info, cross_compiler, host_arch
 from pyqvm.errors import HostError, ImageError, SpecError
 from pyqvm.host.kernel import extract_vmlinux
-from pyqvm.image import tools
+from pyqvm.image import foreign, tools
 from pyqvm.image.cpio import CpioEntry, NewcWriter
 from pyqvm.image.guest import (
-    KERNEL_CMDLINE,
+    KERNEL_CMDLINES,
     KERNEL_PACKAGES,
     MANIFEST,
     MANIFEST_FORMAT,
@@ -98,19 +99,26 @@ _ETC = {
 @dataclass(frozen=True, slots=True)
 class _Inputs:
     flavour: str
+    arch: ArchInfo
     kernel: tools.Package
     busybox: tools.Package
     packages: tuple[tools.Package, ...]  # GUEST_PACKAGES, in that order
     recipes: dict[str, str]  # file name -> sha256
+    # A foreign arch only: GUEST_PACKAGES' library dependencies (ldd cannot run its
+    # programs), and the host's busybox of the same version (to list the applets).
+    libraries: tuple[tools.Package, ...] = ()
+    host_busybox: tools.Package | None = None
 
     def as_dict(self) -> dict[str, str]:
         d = {
             "flavour": self.flavour,
+            "arch": self.arch.name,
             "builder": BUILDER_VERSION,
             "kernel": f"{self.kernel.name}={self.kernel.version}",
             "busybox": f"{self.busybox.name}={self.busybox.version}",
         }
         d.update({pkg.name: f"{pkg.name}={pkg.version}" for pkg in self.packages})
+        d.update({f"lib:{p.name}": p.version for p in self.libraries})
         d.update({f"recipe:{name}": digest for name, digest in self.recipes.items()})
         return d
 
@@ -137,22 +145,34 @@ def kernel_package(meta: tools.Package) -> tuple[str, str | None]:
     raise ImageError(f"cannot tell which kernel {meta.name} depends on ({meta.depends!r})")
 
 
-def _resolve(flavour: str) -> _Inputs:
-    meta = KERNEL_PACKAGES[flavour]
+def _resolve(flavour: str, arch: ArchInfo, env: dict[str, str]) -> _Inputs:
+    meta = KERNEL_PACKAGES[flavour].format(debian=arch.debian)
     names = [meta, "busybox-static", *GUEST_PACKAGES]
-    log.info("resolving %s with apt-cache", ", ".join(names))
-    found = tools.apt_show(names)
+    log.info("resolving %s (%s) with apt-cache", ", ".join(names), arch.debian)
+    found = tools.apt_show(names, env=env)
     name, pinned = kernel_package(found[meta])
     # Each apt-cache run costs ~0.6 s without a pkgcache.bin: skip it when pinned.
     kernel = (
-        tools.Package(name, pinned, found[meta].arch) if pinned else tools.apt_show([name])[name]
+        tools.Package(name, pinned, found[meta].arch)
+        if pinned
+        else tools.apt_show([name], env=env)[name]
     )
+    libraries: tuple[tools.Package, ...] = ()
+    host_busybox = None
+    if env:
+        libs = foreign.library_packages(list(GUEST_PACKAGES), env)
+        shown = tools.apt_show(libs, env=env) if libs else {}
+        libraries = tuple(shown[n] for n in libs)
+        host_busybox = tools.apt_show(["busybox-static"])["busybox-static"]
     return _Inputs(
         flavour=flavour,
+        arch=arch,
         kernel=kernel,
         busybox=found["busybox-static"],
         packages=tuple(found[name] for name in GUEST_PACKAGES),
         recipes=recipe_digests(),
+        libraries=libraries,
+        host_busybox=host_busybox,
     )
 
 
@@ -168,9 +188,16 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def build(
-    flavour: str = "default", *, force: bool = False, cache: Path | None = None
+    flavour: str = "default",
+    *,
+    force: bool = False,
+    cache: Path | None = None,
+    arch: str = "x86_64",
 ) -> GuestImage:
-    """Build (or reuse) the built-in guest image of ``flavour``.
+    """Build (or reuse) the built-in guest image of ``flavour`` for guests of ``arch``.
+
+    A foreign ``arch`` (not the host's) takes its packages through an apt
+    configuration of pyqvm's own (`pyqvm.image.foreign`) and a cross compiler.
 
     Inputs are the resolved Debian package versions, the recipe files and the
     builder version; an image with the same inputs is returned at once unless
@@ -186,8 +213,11 @@ def build(
     root = cache or cache_dir()
     for name in ("apt-cache", "apt-get", "dpkg-deb", "depmod", "mkfs.ext4", "qemu-img", "ldd"):
         tools.tool(name)
-    tools.tool("cc")  # INITRD_PROGRAMS
-    inputs = _resolve(flavour)
+    info = arch_info(arch)
+    compiler, packages = cross_compiler(info)
+    tools.tool(compiler, package=packages)  # INITRD_PROGRAMS
+    env = {} if arch == host_arch() else foreign.apt_env(info, root)
+    inputs = _resolve(flavour, info, env)
     key = cache_key(inputs.as_dict())
     images = root / "images"
     target = images / f"{flavour}-{key}"
@@ -202,13 +232,16 @@ def build(
         started = time.monotonic()
         downloads = root / "downloads"
         debs = {
-            name: tools.apt_download(pkg, downloads)
+            name: tools.apt_download(pkg, downloads, env=env)
             for name, pkg in (
                 ("kernel", inputs.kernel),
                 ("busybox", inputs.busybox),
                 *((pkg.name, pkg) for pkg in inputs.packages),
+                *((f"lib:{pkg.name}", pkg) for pkg in inputs.libraries),
             )
         }
+        if inputs.host_busybox is not None:
+            debs["host-busybox"] = tools.apt_download(inputs.host_busybox, downloads)
         tmp = images / f".tmp-{flavour}-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -238,8 +271,13 @@ def _assemble(out: Path, inputs: _Inputs, debs: dict[str, Path]) -> dict[str, ob
     tools.unpack(debs["kernel"], kroot)
     tools.unpack(debs["busybox"], broot)
     roots = {name: work / "packages" / name for name in GUEST_PACKAGES}
+    roots |= {f"lib:{p.name}": work / "packages" / p.name for p in inputs.libraries}
     for name, root in roots.items():
         tools.unpack(debs[name], root)
+    applets = broot
+    if "host-busybox" in debs:  # the guest's busybox cannot run here: list the host's
+        applets = work / "host-busybox"
+        tools.unpack(debs["host-busybox"], applets)
 
     vmlinuzes = sorted((kroot / "boot").glob("vmlinuz-*"))
     if len(vmlinuzes) != 1:
@@ -255,23 +293,25 @@ def _assemble(out: Path, inputs: _Inputs, debs: dict[str, Path]) -> dict[str, ob
 
     initrd = work / "initrd"
     plan = _modules(moddir, version, inputs.flavour, initrd)
-    _userland(initrd, broot, roots)
+    _userland(initrd, broot, roots, inputs.arch, applets)
     log.info("writing initramfs")
     _write_initramfs(initrd, out / "initrd.img")
 
     shutil.copyfile(vmlinuzes[0], out / "vmlinuz")
-    kernel = "vmlinuz"
-    try:
-        extract_vmlinux(out / "vmlinuz", out / "vmlinux")
-        kernel = "vmlinux"
-    except (SpecError, HostError) as e:
-        log.warning("booting the bzImage: no PVH vmlinux for %s: %s", version, e)
+    kernel = "vmlinuz"  # on aarch64, an uncompressed Image QEMU boots as it is
+    if inputs.arch.name == "x86_64":
+        try:
+            extract_vmlinux(out / "vmlinuz", out / "vmlinux")
+            kernel = "vmlinux"
+        except (SpecError, HostError) as e:
+            log.warning("booting the bzImage: no PVH vmlinux for %s: %s", version, e)
 
     _disk(work / "disk", out / "disk.qcow2")
     shutil.rmtree(work)
     return {
         "format": MANIFEST_FORMAT,
         "flavour": inputs.flavour,
+        "arch": inputs.arch.name,
         "kernel_version": version,
         "kernel_package": f"{inputs.kernel.name}={inputs.kernel.version}",
         # Debian package -> version, of everything in the initramfs (dropbear-bin's too).
@@ -281,7 +321,7 @@ def _assemble(out: Path, inputs: _Inputs, debs: dict[str, Path]) -> dict[str, ob
         "initrd": "initrd.img",
         "disk": "disk.qcow2",
         "ready_marker": READY_MARKER,
-        "cmdline": KERNEL_CMDLINE,
+        "cmdline": KERNEL_CMDLINES[inputs.arch.name],
         "modules": {
             "loaded": list(plan.load),
             "files": list(plan.files),
@@ -345,7 +385,9 @@ def _copy_module(src: Path, dest: Path) -> None:
         raise ImageError(f"unknown kernel module compression: {src}")
 
 
-def _userland(initrd: Path, broot: Path, roots: dict[str, Path]) -> None:
+def _userland(
+    initrd: Path, broot: Path, roots: dict[str, Path], arch: ArchInfo, applets_from: Path
+) -> None:
     log.info("adding busybox, %s and the init recipe to the initramfs", ", ".join(roots))
     for d in _DIRS:
         (initrd / d).mkdir(parents=True, exist_ok=True)
@@ -356,7 +398,10 @@ def _userland(initrd: Path, broot: Path, roots: dict[str, Path]) -> None:
     busybox = broot / "bin/busybox"
     _install(busybox, initrd / "bin/busybox", 0o755)
     applets = subprocess.run(
-        [str(busybox), "--list-full"], capture_output=True, text=True, check=False
+        [str(applets_from / "bin/busybox"), "--list-full"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if applets.returncode != 0:
         raise ImageError(f"cannot list busybox applets: {applets.stderr.strip()}")
@@ -366,8 +411,11 @@ def _userland(initrd: Path, broot: Path, roots: dict[str, Path]) -> None:
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to("/bin/busybox")
 
-    _packages(initrd, roots)
-    _programs(initrd, initrd.parent / "programs")
+    if arch.name == host_arch():
+        _packages(initrd, roots)
+    else:
+        _foreign_packages(initrd, roots, arch)
+    _programs(initrd, initrd.parent / "programs", arch)
 
     for recipe, (path, mode) in INITRD_FILES.items():
         dest = initrd / path
@@ -393,12 +441,28 @@ def _packages(initrd: Path, roots: dict[str, Path]) -> None:
                 _install(lib.resolve(), initrd / lib.relative_to(root), 0o755)
 
 
-def _programs(initrd: Path, build: Path) -> None:
+def _foreign_packages(initrd: Path, roots: dict[str, Path], arch: ArchInfo) -> None:
+    """GUEST_PACKAGES' executables of a foreign arch, with the libraries their ELF
+    headers name, found in the unpacked library packages."""
+    exes: list[Path] = []
+    for name, executables in GUEST_PACKAGES.items():
+        for rel in executables:
+            exe = roots[name] / rel
+            if not exe.is_file():
+                raise ImageError(f"the {name} package has no {rel}")
+            _install(exe, initrd / rel, 0o755)
+            exes.append(exe)
+    for lib, guest_path in foreign.library_closure(exes, list(roots.values()), arch):
+        _install(lib, initrd / guest_path.lstrip("/"), 0o755)
+
+
+def _programs(initrd: Path, build: Path, arch: ArchInfo) -> None:
     build.mkdir(parents=True, exist_ok=True)
+    compiler, _ = cross_compiler(arch)
     for recipe, rel in INITRD_PROGRAMS.items():
         exe = build / Path(rel).name
         tools.run(
-            ["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-static", "-s", "-o", str(exe),
+            [compiler, "-O2", "-Wall", "-Wextra", "-Werror", "-static", "-s", "-o", str(exe),
              str(RECIPES / recipe)],
             what=f"compiling {recipe} (its headers and static libc come with libc6-dev)",
         )  # fmt: skip

@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 
 FLAVOURS: tuple[str, ...] = ("default", "full")
 
-# Debian's kernel meta package per flavour: "default" boots fastest (virtio only),
-# "full" also drives emulated hardware (e1000/e1000e, AHCI, PIIX IDE).
-KERNEL_PACKAGES = {"default": "linux-image-cloud-amd64", "full": "linux-image-amd64"}
+# Debian's kernel meta package per flavour (of the guest's Debian architecture):
+# "default" boots fastest (virtio only), "full" also drives emulated hardware
+# (e1000/e1000e, AHCI, PIIX IDE) and has 9p.
+KERNEL_PACKAGES = {"default": "linux-image-cloud-{debian}", "full": "linux-image-{debian}"}
 
 READY_MARKER = "pyqvm-guest-ready"
 
@@ -39,6 +40,11 @@ KERNEL_CMDLINE = (
     "console=ttyS0 mitigations=off tsc=reliable no_timer_check i8042.noaux i8042.nokbd "
     "noreplace-smp cryptomgr.notests panic=-1 quiet"
 )
+# The same per guest arch; an image records its own in its manifest.
+KERNEL_CMDLINES = {
+    "x86_64": KERNEL_CMDLINE,
+    "aarch64": "console=ttyAMA0 mitigations=off cryptomgr.notests panic=-1 quiet",
+}
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -61,6 +67,8 @@ class GuestImage:
     disk: Path
     kernel_version: str
     ready_marker: str
+    arch: str = "x86_64"
+    cmdline: str = KERNEL_CMDLINE
 
 
 def cache_dir() -> Path:
@@ -99,6 +107,8 @@ def load_image(directory: Path) -> GuestImage | None:
             disk=directory / manifest["disk"],
             kernel_version=str(manifest["kernel_version"]),
             ready_marker=str(manifest["ready_marker"]),
+            arch=str(manifest.get("arch", "x86_64")),
+            cmdline=str(manifest.get("cmdline", KERNEL_CMDLINE)),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -106,46 +116,54 @@ def load_image(directory: Path) -> GuestImage | None:
     return image if all(p.is_file() for p in files) else None
 
 
-def built_images(flavour: str | None = None, *, cache: Path | None = None) -> list[GuestImage]:
-    """The complete built images (of ``flavour``, or of every flavour), newest first."""
+def built_images(
+    flavour: str | None = None, *, cache: Path | None = None, arch: str | None = None
+) -> list[GuestImage]:
+    """The complete built images (of ``flavour`` and ``arch``, or of all), newest first."""
     if flavour is not None:
         check_flavour(flavour)
     root = (cache or cache_dir()) / "images"
     found: list[tuple[float, GuestImage]] = []
     for directory in root.glob(f"{flavour or '*'}-*"):
         image = load_image(directory)
-        if image is not None and flavour in (None, image.flavour):
+        if image is not None and flavour in (None, image.flavour) and arch in (None, image.arch):
             found.append(((directory / MANIFEST).stat().st_mtime, image))
     return [image for _, image in sorted(found, key=lambda item: item[0], reverse=True)]
 
 
-def find(flavour: str = "default", *, cache: Path | None = None) -> GuestImage:
-    """The newest built image of ``flavour``.
+def find(
+    flavour: str = "default", *, cache: Path | None = None, arch: str = "x86_64"
+) -> GuestImage:
+    """The newest built image of ``flavour`` for guests of ``arch``.
 
     Raises:
         ImageError: none has been built (the message says how to build one).
     """
-    found = built_images(flavour, cache=cache)
+    found = built_images(flavour, cache=cache, arch=arch)
     if not found:
         images = (cache or cache_dir()) / "images"
+        how = f"--flavour {flavour}" + ("" if arch == "x86_64" else f" --arch {arch}")
         raise ImageError(
-            f"no built-in guest image of flavour {flavour!r} in {images}; "
-            f"run `pyqvm image build --flavour {flavour}`"
+            f"no built-in guest image of flavour {flavour!r} for {arch} in {images}; "
+            f"run `pyqvm image build {how}`"
         )
     return found[0]
 
 
 def prune(*, cache: Path | None = None, dry_run: bool = False) -> list[GuestImage]:
-    """Remove every built image but the newest of each flavour; returns what went.
+    """Remove every built image but the newest of each flavour and arch; returns what went.
 
     A state saved from a VM on an older image names that image's disk as its base
     (`pyqvm.ops.migration.save`): restoring it needs the image, so prune after.
     """
     gone: list[GuestImage] = []
-    for flavour in FLAVOURS:
-        for image in built_images(flavour, cache=cache)[1:]:
-            if not dry_run:
-                log.info("removing %s image %s", image.flavour, image.directory)
-                shutil.rmtree(image.directory)
-            gone.append(image)
+    newest: set[tuple[str, str]] = set()
+    for image in built_images(cache=cache):
+        if (image.flavour, image.arch) not in newest:
+            newest.add((image.flavour, image.arch))
+            continue
+        if not dry_run:
+            log.info("removing %s image %s", image.flavour, image.directory)
+            shutil.rmtree(image.directory)
+        gone.append(image)
     return gone

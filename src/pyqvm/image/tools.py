@@ -26,19 +26,18 @@ TOOL_PACKAGES = {
     "ldd": "libc-bin",
     "lz4": "lz4",
     "zstd": "zstd",
-    "cc": "gcc libc6-dev",
 }
 
 # Non-root shells often lack the sbin directories, where depmod and mkfs live.
 _EXTRA_PATH = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
 
 
-def tool(name: str) -> str:
-    """Absolute path of a host tool, or HostError naming the Debian package."""
+def tool(name: str, *, package: str | None = None) -> str:
+    """Absolute path of a host tool, or HostError naming the Debian package(s) with it."""
     search = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_PATH])
     found = shutil.which(name, path=search)
     if found is None:
-        package = TOOL_PACKAGES.get(name, name)
+        package = package or TOOL_PACKAGES.get(name, name)
         raise HostError(
             f"`{name}` is needed to build the guest image but is not installed; "
             f"install it with: apt-get install -y {package}"
@@ -91,13 +90,19 @@ def _apt_hint(names: Sequence[str], stderr: str) -> ImageError:
     )
 
 
-def apt_show(names: Sequence[str]) -> dict[str, Package]:
-    """Candidate versions of ``names`` from `apt-cache show`."""
+def sandbox_options() -> list[str]:
+    """apt drops to the ``_apt`` user, who cannot write into our cache dir: not as root."""
+    return ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
+
+
+def apt_show(names: Sequence[str], *, env: Mapping[str, str] | None = None) -> dict[str, Package]:
+    """Candidate versions of ``names`` from `apt-cache show` (``env``: `foreign.apt_env`)."""
     proc = subprocess.run(
         [tool("apt-cache"), "show", "--no-all-versions", *names],
         capture_output=True,
         text=True,
         check=False,
+        env={**os.environ, **env} if env else None,
     )
     found: dict[str, Package] = {}
     for para in proc.stdout.split("\n\n"):
@@ -115,7 +120,7 @@ def apt_show(names: Sequence[str]) -> dict[str, Package]:
     return found
 
 
-def apt_download(pkg: Package, downloads: Path) -> Path:
+def apt_download(pkg: Package, downloads: Path, *, env: Mapping[str, str] | None = None) -> Path:
     """Fetch ``pkg``'s .deb into ``downloads`` unless it is already there."""
     dest = downloads / pkg.deb_name
     if dest.is_file():
@@ -125,13 +130,16 @@ def apt_download(pkg: Package, downloads: Path) -> Path:
     partial = downloads / f".partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    argv = [tool("apt-get"), "download", "-q"]
-    if os.geteuid() == 0:
-        # apt drops to the _apt user, who cannot write into our cache dir.
-        argv += ["-o", "APT::Sandbox::User=root"]
-    argv.append(f"{pkg.name}={pkg.version}")
+    argv = [tool("apt-get"), "download", "-q", *sandbox_options(), f"{pkg.name}={pkg.version}"]
     try:
-        proc = subprocess.run(argv, cwd=partial, capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            argv,
+            cwd=partial,
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, **env} if env else None,
+        )
         if proc.returncode != 0:
             if "Unable to locate" in proc.stderr or "Can't find a source" in proc.stderr:
                 raise _apt_hint([pkg.name], proc.stderr)

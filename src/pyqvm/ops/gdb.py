@@ -36,7 +36,7 @@ def gdb_command(
     if vmlinux is None:
         kernel, release = (spec.kernel.kernel if spec.kernel else None), None
         if spec.image is not None:
-            img = image.find(spec.image, cache=image_cache)
+            img = image.find(spec.image, cache=image_cache, arch=spec.arch)
             kernel, release = img.kernel, img.kernel_version
         if kernel is not None:
             vmlinux = vmlinux_for(kernel, rundir, release)

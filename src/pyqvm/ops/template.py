@@ -184,7 +184,7 @@ class Template:
                 f"template {self.name!r}: {e}; make it again here", name=self.name
             ) from None
         if self.spec.image is not None:
-            newest = image.find(self.spec.image, cache=image_cache)
+            newest = image.find(self.spec.image, cache=image_cache, arch=self.spec.arch)
             if str(newest.kernel) not in self.stamps:
                 raise TemplateError(
                     f"template {self.name!r} is stale: it was made with an older "
