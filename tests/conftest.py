@@ -113,6 +113,11 @@ def full_image() -> image.GuestImage:
 
 
 @pytest.fixture(scope="session")
+def aarch64_image() -> image.GuestImage:
+    return image.build("default", arch="aarch64")
+
+
+@pytest.fixture(scope="session")
 def default_template(
     default_image: image.GuestImage, tmp_path_factory: pytest.TempPathFactory
 ) -> Template:
