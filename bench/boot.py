@@ -7,9 +7,11 @@ socketpairs at the same fd numbers and its own overlay), spawned with plain
 ``guest-sync`` (the same client, `pyqvm.agent.GuestAgent`, polls both).
 Rounds alternate the order so drift in machine load hits both sides.
 
-    python bench/boot.py [-n 7] [--machine auto|q35|pc|microvm] [--image default] [--nic]
+    python bench/boot.py [-n 7] [--machine auto|q35|pc|microvm|virt] [--image default] [--nic]
+                         [--arch x86_64|aarch64] [--cpu MODEL]
 
-The last line is ``result: boot pyqvm=<median s> baseline=<median s> ratio=<r>``.
+The last line is ``result: boot pyqvm=<median s> baseline=<median s> ratio=<r>``
+(``boot-aarch64`` for ``--arch aarch64``).
 """
 
 from __future__ import annotations
@@ -107,15 +109,19 @@ async def main() -> None:
     ap.add_argument(
         "--nic", action="store_true", help="give the guest a user-mode NIC (as `pyqvm run`)"
     )
+    ap.add_argument("--arch", default="x86_64", help="guest architecture")
+    ap.add_argument("--cpu", default=None, help="-cpu model (default: pyqvm's choice)")
     args = ap.parse_args()
 
     from pyqvm import image
 
-    img = image.find(args.image)
+    img = image.find(args.image, arch=args.arch)
     kw: dict[str, object] = {"machine": args.machine} if args.machine else {}
     if args.nic:
         kw["networks"] = (Network(),)
-    spec = VMSpec(image=args.image, **kw)
+    if args.cpu:
+        kw["cpu"] = args.cpu
+    spec = VMSpec(image=args.image, arch=args.arch, **kw)  # type: ignore[arg-type]
 
     # Warm-up (not counted): page cache, and the argv template for the by-hand side.
     _, template = await boot_pyqvm(spec)
@@ -131,14 +137,15 @@ async def main() -> None:
         print(f"round {i + 1}: pyqvm {ours[-1]:.3f} s  by hand {theirs[-1]:.3f} s", flush=True)
     nic = "user" if spec.networks else "none"
     print(
-        f"machine={spec.machine}:{spec.effective_machine} image={args.image} "
-        f"kernel={img.kernel.name} nic={nic} n={args.n}"
+        f"arch={spec.arch} machine={spec.machine}:{spec.effective_machine} image={args.image} "
+        f"kernel={img.kernel.name} cpu={spec.cpu or 'default'} nic={nic} n={args.n}"
     )
     for label, xs in (("pyqvm", ours), ("by hand", theirs)):
         med = statistics.median(xs)
         print(f"{label:8}  median {med:.3f} s  min {min(xs):.3f}  max {max(xs):.3f}")
     p, b = statistics.median(ours), statistics.median(theirs)
-    print(f"result: boot pyqvm={p:.3f} baseline={b:.3f} ratio={p / b:.3f}")
+    name = "boot" if args.arch == "x86_64" else f"boot-{args.arch}"
+    print(f"result: {name} pyqvm={p:.3f} baseline={b:.3f} ratio={p / b:.3f}")
 
 
 if __name__ == "__main__":
