@@ -126,14 +126,14 @@ def resolve(
             pci_device_dir(h.address, host_root)
         except HostError as e:
             raise SpecError(f"host_devices[{i}].address", str(e)) from None
-    if spec.ssh and spec.image is None and spec.ssh_key is None:
+    if spec.ssh and not spec.pyqvm_guest and spec.ssh_key is None:
         raise SpecError(
             "ssh_key",
             "a guest pyqvm did not build needs the private key its SSH server accepts "
             "(and ssh_user); only the built-in image gets keys made by pyqvm",
         )
     concrete = with_image(choose_transports(spec), image_cache)
-    if spec.image is not None and concrete.shares:
+    if spec.pyqvm_guest and concrete.shares:
         concrete = _mount_at_boot(concrete)
     concrete = pick_machine(concrete, accel, facts)
     if spec.kernel is not None:
@@ -143,5 +143,5 @@ def resolve(
         accel=accel,
         qemu=qemu,
         facts=facts,
-        builtin_guest=spec.image is not None,
+        builtin_guest=spec.pyqvm_guest,
     )

@@ -54,7 +54,7 @@ DiskInterface = Literal["auto", "virtio-blk", "virtio-scsi", "ahci", "ide"]
 Firmware = Literal["seabios", "ovmf"]
 GuestOS = Literal["linux", "windows", "other"]
 Readiness = Literal["auto", "agent", "console", "none"]
-ImageFlavour = Literal["default", "full"]
+ImageFlavour = Literal["default", "full", "debian"]
 
 ARCHES: tuple[str, ...] = get_args(Arch)
 MACHINES: tuple[str, ...] = get_args(Machine)
@@ -488,6 +488,13 @@ class VMSpec:
         for i, n in enumerate(self.networks):
             if n.model in ("e1000", "e1000e"):
                 raise SpecError(f"networks[{i}].model", f"{n.model!r} is PC hardware; use virtio")
+
+    @property
+    def pyqvm_guest(self) -> bool:
+        """Whether the guest is pyqvm's own busybox guest (image ``default`` or ``full``):
+        its init reads ``pyqvm.*`` boot options and fw_cfg keys, and it has pyqvm's helpers.
+        The ``debian`` image is a distribution like any other."""
+        return self.image in ("default", "full")
 
     @property
     def effective_machine(self) -> ConcreteMachine:

@@ -123,7 +123,7 @@ def test_find_returns_the_newest_complete_image(tmp_path: Path) -> None:
 
 
 def test_unknown_flavour(tmp_path: Path) -> None:
-    assert FLAVOURS == ("default", "full")
+    assert FLAVOURS == ("default", "full", "debian")
     with pytest.raises(SpecError, match="unknown guest flavour") as err:
         build("tiny", cache=tmp_path)
     assert err.value.field == "flavour"

@@ -13,7 +13,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     build = isub.add_parser(
         "build", parents=list(parents), help="build the built-in guest from Debian packages"
     )
-    build.add_argument("--flavour", choices=["default", "full", "all"], default="default")
+    build.add_argument("--flavour", choices=["default", "full", "debian", "all"], default="default")
     build.add_argument(
         "--arch", choices=["x86_64", "aarch64"], default="x86_64", help="guest architecture"
     )

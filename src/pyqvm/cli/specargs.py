@@ -79,7 +79,9 @@ def add_spec_options(p: argparse.ArgumentParser) -> None:
             default=None,
             help="QEMU's gdbstub on a unix socket in the runtime dir (pyqvm gdb NAME)",
         ),
-        g.add_argument("--image", choices=["default", "full"], help="built-in image flavour"),
+        g.add_argument(
+            "--image", choices=["default", "full", "debian"], help="built-in image flavour"
+        ),
         g.add_argument("--name", help="VM name"),
         g.add_argument("--timeout", type=float, help="seconds to wait for the guest to be ready"),
     ]

@@ -20,16 +20,17 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyqvm.arches import ArchInfo, arch_info, cross_compiler, host_arch
 from pyqvm.errors import HostError, ImageError, SpecError
 from pyqvm.host.kernel import extract_vmlinux
-from pyqvm.image import foreign, tools
+from pyqvm.image import distro, foreign, tools
 from pyqvm.image.cpio import CpioEntry, NewcWriter
 from pyqvm.image.guest import (
+    DISTRO_FLAVOURS,
     KERNEL_CMDLINES,
     KERNEL_PACKAGES,
     MANIFEST,
@@ -211,14 +212,28 @@ def build(
     """
     check_flavour(flavour)
     root = cache or cache_dir()
-    for name in ("apt-cache", "apt-get", "dpkg-deb", "depmod", "mkfs.ext4", "qemu-img", "ldd"):
-        tools.tool(name)
-    info = arch_info(arch)
-    compiler, packages = cross_compiler(info)
-    tools.tool(compiler, package=packages)  # INITRD_PROGRAMS
-    env = {} if arch == host_arch() else foreign.apt_env(info, root)
-    inputs = _resolve(flavour, info, env)
-    key = cache_key(inputs.as_dict())
+    assemble: Callable[[Path], dict[str, object]]
+    if flavour in DISTRO_FLAVOURS:
+        if arch != "x86_64":
+            raise SpecError("arch", f"the {flavour} flavour is built for x86_64 only so far")
+        for name in ("apt-cache", "mmdebstrap", "mkfs.ext4", "qemu-img"):
+            tools.tool(name)
+        inputs_dict = distro.inputs()
+        assemble = distro.assemble
+    else:
+        for name in ("apt-cache", "apt-get", "dpkg-deb", "depmod", "mkfs.ext4", "qemu-img", "ldd"):
+            tools.tool(name)
+        info = arch_info(arch)
+        compiler, packages = cross_compiler(info)
+        tools.tool(compiler, package=packages)  # INITRD_PROGRAMS
+        env = {} if arch == host_arch() else foreign.apt_env(info, root)
+        inputs = _resolve(flavour, info, env)
+        inputs_dict = inputs.as_dict()
+
+        def assemble(out: Path) -> dict[str, object]:
+            return _assemble(out, inputs, _download(inputs, root / "downloads", env))
+
+    key = cache_key(inputs_dict)
     images = root / "images"
     target = images / f"{flavour}-{key}"
     if not force and (image := load_image(target)) is not None:
@@ -230,25 +245,14 @@ def build(
             log.info("guest image %s is up to date (%s)", flavour, target)
             return image
         started = time.monotonic()
-        downloads = root / "downloads"
-        debs = {
-            name: tools.apt_download(pkg, downloads, env=env)
-            for name, pkg in (
-                ("kernel", inputs.kernel),
-                ("busybox", inputs.busybox),
-                *((pkg.name, pkg) for pkg in inputs.packages),
-                *((f"lib:{pkg.name}", pkg) for pkg in inputs.libraries),
-            )
-        }
-        if inputs.host_busybox is not None:
-            debs["host-busybox"] = tools.apt_download(inputs.host_busybox, downloads)
         tmp = images / f".tmp-{flavour}-{key}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            manifest = _assemble(tmp, inputs, debs)
+            manifest = {"format": MANIFEST_FORMAT, "flavour": flavour, "arch": arch}
+            manifest |= assemble(tmp)
             manifest["key"] = key
-            manifest["inputs"] = inputs.as_dict()
+            manifest["inputs"] = inputs_dict
             manifest["built_at"] = time.time()
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             if target.exists():
@@ -263,6 +267,21 @@ def build(
     if image is None:
         raise ImageError(f"the guest image at {target} is incomplete after building it")
     return image
+
+
+def _download(inputs: _Inputs, downloads: Path, env: dict[str, str]) -> dict[str, Path]:
+    debs = {
+        name: tools.apt_download(pkg, downloads, env=env)
+        for name, pkg in (
+            ("kernel", inputs.kernel),
+            ("busybox", inputs.busybox),
+            *((pkg.name, pkg) for pkg in inputs.packages),
+            *((f"lib:{pkg.name}", pkg) for pkg in inputs.libraries),
+        )
+    }
+    if inputs.host_busybox is not None:
+        debs["host-busybox"] = tools.apt_download(inputs.host_busybox, downloads)
+    return debs
 
 
 def _assemble(out: Path, inputs: _Inputs, debs: dict[str, Path]) -> dict[str, object]:
@@ -309,9 +328,7 @@ def _assemble(out: Path, inputs: _Inputs, debs: dict[str, Path]) -> dict[str, ob
     _disk(work / "disk", out / "disk.qcow2")
     shutil.rmtree(work)
     return {
-        "format": MANIFEST_FORMAT,
-        "flavour": inputs.flavour,
-        "arch": inputs.arch.name,
+        "kind": "busybox",
         "kernel_version": version,
         "kernel_package": f"{inputs.kernel.name}={inputs.kernel.version}",
         # Debian package -> version, of everything in the initramfs (dropbear-bin's too).

@@ -25,7 +25,9 @@ from pyqvm.errors import ImageError, SpecError
 
 log = logging.getLogger(__name__)
 
-FLAVOURS: tuple[str, ...] = ("default", "full")
+FLAVOURS: tuple[str, ...] = ("default", "full", "debian")
+#: Flavours that are a whole distribution (systemd, packages), not pyqvm's busybox init.
+DISTRO_FLAVOURS: tuple[str, ...] = ("debian",)
 
 # Debian's kernel meta package per flavour (of the guest's Debian architecture):
 # "default" boots fastest (virtio only), "full" also drives emulated hardware
@@ -69,6 +71,7 @@ class GuestImage:
     ready_marker: str
     arch: str = "x86_64"
     cmdline: str = KERNEL_CMDLINE
+    kind: str = "busybox"  # or "distro" (DISTRO_FLAVOURS): no pyqvm init, no ready marker
 
 
 def cache_dir() -> Path:
@@ -109,6 +112,7 @@ def load_image(directory: Path) -> GuestImage | None:
             ready_marker=str(manifest["ready_marker"]),
             arch=str(manifest.get("arch", "x86_64")),
             cmdline=str(manifest.get("cmdline", KERNEL_CMDLINE)),
+            kind=str(manifest.get("kind", "busybox")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -525,8 +525,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(run_owner(directory, ready_fd))
     finally:
-        # The name is free once this process is gone; the directory goes first.
-        shutil.rmtree(directory, ignore_errors=True)
+        # The name is free once this process is gone; the directory goes first, at once:
+        # renamed out of the registry (which skips dot names), then removed. A client
+        # waiting for the entry to go must never see it half removed (lock gone, dir not).
+        gone = directory.with_name(f".gone-{directory.name}-{os.getpid()}")
+        try:
+            directory.rename(gone)
+        except OSError:
+            gone = directory
+        shutil.rmtree(gone, ignore_errors=True)
 
 
 if __name__ == "__main__":

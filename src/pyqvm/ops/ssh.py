@@ -59,7 +59,7 @@ def ssh_command(
     if ssh is None:
         raise HostError("ssh is not installed; install Debian's openssh-client package")
     known = rundir / SSH_DIR / KNOWN_HOSTS
-    if spec.image is not None:  # the built-in guest: pyqvm made both keys
+    if spec.pyqvm_guest:  # the built-in guest: pyqvm made both keys
         keys = ssh_keys_in(rundir / SSH_DIR)
         key, strict = keys.client_key, "yes"
         line = known_hosts_line("127.0.0.1", port, keys.host_pub_line())

@@ -353,7 +353,7 @@ async def _create(
                     name=name,
                 )
         await guest.run(machine, ["sync"], timeout=timeout, check=True)
-        if spec.image is None:
+        if not spec.pyqvm_guest:
             await _await_stale_seed(machine)
         version = (await machine.execute("query-version"))["qemu"]
         qemu = machine.argv[0]
@@ -512,7 +512,7 @@ async def clone_into(machine: Machine, template: Template) -> None:
             "migrate-set-capabilities",
             {"capabilities": [{"capability": "x-ignore-shared", "state": False}]},
         )
-        await _make_own(machine, builtin=template.spec.image is not None)
+        await _make_own(machine, builtin=template.spec.pyqvm_guest)
     except BaseException:
         # Not its own yet (it would share the template's random key): nobody gets it.
         await machine.kill()

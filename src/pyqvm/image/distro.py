@@ -1,0 +1,117 @@
+"""The ``debian`` flavour: a real Debian 12 system (systemd, udev, the guest agent, an SSH
+server, cloud-init), built from Debian packages with ``mmdebstrap``.
+
+The root file system is made by mmdebstrap from the host's apt sources (no
+change to the host), put into an ext4 image with ``mkfs.ext4 -d`` (no loop
+mount, no root tricks beyond what mmdebstrap's root mode needs) and converted
+to qcow2. The generic kernel and its initramfs-tools initrd are taken out of
+the tree and booted directly: no bootloader. The files of ``recipes/debian``
+go to fixed places in the tree (fstab, cloud-init's datasource list, a
+networkd profile). The cache key hashes the candidate versions of the
+packages asked for, the recipes and `DISTRO_VERSION`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+from pyqvm.errors import ImageError
+from pyqvm.image import tools
+
+log = logging.getLogger(__name__)
+
+DISTRO_VERSION = "1"
+SUITE = "bookworm"
+RECIPES = Path(__file__).with_name("recipes") / "debian"
+ROOT_LABEL = "pyqvm-root"
+ROOT_SIZE = "3G"  # the file system's size; the qcow2 holds only what is written
+#: What the system is made of (and their dependencies): mmdebstrap's --include.
+PACKAGES = (
+    "systemd-sysv", "udev", "dbus", "linux-image-amd64", "qemu-guest-agent",
+    "openssh-server", "cloud-init", "iproute2", "procps", "less", "ca-certificates",
+    # cloud-init's defaults run resize2fs and restart systemd-resolved with networkd
+    "e2fsprogs", "systemd-resolved",
+)  # fmt: skip
+#: recipe file -> its place in the tree.
+FILES = {
+    "fstab": "etc/fstab",
+    "90-pyqvm.cfg": "etc/cloud/cloud.cfg.d/90-pyqvm.cfg",
+    "20-wired.network": "etc/systemd/network/20-wired.network",
+}
+CMDLINE = f"root=LABEL={ROOT_LABEL} rw console=ttyS0 mitigations=off quiet"
+_HOST_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
+
+
+def inputs() -> dict[str, str]:
+    """What the image is made of, for the cache key: package versions, recipes, version."""
+    found = tools.apt_show(list(PACKAGES))
+    d = {"distro": DISTRO_VERSION, "suite": SUITE}
+    d |= {f"pkg:{name}": pkg.version for name, pkg in found.items()}
+    d |= {
+        f"recipe:{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(RECIPES.iterdir())
+    }
+    return d
+
+
+def host_sources() -> list[Path]:
+    """The host's apt source files, as mmdebstrap's mirror arguments (the same mirrors)."""
+    files: list[Path] = []
+    for src in _HOST_SOURCES:
+        if src.is_file() and src.stat().st_size:
+            files.append(src)
+        elif src.is_dir():
+            files += sorted(p for p in src.iterdir() if p.suffix in (".list", ".sources"))
+    if not files:
+        raise ImageError("the host has no apt sources (/etc/apt/sources.list[.d]) to build from")
+    return files
+
+
+def assemble(out: Path) -> dict[str, object]:
+    """Build the system into ``out``: vmlinuz, initrd.img, disk.qcow2; returns the manifest."""
+    tree = out / "tree"
+    hooks = ['passwd --root "$1" -d root', 'systemctl --root "$1" enable systemd-networkd']
+    hooks += [f'install -D -m 0644 "{RECIPES / src}" "$1/{dst}"' for src, dst in FILES.items()]
+    hooks.append('echo pyqvm-debian > "$1/etc/hostname"')
+    argv = ["mmdebstrap", "--variant=apt", "--mode=auto", f"--include={','.join(PACKAGES)}"]
+    argv += [f"--customize-hook={h}" for h in hooks]
+    argv += [SUITE, str(tree), *map(str, host_sources())]
+    log.info("mmdebstrap %s: %s (a minute or two)", SUITE, ", ".join(PACKAGES))
+    tools.run(argv, what="mmdebstrap")
+    boot = tree / "boot"
+    kernels = sorted(boot.glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise ImageError(f"the {SUITE} tree has {len(kernels)} kernels in /boot, not one")
+    version = kernels[0].name.removeprefix("vmlinuz-")
+    initrd = boot / f"initrd.img-{version}"
+    if not initrd.is_file():
+        raise ImageError(f"the {SUITE} tree has no {initrd.name}")
+    shutil.copyfile(kernels[0], out / "vmlinuz")
+    shutil.copyfile(initrd, out / "initrd.img")
+    raw = out / "root.img"
+    log.info("making the root file system (ext4 %s, label %s)", ROOT_SIZE, ROOT_LABEL)
+    tools.run(
+        ["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-d", str(tree), str(raw), ROOT_SIZE],
+        what="mkfs.ext4",
+    )
+    tools.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / "disk.qcow2")],
+              what="qemu-img convert")  # fmt: skip
+    raw.unlink()
+    shutil.rmtree(tree)
+    return {
+        "kind": "distro",
+        "kernel_version": version,
+        "kernel": "vmlinuz",
+        "bzimage": "vmlinuz",
+        "initrd": "initrd.img",
+        "disk": "disk.qcow2",
+        "ready_marker": "",
+        "cmdline": CMDLINE,
+        "packages": list(PACKAGES),
+    }
+
+
+__all__ = ["CMDLINE", "PACKAGES", "ROOT_LABEL", "assemble", "host_sources", "inputs"]
