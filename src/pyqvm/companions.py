@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyqvm.host.sshkeys import SshKeys
-from pyqvm.launch import make_ssh_keys
+from pyqvm.launch import make_seed, make_ssh_keys
 from pyqvm.privnet import Membership, PrivateNetworks
 from pyqvm.resolve import Resolved
 from pyqvm.virtiofs import Virtiofsds
@@ -34,6 +34,7 @@ class Companions:
     async def prepare(self, resolved: Resolved, rundir: Path) -> Prepared:
         await self.virtiofsds.start(resolved.spec, rundir)
         networks = await self.networks.join(resolved.spec)
+        make_seed(resolved, rundir)
         return Prepared(networks, make_ssh_keys(resolved, rundir))
 
     def qemu_connected(self) -> None:

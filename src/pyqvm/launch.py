@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from pyqvm.host.sshkeys import SshKeys, make_keys, ssh_keys_in
 from pyqvm.overlays import overlay_disks, overlay_path
 from pyqvm.privnet import Membership, guest_cmdline, preview_memberships
 from pyqvm.resolve import Resolved, resolve
+from pyqvm.seed import SEED_FILE, seed_files, write_seed
 from pyqvm.spec import VMSpec
 from pyqvm.virtiofs import socket_path
 
@@ -115,6 +117,8 @@ def launch_argv(
         vde_sockets={i: m.switch for i, m in members.items()},
         append_extra=tuple(extra),
         fw_cfg=fw_cfg,
+        # Written by make_seed before QEMU starts.
+        seed=rundir / SEED_FILE if spec.cloud_init is not None else None,
     )
     return build_argv(spec, ctx)
 
@@ -125,6 +129,20 @@ def make_ssh_keys(resolved: Resolved, rundir: Path) -> SshKeys | None:
     if not (resolved.spec.ssh and resolved.builtin_guest):
         return None
     return make_keys(rundir / SSH_DIR)
+
+
+def make_seed(resolved: Resolved, rundir: Path) -> Path | None:
+    """The cloud-init seed of this launch in the runtime dir (a fresh instance id), if any."""
+    spec = resolved.spec
+    if spec.cloud_init is None:
+        return None
+    key = None
+    if spec.ssh_key is not None:
+        pub = spec.ssh_key.with_name(spec.ssh_key.name + ".pub")
+        key = pub.read_text() if pub.is_file() else None
+    hostname = re.sub(r"[^A-Za-z0-9-]", "-", spec.name).strip("-")[:63] or "pyqvm"
+    files = seed_files(spec.cloud_init, hostname=hostname, ssh_public_key=key)
+    return write_seed(rundir / SEED_FILE, files)
 
 
 def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from pyqvm.arches import arch_info
+from pyqvm.cloudinit import CloudInit
 from pyqvm.errors import SpecError
 from pyqvm.fields import (
     GUEST_PCI_RE,
@@ -193,6 +194,8 @@ class VMSpec:
     ssh: bool = False
     ssh_user: str = "root"
     ssh_key: Path | None = None
+    # A NoCloud seed for a guest with cloud-init (`pyqvm.cloudinit`, attached by `pyqvm.seed`).
+    cloud_init: CloudInit | None = None
     extra_args: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -375,6 +378,15 @@ class VMSpec:
             raise SpecError(
                 "ovmf_code", 'firmware = "ovmf" needs ovmf_code (e.g. /usr/share/OVMF/OVMF_CODE.fd)'
             )
+        if self.cloud_init is not None:
+            if not isinstance(self.cloud_init, CloudInit):
+                raise SpecError("cloud_init", "expected a table (user_data, meta_data, ...)")
+            if self.pyqvm_guest:
+                raise SpecError(
+                    "cloud_init",
+                    'the built-in busybox guest has no cloud-init; use image = "debian" or '
+                    "a cloud image of your own",
+                )
         if self.image is not None:
             for i, d in enumerate(self.disks):
                 if d.id == IMAGE_DISK_ID:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pyqvm.cloudinit import CloudInit
 from pyqvm.errors import SpecError
 from pyqvm.fields import show
 from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, Share, VMSpec
@@ -74,6 +75,7 @@ _NESTED: dict[str, type] = {
     "PortForward": PortForward,
     "HostDevice": HostDevice,
     "Share": Share,
+    "CloudInit": CloudInit,
 }
 
 

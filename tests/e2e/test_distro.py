@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pyqvm import AsyncVM, Network, VMSpec, image
+from pyqvm.cloudinit import CloudInit
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distro]
 
@@ -41,3 +42,34 @@ async def test_the_debian_flavour_reaches_a_running_system(
             assert "virtio_net" in drivers.stdout_text and "vda" in drivers.stdout_text
         else:
             assert "e1000" in drivers.stdout_text and "sda" in drivers.stdout_text
+
+
+SEED = """#cloud-config
+hostname: seeded
+write_files:
+  - path: /etc/pyqvm-seed.txt
+    content: "from the seed\\n"
+runcmd:
+  - [sh, -c, "echo ran > /run/pyqvm-runcmd"]
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_cloud_init_seed_is_applied(debian_image: image.GuestImage) -> None:
+    spec = VMSpec(
+        name="deb-seed",
+        image="debian",
+        networks=(Network(),),
+        cloud_init=CloudInit(user_data=SEED, meta_data={"pyqvm-test": "yes"}),
+        ready_timeout=300,
+    )
+    async with AsyncVM(spec) as vm:
+        status = await vm.run(["cloud-init", "status", "--wait", "--long"], timeout=240)
+        print(status.stdout_text)
+        sh = "hostname; cat /etc/pyqvm-seed.txt /run/pyqvm-runcmd; cloud-init query ds.meta_data"
+        out = (await vm.run(["sh", "-c", sh], check=True)).stdout_text
+        assert out.startswith("seeded\nfrom the seed\nran\n"), out
+        assert '"pyqvm-test": "yes"' in out and '"instance-id": "pyqvm-deb-seed-' in out, out
+        # It came from the seed volume pyqvm attached, labelled cidata.
+        label = await vm.run(["blkid", "-s", "LABEL", "-o", "value", "/dev/vdb"], check=True)
+        assert label.stdout_text == "cidata\n"

@@ -97,6 +97,7 @@ class LaunchContext:
     vde_sockets: Mapping[str, Path] = field(default_factory=dict)  # private NIC id -> switch
     append_extra: tuple[str, ...] = ()  # for the kernel command line (pyqvm.ip=...)
     fw_cfg: Mapping[str, Path] = field(default_factory=dict)  # name -> file (SSH keys)
+    seed: Path | None = None  # the cloud-init seed volume (pyqvm.seed), a read-only disk
 
 
 def console_chardev(ctx: LaunchContext) -> str:
@@ -310,7 +311,7 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
                 }
             ),
         ]
-    argv += disk_args(spec, ctx.disk_files)
+    argv += disk_args(spec, ctx.disk_files, seed=ctx.seed)
     argv += net_args(spec, ctx.accel, ctx.vde_sockets)
     for name, path in ctx.fw_cfg.items():
         argv += ["-fw_cfg", opts(None, {"name": name, "file": str(path)})]

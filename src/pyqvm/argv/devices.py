@@ -22,6 +22,9 @@ from pyqvm.argv.escape import opts, qjson
 from pyqvm.errors import SpecError
 from pyqvm.spec import Disk, Network, PortForward, VMSpec
 
+#: The cloud-init seed's disk (``pq-*`` ids are pyqvm's: no spec disk can take it).
+SEED_ID = "pq-seed"
+
 
 @dataclass(frozen=True, slots=True)
 class DiskFile:
@@ -84,12 +87,18 @@ class _IdePorts:
         return self._free.pop(0)
 
 
-def disk_args(spec: VMSpec, files: Mapping[str, DiskFile]) -> list[str]:
-    """``-blockdev`` (JSON) and ``-device`` arguments for disks and CD-ROMs."""
+def disk_args(
+    spec: VMSpec, files: Mapping[str, DiskFile], *, seed: Path | None = None
+) -> list[str]:
+    """``-blockdev`` (JSON) and ``-device`` arguments for disks and CD-ROMs; ``seed``, a
+    cloud-init seed volume, goes last as the read-only disk ``pq-seed``."""
     argv: list[str] = []
     ide = _IdePorts(spec.effective_machine)
     scsi_bus: str | None = None
-    for i, disk in enumerate(spec.disks):
+    disks = list(spec.disks)
+    if seed is not None:
+        disks.append(Disk(path=seed, format="raw", ephemeral=False, readonly=True, id=SEED_ID))
+    for i, disk in enumerate(disks):
         where = f"disks[{i}]"
         argv += ["-blockdev", qjson(_blockdev(disk, files.get(disk.id, DiskFile())))]
         iface = disk_interface(spec, disk)

@@ -82,6 +82,12 @@ def add_spec_options(p: argparse.ArgumentParser) -> None:
         g.add_argument(
             "--image", choices=["default", "full", "debian"], help="built-in image flavour"
         ),
+        g.add_argument(
+            "--cloud-init",
+            type=Path,
+            metavar="USER_DATA",
+            help="a cloud-init NoCloud seed with this user-data file (docs/guests.md)",
+        ),
         g.add_argument("--name", help="VM name"),
         g.add_argument("--timeout", type=float, help="seconds to wait for the guest to be ready"),
     ]
@@ -131,6 +137,11 @@ def spec_from_args(args: argparse.Namespace) -> VMSpec:
     ):
         if value is not None:
             data[key] = value
+    if args.cloud_init is not None:
+        try:
+            data["cloud_init"] = {"user_data": args.cloud_init.read_text()}
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--cloud-init: cannot read {args.cloud_init}: {e}") from None
     if kernel:
         data["kernel"] = kernel
     elif not args.spec and "image" not in data:
