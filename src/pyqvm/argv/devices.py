@@ -95,10 +95,7 @@ def disk_args(
     argv: list[str] = []
     ide = _IdePorts(spec.effective_machine)
     scsi_bus: str | None = None
-    disks = list(spec.disks)
-    if seed is not None:
-        disks.append(Disk(path=seed, format="raw", ephemeral=False, readonly=True, id=SEED_ID))
-    for i, disk in enumerate(disks):
+    for i, disk in enumerate(spec.disks):
         where = f"disks[{i}]"
         argv += ["-blockdev", qjson(_blockdev(disk, files.get(disk.id, DiskFile())))]
         iface = disk_interface(spec, disk)
@@ -130,6 +127,15 @@ def disk_args(
             "-device",
             qjson({"driver": "ide-cd", "id": node, "drive": node, **ide.take(f"cdroms[{i}]")}),
         ]
+    if seed is not None:
+        file = {"driver": "file", "filename": str(seed), "read-only": True}
+        blockdev = {"driver": "raw", "node-name": SEED_ID, "read-only": True, "file": file}
+        seed_dev: dict[str, object] = {"id": SEED_ID, "drive": SEED_ID}
+        if spec.profile == "emulated":  # a guest that may lack virtio drivers
+            seed_dev |= {"driver": "ide-hd", **ide.take("cloud_init")}
+        else:
+            seed_dev["driver"] = virtio(spec, "blk")
+        argv += ["-blockdev", qjson(blockdev), "-device", qjson(seed_dev)]
     return argv
 
 
