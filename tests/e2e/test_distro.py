@@ -3,9 +3,11 @@ cloud-init) built with mmdebstrap, booted in both device profiles."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from pyqvm import AsyncVM, Network, VMSpec, image
+from pyqvm import AsyncVM, Disk, Network, VMSpec, image
 from pyqvm.cloudinit import CloudInit
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distro]
@@ -73,3 +75,35 @@ async def test_a_cloud_init_seed_is_applied(debian_image: image.GuestImage) -> N
         # It came from the seed volume pyqvm attached, labelled cidata.
         label = await vm.run(["blkid", "-s", "LABEL", "-o", "value", "/dev/vdb"], check=True)
         assert label.stdout_text == "cidata\n"
+
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")  # Debian's ovmf package
+
+
+@pytest.mark.asyncio
+async def test_the_debian_disk_boots_from_firmware_through_a_bootloader(
+    debian_image: image.GuestImage,
+) -> None:
+    """No -kernel: OVMF finds systemd-boot on the boot disk's EFI system partition, which
+    loads the kernel and initrd from it and mounts the root disk by its label."""
+    assert debian_image.boot_disk is not None
+    spec = VMSpec(
+        name="deb-uefi",
+        firmware="ovmf",
+        ovmf_code=OVMF_CODE,
+        disks=(Disk(path=debian_image.boot_disk), Disk(path=debian_image.disk)),
+        networks=(Network(),),
+        ready="agent",
+        ready_timeout=300,
+    )
+    async with AsyncVM(spec) as vm:
+        assert "-kernel" not in vm.argv and vm.machine.resolved_spec.effective_machine == "q35"
+        state = await vm.run(["systemctl", "is-system-running", "--wait"], timeout=240)
+        failed = await vm.run(["systemctl", "--failed", "--no-legend", "--plain"])
+        print(f"uefi: {state.stdout_text.strip()}; failed units: {failed.stdout_text!r}")
+        assert state.stdout_text.strip() in ("running", "degraded"), failed.stdout_text
+        sh = "test -d /sys/firmware/efi && echo efi; cat /proc/cmdline; findmnt -no SOURCE /"
+        out = (await vm.run(["sh", "-c", sh], check=True)).stdout_text.splitlines()
+        assert out[0] == "efi"
+        assert out[1].startswith("initrd=\\initrd.img root=LABEL=pyqvm-root"), out  # systemd-boot's
+        assert out[2] == "/dev/vdb", out

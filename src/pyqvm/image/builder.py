@@ -216,7 +216,15 @@ def build(
     if flavour in DISTRO_FLAVOURS:
         if arch != "x86_64":
             raise SpecError("arch", f"the {flavour} flavour is built for x86_64 only so far")
-        for name in ("apt-cache", "mmdebstrap", "mkfs.ext4", "qemu-img"):
+        for name in (
+            "apt-cache",
+            "mmdebstrap",
+            "mkfs.ext4",
+            "qemu-img",
+            "mkfs.vfat",
+            "mcopy",
+            "sfdisk",
+        ):
             tools.tool(name)
         inputs_dict = distro.inputs()
         assemble = distro.assemble

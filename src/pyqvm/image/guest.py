@@ -72,6 +72,8 @@ class GuestImage:
     arch: str = "x86_64"
     cmdline: str = KERNEL_CMDLINE
     kind: str = "busybox"  # or "distro" (DISTRO_FLAVOURS): no pyqvm init, no ready marker
+    # A distro's UEFI boot disk (GPT, ESP with systemd-boot): boots `disk` under OVMF.
+    boot_disk: Path | None = None
 
 
 def cache_dir() -> Path:
@@ -113,6 +115,7 @@ def load_image(directory: Path) -> GuestImage | None:
             arch=str(manifest.get("arch", "x86_64")),
             cmdline=str(manifest.get("cmdline", KERNEL_CMDLINE)),
             kind=str(manifest.get("kind", "busybox")),
+            boot_disk=directory / manifest["boot_disk"] if "boot_disk" in manifest else None,
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -26,6 +26,11 @@ TOOL_PACKAGES = {
     "ldd": "libc-bin",
     "lz4": "lz4",
     "zstd": "zstd",
+    "mmdebstrap": "mmdebstrap",
+    "mkfs.vfat": "dosfstools",
+    "mmd": "mtools",
+    "mcopy": "mtools",
+    "sfdisk": "fdisk",
 }
 
 # Non-root shells often lack the sbin directories, where depmod and mkfs live.
