@@ -451,32 +451,34 @@ def _userland(
         (initrd / path).write_text(text)
 
 
+def _install_executables(initrd: Path, roots: dict[str, Path]) -> list[tuple[str, Path]]:
+    """GUEST_PACKAGES' executables, at their paths in the initramfs; returns them
+    with their packages."""
+    exes: list[tuple[str, Path]] = []
+    for name, executables in GUEST_PACKAGES.items():
+        for rel in executables:
+            exe = roots[name] / rel
+            if not exe.is_file():
+                raise ImageError(f"the {name} package has no {rel}")
+            _install(exe, initrd / rel, 0o755)
+            exes.append((name, exe))
+    return exes
+
+
 def _packages(initrd: Path, roots: dict[str, Path]) -> None:
     """GUEST_PACKAGES' executables and their libraries: from the unpacked .debs first,
     else the host's (which runs the Debian release the packages target)."""
     lib_dirs = sorted({lib.parent for root in roots.values() for lib in root.rglob("*.so*")})
-    for name, executables in GUEST_PACKAGES.items():
-        for rel in executables:
-            exe = roots[name] / rel
-            if not exe.is_file():
-                raise ImageError(f"the {name} package has no {rel}")
-            _install(exe, initrd / rel, 0o755)
-            for lib in tools.shared_libraries(exe, library_dirs=lib_dirs, package=name):
-                root = next((r for r in roots.values() if lib.is_relative_to(r)), Path("/"))
-                _install(lib.resolve(), initrd / lib.relative_to(root), 0o755)
+    for name, exe in _install_executables(initrd, roots):
+        for lib in tools.shared_libraries(exe, library_dirs=lib_dirs, package=name):
+            root = next((r for r in roots.values() if lib.is_relative_to(r)), Path("/"))
+            _install(lib.resolve(), initrd / lib.relative_to(root), 0o755)
 
 
 def _foreign_packages(initrd: Path, roots: dict[str, Path], arch: ArchInfo) -> None:
     """GUEST_PACKAGES' executables of a foreign arch, with the libraries their ELF
-    headers name, found in the unpacked library packages."""
-    exes: list[Path] = []
-    for name, executables in GUEST_PACKAGES.items():
-        for rel in executables:
-            exe = roots[name] / rel
-            if not exe.is_file():
-                raise ImageError(f"the {name} package has no {rel}")
-            _install(exe, initrd / rel, 0o755)
-            exes.append(exe)
+    headers name, found in the unpacked library packages (ldd cannot run them)."""
+    exes = [exe for _, exe in _install_executables(initrd, roots)]
     for lib, guest_path in foreign.library_closure(exes, list(roots.values()), arch):
         _install(lib, initrd / guest_path.lstrip("/"), 0o755)
 
