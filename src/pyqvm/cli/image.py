@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from pyqvm import image
 
     if args.image_command == "build":
-        for f in image.FLAVOURS if args.flavour == "all" else (args.flavour,):
+        every = [f for f in image.FLAVOURS if args.arch == "x86_64" or f != "debian"]
+        for f in every if args.flavour == "all" else (args.flavour,):
             img = image.build(f, force=args.force, arch=args.arch)
             print(
                 f"{img.flavour}{'' if img.arch == 'x86_64' else f' ({img.arch})'}: {img.directory}"
