@@ -47,7 +47,6 @@ CMDLINE = f"root=LABEL={ROOT_LABEL} rw console=ttyS0 mitigations=off quiet"
 #: The GPT type of an EFI system partition.
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 SYSTEMD_BOOT = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
-_HOST_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 
 
 def inputs() -> dict[str, str]:
@@ -62,19 +61,6 @@ def inputs() -> dict[str, str]:
     return d
 
 
-def host_sources() -> list[Path]:
-    """The host's apt source files, as mmdebstrap's mirror arguments (the same mirrors)."""
-    files: list[Path] = []
-    for src in _HOST_SOURCES:
-        if src.is_file() and src.stat().st_size:
-            files.append(src)
-        elif src.is_dir():
-            files += sorted(p for p in src.iterdir() if p.suffix in (".list", ".sources"))
-    if not files:
-        raise ImageError("the host has no apt sources (/etc/apt/sources.list[.d]) to build from")
-    return files
-
-
 def assemble(out: Path) -> dict[str, object]:
     """Build the system into ``out``: vmlinuz, initrd.img, disk.qcow2; returns the manifest."""
     tree = out / "tree"
@@ -83,7 +69,7 @@ def assemble(out: Path) -> dict[str, object]:
     hooks.append('echo pyqvm-debian > "$1/etc/hostname"')
     argv = ["mmdebstrap", "--variant=apt", "--mode=auto", f"--include={','.join(PACKAGES)}"]
     argv += [f"--customize-hook={h}" for h in hooks]
-    argv += [SUITE, str(tree), *map(str, host_sources())]
+    argv += [SUITE, str(tree), *map(str, tools.host_apt_sources())]
     log.info("mmdebstrap %s: %s (a minute or two)", SUITE, ", ".join(PACKAGES))
     tools.run(argv, what="mmdebstrap")
     boot = tree / "boot"
@@ -164,4 +150,4 @@ def _boot_disk(out: Path, loader: Path) -> None:
     shutil.rmtree(work)
 
 
-__all__ = ["CMDLINE", "PACKAGES", "ROOT_LABEL", "assemble", "host_sources", "inputs"]
+__all__ = ["CMDLINE", "PACKAGES", "ROOT_LABEL", "assemble", "inputs"]

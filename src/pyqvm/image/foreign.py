@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 #: Package lists older than this are refreshed before a build resolves versions.
 LISTS_MAX_AGE = 24 * 3600.0
-_HOST_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 
 
 def apt_env(arch: ArchInfo, cache: Path) -> dict[str, str]:
@@ -77,14 +76,7 @@ def apt_env(arch: ArchInfo, cache: Path) -> dict[str, str]:
 
 def _copy_host_sources(dest: Path) -> None:
     """The host's apt sources (one-line and deb822), as they are: the same mirrors."""
-    files: list[Path] = []
-    for src in _HOST_SOURCES:
-        if src.is_file():
-            files.append(src)
-        elif src.is_dir():
-            files += sorted(p for p in src.iterdir() if p.suffix in (".list", ".sources"))
-    if not files:
-        raise ImageError("the host has no apt sources (/etc/apt/sources.list[.d]) to copy")
+    files = tools.host_apt_sources()
     for old in dest.iterdir():
         old.unlink()
     for i, src in enumerate(files):

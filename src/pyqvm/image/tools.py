@@ -95,6 +95,23 @@ def _apt_hint(names: Sequence[str], stderr: str) -> ImageError:
     )
 
 
+_HOST_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
+
+
+def host_apt_sources() -> list[Path]:
+    """The host's apt source files (one-line and deb822, empty ones skipped): the mirrors
+    a foreign-arch apt configuration and mmdebstrap use, so they match the host's."""
+    files: list[Path] = []
+    for src in _HOST_SOURCES:
+        if src.is_file() and src.stat().st_size:
+            files.append(src)
+        elif src.is_dir():
+            files += sorted(p for p in src.iterdir() if p.suffix in (".list", ".sources"))
+    if not files:
+        raise ImageError("the host has no apt sources (/etc/apt/sources.list[.d]) to build from")
+    return files
+
+
 def sandbox_options() -> list[str]:
     """apt drops to the ``_apt`` user, who cannot write into our cache dir: not as root."""
     return ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
