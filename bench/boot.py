@@ -11,7 +11,7 @@ Rounds alternate the order so drift in machine load hits both sides.
                          [--arch x86_64|aarch64] [--cpu MODEL]
 
 The last line is ``result: boot pyqvm=<median s> baseline=<median s> ratio=<r>``
-(``boot-aarch64`` for ``--arch aarch64``).
+(``boot-aarch64`` for ``--arch aarch64``, ``boot-debian`` for ``--image debian``).
 """
 
 from __future__ import annotations
@@ -144,7 +144,11 @@ async def main() -> None:
         med = statistics.median(xs)
         print(f"{label:8}  median {med:.3f} s  min {min(xs):.3f}  max {max(xs):.3f}")
     p, b = statistics.median(ours), statistics.median(theirs)
-    name = "boot" if args.arch == "x86_64" else f"boot-{args.arch}"
+    name = "-".join(
+        ["boot"]
+        + ([args.arch] if args.arch != "x86_64" else [])
+        + ([args.image] if args.image != "default" else [])
+    )
     print(f"result: {name} pyqvm={p:.3f} baseline={b:.3f} ratio={p / b:.3f}")
 
 

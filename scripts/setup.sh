@@ -8,7 +8,7 @@ PACKAGES=(qemu-system-x86 qemu-utils qemu-guest-agent busybox-static cpio kmod e
           dpkg apt qemu-system-xen iproute2 gdb vde-switch
           openssh-client dropbear-bin gcc libc6-dev
           qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross mmdebstrap
-          ovmf dosfstools mtools fdisk)
+          ovmf qemu-efi-aarch64 dosfstools mtools fdisk)
 # qemu-system-xen: the Xen device model whose argv tests check; iproute2: `ip netns`, the
 # "hosts" of the TLS migration tests; gdb: `pyqvm gdb` and its e2e test; vde-switch: the
 # switch of each private network (pyqvm.privnet); openssh-client: `pyqvm ssh`;
@@ -16,7 +16,8 @@ PACKAGES=(qemu-system-x86 qemu-utils qemu-guest-agent busybox-static cpio kmod e
 # gcc, libc6-dev: the image builder compiles the guest's small C helpers (INITRD_PROGRAMS);
 # qemu-system-arm and the aarch64 cross compiler: aarch64 guests and their built-in image;
 # mmdebstrap: the debian flavour (a systemd guest; `--flavour all` builds it, ~70 s);
-# dosfstools, mtools, fdisk: its UEFI boot disk; ovmf: the firmware that boots it
+# dosfstools, mtools, fdisk: the UEFI boot disk of every built-in image; ovmf and
+# qemu-efi-aarch64 (AAVMF): the firmware that boots it on x86_64 and aarch64
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -29,6 +29,8 @@ class ArchInfo:
     tcg_cpu: str | None  # -cpu under TCG (None: QEMU's default)
     gnu_triplet: str  # the GNU toolchain prefix of its cross compiler
     firmware_package: str  # the Debian package with its UEFI firmware
+    firmware_code: str  # that package's UEFI code image (pflash0)
+    efi_suffix: str  # UEFI's name of the arch in loader paths (BOOTX64.EFI, systemd-bootx64.efi)
 
 
 ARCHES: dict[str, ArchInfo] = {
@@ -42,6 +44,8 @@ ARCHES: dict[str, ArchInfo] = {
         tcg_cpu=None,
         gnu_triplet="x86_64-linux-gnu",
         firmware_package="ovmf",
+        firmware_code="/usr/share/OVMF/OVMF_CODE_4M.fd",
+        efi_suffix="x64",
     ),
     "aarch64": ArchInfo(
         name="aarch64",
@@ -55,6 +59,8 @@ ARCHES: dict[str, ArchInfo] = {
         tcg_cpu="cortex-a72",
         gnu_triplet="aarch64-linux-gnu",
         firmware_package="qemu-efi-aarch64",
+        firmware_code="/usr/share/AAVMF/AAVMF_CODE.fd",
+        efi_suffix="aa64",
     ),
 }
 

@@ -375,8 +375,11 @@ class VMSpec:
         if self.ready == "agent" and not self.guest_agent:
             raise SpecError("ready", 'ready = "agent" needs guest_agent = true')
         if self.firmware == "ovmf" and self.ovmf_code is None:
+            fw = arch_info(self.arch)
             raise SpecError(
-                "ovmf_code", 'firmware = "ovmf" needs ovmf_code (e.g. /usr/share/OVMF/OVMF_CODE.fd)'
+                "ovmf_code",
+                f'firmware = "ovmf" needs ovmf_code (e.g. {fw.firmware_code} '
+                f"from the {fw.firmware_package} package)",
             )
         if self.cloud_init is not None:
             if not isinstance(self.cloud_init, CloudInit):
@@ -477,11 +480,12 @@ class VMSpec:
                 'guest has no use for; use profile = "virtio" (virt\'s own devices are PL011 '
                 "and PCIe, which every profile gets)",
             )
-        if self.kernel is None and self.image is None:
+        if self.kernel is None and self.image is None and self.firmware == "seabios":
             raise SpecError(
-                "kernel",
-                "firmware boot of an aarch64 disk is not supported yet; boot a kernel "
-                "directly (set kernel or image)",
+                "firmware",
+                "SeaBIOS is PC firmware; boot an aarch64 disk with UEFI: firmware = "
+                f'"ovmf" and ovmf_code = "{arch_info(self.arch).firmware_code}" (AAVMF), '
+                "or boot a kernel directly (set kernel or image)",
             )
         for field_name, value in (
             ("cdroms", self.cdroms),

@@ -9,6 +9,7 @@ import pytest
 from _cli import pyqvm
 
 from pyqvm import AsyncVM, Disk, Network, VMSpec, image, templates
+from pyqvm.arches import arch_info
 
 pytestmark = [pytest.mark.e2e]
 
@@ -79,3 +80,27 @@ def test_pyqvm_run_arch_aarch64(aarch64_image: image.GuestImage) -> None:
     out = pyqvm("run", "--arch", "aarch64", "--", "uname", "-m")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "aarch64\n"
+
+
+@pytest.mark.asyncio
+async def test_the_aarch64_boot_disk_boots_under_uefi(aarch64_image: image.GuestImage) -> None:
+    """No -kernel: AAVMF (qemu-efi-aarch64) finds systemd-boot on the boot disk's EFI system
+    partition as the removable-media loader, and it loads the kernel and initrd from there."""
+    assert aarch64_image.boot_disk is not None
+    code = Path(arch_info("aarch64").firmware_code)
+    spec = VMSpec(
+        name="arm-uefi",
+        arch="aarch64",
+        firmware="ovmf",
+        ovmf_code=code,
+        disks=(Disk(path=aarch64_image.boot_disk),),
+        ready="agent",
+        ready_timeout=180,
+    )
+    async with AsyncVM(spec) as vm:
+        assert "-kernel" not in vm.argv and "pflash0=pq-ovmf-code" in " ".join(vm.argv)
+        out = await sh(vm, "uname -m; test -d /sys/firmware/efi && echo efi; cat /proc/cmdline")
+        arch, efi, cmdline = out.splitlines()
+        assert (arch, efi) == ("aarch64", "efi")
+        # systemd-boot's entry: it passes the initrd it loaded and the image's command line.
+        assert cmdline == f"initrd=\\initrd.img {aarch64_image.cmdline}"

@@ -82,9 +82,17 @@ def test_what_virt_has_no_use_for_is_refused(
     assert err.value.field == field and words in str(err.value)
 
 
-def test_a_disk_boot_on_aarch64_is_refused_for_now() -> None:
-    with pytest.raises(SpecError, match="firmware boot of an aarch64 disk is not supported yet"):
+def test_a_disk_boot_on_aarch64_needs_uefi_and_names_aavmf(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="SeaBIOS is PC firmware") as err:
         VMSpec(arch="aarch64")
+    assert err.value.field == "firmware" and "/usr/share/AAVMF/AAVMF_CODE.fd" in str(err.value)
+    with pytest.raises(SpecError, match="qemu-efi-aarch64 package") as err:
+        VMSpec(arch="aarch64", firmware="ovmf")
+    assert err.value.field == "ovmf_code"
+    code = tmp_path / "AAVMF_CODE.fd"
+    code.write_bytes(b"")
+    spec = VMSpec(arch="aarch64", firmware="ovmf", ovmf_code=code)
+    assert spec.effective_machine == "virt" and spec.kernel is None
 
 
 def test_arm64_images_plain_and_gzipped_are_recognised(tmp_path: Path) -> None:

@@ -17,14 +17,15 @@ from pyqvm.image.modules import on_demand_modules, parse_module_list
 INIT = builder.RECIPES / "init"
 
 
-def inputs(arch: str = "x86_64", **versions: str) -> builder._Inputs:
+def inputs(arch: str = "x86_64", **versions: str) -> builder.BuildInputs:
     pkg = lambda name: tools.Package(name, versions.get(name, "1.0"), "amd64")  # noqa: E731
-    return builder._Inputs(
+    return builder.BuildInputs(
         flavour="default",
         arch=ARCHES[arch],
         kernel=pkg("linux-image-6.1.0-57-cloud-amd64"),
         busybox=pkg("busybox-static"),
         packages=tuple(pkg(name) for name in builder.GUEST_PACKAGES),
+        loader=pkg(builder.LOADER_PACKAGE),
         recipes={"init": "abc"},
     )
 
@@ -40,7 +41,7 @@ def test_each_package_version_is_a_cache_input() -> None:
     base = inputs()
     assert base.as_dict()["dropbear-bin"] == "dropbear-bin=1.0"
     assert base.as_dict()["qemu-guest-agent"] == "qemu-guest-agent=1.0"
-    for name in builder.GUEST_PACKAGES:
+    for name in (*builder.GUEST_PACKAGES, builder.LOADER_PACKAGE):
         assert cache_key(inputs(**{name: "2.0"}).as_dict()) != cache_key(base.as_dict())
     # An aarch64 image of the same package versions is another image.
     assert cache_key(inputs("aarch64").as_dict()) != cache_key(base.as_dict())

@@ -27,7 +27,7 @@ from pathlib import Path
 from pyqvm.arches import ArchInfo, arch_info, cross_compiler, host_arch
 from pyqvm.errors import HostError, ImageError, SpecError
 from pyqvm.host.kernel import extract_vmlinux
-from pyqvm.image import distro, foreign, tools
+from pyqvm.image import distro, esp, foreign, tools
 from pyqvm.image.cpio import CpioEntry, NewcWriter
 from pyqvm.image.guest import (
     DISTRO_FLAVOURS,
@@ -54,8 +54,11 @@ from pyqvm.image.modules import (
 log = logging.getLogger(__name__)
 
 # Bump when the build steps change in a way the recipe files do not show.
-# 2: LZ4 initramfs; 3: packages of GUEST_PACKAGES, libraries from .debs; 4: INITRD_PROGRAMS
-BUILDER_VERSION = "4"
+# 2: LZ4 initramfs; 3: packages of GUEST_PACKAGES, libraries from .debs; 4: INITRD_PROGRAMS;
+# 5: the UEFI boot disk
+BUILDER_VERSION = "5"
+#: The package with the boot disk's UEFI loader (`pyqvm.image.esp`).
+LOADER_PACKAGE = "systemd-boot-efi"
 
 RECIPES = Path(__file__).with_name("recipes")
 DISK_SIZE = "64M"
@@ -98,12 +101,14 @@ _ETC = {
 
 
 @dataclass(frozen=True, slots=True)
-class _Inputs:
+class BuildInputs:
+    """Everything an image is built from: its cache key (``as_dict``) changes when any does."""
     flavour: str
     arch: ArchInfo
     kernel: tools.Package
     busybox: tools.Package
     packages: tuple[tools.Package, ...]  # GUEST_PACKAGES, in that order
+    loader: tools.Package  # LOADER_PACKAGE
     recipes: dict[str, str]  # file name -> sha256
     # A foreign arch only: GUEST_PACKAGES' library dependencies (ldd cannot run its
     # programs), and the host's busybox of the same version (to list the applets).
@@ -117,6 +122,7 @@ class _Inputs:
             "builder": BUILDER_VERSION,
             "kernel": f"{self.kernel.name}={self.kernel.version}",
             "busybox": f"{self.busybox.name}={self.busybox.version}",
+            "loader": f"{self.loader.name}={self.loader.version}",
         }
         d.update({pkg.name: f"{pkg.name}={pkg.version}" for pkg in self.packages})
         d.update({f"lib:{p.name}": p.version for p in self.libraries})
@@ -146,9 +152,9 @@ def kernel_package(meta: tools.Package) -> tuple[str, str | None]:
     raise ImageError(f"cannot tell which kernel {meta.name} depends on ({meta.depends!r})")
 
 
-def _resolve(flavour: str, arch: ArchInfo, env: dict[str, str]) -> _Inputs:
+def _resolve(flavour: str, arch: ArchInfo, env: dict[str, str]) -> BuildInputs:
     meta = KERNEL_PACKAGES[flavour].format(debian=arch.debian)
-    names = [meta, "busybox-static", *GUEST_PACKAGES]
+    names = [meta, "busybox-static", LOADER_PACKAGE, *GUEST_PACKAGES]
     log.info("resolving %s (%s) with apt-cache", ", ".join(names), arch.debian)
     found = tools.apt_show(names, env=env)
     name, pinned = kernel_package(found[meta])
@@ -165,12 +171,13 @@ def _resolve(flavour: str, arch: ArchInfo, env: dict[str, str]) -> _Inputs:
         shown = tools.apt_show(libs, env=env) if libs else {}
         libraries = tuple(shown[n] for n in libs)
         host_busybox = tools.apt_show(["busybox-static"])["busybox-static"]
-    return _Inputs(
+    return BuildInputs(
         flavour=flavour,
         arch=arch,
         kernel=kernel,
         busybox=found["busybox-static"],
         packages=tuple(found[name] for name in GUEST_PACKAGES),
+        loader=found[LOADER_PACKAGE],
         recipes=recipe_digests(),
         libraries=libraries,
         host_busybox=host_busybox,
@@ -216,20 +223,21 @@ def build(
     if flavour in DISTRO_FLAVOURS:
         if arch != "x86_64":
             raise SpecError("arch", f"the {flavour} flavour is built for x86_64 only so far")
-        for name in (
-            "apt-cache",
-            "mmdebstrap",
-            "mkfs.ext4",
-            "qemu-img",
-            "mkfs.vfat",
-            "mcopy",
-            "sfdisk",
-        ):
+        for name in ("apt-cache", "mmdebstrap", "mkfs.ext4", *esp.TOOLS):
             tools.tool(name)
         inputs_dict = distro.inputs()
         assemble = distro.assemble
     else:
-        for name in ("apt-cache", "apt-get", "dpkg-deb", "depmod", "mkfs.ext4", "qemu-img", "ldd"):
+        for name in (
+            "apt-cache",
+            "apt-get",
+            "dpkg-deb",
+            "depmod",
+            "mkfs.ext4",
+            "qemu-img",
+            "ldd",
+            *esp.TOOLS,
+        ):
             tools.tool(name)
         info = arch_info(arch)
         compiler, packages = cross_compiler(info)
@@ -277,12 +285,13 @@ def build(
     return image
 
 
-def _download(inputs: _Inputs, downloads: Path, env: dict[str, str]) -> dict[str, Path]:
+def _download(inputs: BuildInputs, downloads: Path, env: dict[str, str]) -> dict[str, Path]:
     debs = {
         name: tools.apt_download(pkg, downloads, env=env)
         for name, pkg in (
             ("kernel", inputs.kernel),
             ("busybox", inputs.busybox),
+            ("loader", inputs.loader),
             *((pkg.name, pkg) for pkg in inputs.packages),
             *((f"lib:{pkg.name}", pkg) for pkg in inputs.libraries),
         )
@@ -292,7 +301,7 @@ def _download(inputs: _Inputs, downloads: Path, env: dict[str, str]) -> dict[str
     return debs
 
 
-def _assemble(out: Path, inputs: _Inputs, debs: dict[str, Path]) -> dict[str, object]:
+def _assemble(out: Path, inputs: BuildInputs, debs: dict[str, Path]) -> dict[str, object]:
     work = out / "work"
     kroot, broot = work / "kernel", work / "busybox"
     tools.unpack(debs["kernel"], kroot)
@@ -334,6 +343,16 @@ def _assemble(out: Path, inputs: _Inputs, debs: dict[str, Path]) -> dict[str, ob
             log.warning("booting the bzImage: no PVH vmlinux for %s: %s", version, e)
 
     _disk(work / "disk", out / "disk.qcow2")
+    tools.unpack(debs["loader"], work / "loader")
+    esp.boot_disk(
+        out / "boot.qcow2",
+        arch=inputs.arch,
+        loader=esp.systemd_boot(work / "loader", inputs.arch),
+        kernel=out / "vmlinuz",
+        initrd=out / "initrd.img",
+        cmdline=KERNEL_CMDLINES[inputs.arch.name],
+        title=f"pyqvm {inputs.flavour} guest ({inputs.arch.name})",
+    )
     shutil.rmtree(work)
     return {
         "kind": "busybox",
@@ -345,6 +364,7 @@ def _assemble(out: Path, inputs: _Inputs, debs: dict[str, Path]) -> dict[str, ob
         "bzimage": "vmlinuz",
         "initrd": "initrd.img",
         "disk": "disk.qcow2",
+        "boot_disk": "boot.qcow2",  # firmware boot: systemd-boot, the kernel, the initrd
         "ready_marker": READY_MARKER,
         "cmdline": KERNEL_CMDLINES[inputs.arch.name],
         "modules": {

@@ -16,15 +16,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import subprocess
 from pathlib import Path
 
+from pyqvm.arches import arch_info
 from pyqvm.errors import ImageError
-from pyqvm.image import tools
+from pyqvm.image import esp, tools
 
 log = logging.getLogger(__name__)
 
-DISTRO_VERSION = "2"  # 2: the UEFI boot disk
+DISTRO_VERSION = "2"  # 2: the UEFI boot disk (pyqvm.image.esp)
 SUITE = "bookworm"
 RECIPES = Path(__file__).with_name("recipes") / "debian"
 ROOT_LABEL = "pyqvm-root"
@@ -44,9 +44,7 @@ FILES = {
     "20-wired.network": "etc/systemd/network/20-wired.network",
 }
 CMDLINE = f"root=LABEL={ROOT_LABEL} rw console=ttyS0 mitigations=off quiet"
-#: The GPT type of an EFI system partition.
-ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
-SYSTEMD_BOOT = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
+X86_64 = arch_info("x86_64")
 
 
 def inputs() -> dict[str, str]:
@@ -82,7 +80,17 @@ def assemble(out: Path) -> dict[str, object]:
         raise ImageError(f"the {SUITE} tree has no {initrd.name}")
     shutil.copyfile(kernels[0], out / "vmlinuz")
     shutil.copyfile(initrd, out / "initrd.img")
-    _boot_disk(out, tree / SYSTEMD_BOOT)
+    # The proof that the root disk is a bootable system: with it as a second disk, the
+    # boot disk boots under OVMF (firmware = "ovmf") through systemd-boot.
+    esp.boot_disk(
+        out / "boot.qcow2",
+        arch=X86_64,
+        loader=esp.systemd_boot(tree, X86_64),
+        kernel=out / "vmlinuz",
+        initrd=out / "initrd.img",
+        cmdline=CMDLINE,
+        title=f"Debian {SUITE} (pyqvm)",
+    )
     raw = out / "root.img"
     log.info("making the root file system (ext4 %s, label %s)", ROOT_SIZE, ROOT_LABEL)
     tools.run(
@@ -105,49 +113,6 @@ def assemble(out: Path) -> dict[str, object]:
         "cmdline": CMDLINE,
         "packages": list(PACKAGES),
     }
-
-
-def _boot_disk(out: Path, loader: Path) -> None:
-    """``boot.qcow2``: a GPT disk whose one EFI system partition holds systemd-boot (as the
-    removable-media loader, so firmware without boot entries finds it), the kernel, the
-    initrd and a loader entry for the root disk. With `disk.qcow2` as a second disk it
-    boots under OVMF (firmware = "ovmf"): the proof that the root disk is a bootable system.
-    Made with mkfs.vfat, mtools and sfdisk on plain files: no mount, no loop device."""
-    if not loader.is_file():
-        raise ImageError(f"the tree has no {loader.name} (systemd-boot-efi)")
-    work = out / "esp"
-    work.mkdir()
-    (work / "loader.conf").write_text("default debian.conf\ntimeout 0\n")
-    (work / "debian.conf").write_text(
-        f"title Debian {SUITE} (pyqvm)\nlinux /vmlinuz\ninitrd /initrd.img\noptions {CMDLINE}\n"
-    )
-    files = {
-        loader: "::/EFI/BOOT/BOOTX64.EFI",
-        work / "loader.conf": "::/loader/loader.conf",
-        work / "debian.conf": "::/loader/entries/debian.conf",
-        out / "vmlinuz": "::/vmlinuz",
-        out / "initrd.img": "::/initrd.img",
-    }
-    mib = sum(p.stat().st_size for p in files) // (1 << 20) + 16
-    esp = work / "esp.img"
-    tools.run(["mkfs.vfat", "-C", "-n", "PYQVM-ESP", str(esp), str(mib * 1024)],
-              what="mkfs.vfat")  # fmt: skip
-    tools.run(["mmd", "-i", str(esp), "::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"],
-              what="mmd")  # fmt: skip
-    for src, dst in files.items():
-        tools.run(["mcopy", "-i", str(esp), str(src), dst], what=f"mcopy {src.name}")
-    disk = work / "boot.img"
-    with disk.open("wb") as f:
-        f.truncate((mib + 2) << 20)  # 1 MiB before the partition, room for GPT's backup
-    table = f"label: gpt\nstart=2048, size={mib * 2048}, type={ESP_TYPE}, name=ESP\n"
-    subprocess.run([tools.tool("sfdisk"), "-q", str(disk)], input=table, text=True, check=True,
-                   capture_output=True)  # fmt: skip
-    with esp.open("rb") as src_f, disk.open("r+b") as dst_f:
-        dst_f.seek(1 << 20)
-        shutil.copyfileobj(src_f, dst_f)
-    tools.run(["qemu-img", "convert", "-O", "qcow2", str(disk), str(out / "boot.qcow2")],
-              what="qemu-img convert")  # fmt: skip
-    shutil.rmtree(work)
 
 
 __all__ = ["CMDLINE", "PACKAGES", "ROOT_LABEL", "assemble", "inputs"]

@@ -56,16 +56,23 @@ def run(
     what: str,
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
+    input: str | None = None,
 ) -> str:
     """Run a tool (no shell) and return its stdout; ImageError with stderr on failure.
 
-    ``env`` is added to this process's environment.
+    ``env`` is added to this process's environment; ``input`` goes to its stdin.
     """
     exe = tool(argv[0])
     log.debug("running %s", " ".join(argv))
     full = {**os.environ, **env} if env else None
     proc = subprocess.run(
-        [exe, *argv[1:]], cwd=cwd, env=full, capture_output=True, text=True, check=False
+        [exe, *argv[1:]],
+        cwd=cwd,
+        env=full,
+        input=input,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-10:])
