@@ -7,7 +7,7 @@ mount, no root tricks beyond what mmdebstrap's root mode needs) and converted
 to qcow2. The generic kernel and its initramfs-tools initrd are taken out of
 the tree and booted directly: no bootloader. The files of ``recipes/debian``
 go to fixed places in the tree (fstab, cloud-init's datasource list, a
-networkd profile). The cache key hashes the candidate versions of the
+networkd profile, a wait-online drop-in that does not wait for a NIC the VM lacks). The cache key hashes the candidate versions of the
 packages asked for, the recipes and `DISTRO_VERSION`.
 """
 
@@ -42,6 +42,7 @@ FILES = {
     "fstab": "etc/fstab",
     "90-pyqvm.cfg": "etc/cloud/cloud.cfg.d/90-pyqvm.cfg",
     "20-wired.network": "etc/systemd/network/20-wired.network",
+    "wait-online.conf": "etc/systemd/system/systemd-networkd-wait-online.service.d/pyqvm.conf",
 }
 CMDLINE = f"root=LABEL={ROOT_LABEL} rw console=ttyS0 mitigations=off quiet"
 X86_64 = arch_info("x86_64")
