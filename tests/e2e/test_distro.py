@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pyqvm import AsyncVM, Disk, Network, VMSpec, image
+from pyqvm import AsyncVM, Disk, Network, VMSpec, image, templates
 from pyqvm.cloudinit import CloudInit
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distro]
@@ -44,6 +44,45 @@ async def test_the_debian_flavour_reaches_a_running_system(
             assert "virtio_net" in drivers.stdout_text and "vda" in drivers.stdout_text
         else:
             assert "e1000" in drivers.stdout_text and "sda" in drivers.stdout_text
+
+
+@pytest.mark.asyncio
+async def test_without_a_nic_the_boot_does_not_wait_for_the_network(
+    debian_image: image.GuestImage,
+) -> None:
+    """The image's drop-in: systemd-networkd-wait-online (which cloud-init, sysinit.target and
+    so the agent wait for) finds no NIC and succeeds instead of timing out after 2 minutes."""
+    spec = VMSpec(name="deb-nonic", image="debian", networks=(), ready_timeout=300)
+    async with AsyncVM(spec) as vm:
+        await vm.run(["systemctl", "is-system-running", "--wait"], timeout=240)
+        show = ["systemctl", "show", "-P", "Result", "systemd-networkd-wait-online.service"]
+        assert (await vm.run(show, check=True)).stdout_text == "success\n"
+        net = await vm.run(["ls", "/sys/class/net"], check=True)
+        assert net.stdout_text == "lo\n"
+
+
+@pytest.mark.asyncio
+async def test_a_template_of_the_debian_flavour_clones(
+    debian_image: image.GuestImage, tmp_path: Path
+) -> None:
+    """A systemd guest of pyqvm's own making, frozen after its setup: each clone starts from
+    the running system (no boot) with its own random state."""
+    spec = VMSpec(name="debt", image="debian", networks=(Network(),), ready_timeout=300)
+    setup = ["systemctl is-system-running --wait || true", "echo set-up > /root/s"]
+    t = await templates.create(spec, "deb", directory=tmp_path / "t", setup=setup)
+    a = await AsyncVM.from_template(t)
+    b = await AsyncVM.from_template(t)
+    try:
+        sh = "cat /root/s; cat /proc/1/comm; head -c 16 /dev/urandom | od -An -tx1"
+        out_a = (await a.run(["sh", "-c", sh], check=True)).stdout_text.splitlines()
+        out_b = (await b.run(["sh", "-c", sh], check=True)).stdout_text.splitlines()
+        assert out_a[:2] == out_b[:2] == ["set-up", "systemd"]
+        assert out_a[2] != out_b[2]
+        state = await a.run(["systemctl", "is-system-running"])
+        assert state.stdout_text.strip() in ("running", "degraded")
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 SEED = """#cloud-config

@@ -103,6 +103,7 @@ _ETC = {
 @dataclass(frozen=True, slots=True)
 class BuildInputs:
     """Everything an image is built from: its cache key (``as_dict``) changes when any does."""
+
     flavour: str
     arch: ArchInfo
     kernel: tools.Package

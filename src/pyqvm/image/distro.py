@@ -5,9 +5,11 @@ The root file system is made by mmdebstrap from the host's apt sources (no
 change to the host), put into an ext4 image with ``mkfs.ext4 -d`` (no loop
 mount, no root tricks beyond what mmdebstrap's root mode needs) and converted
 to qcow2. The generic kernel and its initramfs-tools initrd are taken out of
-the tree and booted directly: no bootloader. The files of ``recipes/debian``
-go to fixed places in the tree (fstab, cloud-init's datasource list, a
-networkd profile, a wait-online drop-in that does not wait for a NIC the VM lacks). The cache key hashes the candidate versions of the
+the tree and booted directly; ``boot.qcow2`` has them on an EFI system
+partition behind systemd-boot for firmware boot. The files of
+``recipes/debian`` go to fixed places in the tree (fstab, cloud-init's
+datasource list, a networkd profile, a wait-online drop-in that does not wait
+for a NIC the VM lacks). The cache key hashes the candidate versions of the
 packages asked for, the recipes and `DISTRO_VERSION`.
 """
 
