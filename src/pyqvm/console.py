@@ -8,6 +8,7 @@ message after teardown can still show it.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 from pyqvm.deadline import Deadline
@@ -23,6 +24,14 @@ class ConsoleLog:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
         self._frozen = b""
+
+    @classmethod
+    def create(cls, path: Path, prefix: bytes = b"") -> ConsoleLog:
+        """A new console file (private to us) that starts with ``prefix``; QEMU appends."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as f:
+            f.write(prefix)
+        return cls(path)
 
     def text(self) -> str:
         """The console output so far (its last 64 KiB)."""

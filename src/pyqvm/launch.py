@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,42 @@ class LaunchPlan:
     ram: RamFile | None = None
     console_prefix: bytes = b""
 
+    def applied_to(self, resolved: Resolved) -> Resolved:
+        """``resolved`` as this plan launches it (``without_forwards``: NICs without them)."""
+        if not self.without_forwards:
+            return resolved
+        nets = tuple(dataclasses.replace(n, forwards=()) for n in resolved.spec.networks)
+        return dataclasses.replace(resolved, spec=dataclasses.replace(resolved.spec, networks=nets))
+
+
+class Channels:
+    """The connected socket pairs of one launch: QMP, the guest agent's port and
+    pyqvm-wake's (`has_wake_port`). QEMU inherits one end of each (``theirs``, by fd),
+    pyqvm keeps the other (``ours``). Connected before QEMU starts: no client can race
+    pyqvm to them, and a port's host side is connected for QEMU's whole life."""
+
+    def __init__(self, resolved: Resolved) -> None:
+        wanted = {"qmp": True, "agent": resolved.spec.guest_agent, "wake": has_wake_port(resolved)}
+        self.ours: dict[str, socket.socket] = {}
+        self.theirs: dict[str, socket.socket] = {}
+        for name in (n for n, on in wanted.items() if on):
+            self.ours[name], self.theirs[name] = socket.socketpair()
+
+    def fd(self, name: str) -> int | None:
+        """The fd number of QEMU's end of ``name`` (None: the launch has no such channel)."""
+        s = self.theirs.get(name)
+        return s.fileno() if s is not None else None
+
+    def close_theirs(self) -> None:
+        """Once QEMU runs (it holds its own copies), or did not start."""
+        for s in self.theirs.values():
+            s.close()
+
+    def close(self) -> None:
+        self.close_theirs()
+        for s in self.ours.values():
+            s.close()
+
 
 def launch_argv(
     resolved: Resolved,
@@ -64,6 +101,7 @@ def launch_argv(
     console_log: Path,
     qmp_fd: int,
     agent_fd: int | None,
+    wake_fd: int | None = None,
     incoming: str | None = None,
     ram: RamFile | None = None,
     networks: Mapping[str, Membership] | None = None,
@@ -103,6 +141,7 @@ def launch_argv(
         accel=resolved.accel,
         qmp_fd=qmp_fd,
         agent_fd=agent_fd,
+        wake_fd=wake_fd,
         console_log=console_log,
         # A unix socket path has room for 107 bytes; a longer runtime dir gets no socket.
         console_socket=console_socket if len(os.fsencode(console_socket)) < 108 else None,
@@ -121,6 +160,12 @@ def launch_argv(
         seed=rundir / SEED_FILE if spec.cloud_init is not None else None,
     )
     return build_argv(spec, ctx)
+
+
+def has_wake_port(resolved: Resolved) -> bool:
+    """Whether the launch has a port for the built-in guest's ``pyqvm-wake`` (the channel a
+    clone is made its own through; `pyqvm.ops.template`)."""
+    return resolved.builtin_guest and resolved.spec.guest_agent
 
 
 def make_ssh_keys(resolved: Resolved, rundir: Path) -> SshKeys | None:
@@ -147,7 +192,7 @@ def make_seed(resolved: Resolved, rundir: Path) -> Path | None:
 
 def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
     """The argv `Machine.start` would run for ``spec``, with a placeholder runtime dir
-    (``$PYQVM_RUNDIR``) and the fd numbers QEMU would inherit (3 and 4)."""
+    (``$PYQVM_RUNDIR``) and the fd numbers QEMU would inherit (3, 4 and 5)."""
     resolved = resolve(spec, image_cache=image_cache)
     rundir = Path("$PYQVM_RUNDIR")
     return launch_argv(
@@ -156,6 +201,7 @@ def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
         console_log=resolved.spec.serial_log or rundir / "console.log",
         qmp_fd=3,
         agent_fd=4 if resolved.spec.guest_agent else None,
+        wake_fd=5 if has_wake_port(resolved) else None,
         networks=preview_memberships(resolved.spec),
         ssh_keys=ssh_keys_in(rundir / SSH_DIR),
     )
@@ -165,7 +211,9 @@ __all__ = [
     "CONSOLE_SOCKET",
     "GDB_SOCKET",
     "SSH_DIR",
+    "Channels",
     "LaunchPlan",
+    "has_wake_port",
     "launch_argv",
     "make_ssh_keys",
     "preview_argv",

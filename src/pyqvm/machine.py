@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
@@ -45,7 +44,7 @@ from pyqvm.deadline import Deadline
 from pyqvm.devices import DeviceTable
 from pyqvm.errors import LaunchError, PyqvmError, VMStateError, tail
 from pyqvm.host.facts import HostFacts
-from pyqvm.launch import CONSOLE_SOCKET, LaunchPlan, launch_argv
+from pyqvm.launch import CONSOLE_SOCKET, Channels, LaunchPlan, launch_argv
 from pyqvm.overlays import (
     adopt_overlay,
     make_overlay,
@@ -100,6 +99,7 @@ class Machine:
         self._process: QemuProcess | None = None
         self._qmp: QMPSession | None = None
         self._agent: GuestAgent | None = None
+        self._wake: socket.socket | None = None  # the host's end of launch.has_wake_port's port
         self._argv: list[str] = []
         self._last_code: int | None = None
         self._stopping: asyncio.Future[int | None] | None = None  # the one stop in progress
@@ -239,6 +239,12 @@ class Machine:
             )
         return self._agent
 
+    @property
+    def wake_port(self) -> socket.socket | None:
+        """The host's end of the built-in guest's ``pyqvm-wake`` port (`launch.has_wake_port`),
+        connected for QEMU's life; None for other guests."""
+        return self._wake
+
     async def execute(
         self, command: str, arguments: Mapping[str, object] | None = None, *, timeout: float = 60.0
     ) -> Any:
@@ -356,39 +362,32 @@ class Machine:
             image_cache=self.image_cache,
             host_root=self.passthrough_host.root,
         )
-        if plan.without_forwards:
-            nets = tuple(dataclasses.replace(n, forwards=()) for n in resolved.spec.networks)
-            resolved = dataclasses.replace(
-                resolved, spec=dataclasses.replace(resolved.spec, networks=nets)
-            )
+        resolved = plan.applied_to(resolved)
         spec = resolved.spec
         if spec.host_devices:  # claim, check and bind to vfio-pci; undone in teardown
             self._passthrough = assign(spec, self.passthrough_host)
         self._rundir = RuntimeDir()
         rundir = self._rundir.path
-        self.console = ConsoleLog(spec.serial_log or rundir / "console.log")
+        self.console = ConsoleLog.create(
+            spec.serial_log or rundir / "console.log", plan.console_prefix
+        )
         assert self.console.path is not None
-        fd = os.open(self.console.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as f:
-            f.write(plan.console_prefix)
         for d in overlay_disks(spec):
             if d.id in plan.overlays:
                 adopt_overlay(Path(plan.overlays[d.id]), overlay_path(rundir, d.id))
             else:
                 await make_overlay(d.path, d.format or "raw", overlay_path(rundir, d.id))
         prepared = await self.companions.prepare(resolved, rundir)
-        qmp_ours, qmp_theirs = socket.socketpair()
-        agent_ours, agent_theirs = socket.socketpair() if spec.guest_agent else (None, None)
-        theirs = [s for s in (qmp_theirs, agent_theirs) if s is not None]
-        ours = [s for s in (qmp_ours, agent_ours) if s is not None]
+        channels = Channels(resolved)
         try:
             try:
                 self._argv = launch_argv(
                     resolved,
                     rundir,
                     console_log=self.console.path,
-                    qmp_fd=qmp_theirs.fileno(),
-                    agent_fd=agent_theirs.fileno() if agent_theirs else None,
+                    qmp_fd=channels.theirs["qmp"].fileno(),
+                    agent_fd=channels.fd("agent"),
+                    wake_fd=channels.fd("wake"),
                     incoming=plan.incoming,
                     ram=plan.ram,
                     networks=prepared.networks,
@@ -401,23 +400,22 @@ class Machine:
                 process = QemuProcess()
                 await process.start(
                     self._argv,
-                    pass_fds=[s.fileno() for s in theirs],
+                    pass_fds=[s.fileno() for s in channels.theirs.values()],
                     stderr_path=rundir / "qemu.stderr",
                 )
                 self._process = process  # only a started process: teardown reaps it
             finally:
-                for s in theirs:  # QEMU holds its own copies now
-                    s.close()
+                channels.close_theirs()  # QEMU holds its own copies now
             self._qmp = QMPSession(self.name)
-            await self.until_exit(self._qmp.connect(qmp_ours), "connecting QMP")
+            await self.until_exit(self._qmp.connect(channels.ours["qmp"]), "connecting QMP")
             self.companions.qemu_connected()
         except BaseException:
-            for s in ours:
-                s.close()
+            channels.close()
             raise
-        if agent_ours is not None:
+        self._wake = channels.ours.get("wake")
+        if "agent" in channels.ours:
             self._agent = GuestAgent(name=f"{self.name}-agent")
-            await self._agent.connect(agent_ours)
+            await self._agent.connect(channels.ours["agent"])
 
     async def _wait_ready(self) -> None:
         spec = self._spec
@@ -571,6 +569,9 @@ class Machine:
         if self._agent is not None:
             await self._agent.close()
             self._agent = None
+        if self._wake is not None:
+            self._wake.close()
+            self._wake = None
         if self._qmp is not None:
             self._transcript = list(self._qmp.transcript)
             await self._qmp.close()

@@ -126,7 +126,8 @@ def resolve(
             pci_device_dir(h.address, host_root)
         except HostError as e:
             raise SpecError(f"host_devices[{i}].address", str(e)) from None
-    if spec.ssh and not spec.pyqvm_guest and spec.ssh_key is None:
+    builtin = spec.pyqvm_guest or _builtin_kernel(spec)
+    if spec.ssh and not builtin and spec.ssh_key is None:
         raise SpecError(
             "ssh_key",
             "a guest pyqvm did not build needs the private key its SSH server accepts "
@@ -143,5 +144,16 @@ def resolve(
         accel=accel,
         qemu=qemu,
         facts=facts,
-        builtin_guest=spec.pyqvm_guest,
+        builtin_guest=builtin,
     )
+
+
+def _builtin_kernel(spec: VMSpec) -> bool:
+    """Whether ``spec`` boots the built-in guest's kernel: a spec made concrete from
+    ``image = "default"`` (a clone's, a restored VM's) is that guest, with its devices."""
+    if spec.kernel is None:
+        return False
+    from pyqvm import image
+
+    found = image.image_of_kernel(spec.kernel.kernel)
+    return found is not None and found.kind == "busybox"

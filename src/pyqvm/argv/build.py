@@ -34,6 +34,7 @@ from pyqvm.fields import gdb_tcp_address
 from pyqvm.spec import VMSpec
 
 AGENT_PORT_NAME = "org.qemu.guest_agent.0"
+WAKE_PORT_NAME = "org.pyqvm.wake.0"  # the built-in guest's pyqvm-wake (pyqvm.ops.template)
 SANDBOX = {
     "obsolete": "deny",
     "elevateprivileges": "deny",
@@ -88,6 +89,7 @@ class LaunchContext:
     console_log: Path
     console_socket: Path | None = None
     agent_fd: int | None = None
+    wake_fd: int | None = None  # the built-in guest's pyqvm-wake port (WAKE_PORT_NAME)
     disk_files: Mapping[str, DiskFile] = field(default_factory=dict)
     tsc_khz: int | None = None
     incoming: str | None = None
@@ -308,6 +310,22 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
                     "bus": "pq-vser.0",
                     "chardev": "pq-qga",
                     "name": AGENT_PORT_NAME,
+                }
+            ),
+        ]
+    if ctx.wake_fd is not None:
+        if not spec.guest_agent:
+            raise ValueError("the wake port shares the agent's virtio-serial bus")
+        argv += [
+            "-chardev",
+            opts("socket", {"id": "pq-wake", "fd": ctx.wake_fd}),
+            "-device",
+            qjson(
+                {
+                    "driver": "virtserialport",
+                    "bus": "pq-vser.0",
+                    "chardev": "pq-wake",
+                    "name": WAKE_PORT_NAME,
                 }
             ),
         ]

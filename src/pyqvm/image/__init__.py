@@ -20,6 +20,7 @@ from pyqvm.image.guest import (
     built_images,
     cache_dir,
     find,
+    image_of_kernel,
     prune,
 )
 
@@ -32,5 +33,6 @@ __all__ = [
     "built_images",
     "cache_dir",
     "find",
+    "image_of_kernel",
     "prune",
 ]

@@ -123,6 +123,13 @@ def load_image(directory: Path) -> GuestImage | None:
     return image if all(p.is_file() for p in files) else None
 
 
+def image_of_kernel(kernel: Path) -> GuestImage | None:
+    """The built image whose kernel ``kernel`` is (a spec made concrete from an image's
+    names its files), or None."""
+    image = load_image(kernel.parent)
+    return image if image is not None and kernel in (image.kernel, image.bzimage) else None
+
+
 def built_images(
     flavour: str | None = None, *, cache: Path | None = None, arch: str | None = None
 ) -> list[GuestImage]:

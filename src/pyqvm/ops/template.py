@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from typing import Any
 
 from pyqvm import image
 from pyqvm.argv.build import RamFile
-from pyqvm.errors import GuestError, MigrationError, PyqvmError, TemplateError
+from pyqvm.errors import MigrationError, PyqvmError, TemplateError
 from pyqvm.host.accel import KvmStatus
 from pyqvm.launch import LaunchPlan
 from pyqvm.machine import Machine
@@ -353,7 +354,7 @@ async def _create(
                     name=name,
                 )
         await guest.run(machine, ["sync"], timeout=timeout, check=True)
-        if not spec.pyqvm_guest:
+        if machine.wake_port is None:  # a guest without pyqvm-wake
             await _await_stale_seed(machine)
         version = (await machine.execute("query-version"))["qemu"]
         qemu = machine.argv[0]
@@ -512,7 +513,7 @@ async def clone_into(machine: Machine, template: Template) -> None:
             "migrate-set-capabilities",
             {"capabilities": [{"capability": "x-ignore-shared", "state": False}]},
         )
-        await _make_own(machine, builtin=template.spec.pyqvm_guest)
+        await _make_own(machine)
     except BaseException:
         # Not its own yet (it would share the template's random key): nobody gets it.
         await machine.kill()
@@ -520,37 +521,57 @@ async def clone_into(machine: Machine, template: Template) -> None:
     log.info("%s: cloned from template %s", machine.name, template.name)
 
 
-#: The built-in guest's helper (image recipe pyqvm-wake.c): sets the clock to its
-#: argument and reseeds the CRNG from the bytes on its stdin (ioctl RNDRESEEDCRNG).
-WAKE_HELPER = "/sbin/pyqvm-wake"
+#: How long the built-in guest's pyqvm-wake may take to answer (it is one clock_settime
+#: and two ioctls, but the clone's first guest cycles run under TCG on a busy host).
+WAKE_TIMEOUT = 30.0
 
 
-async def _make_own(machine: Machine, *, builtin: bool) -> None:
+async def _make_own(machine: Machine) -> None:
     """Set the clone's clock to the host's and give its kernel a CRNG key of its own.
 
     Writing to ``/dev/urandom`` alone is not enough on Linux 6.1: it feeds the
     input pool, which the CRNG draws from only at its next reseed, up to 60 s
     (of the template's guest time) later; until then two clones read the same
-    bytes. The built-in guest does both in one exec of its helper; a guest of
-    the user's own gets ``guest-set-time``, the bytes written to its
-    ``/dev/urandom``, and relies on `_await_stale_seed`.
+    bytes. The built-in guest's ``pyqvm-wake`` (image recipe pyqvm-wake.c)
+    does both, and reseeds at once (``RNDRESEEDCRNG``), on one line sent to its
+    virtio-serial port: it already waits there in the template, so a clone is
+    woken without a fork or exec in the guest. A guest of the user's own gets
+    ``guest-set-time``, the bytes written to its ``/dev/urandom``, and relies on
+    `_await_stale_seed`.
     """
     entropy = os.urandom(64)
-    if not builtin:
+    port = machine.wake_port
+    if port is None:
         await machine.agent.execute("guest-set-time", {"time": time.time_ns()})
         await machine.agent.write_file("/dev/urandom", entropy)
         return
     try:
-        await guest.run(
-            machine, [WAKE_HELPER, str(time.time_ns())], input=entropy, timeout=30.0, check=True
+        reply = await asyncio.wait_for(
+            machine.until_exit(_wake(port, entropy), "waking the clone"), WAKE_TIMEOUT
         )
-    except GuestError as e:
+    except (TimeoutError, OSError) as e:
+        reply = f"no answer ({str(e) or 'timed out'})".encode()
+    if reply != b"ok\n":
         raise TemplateError(
-            f"{machine.name}: setting the clone's clock and random generator failed ({e}); "
-            "an image built without the helper (builder version < 4) lacks it: "
-            "run `pyqvm image build`",
+            f"{machine.name}: setting the clone's clock and random generator failed: "
+            f"pyqvm-wake said {reply.decode(errors='replace').strip()!r}; an image built before "
+            "it ran as a daemon lacks it: run `pyqvm image build`",
             name=machine.name,
-        ) from e
+        )
+
+
+async def _wake(port: socket.socket, entropy: bytes) -> bytes:
+    """One request to pyqvm-wake (the host's time, the entropy in hex); its reply line."""
+    loop = asyncio.get_running_loop()
+    port.setblocking(False)
+    await loop.sock_sendall(port, f"{time.time_ns()} {entropy.hex()}\n".encode())
+    reply = b""
+    while not reply.endswith(b"\n"):
+        chunk = await loop.sock_recv(port, 256)
+        if not chunk:
+            return reply + b"<QEMU closed the port>"
+        reply += chunk
+    return reply
 
 
 __all__ = [
