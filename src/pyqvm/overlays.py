@@ -80,9 +80,15 @@ async def make_overlay(base: Path, fmt: str, overlay: Path) -> Path:
     made = _EMPTY.get(key) if key is not None else None
     if key is not None and made is not None:
         _EMPTY.move_to_end(key)
-        fd = os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as f:
-            f.write(made)
+        try:
+            fd = os.open(overlay, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb") as f:
+                f.write(made)
+        except OSError as e:
+            overlay.unlink(missing_ok=True)
+            raise LaunchError(
+                f"could not create an overlay for {base} at '{overlay}': {e.strerror}"
+            ) from e
         return overlay
     args = ["create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base), str(overlay)]
     code, err = await _qemu_img(*args)
