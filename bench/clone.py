@@ -5,7 +5,7 @@ Makes one template (untimed). Each round starts a clone with
 (taken from a pyqvm clone, with its own socket pairs at the same fd numbers
 and its own runtime dir), an overlay made with ``qemu-img create`` over the
 template's frozen disk, ``subprocess.Popen``, QMP through ``qemu.qmp``
-(``x-ignore-shared`` on, ``migrate-incoming`` of the template's state, ``cont``),
+(``x-ignore-shared`` on, ``migrate-incoming`` of the template's state by fd, ``cont``),
 the agent's ``guest-sync``, the clock and entropy line to pyqvm-wake's port
 (what makes a clone its own), and ``guest-exec true``. Both sides are timed
 from the call until ``true`` ran (the same agent client polls both).
@@ -90,7 +90,14 @@ async def clone_by_hand(argv_template: list[str], template: Template) -> float:
         await agent.connect(qga_sock)
         caps = [{"capability": "x-ignore-shared", "state": True}]
         await qmp.execute("migrate-set-capabilities", {"capabilities": caps})
-        await qmp.execute("migrate-incoming", {"uri": f"exec:cat {state}"})
+        # The state as an fd (the sandbox forbids QEMU an exec: URI).
+        fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            qmp.send_fd_scm(fd)
+            await qmp.execute("getfd", {"fdname": "mig"})
+        finally:
+            os.close(fd)
+        await qmp.execute("migrate-incoming", {"uri": "fd:mig"})
         while True:
             status = await qmp.execute("query-migrate")
             if isinstance(status, dict) and status.get("status") == "completed":
