@@ -163,9 +163,10 @@ def launch_argv(
 
 
 def has_wake_port(resolved: Resolved) -> bool:
-    """Whether the launch has a port for the built-in guest's ``pyqvm-wake`` (the channel a
-    clone is made its own through; `pyqvm.ops.template`)."""
-    return resolved.builtin_guest and resolved.spec.guest_agent
+    """Whether the launch has a port for ``pyqvm-wake`` (the channel a clone is made its own
+    through; `pyqvm.ops.template`): a guest agent, and an image whose manifest says it runs
+    the helper (pyqvm's own images)."""
+    return resolved.wake_port
 
 
 def make_ssh_keys(resolved: Resolved, rundir: Path) -> SshKeys | None:

@@ -34,6 +34,7 @@ class Resolved:
     facts: HostFacts
     # The built-in guest: its init reads pyqvm.* entries on the kernel command line.
     builtin_guest: bool = False
+    wake_port: bool = False  # the image runs pyqvm-wake on its port (launch.has_wake_port)
 
 
 def with_image(spec: VMSpec, cache: Path | None = None) -> VMSpec:
@@ -126,7 +127,7 @@ def resolve(
             pci_device_dir(h.address, host_root)
         except HostError as e:
             raise SpecError(f"host_devices[{i}].address", str(e)) from None
-    builtin = spec.pyqvm_guest or _builtin_kernel(spec)
+    builtin, wake_port = _image_traits(spec, image_cache)
     if spec.ssh and not builtin and spec.ssh_key is None:
         raise SpecError(
             "ssh_key",
@@ -145,15 +146,23 @@ def resolve(
         qemu=qemu,
         facts=facts,
         builtin_guest=builtin,
+        wake_port=wake_port,
     )
 
 
-def _builtin_kernel(spec: VMSpec) -> bool:
-    """Whether ``spec`` boots the built-in guest's kernel: a spec made concrete from
-    ``image = "default"`` (a clone's, a restored VM's) is that guest, with its devices."""
-    if spec.kernel is None:
-        return False
-    from pyqvm import image
+def _image_traits(spec: VMSpec, cache: Path | None) -> tuple[bool, bool]:
+    """Of the built image ``spec`` boots: whether it is pyqvm's busybox guest, and whether
+    it runs pyqvm-wake on the wake port. The image is the one the spec names, or the one
+    ``with_image`` made it into: the image's kernel and a disk ``root`` (a clone's spec, a
+    restored VM's). The image's kernel without that disk is a guest of the user's own."""
+    from pyqvm import image  # the launcher touches image/ only to find a built image
 
-    found = image.image_of_kernel(spec.kernel.kernel)
-    return found is not None and found.kind == "busybox"
+    if spec.image is not None:
+        img: image.GuestImage | None = image.find(spec.image, cache=cache, arch=spec.arch)
+    elif spec.kernel is not None and any(d.id == IMAGE_DISK_ID for d in spec.disks):
+        img = image.image_of_kernel(spec.kernel.kernel)
+    else:
+        return spec.pyqvm_guest, False
+    if img is None:
+        return spec.pyqvm_guest, False
+    return spec.pyqvm_guest or img.kind == "busybox", img.wake_port and spec.guest_agent

@@ -66,9 +66,14 @@ async def test_a_template_of_the_debian_flavour_clones(
     debian_image: image.GuestImage, tmp_path: Path
 ) -> None:
     """A systemd guest of pyqvm's own making, frozen after its setup: each clone starts from
-    the running system (no boot) with its own random state."""
+    the running system (no boot) with its own random state, given by the image's
+    pyqvm-wake.service (udev starts it on its port; a clone is refused if it does not answer)."""
     spec = VMSpec(name="debt", image="debian", networks=(Network(),), ready_timeout=300)
-    setup = ["systemctl is-system-running --wait || true", "echo set-up > /root/s"]
+    setup = [
+        "systemctl is-system-running --wait || true",
+        "echo set-up > /root/s",
+        "systemctl is-active pyqvm-wake",
+    ]
     t = await templates.create(spec, "deb", directory=tmp_path / "t", setup=setup)
     a = await AsyncVM.from_template(t)
     b = await AsyncVM.from_template(t)

@@ -1,5 +1,5 @@
-"""The built-in guest's pyqvm-wake port: every launch of that guest has it (a template and
-its clones must have the same devices), including a spec made concrete from its image."""
+"""The pyqvm-wake port: every launch of an image that runs the helper has it (a template and
+its clones must have the same devices), including a spec made concrete from that image."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pyqvm.launch import preview_argv
 from pyqvm.resolve import with_image
 
 
-def fake_image(cache: Path, flavour: str, kind: str) -> Path:
+def fake_image(cache: Path, flavour: str, kind: str, *, wake: bool = True) -> Path:
     d = cache / "images" / f"{flavour}-0123456789abcdef"
     d.mkdir(parents=True)
     fake_bzimage(d / "vmlinuz")
@@ -31,6 +31,7 @@ def fake_image(cache: Path, flavour: str, kind: str) -> Path:
         "kernel_version": "6.1.0-57-cloud-amd64",
         "ready_marker": "" if kind == "distro" else guest.READY_MARKER,
         "kind": kind,
+        "wake_port": wake,
     }
     (d / guest.MANIFEST).write_text(json.dumps(manifest))
     return d
@@ -53,13 +54,15 @@ def test_the_built_in_guest_and_its_concrete_spec_have_the_port(tmp_path: Path) 
     assert wake_ports(preview_argv(concrete, image_cache=tmp_path)) == [port]
 
 
-def test_other_guests_have_no_port(tmp_path: Path) -> None:
+def test_the_debian_flavour_has_it_and_other_guests_do_not(tmp_path: Path) -> None:
     fake_image(tmp_path, "debian", "distro")
-    fake_image(tmp_path, "default", "busybox")
-    assert wake_ports(preview_argv(VMSpec(image="debian"), image_cache=tmp_path)) == []
+    fake_image(tmp_path, "full", "busybox", wake=False)  # built before the helper was a daemon
+    assert len(wake_ports(preview_argv(VMSpec(image="debian"), image_cache=tmp_path))) == 1
+    assert wake_ports(preview_argv(VMSpec(image="full"), image_cache=tmp_path)) == []
     (tmp_path / "own").mkdir()
     kernel = fake_bzimage(tmp_path / "own" / "vmlinuz")
     assert wake_ports(preview_argv(VMSpec(kernel=KernelBoot(kernel=kernel)))) == []
     # Without the agent there is no virtio-serial bus, and nothing to wake a clone through.
+    fake_image(tmp_path, "default", "busybox")
     spec = VMSpec(image="default", guest_agent=False, ready="none")
     assert wake_ports(preview_argv(spec, image_cache=tmp_path)) == []

@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 
 # Bump when the build steps change in a way the recipe files do not show.
 # 2: LZ4 initramfs; 3: packages of GUEST_PACKAGES, libraries from .debs; 4: INITRD_PROGRAMS;
-# 5: the UEFI boot disk
-BUILDER_VERSION = "5"
+# 5: the UEFI boot disk; 6: the manifest says "wake_port"
+BUILDER_VERSION = "6"
 #: The package with the boot disk's UEFI loader (`pyqvm.image.esp`).
 LOADER_PACKAGE = "systemd-boot-efi"
 
@@ -226,6 +226,8 @@ def build(
             raise SpecError("arch", f"the {flavour} flavour is built for x86_64 only so far")
         for name in ("apt-cache", "mmdebstrap", "mkfs.ext4", *esp.TOOLS):
             tools.tool(name)
+        compiler, packages = cross_compiler(arch_info(arch))
+        tools.tool(compiler, package=packages)  # pyqvm-wake
         inputs_dict = distro.inputs()
         assemble = distro.assemble
     else:
@@ -367,6 +369,7 @@ def _assemble(out: Path, inputs: BuildInputs, debs: dict[str, Path]) -> dict[str
         "disk": "disk.qcow2",
         "boot_disk": "boot.qcow2",  # firmware boot: systemd-boot, the kernel, the initrd
         "ready_marker": READY_MARKER,
+        "wake_port": True,  # init starts pyqvm-wake on its port (pyqvm.ops.template)
         "cmdline": KERNEL_CMDLINES[inputs.arch.name],
         "modules": {
             "loaded": list(plan.load),
@@ -508,12 +511,7 @@ def _programs(initrd: Path, build: Path, arch: ArchInfo) -> None:
     build.mkdir(parents=True, exist_ok=True)
     compiler, _ = cross_compiler(arch)
     for recipe, rel in INITRD_PROGRAMS.items():
-        exe = build / Path(rel).name
-        tools.run(
-            [compiler, "-O2", "-Wall", "-Wextra", "-Werror", "-static", "-s", "-o", str(exe),
-             str(RECIPES / recipe)],
-            what=f"compiling {recipe} (its headers and static libc come with libc6-dev)",
-        )  # fmt: skip
+        exe = tools.compile_static(compiler, RECIPES / recipe, build / Path(rel).name)
         _install(exe, initrd / rel, 0o755)
 
 

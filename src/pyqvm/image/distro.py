@@ -9,8 +9,9 @@ the tree and booted directly; ``boot.qcow2`` has them on an EFI system
 partition behind systemd-boot for firmware boot. The files of
 ``recipes/debian`` go to fixed places in the tree (fstab, cloud-init's
 datasource list, a networkd profile, a wait-online drop-in that does not wait
-for a NIC the VM lacks). The cache key hashes the candidate versions of the
-packages asked for, the recipes and `DISTRO_VERSION`.
+for a NIC the VM lacks, pyqvm-wake's unit and udev rule; the helper itself is
+compiled from the built-in guest's recipe). The cache key hashes the candidate
+versions of the packages asked for, the recipes and `DISTRO_VERSION`.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import logging
 import shutil
 from pathlib import Path
 
-from pyqvm.arches import arch_info
+from pyqvm.arches import arch_info, cross_compiler
 from pyqvm.errors import ImageError
 from pyqvm.image import esp, tools
 
 log = logging.getLogger(__name__)
 
-DISTRO_VERSION = "2"  # 2: the UEFI boot disk (pyqvm.image.esp)
+DISTRO_VERSION = "3"  # 2: the UEFI boot disk (pyqvm.image.esp); 3: pyqvm-wake
 SUITE = "bookworm"
 RECIPES = Path(__file__).with_name("recipes") / "debian"
 ROOT_LABEL = "pyqvm-root"
@@ -45,7 +46,12 @@ FILES = {
     "90-pyqvm.cfg": "etc/cloud/cloud.cfg.d/90-pyqvm.cfg",
     "20-wired.network": "etc/systemd/network/20-wired.network",
     "wait-online.conf": "etc/systemd/system/systemd-networkd-wait-online.service.d/pyqvm.conf",
+    "pyqvm-wake.service": "etc/systemd/system/pyqvm-wake.service",
+    "90-pyqvm-wake.rules": "etc/udev/rules.d/90-pyqvm-wake.rules",
 }
+#: The clone helper of the built-in guest, compiled for this one too (FILES start it).
+WAKE_SOURCE = RECIPES.parent / "pyqvm-wake.c"
+WAKE_PATH = "usr/local/sbin/pyqvm-wake"
 CMDLINE = f"root=LABEL={ROOT_LABEL} rw console=ttyS0 mitigations=off quiet"
 X86_64 = arch_info("x86_64")
 
@@ -57,7 +63,7 @@ def inputs() -> dict[str, str]:
     d |= {f"pkg:{name}": pkg.version for name, pkg in found.items()}
     d |= {
         f"recipe:{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(RECIPES.iterdir())
+        for p in [*sorted(RECIPES.iterdir()), WAKE_SOURCE]
     }
     return d
 
@@ -73,6 +79,10 @@ def assemble(out: Path) -> dict[str, object]:
     argv += [SUITE, str(tree), *map(str, tools.host_apt_sources())]
     log.info("mmdebstrap %s: %s (a minute or two)", SUITE, ", ".join(PACKAGES))
     tools.run(argv, what="mmdebstrap")
+    wake = tools.compile_static(cross_compiler(X86_64)[0], WAKE_SOURCE, out / "pyqvm-wake")
+    shutil.copyfile(wake, tree / WAKE_PATH)
+    (tree / WAKE_PATH).chmod(0o755)
+    wake.unlink()
     boot = tree / "boot"
     kernels = sorted(boot.glob("vmlinuz-*"))
     if len(kernels) != 1:
@@ -113,6 +123,7 @@ def assemble(out: Path) -> dict[str, object]:
         "disk": "disk.qcow2",
         "boot_disk": "boot.qcow2",
         "ready_marker": "",
+        "wake_port": True,  # pyqvm-wake.service on its port (pyqvm.ops.template)
         "cmdline": CMDLINE,
         "packages": list(PACKAGES),
     }

@@ -74,6 +74,8 @@ class GuestImage:
     kind: str = "busybox"  # or "distro" (DISTRO_FLAVOURS): no pyqvm init, no ready marker
     # A distro's UEFI boot disk (GPT, ESP with systemd-boot): boots `disk` under OVMF.
     boot_disk: Path | None = None
+    # It runs pyqvm-wake on the wake port (a clone is made its own through it).
+    wake_port: bool = False
 
 
 def cache_dir() -> Path:
@@ -116,6 +118,7 @@ def load_image(directory: Path) -> GuestImage | None:
             cmdline=str(manifest.get("cmdline", KERNEL_CMDLINE)),
             kind=str(manifest.get("kind", "busybox")),
             boot_disk=directory / manifest["boot_disk"] if "boot_disk" in manifest else None,
+            wake_port=manifest.get("wake_port") is True,
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

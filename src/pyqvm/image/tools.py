@@ -95,6 +95,17 @@ class Package:
         return f"{self.name}_{self.version.replace(':', '%3a')}_{self.arch}.deb"
 
 
+def compile_static(compiler: str, source: Path, exe: Path) -> Path:
+    """Compile the guest helper ``source`` into a static, stripped ``exe`` with ``compiler``
+    (the host's gcc, or the guest arch's cross compiler: `pyqvm.arches.cross_compiler`)."""
+    run(
+        [compiler, "-O2", "-Wall", "-Wextra", "-Werror", "-static", "-s", "-o", str(exe),
+         str(source)],
+        what=f"compiling {source.name} (its headers and static libc come with libc6-dev)",
+    )  # fmt: skip
+    return exe
+
+
 def _apt_hint(names: Sequence[str], stderr: str) -> ImageError:
     return ImageError(
         f"apt does not know {', '.join(names)} ({stderr.strip() or 'no candidate'}); "
