@@ -12,7 +12,7 @@ A clone (`clone_into`) is a new QEMU that maps the same file privately
 (``share=off``: copy-on-write, its writes are its own), opens its own
 overlays on the frozen disks, and loads the device state with ``-incoming``.
 Then it is made its own: the guest clock is set and its kernel's random
-generator is reseeded from fresh host entropy (`_make_own`).
+generator is reseeded from fresh host entropy (`pyqvm.ops.wake`).
 
 Templates live under the cache dir (``~/.cache/pyqvm/templates/NAME``) with
 a record (`Template`) of the QEMU binary, machine, spec and image they were
@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from pyqvm.errors import MigrationError, PyqvmError, TemplateError
 from pyqvm.host.accel import KvmStatus
 from pyqvm.launch import LaunchPlan
 from pyqvm.machine import Machine
-from pyqvm.ops import guest
+from pyqvm.ops import guest, wake
 from pyqvm.ops.migration import MigrationTuning, check_accelerator, restore, save
 from pyqvm.ops.migration.types import MANIFEST, STATE_FILE
 from pyqvm.spec import VMSpec, check_id
@@ -60,9 +59,6 @@ STATE = "state"
 CONSOLE = "console.log"
 #: RAM stays in the shared file: only device state goes into the stream.
 TUNING = MigrationTuning(capabilities={"x-ignore-shared": True})
-#: The guest kernel reseeds its CRNG at the first use after this long without one
-#: (Linux 6.1: min(max(1 s, uptime / 2), 60 s)); see `_await_stale_seed`.
-_RESEED_MAX = 60.0
 _clones = itertools.count(1)
 
 
@@ -355,7 +351,7 @@ async def _create(
                 )
         await guest.run(machine, ["sync"], timeout=timeout, check=True)
         if machine.wake_port is None:  # a guest without pyqvm-wake
-            await _await_stale_seed(machine)
+            await wake.await_stale_seed(machine)
         version = (await machine.execute("query-version"))["qemu"]
         qemu = machine.argv[0]
         resolved = machine.resolved_spec
@@ -400,25 +396,6 @@ async def _create(
         raise
     log.info("template %s: made in %s", name, final)
     return template
-
-
-async def _await_stale_seed(machine: Machine) -> None:
-    """For a guest of the user's own: idle until its CRNG seed is old enough to be
-    replaced at its next use.
-
-    A clone starts with the template's CRNG state: until it reseeds, two clones
-    would read the same ``/dev/urandom`` bytes. Linux 6.1 reseeds at the first
-    use after min(max(1 s, uptime / 2), 60 s) without one (``crng_has_old_seed``).
-    Freezing only after that long idle (guest time, which a clone carries on
-    from) makes a clone reseed at its first use -- unless something in the
-    guest drew random bytes just before the freeze, which nothing here can rule
-    out: this is best effort. The built-in guest needs no wait (`_make_own`).
-    """
-    uptime = float((await machine.agent.read_file("/proc/uptime")).split()[0])
-    wait = min(max(1.0, uptime), _RESEED_MAX) + 0.2
-    log.info("%s: letting the guest's random seed age %.1f s before freezing", machine.name, wait)
-    # No event says "the seed is old": it is a span of guest time, waited for once per template.
-    await asyncio.sleep(wait)
 
 
 async def ensure(
@@ -513,65 +490,12 @@ async def clone_into(machine: Machine, template: Template) -> None:
             "migrate-set-capabilities",
             {"capabilities": [{"capability": "x-ignore-shared", "state": False}]},
         )
-        await _make_own(machine)
+        await wake.make_own(machine)
     except BaseException:
         # Not its own yet (it would share the template's random key): nobody gets it.
         await machine.kill()
         raise
     log.info("%s: cloned from template %s", machine.name, template.name)
-
-
-#: How long the built-in guest's pyqvm-wake may take to answer (it is one clock_settime
-#: and two ioctls, but the clone's first guest cycles run under TCG on a busy host).
-WAKE_TIMEOUT = 30.0
-
-
-async def _make_own(machine: Machine) -> None:
-    """Set the clone's clock to the host's and give its kernel a CRNG key of its own.
-
-    Writing to ``/dev/urandom`` alone is not enough on Linux 6.1: it feeds the
-    input pool, which the CRNG draws from only at its next reseed, up to 60 s
-    (of the template's guest time) later; until then two clones read the same
-    bytes. The built-in guest's ``pyqvm-wake`` (image recipe pyqvm-wake.c)
-    does both, and reseeds at once (``RNDRESEEDCRNG``), on one line sent to its
-    virtio-serial port: it already waits there in the template, so a clone is
-    woken without a fork or exec in the guest. A guest of the user's own gets
-    ``guest-set-time``, the bytes written to its ``/dev/urandom``, and relies on
-    `_await_stale_seed`.
-    """
-    entropy = os.urandom(64)
-    port = machine.wake_port
-    if port is None:
-        await machine.agent.execute("guest-set-time", {"time": time.time_ns()})
-        await machine.agent.write_file("/dev/urandom", entropy)
-        return
-    try:
-        reply = await asyncio.wait_for(
-            machine.until_exit(_wake(port, entropy), "waking the clone"), WAKE_TIMEOUT
-        )
-    except (TimeoutError, OSError) as e:
-        reply = f"no answer ({str(e) or 'timed out'})".encode()
-    if reply != b"ok\n":
-        raise TemplateError(
-            f"{machine.name}: setting the clone's clock and random generator failed: "
-            f"pyqvm-wake said {reply.decode(errors='replace').strip()!r}; an image built before "
-            "it ran as a daemon lacks it: run `pyqvm image build`",
-            name=machine.name,
-        )
-
-
-async def _wake(port: socket.socket, entropy: bytes) -> bytes:
-    """One request to pyqvm-wake (the host's time, the entropy in hex); its reply line."""
-    loop = asyncio.get_running_loop()
-    port.setblocking(False)
-    await loop.sock_sendall(port, f"{time.time_ns()} {entropy.hex()}\n".encode())
-    reply = b""
-    while not reply.endswith(b"\n"):
-        chunk = await loop.sock_recv(port, 256)
-        if not chunk:
-            return reply + b"<QEMU closed the port>"
-        reply += chunk
-    return reply
 
 
 __all__ = [
