@@ -67,12 +67,12 @@ class LaunchPlan:
 
 class Channels:
     """The connected socket pairs of one launch: QMP, the guest agent's port and
-    pyqvm-wake's (`has_wake_port`). QEMU inherits one end of each (``theirs``, by fd),
+    pyqvm-wake's (`Resolved.wake_port`). QEMU inherits one end of each (``theirs``, by fd),
     pyqvm keeps the other (``ours``). Connected before QEMU starts: no client can race
     pyqvm to them, and a port's host side is connected for QEMU's whole life."""
 
     def __init__(self, resolved: Resolved) -> None:
-        wanted = {"qmp": True, "agent": resolved.spec.guest_agent, "wake": has_wake_port(resolved)}
+        wanted = {"qmp": True, "agent": resolved.spec.guest_agent, "wake": resolved.wake_port}
         self.ours: dict[str, socket.socket] = {}
         self.theirs: dict[str, socket.socket] = {}
         for name in (n for n, on in wanted.items() if on):
@@ -162,13 +162,6 @@ def launch_argv(
     return build_argv(spec, ctx)
 
 
-def has_wake_port(resolved: Resolved) -> bool:
-    """Whether the launch has a port for ``pyqvm-wake`` (the channel a clone is made its own
-    through; `pyqvm.ops.template`): a guest agent, and an image whose manifest says it runs
-    the helper (pyqvm's own images)."""
-    return resolved.wake_port
-
-
 def make_ssh_keys(resolved: Resolved, rundir: Path) -> SshKeys | None:
     """A fresh key set in the runtime dir for a built-in guest with ``ssh`` (a guest of
     your own has its keys: ``ssh_key``)."""
@@ -202,7 +195,7 @@ def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
         console_log=resolved.spec.serial_log or rundir / "console.log",
         qmp_fd=3,
         agent_fd=4 if resolved.spec.guest_agent else None,
-        wake_fd=5 if has_wake_port(resolved) else None,
+        wake_fd=5 if resolved.wake_port else None,
         networks=preview_memberships(resolved.spec),
         ssh_keys=ssh_keys_in(rundir / SSH_DIR),
     )
@@ -214,7 +207,6 @@ __all__ = [
     "SSH_DIR",
     "Channels",
     "LaunchPlan",
-    "has_wake_port",
     "launch_argv",
     "make_ssh_keys",
     "preview_argv",

@@ -99,7 +99,7 @@ class Machine:
         self._process: QemuProcess | None = None
         self._qmp: QMPSession | None = None
         self._agent: GuestAgent | None = None
-        self._wake: socket.socket | None = None  # the host's end of launch.has_wake_port's port
+        self._wake: socket.socket | None = None  # the host's end of pyqvm-wake's port
         self._argv: list[str] = []
         self._last_code: int | None = None
         self._stopping: asyncio.Future[int | None] | None = None  # the one stop in progress
@@ -241,8 +241,8 @@ class Machine:
 
     @property
     def wake_port(self) -> socket.socket | None:
-        """The host's end of the built-in guest's ``pyqvm-wake`` port (`launch.has_wake_port`),
-        connected for QEMU's life; None for other guests."""
+        """The host's end of ``pyqvm-wake``'s port (`Resolved.wake_port`: pyqvm's own images),
+        connected for QEMU's life; None for other guests. `pyqvm.ops.wake` uses it."""
         return self._wake
 
     async def execute(

@@ -34,7 +34,9 @@ class Resolved:
     facts: HostFacts
     # The built-in guest: its init reads pyqvm.* entries on the kernel command line.
     builtin_guest: bool = False
-    wake_port: bool = False  # the image runs pyqvm-wake on its port (launch.has_wake_port)
+    # The image runs pyqvm-wake (its manifest says so) and the spec has the agent's bus:
+    # the launch gets the wake port (pyqvm.ops.wake).
+    wake_port: bool = False
 
 
 def with_image(spec: VMSpec, cache: Path | None = None) -> VMSpec:

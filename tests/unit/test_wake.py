@@ -88,4 +88,4 @@ async def test_anything_but_ok_is_a_template_error_with_the_daemons_words(
 ) -> None:
     _, outcome = await wake_with(answer)
     assert isinstance(outcome, TemplateError)
-    assert words in str(outcome) and "pyqvm image build" in str(outcome)
+    assert words in str(outcome) and "setting the clone's clock" in str(outcome)

@@ -78,8 +78,8 @@ async def make_own(machine: Machine) -> None:
     if reply != b"ok\n":
         raise TemplateError(
             f"{machine.name}: setting the clone's clock and random generator failed: "
-            f"pyqvm-wake said {reply.decode(errors='replace').strip()!r}; an image built before "
-            "it ran as a daemon lacks it: run `pyqvm image build`",
+            f"pyqvm-wake said {reply.decode(errors='replace').strip()!r} (its own messages: "
+            "the guest's console, or `journalctl -u pyqvm-wake` in a systemd guest)",
             name=machine.name,
         )
 
