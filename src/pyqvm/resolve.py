@@ -129,14 +129,14 @@ def resolve(
             pci_device_dir(h.address, host_root)
         except HostError as e:
             raise SpecError(f"host_devices[{i}].address", str(e)) from None
-    builtin, wake_port = _image_traits(spec, image_cache)
+    concrete = with_image(choose_transports(spec), image_cache)
+    builtin, wake_port = _image_traits(concrete)
     if spec.ssh and not builtin and spec.ssh_key is None:
         raise SpecError(
             "ssh_key",
             "a guest pyqvm did not build needs the private key its SSH server accepts "
             "(and ssh_user); only the built-in image gets keys made by pyqvm",
         )
-    concrete = with_image(choose_transports(spec), image_cache)
     if spec.pyqvm_guest and concrete.shares:
         concrete = _mount_at_boot(concrete)
     concrete = pick_machine(concrete, accel, facts)
@@ -152,19 +152,16 @@ def resolve(
     )
 
 
-def _image_traits(spec: VMSpec, cache: Path | None) -> tuple[bool, bool]:
-    """Of the built image ``spec`` boots: whether it is pyqvm's busybox guest, and whether
-    it runs pyqvm-wake on the wake port. The image is the one the spec names, or the one
-    ``with_image`` made it into: the image's kernel and a disk ``root`` (a clone's spec, a
-    restored VM's). The image's kernel without that disk is a guest of the user's own."""
+def _image_traits(concrete: VMSpec) -> tuple[bool, bool]:
+    """Of the built image a concrete spec (`with_image`'s) boots: whether it is pyqvm's
+    busybox guest, and whether it runs pyqvm-wake on the wake port. Such a spec names the
+    image's kernel and has its disk ``root`` (a clone's spec and a restored VM's are made
+    so too); the image's kernel without that disk is a guest of the user's own."""
+    if concrete.kernel is None or not any(d.id == IMAGE_DISK_ID for d in concrete.disks):
+        return False, False
     from pyqvm import image  # the launcher touches image/ only to find a built image
 
-    if spec.image is not None:
-        img: image.GuestImage | None = image.find(spec.image, cache=cache, arch=spec.arch)
-    elif spec.kernel is not None and any(d.id == IMAGE_DISK_ID for d in spec.disks):
-        img = image.image_of_kernel(spec.kernel.kernel)
-    else:
-        return spec.pyqvm_guest, False
+    img = image.image_of_kernel(concrete.kernel.kernel)
     if img is None:
-        return spec.pyqvm_guest, False
-    return spec.pyqvm_guest or img.kind == "busybox", img.wake_port and spec.guest_agent
+        return False, False
+    return img.kind == "busybox", img.wake_port and concrete.guest_agent

@@ -34,7 +34,7 @@ from pyqvm.fields import gdb_tcp_address
 from pyqvm.spec import VMSpec
 
 AGENT_PORT_NAME = "org.qemu.guest_agent.0"
-WAKE_PORT_NAME = "org.pyqvm.wake.0"  # the built-in guest's pyqvm-wake (pyqvm.ops.template)
+WAKE_PORT_NAME = "org.pyqvm.wake.0"  # pyqvm-wake's, in pyqvm's own images (pyqvm.ops.wake)
 SANDBOX = {
     "obsolete": "deny",
     "elevateprivileges": "deny",
@@ -89,7 +89,7 @@ class LaunchContext:
     console_log: Path
     console_socket: Path | None = None
     agent_fd: int | None = None
-    wake_fd: int | None = None  # the built-in guest's pyqvm-wake port (WAKE_PORT_NAME)
+    wake_fd: int | None = None  # pyqvm-wake's port (WAKE_PORT_NAME), if the image has it
     disk_files: Mapping[str, DiskFile] = field(default_factory=dict)
     tsc_khz: int | None = None
     incoming: str | None = None

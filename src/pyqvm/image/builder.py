@@ -57,8 +57,7 @@ log = logging.getLogger(__name__)
 # 2: LZ4 initramfs; 3: packages of GUEST_PACKAGES, libraries from .debs; 4: INITRD_PROGRAMS;
 # 5: the UEFI boot disk; 6: the manifest says "wake_port"
 BUILDER_VERSION = "6"
-#: The package with the boot disk's UEFI loader (`pyqvm.image.esp`).
-LOADER_PACKAGE = "systemd-boot-efi"
+LOADER_PACKAGE = esp.LOADER_PACKAGE  # the boot disk's UEFI loader
 
 RECIPES = Path(__file__).with_name("recipes")
 DISK_SIZE = "64M"
@@ -369,7 +368,7 @@ def _assemble(out: Path, inputs: BuildInputs, debs: dict[str, Path]) -> dict[str
         "disk": "disk.qcow2",
         "boot_disk": "boot.qcow2",  # firmware boot: systemd-boot, the kernel, the initrd
         "ready_marker": READY_MARKER,
-        "wake_port": True,  # init starts pyqvm-wake on its port (pyqvm.ops.template)
+        "wake_port": True,  # init starts pyqvm-wake on its port (pyqvm.ops.wake)
         "cmdline": KERNEL_CMDLINES[inputs.arch.name],
         "modules": {
             "loaded": list(plan.load),

@@ -38,7 +38,7 @@ PACKAGES = (
     "openssh-server", "cloud-init", "iproute2", "procps", "less", "ca-certificates",
     # cloud-init's defaults run resize2fs and restart systemd-resolved with networkd
     "e2fsprogs", "systemd-resolved",
-    "systemd-boot-efi",  # the boot disk's UEFI loader (`boot.qcow2`)
+    esp.LOADER_PACKAGE,  # the boot disk's UEFI loader (`boot.qcow2`)
 )  # fmt: skip
 #: recipe file -> its place in the tree.
 FILES = {
@@ -79,10 +79,7 @@ def assemble(out: Path) -> dict[str, object]:
     argv += [SUITE, str(tree), *map(str, tools.host_apt_sources())]
     log.info("mmdebstrap %s: %s (a minute or two)", SUITE, ", ".join(PACKAGES))
     tools.run(argv, what="mmdebstrap")
-    wake = tools.compile_static(cross_compiler(X86_64)[0], WAKE_SOURCE, out / "pyqvm-wake")
-    shutil.copyfile(wake, tree / WAKE_PATH)
-    (tree / WAKE_PATH).chmod(0o755)
-    wake.unlink()
+    tools.compile_static(cross_compiler(X86_64)[0], WAKE_SOURCE, tree / WAKE_PATH).chmod(0o755)
     boot = tree / "boot"
     kernels = sorted(boot.glob("vmlinuz-*"))
     if len(kernels) != 1:
@@ -123,7 +120,7 @@ def assemble(out: Path) -> dict[str, object]:
         "disk": "disk.qcow2",
         "boot_disk": "boot.qcow2",
         "ready_marker": "",
-        "wake_port": True,  # pyqvm-wake.service on its port (pyqvm.ops.template)
+        "wake_port": True,  # pyqvm-wake.service on its port (pyqvm.ops.wake)
         "cmdline": CMDLINE,
         "packages": list(PACKAGES),
     }

@@ -23,13 +23,15 @@ SYSTEMD_BOOT_DIR = "usr/lib/systemd/boot/efi"
 #: The host tools this module runs, for a check before a build starts.
 TOOLS = ("mkfs.vfat", "mmd", "mcopy", "sfdisk", "qemu-img")
 LABEL = "PYQVM-ESP"
+#: The Debian package with systemd-boot's loaders.
+LOADER_PACKAGE = "systemd-boot-efi"
 
 
 def systemd_boot(root: Path, arch: ArchInfo) -> Path:
     """systemd-boot's loader for ``arch`` in an unpacked tree (a system or the package)."""
     loader = root / SYSTEMD_BOOT_DIR / f"systemd-boot{arch.efi_suffix}.efi"
     if not loader.is_file():
-        raise ImageError(f"{root} has no {loader.name} (from the systemd-boot-efi package)")
+        raise ImageError(f"{root} has no {loader.name} (from the {LOADER_PACKAGE} package)")
     return loader
 
 
@@ -92,4 +94,15 @@ def partition_table(mib: int) -> str:
     return f"label: gpt\nstart=2048, size={mib * 2048}, type={ESP_TYPE}, name=ESP\n"
 
 
-__all__ = ["ESP_TYPE", "TOOLS", "boot_disk", "loader_entry", "partition_table", "systemd_boot"]
+__all__ = [
+    "ESP_TYPE",
+    "LABEL",
+    "LOADER_PACKAGE",
+    "SYSTEMD_BOOT_DIR",
+    "TOOLS",
+    "boot_disk",
+    "loader_entry",
+    "partition_mib",
+    "partition_table",
+    "systemd_boot",
+]
