@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pyqvm import Template, VMSpec, image, templates
+from pyqvm import Machine, Template, VMSpec, image, templates
 from pyqvm.named import registry
 
 
@@ -88,6 +88,37 @@ def nothing_lost() -> Iterator[None]:
         if vms.is_dir() and (entries := sorted(p.name for p in vms.iterdir())):
             problems.append(f"named VMs left in {vms}: {entries}")
     assert not problems, "; ".join(problems)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cold-boots",
+        action="store_true",
+        help="measure what the session template saves (issue 10): a test that starts clones "
+        "of default_template in this process cold-boots the template's spec instead "
+        "(tests marked 'clones', whose subject is the clone, and VMs that subprocesses "
+        "start stay clones)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "clones: the test's subject is cloning (--cold-boots leaves it alone)"
+    )
+
+
+@pytest.fixture(autouse=True)
+def cold_boots(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under --cold-boots, a clone of default_template boots the template's spec cold."""
+    if not request.config.getoption("--cold-boots"):
+        return
+    if "default_template" not in request.fixturenames or request.node.get_closest_marker("clones"):
+        return
+
+    async def boot(machine: Machine, template: Template) -> None:
+        await machine.start()  # the clone's spec is the template's, renamed
+
+    monkeypatch.setattr(templates, "clone_into", boot)
 
 
 @pytest.fixture
