@@ -181,6 +181,9 @@ class VMSpec:
     shares: tuple[Share, ...] = ()
     rng: bool = True
     balloon: bool = True
+    # QEMU's vmgenid (ACPI: x86 pc and q35): a restored clone's kernel reseeds its RNG when
+    # the generation ID changes (CONFIG_VMGENID). None: on wherever the machine has it.
+    vmgenid: bool | None = None
     guest_agent: bool = True
     serial_log: Path | None = None
     ready: Readiness = "auto"
@@ -348,6 +351,12 @@ class VMSpec:
                 raise SpecError(
                     "kernel", "microvm boots only a kernel directly; set kernel or image"
                 )
+        if self.vmgenid is not None:
+            boolean(self.vmgenid, "vmgenid")
+            if self.vmgenid and not self.has_vmgenid:
+                raise SpecError(
+                    "vmgenid", f"needs ACPI: machine q35 or pc on x86_64, not {machine}"
+                )
         if self.profile == "passthrough" and not self.host_devices:
             raise SpecError(
                 "host_devices",
@@ -511,6 +520,12 @@ class VMSpec:
         its init reads ``pyqvm.*`` boot options and fw_cfg keys, and it has pyqvm's helpers.
         The ``debian`` image is a distribution like any other."""
         return self.image in ("default", "full")
+
+    @property
+    def has_vmgenid(self) -> bool:
+        """Whether the VM gets QEMU's vmgenid device: unless ``vmgenid`` is False, on the
+        machines whose ACPI tables carry it (x86 pc and q35; not microvm)."""
+        return self.vmgenid is not False and self.effective_machine in ("pc", "q35")
 
     @property
     def effective_machine(self) -> ConcreteMachine:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import signal
 import sys
@@ -15,7 +16,16 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from pyqvm import AsyncVM, Template, TemplateError, VMSpec, VMState, image, templates
+from pyqvm import (
+    AsyncVM,
+    KernelBoot,
+    Template,
+    TemplateError,
+    VMSpec,
+    VMState,
+    image,
+    templates,
+)
 from pyqvm.host.accel import KvmStatus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
@@ -232,3 +242,35 @@ async def test_replacing_a_template_waits_for_a_clone_that_is_starting(
         await vm.stop()
     with pytest.raises(TemplateError, match="stale"):
         await AsyncVM.from_template(made)  # the old record no longer matches the files
+
+
+async def test_a_guest_of_your_own_on_q35_reseeds_through_vmgenid(
+    full_image: image.GuestImage, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """QEMU's vmgenid device on q35: a guest pyqvm did not build (the full image's
+    kernel and initrd as plain files, so no pyqvm-wake) whose kernel has CONFIG_VMGENID
+    reseeds its CRNG itself when a clone's QEMU writes a new generation ID; the template
+    is frozen at once instead of idling for its seed to age."""
+    img = full_image
+    spec = VMSpec(
+        name="genid",
+        machine="q35",
+        kernel=KernelBoot(kernel=img.kernel, initrd=img.initrd, append=image.KERNEL_CMDLINE),
+    )
+    caplog.set_level(logging.INFO, logger="pyqvm.ops.wake")
+    made = await templates.create(spec, "genid", directory=tmp_path / "templates")
+    assert "the guest drives vmgenid" in caplog.text
+    assert "letting the guest's random seed age" not in caplog.text
+    a = await AsyncVM.from_template(made)
+    b = await AsyncVM.from_template(made)
+    try:
+        assert a.machine.wake_port is None  # not pyqvm's image: the reseed is vmgenid's
+        for vm in (a, b):
+            dmesg = (await vm.run(["dmesg"], check=True)).stdout.decode()
+            assert "crng reseeded due to virtual machine fork" in dmesg, dmesg[-2000:]
+        ids = [(await vm.execute("query-vm-generation-id"))["guid"] for vm in (a, b)]
+        assert ids[0] != ids[1], ids
+        draws = [await vm.run(["head", "-c", "16", "/dev/urandom"], check=True) for vm in (a, b)]
+        assert draws[0].stdout != draws[1].stdout
+    finally:
+        await asyncio.gather(a.stop(), b.stop())

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pyqvm.argv import DiskFile, LaunchContext, RamFile, build_argv, escape, opts, qjson
+from pyqvm.errors import SpecError
 from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec
 
 
@@ -81,6 +82,7 @@ def test_virtio_profile(files: dict[str, Path], tmp_path: Path) -> None:
         "virtio-net-pci",
         "virtio-rng-pci",
         "virtio-balloon-pci",
+        "vmgenid",
     ]
     port = devices(argv)[1]
     assert port["name"] == "org.qemu.guest_agent.0" and port["chardev"] == "pq-qga"
@@ -174,6 +176,36 @@ def test_microvm_uses_mmio_and_tsc(files: dict[str, Path], tmp_path: Path) -> No
     drivers = {d["driver"] for d in devices(argv)}
     assert {"virtio-serial-device", "virtio-net-device", "virtio-rng-device"} <= drivers
     assert not any(str(d).endswith("-pci") for d in drivers)
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected"),
+    [
+        ({"machine": "q35"}, True),
+        ({"machine": "pc", "profile": "emulated"}, True),
+        ({"machine": "q35", "vmgenid": False}, False),
+        ({"machine": "microvm"}, False),  # no ACPI tables to carry it
+    ],
+)
+def test_vmgenid_goes_where_the_machine_has_acpi(
+    files: dict[str, Path], tmp_path: Path, kw: dict[str, object], expected: bool
+) -> None:
+    spec = VMSpec(kernel=KernelBoot(files["kernel"]), **kw)  # type: ignore[arg-type]
+    argv = build_argv(spec, ctx(tmp_path))
+    genid = [d for d in devices(argv) if d["driver"] == "vmgenid"]
+    # No guid: each QEMU makes its own, so a clone's differs from its template's.
+    assert genid == ([{"driver": "vmgenid", "id": "pq-vmgenid"}] if expected else [])
+    assert spec.has_vmgenid is expected
+
+
+@pytest.mark.parametrize("kw", [{"machine": "microvm"}, {"arch": "aarch64"}])
+def test_vmgenid_asked_for_where_there_is_no_acpi_names_the_machines(
+    files: dict[str, Path], kw: dict[str, object]
+) -> None:
+    with pytest.raises(SpecError) as caught:
+        VMSpec(kernel=KernelBoot(files["kernel"]), vmgenid=True, **kw)  # type: ignore[arg-type]
+    assert caught.value.field == "vmgenid"
+    assert "q35 or pc" in str(caught.value)
 
 
 def test_tap_and_extra_args(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from pyqvm.argv.devices import (
     uses_ide,
     uses_virtiofs,
     virtio,
+    vmgenid_args,
 )
 from pyqvm.argv.escape import OptValue, opts, qjson
 from pyqvm.errors import SpecError
@@ -334,6 +335,7 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
     for name, path in ctx.fw_cfg.items():
         argv += ["-fw_cfg", opts(None, {"name": name, "file": str(path)})]
     argv += pv_extra_args(spec)
+    argv += vmgenid_args(spec)
     argv += hostdev_args(spec)
     argv += share_args(spec, ctx.share_sockets)
     if spec.effective_machine == "microvm" and uses_virtiofs(spec):

@@ -250,6 +250,15 @@ def pv_extra_args(spec: VMSpec) -> list[str]:
     return argv
 
 
+def vmgenid_args(spec: VMSpec) -> list[str]:
+    """QEMU's VM generation ID (`VMSpec.has_vmgenid`). Each QEMU process makes a random
+    GUID ("auto"), and one restored from a state writes its own into the guest and
+    notifies it: the guest kernel then reseeds its RNG (a clone's, a restored save's)."""
+    if not spec.has_vmgenid:
+        return []
+    return ["-device", qjson({"driver": "vmgenid", "id": "pq-vmgenid"})]
+
+
 def hostdev_args(spec: VMSpec) -> list[str]:
     argv: list[str] = []
     for h in spec.host_devices:

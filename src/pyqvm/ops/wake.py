@@ -3,8 +3,9 @@
 A clone starts with the template's memory, so with its clock and its kernel's
 random generator state. `make_own` fixes both right after the restore, before
 any process of the user's runs there: through pyqvm-wake on its port for
-pyqvm's own images, through the agent for others. `await_stale_seed` is what a
-template of a guest without the helper waits for before it is frozen.
+pyqvm's own images, through the agent for others (and QEMU's vmgenid device, where
+the guest's kernel drives it). `await_stale_seed` is what a template of a guest
+without either waits for before it is frozen.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import socket
 import time
 
-from pyqvm.errors import TemplateError
+from pyqvm.errors import GuestError, TemplateError
 from pyqvm.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,23 @@ log = logging.getLogger(__name__)
 #: The guest kernel reseeds its CRNG at the first use after this long without one
 #: (Linux 6.1: min(max(1 s, uptime / 2), 60 s)); see `await_stale_seed`.
 _RESEED_MAX = 60.0
+
+
+#: QEMU's vmgenid device as Linux's ACPI bus shows it (its _HID is QEMUVGID).
+VMGENID_UEVENT = "/sys/bus/acpi/devices/QEMUVGID:00/uevent"
+
+
+async def drives_vmgenid(machine: Machine) -> bool:
+    """Whether the guest kernel's vmgenid driver (``CONFIG_VMGENID``) has the VM's vmgenid
+    device (`VMSpec.has_vmgenid`). A QEMU that loads a state writes its own new ID into
+    the guest and notifies it; that driver then reseeds the kernel's CRNG at once."""
+    if not machine.resolved_spec.has_vmgenid:
+        return False
+    try:
+        uevent = await machine.agent.read_file(VMGENID_UEVENT)
+    except GuestError:  # no such device in the guest's ACPI tables: not a Linux guest, say
+        return False
+    return b"DRIVER=vmgenid" in uevent.splitlines()
 
 
 async def await_stale_seed(machine: Machine) -> None:
@@ -35,8 +53,12 @@ async def await_stale_seed(machine: Machine) -> None:
     Freezing only after that long idle (guest time, which a clone carries on
     from) makes a clone reseed at its first use -- unless something in the
     guest drew random bytes just before the freeze, which nothing here can rule
-    out: this is best effort. A guest with pyqvm-wake needs no wait (`make_own`).
+    out: this is best effort. A guest with pyqvm-wake needs no wait (`make_own`), nor
+    one whose kernel drives the VM's vmgenid device (`drives_vmgenid`).
     """
+    if await drives_vmgenid(machine):
+        log.info("%s: the guest drives vmgenid: a clone reseeds when its ID changes", machine.name)
+        return
     uptime = float((await machine.agent.read_file("/proc/uptime")).split()[0])
     wait = min(max(1.0, uptime), _RESEED_MAX) + 0.2
     log.info("%s: letting the guest's random seed age %.1f s before freezing", machine.name, wait)
@@ -98,4 +120,4 @@ async def _wake(port: socket.socket, entropy: bytes) -> bytes:
     return reply
 
 
-__all__ = ["WAKE_TIMEOUT", "await_stale_seed", "make_own"]
+__all__ = ["VMGENID_UEVENT", "WAKE_TIMEOUT", "await_stale_seed", "drives_vmgenid", "make_own"]
