@@ -16,7 +16,7 @@ than the guest's page cache (the host's stays warm for all three). Times are
 read in the guest from ``/proc/uptime`` (10 ms steps), so the agent's own round
 trip is not in them.
 
-    python bench/share.py [-n 5] [--files 10000]
+    python bench/share.py [-n 5] [--files 10000] [--machine q35]
 
 The last line is ``result: share pyqvm=<s> virtiofs=<s> 9p=<s> baseline=<s> ratio=<r>
 meta_9p_over_virtiofs=<r>``: medians of the three phases together (``pyqvm`` is
@@ -111,6 +111,12 @@ async def main() -> None:
     parser.add_argument("-n", type=int, default=5, help="rounds (default 5)")
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--create", type=int, default=1_000)
+    parser.add_argument(
+        "--machine",
+        default="auto",
+        choices=("auto", "microvm", "q35", "pc"),
+        help="the VM's machine type (default auto: microvm here)",
+    )
     args = parser.parse_args()
     if args.files % 100:
         parser.error("--files: a multiple of 100")
@@ -123,6 +129,7 @@ async def main() -> None:
         make_disk(work / "disk", work / "disk.img", args.files)
         spec = VMSpec(
             image="full",
+            machine=args.machine,
             memory="1G",
             shares=(
                 Share(host=work / "virtiofs", tag="vfs", guest="/mnt/vfs", transport="virtiofs"),
