@@ -30,6 +30,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
         "pyqvm.fields",
         "pyqvm.shares",
         "pyqvm.nets",
+        "pyqvm.parts",
         "pyqvm.arches",
         "pyqvm.cloudinit",
         "pyqvm.host.*",
