@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 
-from pyqvm.agent import ExecResult, GuestAgent, GuestCommandError, GuestExecError
+from pyqvm.agent import (
+    POLL_MAX,
+    ExecResult,
+    GuestAgent,
+    GuestCommandError,
+    GuestExecError,
+    poll_wait,
+)
 from pyqvm.errors import GuestError, PyqvmTimeoutError, VMExitedError
 
 
@@ -268,6 +275,23 @@ async def test_exec_returns_exit_code_and_output() -> None:
         with pytest.raises(GuestExecError, match=r"exit code 7(.|\n)*err") as info:
             result.check()
         assert info.value.exitcode == 7
+
+
+def test_exec_polls_follow_the_command_age() -> None:
+    """An eighth of the age between polls: a command that ends at t is seen by ~1.125 t, and
+    one that runs for minutes is asked about every POLL_MAX."""
+    assert poll_wait(0.0) == poll_wait(0.03) == 0.005
+    assert poll_wait(0.08) == pytest.approx(0.01)
+    assert poll_wait(60.0) == POLL_MAX
+    assert poll_wait(0.0, poll_interval=0.5) == poll_wait(60.0, poll_interval=0.5) == 0.5
+    # When a command that ends at `end` is seen to have ended, and after how many polls.
+    for end, most_polls in ((0.01, 3), (0.08, 16), (0.3, 28), (60.0, 340)):
+        t, polls = 0.0, 1
+        while t < end:
+            t += poll_wait(t)
+            polls += 1
+        assert t <= max(1.125 * end, end + 0.005) + 1e-9, (end, t)
+        assert polls <= most_polls, (end, polls)
 
 
 def test_exec_result_check() -> None:
