@@ -1,8 +1,8 @@
 """Boot-to-ready of the built-in guest: pyqvm vs the identical argv run by hand.
 
 Each round boots the guest once through ``AsyncVM.start()`` and once by hand:
-the same argv (taken from the pyqvm launch of that round, with its own
-socketpairs at the same fd numbers and its own overlay), spawned with plain
+the same argv (taken from the pyqvm launch of that round, with a socket
+pair of its own for each of QEMU's sockets, `handmade`, and its own overlay), spawned with plain
 ``subprocess.Popen``. "Ready" is the same in both: the guest agent answers
 ``guest-sync`` (the same client, `pyqvm.agent.GuestAgent`, polls both).
 Rounds alternate the order so drift in machine load hits both sides.
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from handmade import socket_pairs, with_fds
 
 from pyqvm import AsyncVM, GuestAgent, Network, VMSpec
 
@@ -42,61 +42,34 @@ async def boot_pyqvm(spec: VMSpec) -> tuple[float, list[str]]:
     return elapsed, [a.replace(str(rundir), "{RUNDIR}") for a in argv]
 
 
-def _fd_of(argv: list[str], chardev: str) -> int:
-    for a in argv:
-        if a.startswith(f"socket,id={chardev},fd="):
-            return int(a.rsplit("=", 1)[1])
-    raise SystemExit(f"no {chardev} chardev in argv")
-
-
 async def boot_by_hand(template: list[str], base_disk: Path) -> float:
     """The same argv, launched with Popen; returns seconds until the agent answers."""
     rundir = Path(tempfile.mkdtemp(prefix="bench-"))
     argv = [a.replace("{RUNDIR}", str(rundir)) for a in template]
-    qmp_fd, qga_fd = _fd_of(argv, "pq-qmp"), _fd_of(argv, "pq-qga")
-    qmp_ours, qmp_theirs = socket.socketpair()
-    qga_ours, qga_theirs = socket.socketpair()
-    # Put QEMU's ends at the fd numbers the argv names (moving anything of ours out of the way).
-    for sock, target in ((qmp_theirs, qmp_fd), (qga_theirs, qga_fd)):
-        for other in (qmp_ours, qga_ours):
-            if other.fileno() == target:
-                other_fd = os.dup(target)
-                other.detach()
-                other.__init__(fileno=other_fd)  # type: ignore[misc]
-        if sock.fileno() != target:
-            os.dup2(sock.fileno(), target)
-            sock.close()
-        else:
-            sock.detach()
+    pairs = socket_pairs(argv)
+    argv = with_fds(argv, {name: qemu.fileno() for name, (_, qemu) in pairs.items()})
     agent = GuestAgent(name="bench")
     t0 = time.monotonic()
     subprocess.run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            str(base_disk),
-            str(rundir / "root.qcow2"),
-        ],
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base_disk),
+         str(rundir / "root.qcow2")],
         check=True,
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        argv, pass_fds=[qemu.fileno() for _, qemu in pairs.values()], stderr=subprocess.DEVNULL
     )
-    proc = subprocess.Popen(argv, pass_fds=[qmp_fd, qga_fd], stderr=subprocess.DEVNULL)
     try:
-        for fd in (qmp_fd, qga_fd):
-            os.close(fd)
-        await agent.connect(qga_ours)
+        for _, qemu in pairs.values():
+            qemu.close()
+        await agent.connect(pairs["pq-qga"][0])
         await agent.wait_ready(120)
         elapsed = time.monotonic() - t0
     finally:
         await agent.close()
         proc.kill()
         proc.wait()
-        qmp_ours.close()
+        for ours, _ in pairs.values():
+            ours.close()
         shutil.rmtree(rundir, ignore_errors=True)
     return elapsed
 

@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from handmade import with_fds
 from qemu.qmp import QMPClient
 
 from pyqvm import AsyncVM, GuestAgent, Template, VMSpec, templates
@@ -50,24 +51,13 @@ async def clone_pyqvm(template: Template) -> tuple[float, list[str]]:
         await vm.stop()
 
 
-def _with_fds(argv: list[str], fds: dict[str, int]) -> list[str]:
-    """``argv`` with each named socket chardev on the fd given (its own socket pair's)."""
-    out = []
-    for a in argv:
-        for chardev, fd in fds.items():
-            if a.startswith(f"socket,id={chardev},fd="):
-                a = f"socket,id={chardev},fd={fd}"
-        out.append(a)
-    return out
-
-
 async def clone_by_hand(argv_template: list[str], template: Template) -> float:
     rundir = Path(tempfile.mkdtemp(prefix="bench-clone-"))
     (qmp_sock, qmp_qemu), (qga_sock, qga_qemu), (wake_sock, wake_qemu) = (
         socket.socketpair() for _ in range(3)
     )
     theirs = {"pq-qmp": qmp_qemu, "pq-qga": qga_qemu, "pq-wake": wake_qemu}
-    argv = _with_fds(
+    argv = with_fds(
         [a.replace("{RUNDIR}", str(rundir)) for a in argv_template],
         {name: s.fileno() for name, s in theirs.items()},
     )
