@@ -23,14 +23,13 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from handmade import with_fds
+from handmade import socket_pairs, with_fds
 from qemu.qmp import QMPClient
 
 from pyqvm import AsyncVM, GuestAgent, Template, VMSpec, templates
@@ -53,14 +52,11 @@ async def clone_pyqvm(template: Template) -> tuple[float, list[str]]:
 
 async def clone_by_hand(argv_template: list[str], template: Template) -> float:
     rundir = Path(tempfile.mkdtemp(prefix="bench-clone-"))
-    (qmp_sock, qmp_qemu), (qga_sock, qga_qemu), (wake_sock, wake_qemu) = (
-        socket.socketpair() for _ in range(3)
-    )
-    theirs = {"pq-qmp": qmp_qemu, "pq-qga": qga_qemu, "pq-wake": wake_qemu}
-    argv = with_fds(
-        [a.replace("{RUNDIR}", str(rundir)) for a in argv_template],
-        {name: s.fileno() for name, s in theirs.items()},
-    )
+    argv = [a.replace("{RUNDIR}", str(rundir)) for a in argv_template]
+    pairs = socket_pairs(argv)
+    theirs = {name: qemu for name, (_, qemu) in pairs.items()}
+    argv = with_fds(argv, {name: s.fileno() for name, s in theirs.items()})
+    qmp_sock, qga_sock, wake_sock = (pairs[n][0] for n in ("pq-qmp", "pq-qga", "pq-wake"))
     agent = GuestAgent(name="bench")
     qmp = QMPClient("bench")
     state = template.state_dir / STATE_FILE
@@ -109,7 +105,8 @@ async def clone_by_hand(argv_template: list[str], template: Template) -> float:
         await qmp.disconnect()
         proc.kill()
         proc.wait()
-        wake_sock.close()
+        for ours, _ in pairs.values():
+            ours.close()
         shutil.rmtree(rundir, ignore_errors=True)
     return elapsed
 
