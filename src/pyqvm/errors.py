@@ -6,6 +6,7 @@ Every error pyqvm raises on purpose derives from `PyqvmError`::
      ├─ SpecError          bad VM description; the message names the field and the fix
      ├─ HostError          the host cannot do it (KVM unusable, missing package); says the fix
      ├─ ImageError         building or finding the built-in guest image failed
+     │    └─ ArchiveError       a Debian archive file is unreachable, unsigned or corrupt
      ├─ LaunchError        QEMU refused the argv or died before the guest was ready
      ├─ VMStateError       operation not valid in the VM's current state
      ├─ VMExitedError      QEMU went away during an operation
@@ -59,6 +60,19 @@ class HostError(PyqvmError):
 
 class ImageError(PyqvmError):
     """The built-in guest image could not be built or found."""
+
+
+class ArchiveError(ImageError):
+    """A file of the Debian archive could not be fetched or failed its check.
+
+    ``url`` is the file asked for (or the cache file), ``package`` the package whose
+    file it is, when it is one; the message says what was wrong and the fix.
+    """
+
+    def __init__(self, message: str, *, url: str = "", package: str = "") -> None:
+        super().__init__(message)
+        self.url = url
+        self.package = package
 
 
 def tail(text: str, lines: int) -> str:
@@ -321,6 +335,7 @@ class NamedVMError(PyqvmError):
 
 
 __all__ = [
+    "ArchiveError",
     "DeviceClaimedError",
     "GroupNotViableError",
     "GuestCommandError",

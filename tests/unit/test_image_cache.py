@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,9 +19,13 @@ from pyqvm.image import (
     cache_dir,
     find,
     prune,
-    tools,
 )
+from pyqvm.image.archive import Package
 from pyqvm.image.guest import MANIFEST_FORMAT, cache_key, load_image
+
+
+def package(name: str, version: str, *, depends: str = "") -> Package:
+    return Package(name, version, "amd64", f"pool/{name}.deb", "0" * 64, 1, "file:///m", depends)
 
 
 def test_cache_key_is_order_independent_and_input_sensitive() -> None:
@@ -53,21 +56,20 @@ def test_shipped_recipes_are_complete() -> None:
 
 
 def test_kernel_package_from_meta_depends() -> None:
-    meta = tools.Package(
+    meta = package(
         "linux-image-cloud-amd64",
         "6.1.192-2",
-        "amd64",
-        "linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)",
+        depends="linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)",
     )
     assert builder.kernel_package(meta) == ("linux-image-6.1.0-56-cloud-amd64", "6.1.192-2")
-    loose = tools.Package("m", "1", "amd64", "initramfs-tools | linux-image-6.1.0-1-amd64")
+    loose = package("m", "1", depends="initramfs-tools | linux-image-6.1.0-1-amd64")
     assert builder.kernel_package(loose) == ("linux-image-6.1.0-1-amd64", None)
     with pytest.raises(ImageError, match="cannot tell which kernel"):
-        builder.kernel_package(tools.Package("m", "1", "amd64", "libc6"))
+        builder.kernel_package(package("m", "1", depends="libc6"))
 
 
 def test_deb_file_name_quotes_the_epoch() -> None:
-    pkg = tools.Package("busybox-static", "1:1.35.0-4+deb12u1+b1", "amd64")
+    pkg = package("busybox-static", "1:1.35.0-4+deb12u1+b1")
     assert pkg.deb_name == "busybox-static_1%3a1.35.0-4+deb12u1+b1_amd64.deb"
 
 
@@ -142,15 +144,6 @@ def test_missing_tool_names_the_debian_package(
     monkeypatch.setattr("shutil.which", which)
     with pytest.raises(HostError, match=r"apt-get install -y kmod"):
         build("default", cache=tmp_path)
-
-
-def test_apt_show_without_lists_says_run_apt_get_update(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fake_run(argv: list[str], **_: object) -> subprocess.CompletedProcess[str]:
-        return subprocess.CompletedProcess(argv, 100, "", "E: No packages found\n")
-
-    monkeypatch.setattr("subprocess.run", fake_run)
-    with pytest.raises(ImageError, match="run apt-get update"):
-        tools.apt_show(["linux-image-cloud-amd64"])
 
 
 def test_prune_keeps_the_newest_of_each_flavour(tmp_path: Path) -> None:

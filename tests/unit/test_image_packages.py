@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pyqvm.arches import ARCHES
-from pyqvm.image import builder, tools
+from pyqvm.image import builder
+from pyqvm.image.archive import Package
 from pyqvm.image.guest import FLAVOURS, cache_key
 from pyqvm.image.modules import on_demand_modules, parse_module_list
 
@@ -18,7 +19,10 @@ INIT = builder.RECIPES / "init"
 
 
 def inputs(arch: str = "x86_64", **versions: str) -> builder.BuildInputs:
-    pkg = lambda name: tools.Package(name, versions.get(name, "1.0"), "amd64")  # noqa: E731
+    def pkg(name: str) -> Package:
+        version = versions.get(name, "1.0")
+        return Package(name, version, "amd64", f"pool/{name}.deb", "0" * 64, 1, "file:///m")
+
     return builder.BuildInputs(
         flavour="default",
         arch=ARCHES[arch],
@@ -30,11 +34,11 @@ def inputs(arch: str = "x86_64", **versions: str) -> builder.BuildInputs:
     )
 
 
-def test_dropbear_and_its_libraries_are_guest_packages() -> None:
-    assert builder.GUEST_PACKAGES["dropbear-bin"] == ("usr/sbin/dropbear",)
-    assert builder.GUEST_PACKAGES["qemu-guest-agent"] == ("usr/sbin/qemu-ga",)
-    # Not on a stock host: they must come from their .debs.
-    assert {"libtomcrypt1", "libtommath1"} <= set(builder.GUEST_PACKAGES)
+def test_dropbear_and_the_agent_are_guest_packages() -> None:
+    assert builder.GUEST_PACKAGES == {
+        "qemu-guest-agent": ("usr/sbin/qemu-ga",),
+        "dropbear-bin": ("usr/sbin/dropbear",),
+    }
 
 
 def test_each_package_version_is_a_cache_input() -> None:
@@ -54,51 +58,47 @@ def test_fw_cfg_module_is_packed_on_demand(flavour: str) -> None:
     assert "qemu_fw_cfg" in on_demand_modules(listed, flavour)
 
 
-def test_shared_libraries_searches_the_unpacked_debs_first(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    seen: dict[str, object] = {}
-
-    def fake_run(argv: list[str], *, what: str, env: dict[str, str] | None = None) -> str:
-        seen["env"] = env
-        return "\tlibtomcrypt.so.1 => /x/usr/lib/libtomcrypt.so.1 (0x00007f)\n"
-
-    monkeypatch.setattr(tools, "run", fake_run)
-    libs = tools.shared_libraries(Path("dropbear"), library_dirs=[Path("/x/usr/lib"), Path("/y")])
-    assert libs == [Path("/x/usr/lib/libtomcrypt.so.1")]
-    assert seen["env"] == {"LD_LIBRARY_PATH": "/x/usr/lib:/y"}
-
-    monkeypatch.setattr(tools, "run", lambda *a, **k: "\tlibtommath.so.1 => not found\n")
-    with pytest.raises(tools.HostError, match="apt-get install -y dropbear-bin"):
-        tools.shared_libraries(Path("dropbear"), package="dropbear-bin")
+HOST_TRUE = Path("/usr/bin/true")  # a dynamic x86_64 program of Debian 12: libc, ld.so
+TRIPLET = "x86_64-linux-gnu"
 
 
-def test_packages_install_deb_libraries_at_their_package_path(
+def unpacked_libc(root: Path) -> None:
+    """A libc6 package as it unpacks: libc in /lib/<triplet>, ld.so behind /lib64's link."""
+    libdir = root / "lib" / TRIPLET
+    libdir.mkdir(parents=True)
+    for name in ("libc.so.6", "ld-linux-x86-64.so.2"):
+        shutil.copyfile(Path("/lib") / TRIPLET / name, libdir / name)
+    (root / "lib64").mkdir()
+    (root / "lib64/ld-linux-x86-64.so.2").symlink_to(f"/lib/{TRIPLET}/ld-linux-x86-64.so.2")
+
+
+def test_packages_take_every_library_from_the_unpacked_debs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    roots = {"dropbear-bin": tmp_path / "p/dropbear-bin", "libtomcrypt1": tmp_path / "p/libt"}
-    exe = roots["dropbear-bin"] / "usr/sbin/dropbear"
-    deb_lib = roots["libtomcrypt1"] / "usr/lib/x86_64-linux-gnu/libtomcrypt.so.1"
-    host_lib = tmp_path / "host/lib/libz.so.1"
-    for f in (exe, deb_lib, host_lib):
-        f.parent.mkdir(parents=True)
-        f.write_text(f.name)
-    monkeypatch.setattr(
-        builder, "GUEST_PACKAGES", {"dropbear-bin": ("usr/sbin/dropbear",), "libtomcrypt1": ()}
-    )
-    asked: list[tuple[Path, list[Path]]] = []
-
-    def fake_libs(binary: Path, *, library_dirs: list[Path], package: str) -> list[Path]:
-        asked.append((binary, list(library_dirs)))
-        return [deb_lib, host_lib]
-
-    monkeypatch.setattr(tools, "shared_libraries", fake_libs)
+    roots = {"prog": tmp_path / "p/prog", "lib:libc6": tmp_path / "p/libc6"}
+    (roots["prog"] / "usr/sbin").mkdir(parents=True)
+    shutil.copyfile(HOST_TRUE, roots["prog"] / "usr/sbin/prog")
+    unpacked_libc(roots["lib:libc6"])
+    monkeypatch.setattr(builder, "GUEST_PACKAGES", {"prog": ("usr/sbin/prog",)})
     initrd = tmp_path / "initrd"
-    builder._packages(initrd, roots)
-    assert asked == [(exe, [deb_lib.parent])]
-    assert (initrd / "usr/sbin/dropbear").read_text() == "dropbear"
-    assert (initrd / "usr/lib/x86_64-linux-gnu/libtomcrypt.so.1").read_text() == "libtomcrypt.so.1"
-    assert (initrd / host_lib.relative_to("/")).is_file()  # a host library: its host path
+    builder._packages(initrd, roots, ARCHES["x86_64"])
+    assert (initrd / "usr/sbin/prog").read_bytes() == HOST_TRUE.read_bytes()
+    libc = roots["lib:libc6"] / "lib" / TRIPLET / "libc.so.6"
+    assert (initrd / "lib" / TRIPLET / "libc.so.6").read_bytes() == libc.read_bytes()
+    # the interpreter at the path the program names, a file (the link resolved in its root)
+    interp = initrd / "lib64/ld-linux-x86-64.so.2"
+    assert interp.is_file() and not interp.is_symlink()
+
+
+def test_packages_refuse_a_library_no_deb_has(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    roots = {"prog": tmp_path / "p/prog"}
+    (roots["prog"] / "usr/sbin").mkdir(parents=True)
+    shutil.copyfile(HOST_TRUE, roots["prog"] / "usr/sbin/prog")
+    monkeypatch.setattr(builder, "GUEST_PACKAGES", {"prog": ("usr/sbin/prog",)})
+    with pytest.raises(builder.ImageError, match=r"no amd64 package .* has libc\.so\.6"):
+        builder._packages(tmp_path / "initrd", roots, ARCHES["x86_64"])
 
 
 def test_packages_refuse_a_package_without_its_executable(
@@ -107,7 +107,7 @@ def test_packages_refuse_a_package_without_its_executable(
     monkeypatch.setattr(builder, "GUEST_PACKAGES", {"dropbear-bin": ("usr/sbin/dropbear",)})
     (tmp_path / "p").mkdir()
     with pytest.raises(builder.ImageError, match="dropbear-bin package has no usr/sbin/dropbear"):
-        builder._packages(tmp_path / "initrd", {"dropbear-bin": tmp_path / "p"})
+        builder._packages(tmp_path / "initrd", {"dropbear-bin": tmp_path / "p"}, ARCHES["x86_64"])
 
 
 # -- init's network setup, run by the host's sh over a fake /sys/class/net ------------------

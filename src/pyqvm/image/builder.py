@@ -1,6 +1,7 @@
 """Building the built-in guest from Debian packages, without installing any of them.
 
-Steps (each logged at INFO): resolve package versions with apt-cache, download
+Steps (each logged at INFO): resolve package versions from Debian's archive
+(`pyqvm.image.archive`: signed, verified, no apt or dpkg on the host), download
 the .debs, unpack them, pick kernel modules (depmod), write the initramfs,
 extract the PVH vmlinux, make the data disk. The recipe (init script, module
 list, ...) lives in ``recipes/`` next to this file.
@@ -24,10 +25,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import zstandard
+
 from pyqvm.arches import ArchInfo, arch_info, cross_compiler, host_arch
 from pyqvm.errors import HostError, ImageError, SpecError
 from pyqvm.host.kernel import extract_vmlinux
-from pyqvm.image import distro, esp, foreign, tools
+from pyqvm.image import distro, esp, libraries, tools
+from pyqvm.image.archive import Archive, Package, unpack
 from pyqvm.image.cpio import CpioEntry, NewcWriter
 from pyqvm.image.guest import (
     DISTRO_FLAVOURS,
@@ -55,8 +59,9 @@ log = logging.getLogger(__name__)
 
 # Bump when the build steps change in a way the recipe files do not show.
 # 2: LZ4 initramfs; 3: packages of GUEST_PACKAGES, libraries from .debs; 4: INITRD_PROGRAMS;
-# 5: the UEFI boot disk; 6: the manifest says "wake_port"
-BUILDER_VERSION = "6"
+# 5: the UEFI boot disk; 6: the manifest says "wake_port"; 7: packages from pyqvm's archive
+# client, and every library from the .debs on every arch
+BUILDER_VERSION = "7"
 LOADER_PACKAGE = esp.LOADER_PACKAGE  # the boot disk's UEFI loader
 
 RECIPES = Path(__file__).with_name("recipes")
@@ -79,14 +84,11 @@ INITRD_PROGRAMS = {
 }
 
 # Debian packages unpacked into the initramfs: package -> the executables taken from it,
-# at the same paths, with the shared libraries they load. A package with no executables
-# lends its libraries: dropbear's libtomcrypt1 and libtommath1 are not on a stock host, so
-# they come from their .debs; every other library from the host (the same Debian release).
+# at the same paths, with the shared libraries they load (their ELF headers name them; the
+# library packages they depend on are unpacked too, so nothing comes from the host).
 GUEST_PACKAGES: dict[str, tuple[str, ...]] = {
     "qemu-guest-agent": ("usr/sbin/qemu-ga",),  # the agent pyqvm drives the guest with
     "dropbear-bin": ("usr/sbin/dropbear",),  # SSH server; init starts it on pyqvm.ssh=1
-    "libtomcrypt1": (),
-    "libtommath1": (),
 }
 _DIRS = (
     "bin", "sbin", "usr/bin", "usr/sbin", "lib", "lib64", "etc/pyqvm", "etc/modprobe.d",
@@ -105,15 +107,15 @@ class BuildInputs:
 
     flavour: str
     arch: ArchInfo
-    kernel: tools.Package
-    busybox: tools.Package
-    packages: tuple[tools.Package, ...]  # GUEST_PACKAGES, in that order
-    loader: tools.Package  # LOADER_PACKAGE
+    kernel: Package
+    busybox: Package
+    packages: tuple[Package, ...]  # GUEST_PACKAGES, in that order
+    loader: Package  # LOADER_PACKAGE
     recipes: dict[str, str]  # file name -> sha256
-    # A foreign arch only: GUEST_PACKAGES' library dependencies (ldd cannot run its
-    # programs), and the host's busybox of the same version (to list the applets).
-    libraries: tuple[tools.Package, ...] = ()
-    host_busybox: tools.Package | None = None
+    # GUEST_PACKAGES' library dependencies, the libraries of the initramfs.
+    libraries: tuple[Package, ...] = ()
+    # A foreign arch only: the host's busybox (to list the applets: the guest's cannot run).
+    host_busybox: Package | None = None
 
     def as_dict(self) -> dict[str, str]:
         d = {
@@ -139,7 +141,7 @@ def recipe_digests(directory: Path = RECIPES) -> dict[str, str]:
     }
 
 
-def kernel_package(meta: tools.Package) -> tuple[str, str | None]:
+def kernel_package(meta: Package) -> tuple[str, str | None]:
     """The versioned kernel a meta package depends on, and its pinned version if any.
 
     ``linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)`` -> (name, "6.1.192-2")
@@ -152,25 +154,26 @@ def kernel_package(meta: tools.Package) -> tuple[str, str | None]:
     raise ImageError(f"cannot tell which kernel {meta.name} depends on ({meta.depends!r})")
 
 
-def _resolve(flavour: str, arch: ArchInfo, env: dict[str, str]) -> BuildInputs:
+def _is_library(pkg: Package) -> bool:
+    return pkg.name.startswith("lib") or pkg.name == "zlib1g"
+
+
+def _resolve(flavour: str, arch: ArchInfo, archive: Archive) -> BuildInputs:
     meta = KERNEL_PACKAGES[flavour].format(debian=arch.debian)
     names = [meta, "busybox-static", LOADER_PACKAGE, *GUEST_PACKAGES]
-    log.info("resolving %s (%s) with apt-cache", ", ".join(names), arch.debian)
-    found = tools.apt_show(names, env=env)
+    log.info("resolving %s (%s)", ", ".join(names), arch.debian)
+    found = archive.candidates(names, arch.debian)
     name, pinned = kernel_package(found[meta])
-    # Each apt-cache run costs ~0.6 s without a pkgcache.bin: skip it when pinned.
-    kernel = (
-        tools.Package(name, pinned, found[meta].arch)
-        if pinned
-        else tools.apt_show([name], env=env)[name]
-    )
-    libraries: tuple[tools.Package, ...] = ()
+    kernel = archive.candidates([name], arch.debian)[name]
+    if pinned is not None and kernel.version != pinned:
+        kernel = next(
+            (p for p in archive.index(arch.debian).versions(name) if p.version == pinned), kernel
+        )
+    libs = archive.closure(GUEST_PACKAGES, arch.debian, follow=_is_library)
     host_busybox = None
-    if env:
-        libs = foreign.library_packages(list(GUEST_PACKAGES), env)
-        shown = tools.apt_show(libs, env=env) if libs else {}
-        libraries = tuple(shown[n] for n in libs)
-        host_busybox = tools.apt_show(["busybox-static"])["busybox-static"]
+    if arch.name != host_arch():
+        host = arch_info(host_arch()).debian
+        host_busybox = archive.candidates(["busybox-static"], host)["busybox-static"]
     return BuildInputs(
         flavour=flavour,
         arch=arch,
@@ -179,7 +182,7 @@ def _resolve(flavour: str, arch: ArchInfo, env: dict[str, str]) -> BuildInputs:
         packages=tuple(found[name] for name in GUEST_PACKAGES),
         loader=found[LOADER_PACKAGE],
         recipes=recipe_digests(),
-        libraries=libraries,
+        libraries=tuple(p for p in libs if p.name not in GUEST_PACKAGES),
         host_busybox=host_busybox,
     )
 
@@ -204,18 +207,19 @@ def build(
 ) -> GuestImage:
     """Build (or reuse) the built-in guest image of ``flavour`` for guests of ``arch``.
 
-    A foreign ``arch`` (not the host's) takes its packages through an apt
-    configuration of pyqvm's own (`pyqvm.image.foreign`) and a cross compiler.
+    Packages come from Debian's archive through `pyqvm.image.archive` (signed and
+    verified; the mirror is configurable, the downloads cached by hash), on any host
+    and for any arch; a foreign ``arch`` needs its cross compiler.
 
     Inputs are the resolved Debian package versions, the recipe files and the
     builder version; an image with the same inputs is returned at once unless
-    ``force``. Needs apt lists (``apt-get update``) and, for a new image, the
-    Debian mirror.
+    ``force``.
 
     Raises:
         SpecError: unknown flavour.
         HostError: a host tool is missing (the message names its package).
-        ImageError: apt, a download or a build step failed.
+        ImageError: a download or a build step failed (`ArchiveError`: the archive
+            could not be read or a file failed its check).
     """
     check_flavour(flavour)
     root = cache or cache_dir()
@@ -223,33 +227,24 @@ def build(
     if flavour in DISTRO_FLAVOURS:
         if arch != "x86_64":
             raise SpecError("arch", f"the {flavour} flavour is built for x86_64 only so far")
-        for name in ("apt-cache", "mmdebstrap", "mkfs.ext4", *esp.TOOLS):
+        for name in ("mmdebstrap", "mkfs.ext4", *esp.TOOLS):
             tools.tool(name)
         compiler, packages = cross_compiler(arch_info(arch))
         tools.tool(compiler, package=packages)  # pyqvm-wake
-        inputs_dict = distro.inputs()
+        inputs_dict = distro.inputs(Archive(root))
         assemble = distro.assemble
     else:
-        for name in (
-            "apt-cache",
-            "apt-get",
-            "dpkg-deb",
-            "depmod",
-            "mkfs.ext4",
-            "qemu-img",
-            "ldd",
-            *esp.TOOLS,
-        ):
+        for name in ("depmod", "mkfs.ext4", "qemu-img", "lz4", *esp.TOOLS):
             tools.tool(name)
         info = arch_info(arch)
         compiler, packages = cross_compiler(info)
         tools.tool(compiler, package=packages)  # INITRD_PROGRAMS
-        env = {} if arch == host_arch() else foreign.apt_env(info, root)
-        inputs = _resolve(flavour, info, env)
+        archive = Archive(root)
+        inputs = _resolve(flavour, info, archive)
         inputs_dict = inputs.as_dict()
 
         def assemble(out: Path) -> dict[str, object]:
-            return _assemble(out, inputs, _download(inputs, root / "downloads", env))
+            return _assemble(out, inputs, _download(inputs, archive))
 
     key = cache_key(inputs_dict)
     images = root / "images"
@@ -287,35 +282,33 @@ def build(
     return image
 
 
-def _download(inputs: BuildInputs, downloads: Path, env: dict[str, str]) -> dict[str, Path]:
-    debs = {
-        name: tools.apt_download(pkg, downloads, env=env)
-        for name, pkg in (
-            ("kernel", inputs.kernel),
-            ("busybox", inputs.busybox),
-            ("loader", inputs.loader),
-            *((pkg.name, pkg) for pkg in inputs.packages),
-            *((f"lib:{pkg.name}", pkg) for pkg in inputs.libraries),
-        )
+def _download(inputs: BuildInputs, archive: Archive) -> dict[str, Path]:
+    named = {
+        "kernel": inputs.kernel,
+        "busybox": inputs.busybox,
+        "loader": inputs.loader,
+        **{pkg.name: pkg for pkg in inputs.packages},
+        **{f"lib:{pkg.name}": pkg for pkg in inputs.libraries},
     }
     if inputs.host_busybox is not None:
-        debs["host-busybox"] = tools.apt_download(inputs.host_busybox, downloads)
-    return debs
+        named["host-busybox"] = inputs.host_busybox
+    fetched = archive.download(named.values())
+    return {role: fetched[pkg] for role, pkg in named.items()}
 
 
 def _assemble(out: Path, inputs: BuildInputs, debs: dict[str, Path]) -> dict[str, object]:
     work = out / "work"
     kroot, broot = work / "kernel", work / "busybox"
-    tools.unpack(debs["kernel"], kroot)
-    tools.unpack(debs["busybox"], broot)
+    unpack(debs["kernel"], kroot)
+    unpack(debs["busybox"], broot)
     roots = {name: work / "packages" / name for name in GUEST_PACKAGES}
     roots |= {f"lib:{p.name}": work / "packages" / p.name for p in inputs.libraries}
     for name, root in roots.items():
-        tools.unpack(debs[name], root)
+        unpack(debs[name], root)
     applets = broot
     if "host-busybox" in debs:  # the guest's busybox cannot run here: list the host's
         applets = work / "host-busybox"
-        tools.unpack(debs["host-busybox"], applets)
+        unpack(debs["host-busybox"], applets)
 
     vmlinuzes = sorted((kroot / "boot").glob("vmlinuz-*"))
     if len(vmlinuzes) != 1:
@@ -345,7 +338,7 @@ def _assemble(out: Path, inputs: BuildInputs, debs: dict[str, Path]) -> dict[str
             log.warning("booting the bzImage: no PVH vmlinux for %s: %s", version, e)
 
     _disk(work / "disk", out / "disk.qcow2")
-    tools.unpack(debs["loader"], work / "loader")
+    unpack(debs["loader"], work / "loader")
     esp.boot_disk(
         out / "boot.qcow2",
         arch=inputs.arch,
@@ -423,12 +416,8 @@ def _copy_module(src: Path, dest: Path) -> None:
     elif name.endswith(".ko.gz"):
         plain.write_bytes(gzip.decompress(src.read_bytes()))
     elif name.endswith(".ko.zst"):
-        out = subprocess.run(
-            [tools.tool("zstd"), "-dc", str(src)], capture_output=True, check=False
-        )
-        if out.returncode != 0:
-            raise ImageError(f"cannot decompress {src}: {out.stderr.decode(errors='replace')}")
-        plain.write_bytes(out.stdout)
+        with src.open("rb") as f, plain.open("wb") as out:
+            zstandard.ZstdDecompressor().copy_stream(f, out)
     else:
         raise ImageError(f"unknown kernel module compression: {src}")
 
@@ -459,10 +448,7 @@ def _userland(
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to("/bin/busybox")
 
-    if arch.name == host_arch():
-        _packages(initrd, roots)
-    else:
-        _foreign_packages(initrd, roots, arch)
+    _packages(initrd, roots, arch)
     _programs(initrd, initrd.parent / "programs", arch)
 
     for recipe, (path, mode) in INITRD_FILES.items():
@@ -488,21 +474,12 @@ def _install_executables(initrd: Path, roots: dict[str, Path]) -> list[tuple[str
     return exes
 
 
-def _packages(initrd: Path, roots: dict[str, Path]) -> None:
-    """GUEST_PACKAGES' executables and their libraries: from the unpacked .debs first,
-    else the host's (which runs the Debian release the packages target)."""
-    lib_dirs = sorted({lib.parent for root in roots.values() for lib in root.rglob("*.so*")})
-    for name, exe in _install_executables(initrd, roots):
-        for lib in tools.shared_libraries(exe, library_dirs=lib_dirs, package=name):
-            root = next((r for r in roots.values() if lib.is_relative_to(r)), Path("/"))
-            _install(lib.resolve(), initrd / lib.relative_to(root), 0o755)
-
-
-def _foreign_packages(initrd: Path, roots: dict[str, Path], arch: ArchInfo) -> None:
-    """GUEST_PACKAGES' executables of a foreign arch, with the libraries their ELF
-    headers name, found in the unpacked library packages (ldd cannot run them)."""
+def _packages(initrd: Path, roots: dict[str, Path], arch: ArchInfo) -> None:
+    """GUEST_PACKAGES' executables, with the libraries their ELF headers name, found in
+    the unpacked library packages: the host's libraries (another distribution's, or
+    another arch's) never go into the guest."""
     exes = [exe for _, exe in _install_executables(initrd, roots)]
-    for lib, guest_path in foreign.library_closure(exes, list(roots.values()), arch):
+    for lib, guest_path in libraries.library_closure(exes, list(roots.values()), arch):
         _install(lib, initrd / guest_path.lstrip("/"), 0o755)
 
 

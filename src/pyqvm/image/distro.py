@@ -24,6 +24,7 @@ from pathlib import Path
 from pyqvm.arches import arch_info, cross_compiler
 from pyqvm.errors import ImageError
 from pyqvm.image import esp, tools
+from pyqvm.image.archive import Archive
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,9 @@ CMDLINE = f"root=LABEL={ROOT_LABEL} rw console=ttyS0 mitigations=off quiet"
 X86_64 = arch_info("x86_64")
 
 
-def inputs() -> dict[str, str]:
+def inputs(archive: Archive) -> dict[str, str]:
     """What the image is made of, for the cache key: package versions, recipes, version."""
-    found = tools.apt_show(list(PACKAGES))
+    found = archive.candidates(PACKAGES, X86_64.debian)
     d = {"distro": DISTRO_VERSION, "suite": SUITE}
     d |= {f"pkg:{name}": pkg.version for name, pkg in found.items()}
     d |= {

@@ -4,7 +4,8 @@ Kept free of build machinery, since the launcher imports it at run time.
 
 Cache layout (under `cache_dir`)::
 
-    downloads/                 .deb files, shared by flavours and builds
+    archive/                   Debian's release files and indices (pyqvm.image.archive)
+    downloads/sha256/<hex>     .deb files by hash, shared by flavours and builds
     images/<flavour>-<key>/    one built image; <key> hashes every build input
         vmlinux  vmlinuz  initrd.img  disk.qcow2
         manifest.json          written last: an image without it does not exist

@@ -1,0 +1,152 @@
+"""Fetching archive files (http, https, file) into a cache that holds only verified files.
+
+A file whose SHA-256 is known before it is fetched (an index listed in a signed
+release file, a ``.deb`` listed in a verified index) is stored under its hash,
+``sha256/<hex>``: written to a temporary name beside it, checked for size and
+hash while it streams, and renamed into place only when both match. A cached
+file is reused without the network, so a build whose files are all cached runs
+offline. Anything that goes wrong is an `ArchiveError` naming the URL; nothing
+partial is ever left under a hash name.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from pyqvm.errors import ArchiveError
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 30.0  # seconds without a byte before a fetch fails
+_CHUNK = 1 << 16
+
+#: Called with the bytes fetched so far of one file (progress display).
+Progress = Callable[[int], None]
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, urllib.error.HTTPError):
+        return f"the mirror answered {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError):
+        return f"the mirror is unreachable ({e.reason})"
+    return str(e) or type(e).__name__
+
+
+def _open(url: str) -> object:
+    try:
+        return urllib.request.urlopen(url, timeout=TIMEOUT)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        hint = "check the mirror (PYQVM_DEBIAN_MIRROR, docs/guests.md) and the network"
+        if isinstance(e, urllib.error.HTTPError) and e.code == 404:
+            hint = "the mirror does not have it: check the mirror's URL and that it carries "
+            hint += "Debian 12 (bookworm)"
+        raise ArchiveError(f"fetching {url} failed: {_describe(e)}; {hint}", url=url) from None
+
+
+def fetch_bytes(url: str, *, limit: int = 64 << 20) -> bytes:
+    """A small file (a release file) in memory; `ArchiveError` when it cannot be had."""
+    response = _open(url)
+    try:
+        with response:  # type: ignore[attr-defined]
+            data: bytes = response.read(limit + 1)  # type: ignore[attr-defined]
+    except (TimeoutError, OSError) as e:
+        raise ArchiveError(f"fetching {url} failed: {_describe(e)}", url=url) from None
+    if len(data) > limit:
+        raise ArchiveError(f"{url} is larger than {limit} bytes: not a release file", url=url)
+    return data
+
+
+class HashStore:
+    """Files named by their SHA-256 under ``root`` (``root/sha256/<hex>``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, sha256: str) -> Path:
+        return self.root / "sha256" / sha256
+
+    def get(
+        self,
+        url: str,
+        sha256: str,
+        size: int,
+        *,
+        package: str = "",
+        progress: Progress | None = None,
+    ) -> Path:
+        """The verified file of ``sha256``: from the cache, else fetched from ``url``.
+
+        Raises:
+            ArchiveError: the fetch failed, was cut short, or its size or hash is not
+                the one the signed index gives (the file is then not kept).
+        """
+        dest = self.path(sha256)
+        if dest.is_file():
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(f".partial-{sha256}-{os.getpid()}")
+        what = f"{package} ({url})" if package else url
+        log.debug("fetching %s", url)
+        try:
+            digest, got = self._stream(url, partial, size, package, progress)
+            if got != size:
+                raise ArchiveError(
+                    f"{what}: got {got} bytes of {size}: the download was cut short or the "
+                    "mirror's file differs from its signed index; try again, or use another "
+                    "mirror",
+                    url=url,
+                    package=package,
+                )
+            if digest != sha256:
+                raise ArchiveError(
+                    f"{what}: its SHA-256 is {digest}, but the signed index says {sha256}: "
+                    "the file was altered or the mirror is inconsistent; it was not kept",
+                    url=url,
+                    package=package,
+                )
+            partial.replace(dest)
+        finally:
+            partial.unlink(missing_ok=True)
+        return dest
+
+    def _stream(
+        self, url: str, partial: Path, size: int, package: str, progress: Progress | None
+    ) -> tuple[str, int]:
+        h = hashlib.sha256()
+        got = 0
+        response = _open(url)
+        try:
+            with response, partial.open("wb") as out:  # type: ignore[attr-defined]
+                while chunk := response.read(_CHUNK):  # type: ignore[attr-defined]
+                    got += len(chunk)
+                    if got > size:
+                        break  # longer than the index says: no need to read the rest
+                    h.update(chunk)
+                    out.write(chunk)
+                    if progress is not None:
+                        progress(got)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise ArchiveError(
+                    f"no space left on the device of {self.root} while fetching {url}; free "
+                    "some space (or set PYQVM_CACHE_DIR) and build again",
+                    url=url,
+                    package=package,
+                ) from None
+            raise ArchiveError(
+                f"fetching {url} into {partial.parent} failed after {got} bytes: "
+                f"{_describe(e)}; try again",
+                url=url,
+                package=package,
+            ) from None
+        return h.hexdigest(), got
+
+
+__all__ = ["TIMEOUT", "HashStore", "Progress", "fetch_bytes"]
