@@ -66,13 +66,18 @@ class ArchiveError(ImageError):
     """A file of the Debian archive could not be fetched or failed its check.
 
     ``url`` is the file asked for (or the cache file), ``package`` the package whose
-    file it is, when it is one; the message says what was wrong and the fix.
+    file it is, when it is one; ``unreachable`` is true when the mirror did not answer at
+    all (as opposed to answering with an error or a bad file). The message says what was
+    wrong and the fix.
     """
 
-    def __init__(self, message: str, *, url: str = "", package: str = "") -> None:
+    def __init__(
+        self, message: str, *, url: str = "", package: str = "", unreachable: bool = False
+    ) -> None:
         super().__init__(message)
         self.url = url
         self.package = package
+        self.unreachable = unreachable
 
 
 def tail(text: str, lines: int) -> str:

@@ -77,7 +77,7 @@ class Archive:
             data = fetch_bytes(url)
             fresh = True
         except ArchiveError as e:
-            if not saved.is_file() or "unreachable" not in str(e):
+            if not (e.unreachable and saved.is_file()):
                 raise
             log.warning("%s; using the release file fetched before (%s)", e, saved)
             data, fresh = saved.read_bytes(), False

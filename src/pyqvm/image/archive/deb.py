@@ -13,6 +13,7 @@ which is what the busybox images need (their cpio writer records root).
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import logging
 import lzma
@@ -61,8 +62,8 @@ def unpack(deb: Path, root: Path) -> None:
         name = next((n for n in ar.getnames() if n.startswith("data.tar")), None)
         if name is None:
             raise ArchiveError(f"{deb} has no data.tar member: not a Debian package")
-        member = ar.getmember(name)
         with (
+            contextlib.closing(ar.getmember(name)) as member,
             _decompressed(member, name) as stream,  # type: ignore[arg-type]
             tarfile.open(fileobj=stream, mode="r|") as tar,
         ):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import http.client
 import logging
 import os
 import urllib.error
@@ -36,6 +37,8 @@ def _describe(e: BaseException) -> str:
         return f"the mirror answered {e.code} {e.reason}"
     if isinstance(e, urllib.error.URLError):
         return f"the mirror is unreachable ({e.reason})"
+    if isinstance(e, http.client.IncompleteRead):
+        return f"the connection closed after {len(e.partial)} bytes"
     return str(e) or type(e).__name__
 
 
@@ -43,11 +46,18 @@ def _open(url: str) -> object:
     try:
         return urllib.request.urlopen(url, timeout=TIMEOUT)
     except (urllib.error.URLError, OSError, ValueError) as e:
+        if isinstance(e, urllib.error.HTTPError):
+            e.close()  # it holds the connection
         hint = "check the mirror (PYQVM_DEBIAN_MIRROR, docs/guests.md) and the network"
         if isinstance(e, urllib.error.HTTPError) and e.code == 404:
             hint = "the mirror does not have it: check the mirror's URL and that it carries "
             hint += "Debian 12 (bookworm)"
-        raise ArchiveError(f"fetching {url} failed: {_describe(e)}; {hint}", url=url) from None
+        unreachable = isinstance(e, OSError | urllib.error.URLError) and not isinstance(
+            e, urllib.error.HTTPError
+        )
+        raise ArchiveError(
+            f"fetching {url} failed: {_describe(e)}; {hint}", url=url, unreachable=unreachable
+        ) from None
 
 
 def fetch_bytes(url: str, *, limit: int = 64 << 20) -> bytes:
@@ -132,8 +142,8 @@ class HashStore:
                     out.write(chunk)
                     if progress is not None:
                         progress(got)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
+        except (OSError, http.client.HTTPException) as e:
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
                 raise ArchiveError(
                     f"no space left on the device of {self.root} while fetching {url}; free "
                     "some space (or set PYQVM_CACHE_DIR) and build again",
