@@ -74,6 +74,8 @@ def _spec_and_template(request: pytest.FixtureRequest, spec: VMSpec | None) -> t
     marker = request.node.get_closest_marker("pyqvm")
     options = marker.kwargs if marker else {}
     spec = spec or options.get("spec") or VMSpec(image="default")
+    if spec.image is not None:  # a first use builds it (once: other workers wait for it)
+        image.ensure(spec.image, arch=spec.arch)
     wanted = options.get("template", True) and not request.config.getoption(
         "--pyqvm-no-template", default=False
     )
@@ -121,7 +123,7 @@ def _raise_stop_errors(errors: list[BaseException]) -> None:
 @pytest.fixture(scope="session")
 def pyqvm_image() -> image.GuestImage:
     """The built-in default guest image, built if it is not cached yet."""
-    return image.build("default")
+    return image.ensure("default")
 
 
 @pytest.fixture

@@ -61,6 +61,8 @@ class FakeAsyncVM(FakeVM):
 
 
 class Spec:
+    image = None  # no built-in image: nothing to build first
+
     def __init__(self, *fail_stop):
         self.fail_stop = fail_stop
 

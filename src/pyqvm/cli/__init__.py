@@ -107,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     level = min(level, logging.getLevelName(args.min_log_level.upper()))
     logging.basicConfig(level=level, format="pyqvm: %(message)s", stream=sys.stderr)
+    # A first use builds the image it needs: say so, in a few lines, whatever the verb.
+    logging.getLogger("pyqvm.image").setLevel(min(level, logging.INFO))
     if args.verbose < 2:
         # qemu.qmp logs a traceback when QEMU hangs up; pyqvm's own error already says why.
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)

@@ -8,6 +8,7 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
+from pyqvm.cli.firstuse import ensure_image
 from pyqvm.cli.specargs import add_spec_options, spec_from_args
 
 
@@ -23,6 +24,8 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
 def run(args: argparse.Namespace) -> int:
     from pyqvm.launch import preview_argv
 
-    argv = preview_argv(spec_from_args(args))
+    spec = spec_from_args(args)
+    ensure_image(spec)
+    argv = preview_argv(spec)
     print(json.dumps(argv) if args.json else shlex.join(argv))
     return 0

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pyqvm.cli import status
+from pyqvm.cli.firstuse import ensure_image
 from pyqvm.cli.specargs import add_spec_options, refuse_overrides_with_template, spec_from_args
 from pyqvm.errors import PyqvmError
 
@@ -45,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     if args.template:
         refuse_overrides_with_template(args)
         return asyncio.run(_clone_and_run(args.template, args.name, args.cmd))
-    return asyncio.run(_run(spec_from_args(args), args.cmd))
+    spec = spec_from_args(args)
+    ensure_image(spec)
+    return asyncio.run(_run(spec, args.cmd))
 
 
 async def _clone_and_run(template: str, name: str | None, cmd: Sequence[str]) -> int:

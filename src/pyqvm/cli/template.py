@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pyqvm.cli.firstuse import ensure_image
 from pyqvm.cli.specargs import add_spec_options, spec_from_args
 
 
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.name:
             args.parser.error("template create needs --name NAME")
         spec = spec_from_args(args)
+        ensure_image(spec)
         t = asyncio.run(templates.create(spec, args.name, setup=args.setup, replace=args.replace))
         print(f"{t.name}: {t.directory}")
     elif args.template_command == "list":

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pyqvm.cli.firstuse import ensure_image
 from pyqvm.cli.specargs import (
     UsageError,
     add_spec_options,
@@ -51,6 +52,7 @@ def run_up(args: argparse.Namespace) -> int:
         spec = None
     else:
         spec = spec_from_args(args)  # bad input fails here, before any process starts
+        ensure_image(spec)
 
     async def up() -> None:
         vm = await AsyncNamedVM.up(spec, name=args.name, template=args.template)

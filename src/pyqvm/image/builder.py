@@ -20,6 +20,7 @@ import os
 import shutil
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from pyqvm.arches import ArchInfo, arch_info, cross_compiler, host_arch
 from pyqvm.errors import HostError, ImageError, SpecError
 from pyqvm.host.kernel import extract_vmlinux
 from pyqvm.image import distro, esp, libraries, tools
-from pyqvm.image.archive import Archive, Package, unpack
+from pyqvm.image.archive import Archive, DownloadProgress, Package, unpack
 from pyqvm.image.cpio import CpioEntry, NewcWriter
 from pyqvm.image.guest import (
     DISTRO_FLAVOURS,
@@ -44,6 +45,7 @@ from pyqvm.image.guest import (
     cache_dir,
     cache_key,
     check_flavour,
+    find,
     load_image,
 )
 from pyqvm.image.modules import (
@@ -63,6 +65,8 @@ log = logging.getLogger(__name__)
 # client, and every library from the .debs on every arch
 BUILDER_VERSION = "7"
 LOADER_PACKAGE = esp.LOADER_PACKAGE  # the boot disk's UEFI loader
+#: Called with the bytes downloaded so far and the total (a progress display).
+BytesProgress = Callable[[int, int], None]
 
 RECIPES = Path(__file__).with_name("recipes")
 DISK_SIZE = "64M"
@@ -188,10 +192,14 @@ def _resolve(flavour: str, arch: ArchInfo, archive: Archive) -> BuildInputs:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, what: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building the %s; waiting for it", what)
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -204,6 +212,7 @@ def build(
     force: bool = False,
     cache: Path | None = None,
     arch: str = "x86_64",
+    progress: BytesProgress | None = None,
 ) -> GuestImage:
     """Build (or reuse) the built-in guest image of ``flavour`` for guests of ``arch``.
 
@@ -213,7 +222,8 @@ def build(
 
     Inputs are the resolved Debian package versions, the recipe files and the
     builder version; an image with the same inputs is returned at once unless
-    ``force``.
+    ``force``. ``progress`` is called with the bytes downloaded so far and the
+    total, as downloads go; several processes building one image build it once.
 
     Raises:
         SpecError: unknown flavour.
@@ -244,7 +254,7 @@ def build(
         inputs_dict = inputs.as_dict()
 
         def assemble(out: Path) -> dict[str, object]:
-            return _assemble(out, inputs, _download(inputs, archive))
+            return _assemble(out, inputs, _download(inputs, archive, progress))
 
     key = cache_key(inputs_dict)
     images = root / "images"
@@ -252,7 +262,8 @@ def build(
     if not force and (image := load_image(target)) is not None:
         log.info("guest image %s is up to date (%s)", flavour, target)
         return image
-    with _locked(root / f".build-{flavour}.lock"):
+    what = f"{flavour} image" + ("" if arch == "x86_64" else f" for {arch}")
+    with _locked(root / f".build-{flavour}-{arch}.lock", what):
         # Another process may have built it while we waited for the lock.
         if not force and (image := load_image(target)) is not None:
             log.info("guest image %s is up to date (%s)", flavour, target)
@@ -282,7 +293,9 @@ def build(
     return image
 
 
-def _download(inputs: BuildInputs, archive: Archive) -> dict[str, Path]:
+def _download(
+    inputs: BuildInputs, archive: Archive, progress: BytesProgress | None
+) -> dict[str, Path]:
     named = {
         "kernel": inputs.kernel,
         "busybox": inputs.busybox,
@@ -292,8 +305,45 @@ def _download(inputs: BuildInputs, archive: Archive) -> dict[str, Path]:
     }
     if inputs.host_busybox is not None:
         named["host-busybox"] = inputs.host_busybox
-    fetched = archive.download(named.values())
+    wanted = set(named.values())
+    total = sum(pkg.size for pkg in wanted)
+    log.info("fetching %d packages (%.1f MiB; cached ones are not fetched again)",
+             len(wanted), total / (1 << 20))  # fmt: skip
+    fetched = archive.download(wanted, progress=_summed(total, progress) if progress else None)
     return {role: fetched[pkg] for role, pkg in named.items()}
+
+
+def _summed(total: int, progress: BytesProgress) -> DownloadProgress:
+    """Per-package progress (from several download threads) as one running sum."""
+    done: dict[Package, int] = {}
+    lock = threading.Lock()
+
+    def report(pkg: Package, got: int) -> None:
+        with lock:
+            done[pkg] = got
+            progress(sum(done.values()), total)
+
+    return report
+
+
+def ensure(
+    flavour: str = "default",
+    *,
+    arch: str = "x86_64",
+    cache: Path | None = None,
+    progress: BytesProgress | None = None,
+) -> GuestImage:
+    """The newest built image of ``flavour`` for ``arch``, built first when there is none
+    (as ``docker run`` pulls a missing image): what every face calls before a launch."""
+    try:
+        return find(flavour, cache=cache, arch=arch)
+    except ImageError:
+        pass
+    log.info(
+        "the %s image%s is not built yet: building it once (later runs reuse it)",
+        flavour, "" if arch == "x86_64" else f" for {arch}",
+    )  # fmt: skip
+    return build(flavour, cache=cache, arch=arch, progress=progress)
 
 
 def _assemble(out: Path, inputs: BuildInputs, debs: dict[str, Path]) -> dict[str, object]:

@@ -154,7 +154,7 @@ class Archive:
         def one(pkg: Package) -> Path:
             cached = self._debs.path(pkg.sha256).is_file()
             if not cached:
-                log.info("downloading %s %s (%d KiB)", pkg.name, pkg.version, pkg.size >> 10)
+                log.debug("downloading %s %s (%d KiB)", pkg.name, pkg.version, pkg.size >> 10)
             report = (lambda done: progress(pkg, done)) if progress is not None else None
             path = self._debs.get(pkg.url, pkg.sha256, pkg.size, package=pkg.name,
                                   progress=report)  # fmt: skip
