@@ -1,49 +1,63 @@
 #!/usr/bin/env bash
-# Set up everything pyqvm needs on a Debian 12 machine, idempotently:
-# system packages, a virtualenv (.venv) with pyqvm and its test tools, and the built-in guest images.
+# Set up pyqvm on a Debian 12 machine, idempotently.
+#
+#   scripts/setup.sh          what the first command needs: QEMU for x86_64 guests, the few
+#                             host tools the image builder runs, a virtualenv (.venv) with
+#                             pyqvm. The guest image itself is built by its first use
+#                             (`pyqvm run` fetches its Debian packages with pyqvm's own,
+#                             verified archive client: no apt involved).
+#   scripts/setup.sh --test   everything the test suite needs besides: the aarch64 and
+#                             firmware packages, the tools the tests drive, the test
+#                             dependencies, and every built-in image built up front.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(qemu-system-x86 qemu-utils qemu-guest-agent busybox-static cpio kmod e2fsprogs lz4 zstd xz-utils
-          dpkg apt qemu-system-xen iproute2 gdb vde-switch
-          openssh-client dropbear-bin gcc libc6-dev
-          qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross mmdebstrap
-          ovmf qemu-efi-aarch64 dosfstools mtools fdisk)
-# qemu-system-xen: the Xen device model whose argv tests check; iproute2: `ip netns`, the
-# "hosts" of the TLS migration tests; gdb: `pyqvm gdb` and its e2e test; vde-switch: the
-# switch of each private network (pyqvm.privnet); openssh-client: `pyqvm ssh`;
-# dropbear-bin (tools only, no service): dropbearkey cross-checks the host keys pyqvm writes;
-# gcc, libc6-dev: the image builder compiles the guest's small C helpers (INITRD_PROGRAMS);
-# qemu-system-arm and the aarch64 cross compiler: aarch64 guests and their built-in image;
-# mmdebstrap: the debian flavour (a systemd guest; `--flavour all` builds it, ~70 s);
-# dosfstools, mtools, fdisk: the UEFI boot disk of every built-in image; ovmf and
-# qemu-efi-aarch64 (AAVMF): the firmware that boots it on x86_64 and aarch64
+mode=${1:-first}
+case "$mode" in
+    first|--test) ;;
+    *) echo "usage: scripts/setup.sh [--test]" >&2; exit 2 ;;
+esac
+
+# qemu-system-x86, qemu-utils: the VM and its disks; kmod (depmod), e2fsprogs (mkfs.ext4),
+# lz4, dosfstools, mtools, fdisk: the image builder's file systems and initramfs; gcc and
+# libc6-dev: it compiles the guest's small C helper (pyqvm-wake) statically.
+PACKAGES=(qemu-system-x86 qemu-utils kmod e2fsprogs lz4 dosfstools mtools fdisk gcc libc6-dev)
+if [ "$mode" = --test ]; then
+    # qemu-system-xen: the Xen device model whose argv tests check; iproute2: `ip netns`,
+    # the "hosts" of the TLS migration tests; gdb: `pyqvm gdb` and its e2e test;
+    # vde-switch: the switch of each private network (pyqvm.privnet); openssh-client:
+    # `pyqvm ssh`; dropbear-bin (tools only, no service): dropbearkey cross-checks the host
+    # keys pyqvm writes; qemu-system-arm and the aarch64 cross compiler: aarch64 guests and
+    # their built-in image; mmdebstrap: the debian flavour (a systemd guest, ~70 s); ovmf and
+    # qemu-efi-aarch64 (AAVMF): the firmware that boots the images' UEFI disks;
+    # qemu-guest-agent: the agent protocol tests talk to a real qemu-ga on the host;
+    # cpio, zstd, xz-utils: tests read pyqvm's archives and kernels with the reference tools.
+    PACKAGES+=(qemu-system-xen iproute2 gdb vde-switch openssh-client dropbear-bin
+               qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross mmdebstrap
+               ovmf qemu-efi-aarch64 qemu-guest-agent cpio zstd xz-utils)
+fi
+
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
+python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null \
+    || missing+=(python3-venv)
 if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}" >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -q
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-# The image builder downloads kernel packages with apt-get: it needs package lists.
-if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
-    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -q
-fi
 
 if [ ! -x .venv/bin/python ]; then
-    if ! python3 -m venv .venv 2>/dev/null; then
-        rm -rf .venv
-        SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q python3-venv
-        python3 -m venv .venv
-    fi
+    python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[dev]'
-
-.venv/bin/pyqvm image build --flavour all
-.venv/bin/pyqvm image build --flavour default --arch aarch64
+if [ "$mode" = --test ]; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    .venv/bin/pyqvm image build --flavour all
+    .venv/bin/pyqvm image build --flavour default --arch aarch64
+else
+    .venv/bin/python -m pip install -q -e .
+fi
