@@ -1,10 +1,14 @@
-"""``pyqvm image build|list|prune``: the built-in guest images."""
+"""``pyqvm image build|list|prune|export|import``: the built-in guest images."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyqvm.image.artifact import Exported
 
 
 def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
@@ -27,6 +31,29 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
         "(VM.save) from a VM on an older image needs that image to be restored.",
     )
     prune.add_argument("--dry-run", action="store_true", help="only say what would go")
+    export = isub.add_parser(
+        "export",
+        parents=list(parents),
+        help="write a built image as one file (for a CI cache or another machine)",
+        description="Write the newest built image of flavour NAME (or the image in directory "
+        "NAME) as one compressed file with every file's SHA-256; prints the file and its "
+        "digest, which `pyqvm image import --digest` pins.",
+    )
+    export.add_argument("image", metavar="NAME|DIR", help="a flavour, or an image directory")
+    export.add_argument("-o", "--output", required=True, help="the file to write")
+    export.add_argument(
+        "--arch", choices=["x86_64", "aarch64"], default="x86_64", help="with a flavour"
+    )
+    imp = isub.add_parser(
+        "import",
+        parents=list(parents),
+        help="check an exported image and install it into the cache",
+        description="Check every file of an export against its index (and the whole export "
+        "against --digest) and install the image into the cache; a truncated, corrupt or "
+        "edited file is refused and nothing is left behind.",
+    )
+    imp.add_argument("file", help="a file `pyqvm image export` wrote")
+    imp.add_argument("--digest", help="sha256:<hex> as the export printed it: accept only that")
     # A long build shows its progress.
     p.set_defaults(run=run, min_log_level="info")
 
@@ -52,7 +79,32 @@ def run(args: argparse.Namespace) -> int:
                 f"{img.flavour:8} {img.arch:8} {img.kernel_version:24} {size:5d} MiB  "
                 f"{img.directory}{mark}"
             )
+    elif args.image_command == "export":
+        exported = _export(args)
+        print(f"{exported.path} {exported.digest}")
+    elif args.image_command == "import":
+        from pyqvm.image.artifact import import_image
+
+        img = import_image(Path(args.file), digest=args.digest)
+        print(f"{img.flavour}{'' if img.arch == 'x86_64' else f' ({img.arch})'}: {img.directory}")
     else:
         for img in image.prune(dry_run=args.dry_run):
             print(f"{'would remove' if args.dry_run else 'removed'} {img.directory}")
     return 0
+
+
+def _export(args: argparse.Namespace) -> Exported:
+    from pyqvm import image
+    from pyqvm.errors import SpecError
+    from pyqvm.image.artifact import export_image
+    from pyqvm.image.guest import load_image
+
+    if args.image in image.FLAVOURS:
+        img = image.find(args.image, arch=args.arch)
+    elif (found := load_image(Path(args.image))) is not None:
+        img = found
+    else:
+        raise SpecError(
+            "image", f"{args.image!r} is neither a flavour {image.FLAVOURS} nor an image directory"
+        )
+    return export_image(img, Path(args.output))
