@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pyqvm.deadline import Deadline
 from pyqvm.errors import HostError, LaunchError, PyqvmError
+from pyqvm.host.packages import install_hint
 from pyqvm.spec import Disk, VMSpec
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ async def _qemu_img(*args: str, timeout: float | None = None) -> tuple[int, str]
         )
     except FileNotFoundError:
         raise HostError(
-            "qemu-img not found; install it with: apt-get install -y qemu-utils"
+            f"qemu-img not found; install it with: {install_hint('qemu-utils')}"
         ) from None
     try:
         async with asyncio.timeout(timeout):

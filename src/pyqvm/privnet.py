@@ -51,6 +51,7 @@ from pathlib import Path
 from pyqvm.deadline import Deadline
 from pyqvm.errors import HostError, LaunchError, SpecError
 from pyqvm.fields import private_address, private_subnet
+from pyqvm.host.packages import install_hint
 from pyqvm.rundir import runtime_root
 from pyqvm.spec import Network, VMSpec
 
@@ -86,10 +87,7 @@ def find_vde_switch() -> Path:
     found = explicit or shutil.which("vde_switch") or shutil.which("vde_switch", path="/usr/bin")
     if not found or not os.access(found, os.X_OK):
         why = f" ({VDE_SWITCH_ENV}={explicit} is not executable)" if explicit else ""
-        raise HostError(
-            f"private networks need vde_switch{why}: install Debian's vde-switch package "
-            "(apt-get install vde-switch)"
-        )
+        raise HostError(f"private networks need vde_switch{why}: {install_hint('vde-switch')}")
     return Path(found)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pyqvm.deadline import Deadline
 from pyqvm.errors import HostError, LaunchError, SpecError
+from pyqvm.host.packages import install_hint
 from pyqvm.process import QemuProcess
 from pyqvm.shares import Share
 from pyqvm.spec import VMSpec
@@ -51,8 +52,8 @@ def virtiofsd_status() -> VirtiofsdStatus:
         return VirtiofsdStatus(
             None,
             False,
-            f"no virtiofsd: {where}; install qemu-system-common (Debian ships it as "
-            f"/usr/lib/qemu/virtiofsd) or point ${VIRTIOFSD_ENV} at one",
+            f"no virtiofsd: {where}; install it ({install_hint('qemu-system-common')}) or "
+            f"point ${VIRTIOFSD_ENV} at one",
         )
     if os.geteuid() != 0:
         return VirtiofsdStatus(

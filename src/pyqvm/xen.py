@@ -18,6 +18,7 @@ from pathlib import Path
 from pyqvm.argv.escape import opts
 from pyqvm.errors import HostError, SpecError
 from pyqvm.host.doctor import XEN_DEVICE_MODELS
+from pyqvm.host.packages import install_hint
 from pyqvm.spec import VMSpec
 
 __all__ = ["xen_device_model", "xen_hvm_argv"]
@@ -34,7 +35,7 @@ def xen_device_model(root: Path = Path("/")) -> Path:
             return root / p
     raise HostError(
         "no QEMU built for Xen is installed (Debian's qemu-system-x86_64 has no xen "
-        "accelerator); install it with: apt-get install -y qemu-system-xen"
+        f"accelerator); install it with: {install_hint('qemu-system-xen')}"
     )
 
 

@@ -74,7 +74,10 @@ def _usage(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 def test_the_docstring_lists_every_leaf_of_a_group(capsys: pytest.CaptureFixture[str]) -> None:
     lines = (pyqvm.cli.__doc__ or "").splitlines()
-    for group, leaves in (("image", "build,list,prune"), ("template", "create,list,rm")):
+    for group, leaves in (
+        ("image", "build,list,prune,export,import"),
+        ("template", "create,list,rm"),
+    ):
         assert "{" + leaves + "}" in _usage([group], capsys)  # no leaf more
         for leaf in leaves.split(","):
             # On a line of its group: "pyqvm image list | prune [--dry-run]".

@@ -67,8 +67,48 @@ def test_kvm_host(tmp_path: Path) -> None:
     assert kvm["module"].reason == "modules loaded: kvm, kvm_intel"
 
 
+OS_RELEASES = {
+    "debian": ('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\n',
+               "apt-get install -y qemu-system-x86", "apt-get install -y qemu-utils"),
+    "ubuntu": ('PRETTY_NAME="Ubuntu 24.04.1 LTS"\nID=ubuntu\nID_LIKE=debian\n',
+               "apt-get install -y qemu-system-x86", "apt-get install -y qemu-utils"),
+    "fedora": ('NAME="Fedora Linux"\nID=fedora\nPRETTY_NAME="Fedora Linux 41"\n',
+               "dnf install -y qemu-system-x86", "dnf install -y qemu-img"),
+    "rocky": ('ID="rocky"\nID_LIKE="rhel centos fedora"\nPRETTY_NAME="Rocky Linux 9.4"\n',
+              "dnf install -y qemu-system-x86", "dnf install -y qemu-img"),
+    "opensuse": ('NAME="openSUSE Tumbleweed"\nID="opensuse-tumbleweed"\n'
+                 'ID_LIKE="opensuse suse"\n', "zypper install -y qemu-x86",
+                 "zypper install -y qemu-tools"),
+    "arch": ("NAME=\"Arch Linux\"\nID=arch\n", "pacman -S --needed qemu-system-x86",
+             "pacman -S --needed qemu-img"),
+    "alpine": ("ID=alpine\n", "install qemu-system-x86 (Debian's package names) with your "
+               "package manager", "install qemu-utils (Debian's package names) with your "
+               "package manager"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("distro", OS_RELEASES)
+@pytest.mark.usefixtures("path_usr_bin")
+def test_missing_qemu_names_this_hosts_install_command(tmp_path: Path, distro: str) -> None:
+    text, qemu_fix, img_fix = OS_RELEASES[distro]
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/os-release").write_text(text)
+    tcg = checks_by_name(run_checks(["tcg"], tmp_path), "tcg")
+    assert tcg["qemu"].status == "fail" and tcg["qemu"].fix == qemu_fix
+    # QEMU there, qemu-img not: its fix names this host's package for it
+    bin_dir = tmp_path / "usr/bin"
+    bin_dir.mkdir(parents=True)
+    fake = bin_dir / "qemu-system-x86_64"
+    fake.write_text("#!/bin/sh\necho 'QEMU emulator version 7.2.22'\n")
+    fake.chmod(0o755)
+    tcg = checks_by_name(run_checks(["tcg"], tmp_path), "tcg")
+    assert tcg["qemu-img"].status == "warn" and tcg["qemu-img"].fix == img_fix
+
+
 @pytest.mark.usefixtures("path_usr_bin")
 def test_no_qemu_no_kvm(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/os-release").write_text(OS_RELEASES["debian"][0])
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/cpuinfo").write_text("vendor_id\t: AuthenticAMD\nflags\t\t: fpu\n")
     report = run_checks(["tcg", "kvm"], tmp_path)

@@ -5,6 +5,8 @@ pyqvm run [SPEC.toml] [options] [--template T] [-- CMD ARGS...]  boot (or clone)
 pyqvm cmdline SPEC.toml [--json]                   print the QEMU argv pyqvm would run
 pyqvm image build [--flavour F] [--arch A] [--force]  build the built-in guest image
 pyqvm image list | prune [--dry-run]               the built images; remove old ones
+pyqvm image export NAME|DIR -o FILE                one verified file of an image
+pyqvm image import FILE [--digest D]               check one and install it
 pyqvm template create [SPEC] --name T [--setup CMD]...   freeze a ready guest as template T
 pyqvm template list | rm NAME...                   the templates
 pyqvm doctor [--json] [--for MODE] [--fix]         what this host can run (tcg/kvm/vfio/xen)

@@ -19,8 +19,9 @@ from typing import Any, Literal
 
 from pyqvm.host.accel import host_tsc_khz, kvm_status
 from pyqvm.host.claims import ClaimStore
-from pyqvm.host.facts import QEMU_PACKAGES, find_qemu_binaries
+from pyqvm.host.facts import QEMU_PACKAGES, find_qemu_binaries, search_path
 from pyqvm.host.modes import MODES, Mode
+from pyqvm.host.packages import install_hint, read_os_release
 from pyqvm.host.pci import list_pci_devices
 from pyqvm.host.sriov import list_pfs
 from pyqvm.host.vfio import (
@@ -100,6 +101,7 @@ def _qemu_version(binary: Path) -> str | None:
 
 
 def _qemu_checks(mode: Mode, root: Path, arch: str) -> list[Check]:
+    distro = read_os_release(root)  # the fixes name its package manager and names
     binaries = find_qemu_binaries(root)
     package = QEMU_PACKAGES.get(arch, "qemu-system")
     binary = binaries.get(arch)
@@ -110,7 +112,7 @@ def _qemu_checks(mode: Mode, root: Path, arch: str) -> list[Check]:
                 "qemu",
                 "fail",
                 f"qemu-system-{arch} is not installed (not on PATH)",
-                f"apt-get install -y {package}",
+                install_hint(package, distro),
             )
         ]
     version = _qemu_version(binary)
@@ -122,10 +124,10 @@ def _qemu_checks(mode: Mode, root: Path, arch: str) -> list[Check]:
             f"qemu-system-{arch} {version} ({binary})"
             if version
             else f"{binary} did not say its version (`{binary.name} --version` failed)",
-            "" if version else f"reinstall it: apt-get install --reinstall -y {package}",
+            "" if version else f"reinstall it ({install_hint(package, distro)})",
         )
     ]
-    if shutil.which("qemu-img", path=str(binary.parent)) or shutil.which("qemu-img"):
+    if shutil.which("qemu-img", path=f"{binary.parent}{os.pathsep}{search_path(root)}"):
         checks.append(Check(mode, "qemu-img", "ok", "qemu-img found (for disk overlays)"))
     else:
         checks.append(
@@ -134,7 +136,7 @@ def _qemu_checks(mode: Mode, root: Path, arch: str) -> list[Check]:
                 "qemu-img",
                 "warn",
                 "qemu-img not found: VMs with ephemeral disks cannot start",
-                "apt-get install -y qemu-utils",
+                install_hint("qemu-utils", distro),
             )
         )
     return checks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,8 +12,9 @@ from types import MappingProxyType
 
 from pyqvm.errors import HostError
 from pyqvm.host.accel import KvmStatus, host_tsc_khz, kvm_status
+from pyqvm.host.packages import install_hint
 
-__all__ = ["QEMU_PACKAGES", "HostFacts", "qemu_binary", "read_host_facts"]
+__all__ = ["QEMU_PACKAGES", "HostFacts", "qemu_binary", "read_host_facts", "search_path"]
 
 # QEMU architecture → Debian package that ships qemu-system-<arch>.
 QEMU_PACKAGES: Mapping[str, str] = MappingProxyType(
@@ -37,7 +39,8 @@ class HostFacts:
     qemu_binaries: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))
 
 
-def _search_path(root: Path) -> str:
+def search_path(root: Path) -> str:
+    """PATH as seen under ``root`` (a fake root in tests: the same entries inside it)."""
     dirs = os.environ.get("PATH", os.defpath).split(os.pathsep)
     if root.resolve() == Path("/"):
         return os.pathsep.join(dirs)
@@ -45,13 +48,24 @@ def _search_path(root: Path) -> str:
     return os.pathsep.join(str(root / d.lstrip("/")) for d in dirs if d.startswith("/"))
 
 
+#: Where a distribution puts QEMU for the host's own arch off PATH (RHEL and its kin).
+QEMU_KVM_PATHS = ("usr/libexec/qemu-kvm",)
+
+
 def find_qemu_binaries(root: Path) -> Mapping[str, Path]:
-    path = _search_path(root)
+    """``qemu-system-<arch>`` on PATH (under ``root``) for each arch pyqvm knows; for the
+    host's arch, RHEL's ``/usr/libexec/qemu-kvm`` when PATH has none."""
+    path = search_path(root)
     found: dict[str, Path] = {}
     for arch in QEMU_PACKAGES:
         hit = shutil.which(f"qemu-system-{arch}", path=path)
         if hit is not None:
             found[arch] = Path(hit)
+    host = platform.machine()
+    if host not in found:
+        kvm = next((root / p for p in QEMU_KVM_PATHS if os.access(root / p, os.X_OK)), None)
+        if kvm is not None:
+            found[host] = kvm
     return MappingProxyType(found)
 
 
@@ -75,7 +89,7 @@ def qemu_binary(facts: HostFacts, arch: str) -> Path:
     except KeyError:
         package = QEMU_PACKAGES.get(arch)
         fix = (
-            f"install it with: apt-get install -y {package}"
+            f"install it with: {install_hint(package)}"
             if package
             else "install the QEMU system emulator for that architecture"
         )

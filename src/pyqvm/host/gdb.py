@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pyqvm.errors import HostError
 from pyqvm.host.kernel import extract_vmlinux, inspect_kernel
+from pyqvm.host.packages import install_hint
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def find_gdb() -> Path:
     """The host's gdb, or `HostError` saying which package to install."""
     found = shutil.which("gdb")
     if found is None:
-        raise HostError("gdb is not installed; install Debian's gdb package (apt-get install gdb)")
+        raise HostError(f"gdb is not installed; install it with: {install_hint('gdb')}")
     return Path(found)
 
 

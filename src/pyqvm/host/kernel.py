@@ -24,6 +24,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from pyqvm.errors import HostError, SpecError
+from pyqvm.host.packages import install_hint
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ def _decompress(kind: str, stream: bytes) -> bytes:
     if exe is None:
         raise HostError(
             f"decompressing a {kind} kernel needs `{tool}`; install it with: "
-            f"apt-get install -y {package}"
+            f"{install_hint(package)}"
         )
     proc = subprocess.run([exe, "-dc"], input=stream, capture_output=True, check=False)
     if proc.returncode != 0:

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pyqvm.errors import HostError, ImageError
+from pyqvm.host.packages import install_hint
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,15 @@ _EXTRA_PATH = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
 
 
 def tool(name: str, *, package: str | None = None) -> str:
-    """Absolute path of a host tool, or HostError naming the Debian package(s) with it."""
+    """Absolute path of a host tool, or HostError with this host's command to install it
+    (``package``: Debian's name(s), space-separated)."""
     search = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_PATH])
     found = shutil.which(name, path=search)
     if found is None:
         package = package or TOOL_PACKAGES.get(name, name)
         raise HostError(
             f"`{name}` is needed to build the guest image but is not installed; "
-            f"install it with: apt-get install -y {package}"
+            f"install it with: {install_hint(package.split())}"
         )
     return found
 
