@@ -1,5 +1,6 @@
 """Turn a spec into what one launch on this host needs: the built-in image
-filled in, the accelerator chosen, the QEMU binary found, host devices checked.
+filled in, the accelerator chosen, the QEMU binary and UEFI firmware found, host
+devices checked.
 
 Everything here can fail, and does so before QEMU starts.
 """
@@ -12,10 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from pyqvm.arches import arch_info
 from pyqvm.errors import HostError, SpecError
 from pyqvm.host.accel import choose_accelerator
 from pyqvm.host.facts import HostFacts, qemu_binary, read_host_facts
+from pyqvm.host.firmware import choose_firmware
 from pyqvm.host.kernel import KernelInfo, inspect_kernel
+from pyqvm.host.packages import install_hint
 from pyqvm.host.pci import pci_device_dir
 from pyqvm.shares import cmdline_entries
 from pyqvm.spec import IMAGE_DISK_ID, Disk, KernelBoot, VMSpec
@@ -140,6 +144,8 @@ def resolve(
     if spec.pyqvm_guest and concrete.shares:
         concrete = _mount_at_boot(concrete)
     concrete = pick_machine(concrete, accel, facts)
+    if concrete.firmware == "ovmf" and concrete.ovmf_code is None:
+        concrete = dataclasses.replace(concrete, ovmf_code=uefi_code(concrete, facts))
     if spec.kernel is not None:
         check_kernel(spec)
     return Resolved(
@@ -150,6 +156,22 @@ def resolve(
         builtin_guest=builtin,
         wake_port=wake_port,
     )
+
+
+def uefi_code(spec: VMSpec, facts: HostFacts) -> Path:
+    """The UEFI code image QEMU's firmware descriptors give for ``spec``'s arch and machine
+    (`pyqvm.host.firmware`); `HostError` saying what to install when none fits."""
+    machine = spec.effective_machine
+    fw = choose_firmware(facts.firmware, spec.arch, machine)
+    if fw is None:
+        info = arch_info(spec.arch)
+        raise HostError(
+            f'firmware = "ovmf": no UEFI firmware for {spec.arch} on {machine} among QEMU\'s '
+            "firmware descriptors (/usr/share/qemu/firmware, /etc/qemu/firmware); install "
+            f"it ({install_hint(info.firmware_package)}), or set ovmf_code to its code image"
+        )
+    log.debug("UEFI firmware for %s %s: %s (%s)", spec.arch, machine, fw.code, fw.descriptor)
+    return fw.code
 
 
 def _image_traits(concrete: VMSpec) -> tuple[bool, bool]:

@@ -308,13 +308,6 @@ class VMSpec:
             raise SpecError("ready_pattern", 'ready = "console" needs a ready_pattern to look for')
         if self.ready == "agent" and not self.guest_agent:
             raise SpecError("ready", 'ready = "agent" needs guest_agent = true')
-        if self.firmware == "ovmf" and self.ovmf_code is None:
-            fw = arch_info(self.arch)
-            raise SpecError(
-                "ovmf_code",
-                f'firmware = "ovmf" needs ovmf_code (e.g. {fw.firmware_code} '
-                f"from the {fw.firmware_package} package)",
-            )
         if self.cloud_init is not None:
             if not isinstance(self.cloud_init, CloudInit):
                 raise SpecError("cloud_init", "expected a table (user_data, meta_data, ...)")
@@ -417,9 +410,9 @@ class VMSpec:
         if self.kernel is None and self.image is None and self.firmware == "seabios":
             raise SpecError(
                 "firmware",
-                "SeaBIOS is PC firmware; boot an aarch64 disk with UEFI: firmware = "
-                f'"ovmf" and ovmf_code = "{arch_info(self.arch).firmware_code}" (AAVMF), '
-                "or boot a kernel directly (set kernel or image)",
+                'SeaBIOS is PC firmware; boot an aarch64 disk with UEFI: firmware = "ovmf" '
+                "(AAVMF, found through QEMU's firmware descriptors), or boot a kernel "
+                "directly (set kernel or image)",
             )
         for field_name, value in (
             ("cdroms", self.cdroms),

@@ -84,21 +84,22 @@ def test_pyqvm_run_arch_aarch64(aarch64_image: image.GuestImage) -> None:
 
 @pytest.mark.asyncio
 async def test_the_aarch64_boot_disk_boots_under_uefi(aarch64_image: image.GuestImage) -> None:
-    """No -kernel: AAVMF (qemu-efi-aarch64) finds systemd-boot on the boot disk's EFI system
-    partition as the removable-media loader, and it loads the kernel and initrd from there."""
+    """No -kernel: AAVMF (qemu-efi-aarch64, found through QEMU's firmware descriptors) finds
+    systemd-boot on the boot disk's EFI system partition as the removable-media loader, and
+    it loads the kernel and initrd from there."""
     assert aarch64_image.boot_disk is not None
-    code = Path(arch_info("aarch64").firmware_code)
     spec = VMSpec(
         name="arm-uefi",
         arch="aarch64",
         firmware="ovmf",
-        ovmf_code=code,
         disks=(Disk(path=aarch64_image.boot_disk),),
         ready="agent",
         ready_timeout=180,
     )
     async with AsyncVM(spec) as vm:
         assert "-kernel" not in vm.argv and "pflash0=pq-ovmf-code" in " ".join(vm.argv)
+        # the descriptor's code image (60-edk2-aarch64.json on Debian)
+        assert vm.machine.resolved_spec.ovmf_code == Path(arch_info("aarch64").firmware_code)
         out = await sh(vm, "uname -m; test -d /sys/firmware/efi && echo efi; cat /proc/cmdline")
         arch, efi, cmdline = out.splitlines()
         assert (arch, efi) == ("aarch64", "efi")

@@ -137,17 +137,18 @@ async def test_graceful_stop_flushes_a_persistent_disk(
 
 
 async def test_the_boot_disk_boots_under_ovmf(default_image: image.GuestImage) -> None:
-    """Firmware boot of a plain disk: OVMF, systemd-boot from the ESP, the image's kernel."""
+    """Firmware boot of a plain disk: OVMF (found through QEMU's firmware descriptors),
+    systemd-boot from the ESP, the image's kernel."""
     assert default_image.boot_disk is not None
     spec = VMSpec(
         name="uefi",
         firmware="ovmf",
-        ovmf_code=Path(arch_info("x86_64").firmware_code),
         disks=(Disk(path=default_image.boot_disk),),
         ready="agent",
         ready_timeout=180,
     )
     async with AsyncVM(spec) as vm:
         assert "-kernel" not in vm.argv and vm.machine.resolved_spec.effective_machine == "q35"
+        assert vm.machine.resolved_spec.ovmf_code == Path(arch_info("x86_64").firmware_code)
         out = await vm.run(["sh", "-c", "test -d /sys/firmware/efi && cat /proc/cmdline"])
         assert out.stdout_text == f"initrd=\\initrd.img {default_image.cmdline}\n"

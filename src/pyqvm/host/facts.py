@@ -12,6 +12,7 @@ from types import MappingProxyType
 
 from pyqvm.errors import HostError
 from pyqvm.host.accel import KvmStatus, host_tsc_khz, kvm_status
+from pyqvm.host.firmware import Firmware, read_firmware
 from pyqvm.host.packages import install_hint
 
 __all__ = ["QEMU_PACKAGES", "HostFacts", "qemu_binary", "read_host_facts", "search_path"]
@@ -37,6 +38,7 @@ class HostFacts:
     kvm: KvmStatus
     tsc_khz: int | None
     qemu_binaries: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))
+    firmware: tuple[Firmware, ...] = ()  # QEMU's UEFI descriptors, in their order
 
 
 def search_path(root: Path) -> str:
@@ -70,11 +72,13 @@ def find_qemu_binaries(root: Path) -> Mapping[str, Path]:
 
 
 def read_host_facts(root: Path = Path("/")) -> HostFacts:
-    """Read KVM status, TSC rate and the QEMU binaries on PATH (under ``root``)."""
+    """Read KVM status, TSC rate, the QEMU binaries on PATH and QEMU's firmware
+    descriptors (under ``root``)."""
     return HostFacts(
         kvm=kvm_status(root),
         tsc_khz=host_tsc_khz(root),
         qemu_binaries=find_qemu_binaries(root),
+        firmware=read_firmware(root),
     )
 
 
