@@ -34,6 +34,9 @@ PACKAGES = [
     FakePackage("provider", "1", provides="virtual-thing (= 2)", files={"etc/p": b"p"}),
     FakePackage("needs-v3", "1", depends="virtual-thing (>= 3)"),
     FakePackage("broken", "1", depends="nowhere"),
+    # cloud-init's "fdisk | util-linux (<< 2.29.2-3~)": a newer util-linux does not do
+    FakePackage("needs-old", "1", depends="libfoo (<< 1.0) | libbar"),
+    FakePackage("core", "1", files={"bin/core": b"core"}),
 ]
 
 
@@ -88,6 +91,21 @@ def test_resolves_downloads_and_unpacks(
     again = client(mirror.url, archive.keyring, cache)
     again.download(again.closure(["app"], "amd64"))
     assert all(r.endswith("/InRelease") for r in mirror.requests), mirror.requests
+
+
+def test_a_chosen_package_of_another_version_does_not_satisfy_an_alternative(
+    archive: TestArchive, mirror: MirrorServer, cache: Path
+) -> None:
+    a = client(mirror.url, archive.keyring, cache)
+    names = [p.name for p in a.closure(["libfoo", "needs-old"], "amd64")]
+    assert names == ["libfoo", "needs-old", "libbar"]
+
+
+def test_the_essential_set_is_what_the_index_marks(
+    archive: TestArchive, mirror: MirrorServer, cache: Path
+) -> None:
+    archive.write(PACKAGES, essential=("core",))
+    assert client(mirror.url, archive.keyring, cache).index("amd64").essential() == ["core"]
 
 
 def test_a_versioned_dependency_on_a_virtual_name_needs_a_provided_version(

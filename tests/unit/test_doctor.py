@@ -95,6 +95,15 @@ def test_missing_qemu_names_this_hosts_install_command(tmp_path: Path, distro: s
     (tmp_path / "etc/os-release").write_text(text)
     tcg = checks_by_name(run_checks(["tcg"], tmp_path), "tcg")
     assert tcg["qemu"].status == "fail" and tcg["qemu"].fix == qemu_fix
+    # nothing of the image builder either: one command for all of it, in this host's words
+    builder = tcg["image-builder"]
+    assert builder.status == "warn" and "a static libc" in builder.reason
+    assert builder.fix.split(" kmod ")[0] == qemu_fix.split(" qemu")[0]
+    if distro == "fedora":
+        assert builder.fix == (
+            "dnf install -y kmod e2fsprogs qemu-img lz4 dosfstools mtools util-linux gcc "
+            "glibc-static"
+        )
     # QEMU there, qemu-img not: its fix names this host's package for it
     bin_dir = tmp_path / "usr/bin"
     bin_dir.mkdir(parents=True)

@@ -21,7 +21,7 @@ from pyqvm.host.accel import host_tsc_khz, kvm_status
 from pyqvm.host.claims import ClaimStore
 from pyqvm.host.facts import QEMU_PACKAGES, find_qemu_binaries, search_path
 from pyqvm.host.modes import MODES, Mode
-from pyqvm.host.packages import install_hint, read_os_release
+from pyqvm.host.packages import BUILDER_TOOLS, TOOL_PACKAGES, install_hint, read_os_release
 from pyqvm.host.pci import list_pci_devices
 from pyqvm.host.sriov import list_pfs
 from pyqvm.host.vfio import (
@@ -433,6 +433,35 @@ def _tsc_check(root: Path) -> Check:
     )
 
 
+# --- the image builder -----------------------------------------------------------------------
+
+#: Where a static libc (for the guest's static helper) lives: Debian and Ubuntu, Fedora and
+#: openSUSE, Arch.
+_STATIC_LIBC = ("usr/lib/x86_64-linux-gnu/libc.a", "usr/lib/aarch64-linux-gnu/libc.a",
+                "usr/lib64/libc.a", "usr/lib/libc.a")  # fmt: skip
+
+
+def _builder_check(root: Path) -> Check:
+    """The host tools the built-in images are built with (a warning: an exported image can
+    be imported instead); the fix names every missing package in one command."""
+    path = search_path(root)
+    missing = [t for t in BUILDER_TOOLS if not shutil.which(t, path=path)]
+    packages = list(dict.fromkeys(TOOL_PACKAGES[t] for t in missing))
+    if not any((root / p).is_file() for p in _STATIC_LIBC):
+        missing.append("a static libc")
+        packages.append("libc6-dev")
+    if not missing:
+        return Check("tcg", "image-builder", "ok", "the image builder's host tools are there")
+    return Check(
+        "tcg",
+        "image-builder",
+        "warn",
+        f"building the built-in images needs {', '.join(missing)} (or import an exported "
+        "image: pyqvm image import)",
+        install_hint(packages, read_os_release(root)),
+    )
+
+
 # --- all -----------------------------------------------------------------------------------
 
 
@@ -457,6 +486,7 @@ def run_checks(
             *_qemu_checks("tcg", root, arch),
             Check("tcg", "accelerator", "ok", "TCG (software emulation) needs nothing more"),
             _tsc_check(root),
+            _builder_check(root),
         ],
         "kvm": lambda: [*_qemu_checks("kvm", root, arch), *_kvm_checks(root)],
         "vfio": lambda: _vfio_checks(root, memory_mib, memlock or memlock_status(), claims),

@@ -18,8 +18,10 @@ from pathlib import Path
 from types import MappingProxyType
 
 __all__ = [
+    "BUILDER_TOOLS",
     "MANAGERS",
     "PACKAGE_NAMES",
+    "TOOL_PACKAGES",
     "HostDistro",
     "host_distro",
     "install_hint",
@@ -69,6 +71,26 @@ PACKAGE_NAMES: Mapping[str, tuple[str | None, str | None, str | None]] = Mapping
     }
 )
 _COLUMN = {"dnf": 0, "zypper": 1, "pacman": 2}
+
+#: A host tool pyqvm runs -> the Debian package that ships it.
+TOOL_PACKAGES: Mapping[str, str] = MappingProxyType(
+    {
+        "depmod": "kmod",
+        "mkfs.ext4": "e2fsprogs",
+        "debugfs": "e2fsprogs",
+        "qemu-img": "qemu-utils",
+        "lz4": "lz4",
+        "mkfs.vfat": "dosfstools",
+        "mmd": "mtools",
+        "mcopy": "mtools",
+        "sfdisk": "fdisk",
+        "gcc": "gcc",
+        "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
+    }
+)
+#: What the image builder runs on the host, for every image (pyqvm.image).
+BUILDER_TOOLS = ("depmod", "mkfs.ext4", "debugfs", "qemu-img", "lz4", "mkfs.vfat", "mmd",
+                 "mcopy", "sfdisk", "gcc")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

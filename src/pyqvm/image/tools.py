@@ -10,23 +10,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pyqvm.errors import HostError, ImageError
-from pyqvm.host.packages import install_hint
+from pyqvm.host.packages import TOOL_PACKAGES, install_hint
 
 log = logging.getLogger(__name__)
-
-# Debian package that ships each tool, for the "install it with" hint.
-TOOL_PACKAGES = {
-    "depmod": "kmod",
-    "mkfs.ext4": "e2fsprogs",
-    "qemu-img": "qemu-utils",
-    "lz4": "lz4",
-    "zstd": "zstd",
-    "mmdebstrap": "mmdebstrap",
-    "mkfs.vfat": "dosfstools",
-    "mmd": "mtools",
-    "mcopy": "mtools",
-    "sfdisk": "fdisk",
-}
 
 # Non-root shells often lack the sbin directories, where depmod and mkfs live.
 _EXTRA_PATH = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")

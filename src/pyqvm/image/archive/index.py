@@ -118,6 +118,14 @@ class PackageIndex:
                         self._providers[virtual.strip()].append((name, provided))
         self._parsed.clear()
 
+    def essential(self) -> list[str]:
+        """The names of the packages marked ``Essential: yes`` (in index order)."""
+        return [
+            name
+            for name, paras in self._raw.items()
+            if any(b"\nEssential: yes" in para for para, _ in paras) and self.versions(name)
+        ]
+
     def versions(self, name: str) -> list[Package]:
         """Every version of ``name`` for this arch (or ``all``), highest first."""
         if name not in self._parsed:
@@ -152,6 +160,16 @@ class PackageIndex:
                 return self.versions(provider)[0]
         return None
 
+    @staticmethod
+    def _chosen_fits(chosen: dict[str, Package], alt: dict[str, Any]) -> bool:
+        """Whether a package already chosen satisfies the relation ``alt`` (its version
+        constraint included: ``util-linux (<< 2.29.2-3~)`` is not met by a newer one)."""
+        pkg = chosen.get(alt["name"])
+        if pkg is None:
+            return False
+        op, version = alt.get("version") or (None, None)
+        return op is None or version is None or _OPS[op](_compare(pkg.version, version))
+
     def closure(
         self, names: Iterable[str], *, follow: Callable[[Package], bool] = lambda _p: True
     ) -> list[Package]:
@@ -166,7 +184,7 @@ class PackageIndex:
                 continue
             chosen[pkg.name] = pkg
             for alternatives in _relations(pkg.depends):
-                if any(a["name"] in chosen for a in alternatives):
+                if any(self._chosen_fits(chosen, a) for a in alternatives):
                     continue
                 pick = None
                 for alt in alternatives:
