@@ -41,7 +41,7 @@ from typing import Any
 
 import pytest
 
-from pyqvm import image
+from pyqvm import image, imagebuild
 from pyqvm.ops import template as templates
 from pyqvm.spec import VMSpec
 from pyqvm.sync import VM, ThreadLoop
@@ -75,7 +75,7 @@ def _spec_and_template(request: pytest.FixtureRequest, spec: VMSpec | None) -> t
     options = marker.kwargs if marker else {}
     spec = spec or options.get("spec") or VMSpec(image="default")
     if spec.image is not None:  # a first use builds it (once: other workers wait for it)
-        image.ensure(spec.image, arch=spec.arch)
+        imagebuild.ensure(spec.image, arch=spec.arch)
     wanted = options.get("template", True) and not request.config.getoption(
         "--pyqvm-no-template", default=False
     )
@@ -123,7 +123,7 @@ def _raise_stop_errors(errors: list[BaseException]) -> None:
 @pytest.fixture(scope="session")
 def pyqvm_image() -> image.GuestImage:
     """The built-in default guest image, built if it is not cached yet."""
-    return image.ensure("default")
+    return imagebuild.ensure("default")
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """The ``debian`` flavour: a real Debian 12 system (systemd, udev, qemu-guest-agent,
-cloud-init) built with mmdebstrap, booted in both device profiles."""
+cloud-init) bootstrapped by pyqvm in two stages, booted in both device profiles."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pyqvm import AsyncVM, Disk, Network, VMSpec, image, templates
+from pyqvm import AsyncVM, Disk, Network, VMSpec, image, imagebuild, templates
 from pyqvm.cloudinit import CloudInit
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distro]
@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.distro]
 
 @pytest.fixture(scope="session")
 def debian_image() -> image.GuestImage:
-    return image.build("debian")
+    return imagebuild.build("debian")
 
 
 @pytest.mark.asyncio

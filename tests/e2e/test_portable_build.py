@@ -15,6 +15,7 @@ import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,13 +27,16 @@ PATH = "/usr/local/bin:/usr/bin:/bin"
 # Where pyqvm looks for a host tool besides PATH (pyqvm.image.tools): hidden there too.
 SEARCHED = (*PATH.split(":"), "/usr/sbin", "/sbin")
 
-DRIVER = textwrap.dedent("""
+# Every driver starts with the proof of the tools' absence, as the build's user sees it.
+PROOF = textwrap.dedent("""
     import json, os, shutil, sys
+    out = {"uid": os.getuid(), "path": os.environ["PATH"]}
+    out["found"] = {t: shutil.which(t, path=sys.argv[2]) for t in sys.argv[1].split(",")}
+""")
+
+DRIVER = textwrap.dedent("""
     from pyqvm import VM, VMSpec, image
 
-    out = {"uid": os.getuid(), "path": os.environ["PATH"]}
-    out["found"] = {t: shutil.which(t, path=os.pathsep.join(sys.argv[2:]))
-                    for t in sys.argv[1].split(",")}
     out["images"] = {}
     for flavour, arch in (("default", "x86_64"), ("full", "x86_64"), ("default", "aarch64")):
         img = image.build(flavour, arch=arch)
@@ -83,9 +87,11 @@ def home(builder_user: pwd.struct_passwd) -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def test_images_build_and_boot_without_debian_tools_or_root(
-    builder_user: pwd.struct_passwd, home: Path
-) -> None:
+def without_debian_tools(
+    user: pwd.struct_passwd, home: Path, driver: str, *args: str, timeout: float
+) -> dict[str, Any]:
+    """Run ``driver`` (Python) as ``user`` in a mount namespace where the Debian tools are
+    covered by /dev/null; returns the JSON it prints last, with the proof of their absence."""
     hidden = sorted(
         {str(Path(d, t).resolve()) for d in SEARCHED for t in DEBIAN_TOOLS if Path(d, t).exists()}
     )
@@ -99,19 +105,27 @@ def test_images_build_and_boot_without_debian_tools_or_root(
         "TMPDIR": "/tmp",
         **{k: v for k, v in os.environ.items() if k.startswith(("PQ_", "PYQVM_DEBIAN"))},
     }
-    setpriv = ["setpriv", f"--reuid={builder_user.pw_uid}", f"--regid={builder_user.pw_gid}",
+    setpriv = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
                "--clear-groups", "env", "-i", *(f"{k}={v}" for k, v in env.items())]  # fmt: skip
-    driver = [sys.executable, "-c", DRIVER, ",".join(DEBIAN_TOOLS), *SEARCHED]
+    proof = PROOF + driver
+    argv = [sys.executable, "-c", proof, ",".join(DEBIAN_TOOLS), ":".join(SEARCHED), *args]
     proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c", f'set -e; {mounts}exec "$@"', "sh", *setpriv, *driver],
-        capture_output=True, text=True, timeout=900, check=False,
+        ["unshare", "-m", "sh", "-c", f'set -e; {mounts}exec "$@"', "sh", *setpriv, *argv],
+        capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["uid"] == builder_user.pw_uid != 0
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["uid"] == user.pw_uid != 0
     assert out["path"] == PATH
     # The proof: none of the tools can be found, in PATH or where pyqvm also looks.
     assert out["found"] == dict.fromkeys(DEBIAN_TOOLS), out["found"]
+    return out
+
+
+def test_images_build_and_boot_without_debian_tools_or_root(
+    builder_user: pwd.struct_passwd, home: Path
+) -> None:
+    out = without_debian_tools(builder_user, home, DRIVER, timeout=900)
     images = out["images"]
     assert set(images) == {"default-x86_64", "full-x86_64", "default-aarch64"}
     for name, seen in images.items():
@@ -124,3 +138,32 @@ def test_images_build_and_boot_without_debian_tools_or_root(
     assert images["full-x86_64"]["kernel"].endswith("-amd64")
     assert not images["full-x86_64"]["kernel"].endswith("-cloud-amd64")
     assert images["default-aarch64"]["kernel"].endswith("-arm64")
+
+
+DEBIAN_DRIVER = textwrap.dedent("""
+    from pyqvm import VM, VMSpec, imagebuild
+
+    img = imagebuild.build("debian", arch=sys.argv[3])
+    with VM(VMSpec(image="debian", arch=sys.argv[3], ready_timeout=600)) as vm:
+        state = vm.run(["systemctl", "is-system-running", "--wait"], timeout=600)
+        failed = vm.run(["systemctl", "--failed", "--no-legend", "--plain"])
+        init = vm.run(["cat", "/proc/1/comm"], check=True).stdout_text
+        owner = vm.run(["stat", "-c", "%U:%G %a", "/usr/bin/passwd", "/etc/shadow"], check=True)
+    out.update(dir=str(img.directory), state=state.stdout_text.strip(), init=init,
+               failed=failed.stdout_text, owners=owner.stdout_text.split("\\n"))
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.distro
+def test_the_debian_flavour_builds_and_runs_without_debian_tools_or_root(
+    builder_user: pwd.struct_passwd, home: Path
+) -> None:
+    """The debian flavour bootstrapped in two stages by a non-root user with no apt, dpkg or
+    mmdebstrap: its files still belong to the users dpkg gives them, and systemd runs."""
+    out = without_debian_tools(builder_user, home, DEBIAN_DRIVER, "x86_64", timeout=3600)
+    assert out["dir"].startswith(str(home / "cache" / "images" / "debian-"))
+    assert out["init"] == "systemd\n"
+    assert out["state"] in ("running", "degraded"), out["failed"]
+    # setuid root, and shadow's group: ownership and modes are dpkg's, not the builder's
+    assert out["owners"][:2] == ["root:root 4755", "root:shadow 640"], out["owners"]

@@ -55,7 +55,15 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("pyqvm.machine",),
     ("pyqvm.ops.*",),
     ("pyqvm.vm", "pyqvm.named.*"),
-    ("pyqvm.sync", "pyqvm.remote", "pyqvm.cli.*", "pyqvm.pytest_plugin", "pyqvm", "pyqvm.__main__"),
+    (
+        "pyqvm.sync",
+        "pyqvm.remote",
+        "pyqvm.cli.*",
+        "pyqvm.pytest_plugin",
+        "pyqvm.imagebuild",
+        "pyqvm",
+        "pyqvm.__main__",
+    ),
 )
 FACES = len(FLOORS) - 1  # the only floor allowed to import the re-exporting package root
 

@@ -34,9 +34,9 @@ def ensure_image(spec: VMSpec) -> None:
     """Build ``spec``'s built-in image if none is built yet (`pyqvm.image.ensure`)."""
     if spec.image is None:
         return
-    from pyqvm import image
+    from pyqvm import imagebuild
 
-    image.ensure(spec.image, arch=spec.arch, progress=terminal_progress(sys.stderr))
+    imagebuild.ensure(spec.image, arch=spec.arch, progress=terminal_progress(sys.stderr))
 
 
 __all__ = ["ensure_image", "terminal_progress"]

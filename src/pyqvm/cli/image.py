@@ -62,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
     from pyqvm import image
 
     if args.image_command == "build":
-        every = [f for f in image.FLAVOURS if args.arch == "x86_64" or f != "debian"]
-        for f in every if args.flavour == "all" else (args.flavour,):
-            img = image.build(f, force=args.force, arch=args.arch)
+        from pyqvm import imagebuild
+
+        for f in image.FLAVOURS if args.flavour == "all" else (args.flavour,):
+            img = imagebuild.build(f, force=args.force, arch=args.arch)
             print(
                 f"{img.flavour}{'' if img.arch == 'x86_64' else f' ({img.arch})'}: {img.directory}"
             )

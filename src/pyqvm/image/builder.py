@@ -33,6 +33,7 @@ from pyqvm.errors import HostError, ImageError, SpecError
 from pyqvm.host.kernel import extract_vmlinux
 from pyqvm.image import distro, esp, libraries, tools
 from pyqvm.image.archive import Archive, DownloadProgress, Package, unpack
+from pyqvm.image.bootstrap import SecondStage
 from pyqvm.image.cpio import CpioEntry, NewcWriter
 from pyqvm.image.guest import (
     DISTRO_FLAVOURS,
@@ -213,6 +214,7 @@ def build(
     cache: Path | None = None,
     arch: str = "x86_64",
     progress: BytesProgress | None = None,
+    second_stage: SecondStage | None = None,
 ) -> GuestImage:
     """Build (or reuse) the built-in guest image of ``flavour`` for guests of ``arch``.
 
@@ -224,6 +226,8 @@ def build(
     builder version; an image with the same inputs is returned at once unless
     ``force``. ``progress`` is called with the bytes downloaded so far and the
     total, as downloads go; several processes building one image build it once.
+    A distribution flavour is finished by ``second_stage`` in a helper guest
+    (`pyqvm.imagebuild` provides it).
 
     Raises:
         SpecError: unknown flavour.
@@ -235,14 +239,23 @@ def build(
     root = cache or cache_dir()
     assemble: Callable[[Path], dict[str, object]]
     if flavour in DISTRO_FLAVOURS:
-        if arch != "x86_64":
-            raise SpecError("arch", f"the {flavour} flavour is built for x86_64 only so far")
-        for name in ("mmdebstrap", "mkfs.ext4", *esp.TOOLS):
+        if second_stage is None:
+            raise ImageError(
+                f"the {flavour} flavour is finished in a helper guest: build it with "
+                "pyqvm.imagebuild.build (or `pyqvm image build`), which boots one"
+            )
+        for name in distro.TOOLS:
             tools.tool(name)
-        compiler, packages = cross_compiler(arch_info(arch))
+        info = arch_info(arch)
+        compiler, packages = cross_compiler(info)
         tools.tool(compiler, package=packages)  # pyqvm-wake
-        inputs_dict = distro.inputs(Archive(root))
-        assemble = distro.assemble
+        archive = Archive(root)
+        inputs_dict = distro.inputs(archive, info)
+        stage = second_stage
+
+        def assemble(out: Path) -> dict[str, object]:
+            return distro.assemble(out, arch=info, archive=archive, second_stage=stage)
+
     else:
         for name in ("depmod", "mkfs.ext4", "qemu-img", "lz4", *esp.TOOLS):
             tools.tool(name)
@@ -332,6 +345,7 @@ def ensure(
     arch: str = "x86_64",
     cache: Path | None = None,
     progress: BytesProgress | None = None,
+    second_stage: SecondStage | None = None,
 ) -> GuestImage:
     """The newest built image of ``flavour`` for ``arch``, built first when there is none
     (as ``docker run`` pulls a missing image): what every face calls before a launch."""
@@ -343,7 +357,7 @@ def ensure(
         "the %s image%s is not built yet: building it once (later runs reuse it)",
         flavour, "" if arch == "x86_64" else f" for {arch}",
     )  # fmt: skip
-    return build(flavour, cache=cache, arch=arch, progress=progress)
+    return build(flavour, cache=cache, arch=arch, progress=progress, second_stage=second_stage)
 
 
 def _assemble(out: Path, inputs: BuildInputs, debs: dict[str, Path]) -> dict[str, object]:
