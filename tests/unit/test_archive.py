@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,6 +13,7 @@ from pathlib import Path
 import pysequoia
 import pytest
 from fixtures.debarchive import FakePackage, MirrorServer, TestArchive, make_deb
+from fixtures.smalldisk import run_on_small_disk
 
 from pyqvm.errors import ArchiveError, SpecError
 from pyqvm.image.archive import Archive, unpack
@@ -292,15 +291,9 @@ def test_a_full_disk_while_downloading_is_an_error_and_leaves_nothing(
             print("ERROR", e)
         print("LEFT", sorted(p.name for p in (cache / "downloads/sha256").iterdir()))
     """)
-    # A 256 KiB tmpfs, in a mount namespace of its own: the host's mounts are untouched.
-    proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c",
-         f'mount -t tmpfs -o size=256k t "{mnt}" && exec "{sys.executable}" -c "$0"', script],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "ERROR no space left on the device" in proc.stdout, proc.stdout
-    assert "LEFT []" in proc.stdout
+    out = run_on_small_disk(mnt, "256k", script)
+    assert "ERROR no space left on the device" in out, out
+    assert "LEFT []" in out
 
 
 # -- unpacking ------------------------------------------------------------------------------

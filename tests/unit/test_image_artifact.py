@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
-import sys
 import tarfile
 import textwrap
 from collections.abc import Callable
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from fixtures.smalldisk import run_on_small_disk
 
 from pyqvm.errors import ImageError
 from pyqvm.image.artifact import INDEX, export_image, import_image
@@ -182,11 +181,6 @@ def test_a_full_disk_while_importing_is_an_error_and_leaves_nothing(
             print("ERROR", e)
         print("LEFT", sorted(p.name for p in (cache / "images").iterdir()))
     """)
-    proc = subprocess.run(
-        ["unshare", "-m", "sh", "-c",
-         f'mount -t tmpfs -o size=48k t "{mnt}" && exec "{sys.executable}" -c "$0"', script],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "ERROR no space left on the device" in proc.stdout, proc.stdout
-    assert "LEFT []" in proc.stdout
+    out = run_on_small_disk(mnt, "48k", script)
+    assert "ERROR no space left on the device" in out, out
+    assert "LEFT []" in out
