@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from pyqvm.errors import ArchiveError
 
@@ -42,9 +43,10 @@ def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _open(url: str) -> object:
+def _open(url: str) -> IO[bytes]:
     try:
-        return urllib.request.urlopen(url, timeout=TIMEOUT)
+        response: IO[bytes] = urllib.request.urlopen(url, timeout=TIMEOUT)
+        return response
     except (urllib.error.URLError, OSError, ValueError) as e:
         if isinstance(e, urllib.error.HTTPError):
             e.close()  # it holds the connection
@@ -64,8 +66,8 @@ def fetch_bytes(url: str, *, limit: int = 64 << 20) -> bytes:
     """A small file (a release file) in memory; `ArchiveError` when it cannot be had."""
     response = _open(url)
     try:
-        with response:  # type: ignore[attr-defined]
-            data: bytes = response.read(limit + 1)  # type: ignore[attr-defined]
+        with response:
+            data: bytes = response.read(limit + 1)
     except (TimeoutError, OSError) as e:
         raise ArchiveError(f"fetching {url} failed: {_describe(e)}", url=url) from None
     if len(data) > limit:
@@ -133,8 +135,8 @@ class HashStore:
         got = 0
         response = _open(url)
         try:
-            with response, partial.open("wb") as out:  # type: ignore[attr-defined]
-                while chunk := response.read(_CHUNK):  # type: ignore[attr-defined]
+            with response, partial.open("wb") as out:
+                while chunk := response.read(_CHUNK):
                     got += len(chunk)
                     if got > size:
                         break  # longer than the index says: no need to read the rest
