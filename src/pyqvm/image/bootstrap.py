@@ -104,11 +104,6 @@ class Bootstrap:
 SecondStage = Callable[[Sequence[Path], ArchInfo, str], None]
 
 
-def _deb_name(pkg: Package) -> str:
-    """The file name debootstrap gives a cached .deb: name_version_arch, epoch quoted."""
-    return pkg.deb_name
-
-
 def package_set(archive: Archive, arch: ArchInfo, include: Iterable[str]) -> list[Package]:
     """Every essential package, apt, ``include``, and their dependencies."""
     index = archive.index(arch.debian)
@@ -152,12 +147,12 @@ def first_stage(
     (tree / "var/lib/dpkg/arch").write_text(f"{arch.debian}\n")
     debs_dir.mkdir(parents=True)
     for pkg in packages:
-        shutil.copyfile(debs[pkg], debs_dir / _deb_name(pkg))
+        shutil.copyfile(debs[pkg], debs_dir / pkg.deb_name)
     rest = [p for p in packages if p.name not in core]
     script = (
         SECOND_STAGE.replace("@FIRST@", " ".join(FIRST))
-        .replace("@ESSENTIAL@", " ".join(_deb_name(p) for p in essential))
-        .replace("@REST@", " ".join(_deb_name(p) for p in rest))
+        .replace("@ESSENTIAL@", " ".join(p.deb_name for p in essential))
+        .replace("@REST@", " ".join(p.deb_name for p in rest))
         .replace("@CUSTOMIZE@", "\n".join(customize))
     )
     (tree / SCRIPT).write_text(script)
