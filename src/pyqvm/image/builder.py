@@ -207,6 +207,43 @@ def _locked(path: Path, what: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+#: Builds an image's files into the directory given; returns its manifest's fields.
+Assemble = Callable[[Path], dict[str, object]]
+#: The host tools a busybox image is built with (a distribution's: `distro.TOOLS`).
+TOOLS = ("depmod", "mkfs.ext4", "qemu-img", "lz4", *esp.TOOLS)
+
+
+def _plan(
+    flavour: str,
+    info: ArchInfo,
+    root: Path,
+    progress: BytesProgress | None,
+    second_stage: SecondStage | None,
+) -> tuple[dict[str, str], Assemble]:
+    """What ``flavour`` for ``info`` is made of (the cache key's inputs) and how it is
+    assembled, once the host tools it needs are known to be there."""
+    is_distro = flavour in DISTRO_FLAVOURS
+    if is_distro and second_stage is None:
+        raise ImageError(
+            f"the {flavour} flavour is finished in a helper guest: build it with "
+            "pyqvm.imagebuild.build (or `pyqvm image build`), which boots one"
+        )
+    for name in distro.TOOLS if is_distro else TOOLS:
+        tools.tool(name)
+    compiler, packages = cross_compiler(info)
+    tools.tool(compiler, package=packages)  # the guest's static helper (pyqvm-wake)
+    archive = Archive(root)
+    if second_stage is not None and is_distro:
+        stage = second_stage
+        return distro.inputs(archive, info), lambda out: distro.assemble(
+            out, arch=info, archive=archive, second_stage=stage
+        )
+    inputs = _resolve(flavour, info, archive)
+    return inputs.as_dict(), lambda out: _assemble(
+        out, inputs, _download(inputs, archive, progress)
+    )
+
+
 def build(
     flavour: str = "default",
     *,
@@ -237,38 +274,7 @@ def build(
     """
     check_flavour(flavour)
     root = cache or cache_dir()
-    assemble: Callable[[Path], dict[str, object]]
-    if flavour in DISTRO_FLAVOURS:
-        if second_stage is None:
-            raise ImageError(
-                f"the {flavour} flavour is finished in a helper guest: build it with "
-                "pyqvm.imagebuild.build (or `pyqvm image build`), which boots one"
-            )
-        for name in distro.TOOLS:
-            tools.tool(name)
-        info = arch_info(arch)
-        compiler, packages = cross_compiler(info)
-        tools.tool(compiler, package=packages)  # pyqvm-wake
-        archive = Archive(root)
-        inputs_dict = distro.inputs(archive, info)
-        stage = second_stage
-
-        def assemble(out: Path) -> dict[str, object]:
-            return distro.assemble(out, arch=info, archive=archive, second_stage=stage)
-
-    else:
-        for name in ("depmod", "mkfs.ext4", "qemu-img", "lz4", *esp.TOOLS):
-            tools.tool(name)
-        info = arch_info(arch)
-        compiler, packages = cross_compiler(info)
-        tools.tool(compiler, package=packages)  # INITRD_PROGRAMS
-        archive = Archive(root)
-        inputs = _resolve(flavour, info, archive)
-        inputs_dict = inputs.as_dict()
-
-        def assemble(out: Path) -> dict[str, object]:
-            return _assemble(out, inputs, _download(inputs, archive, progress))
-
+    inputs_dict, assemble = _plan(flavour, arch_info(arch), root, progress, second_stage)
     key = cache_key(inputs_dict)
     images = root / "images"
     target = images / f"{flavour}-{key}"
