@@ -15,6 +15,9 @@ import pytest
 from pyqvm import Machine, Template, VMSpec, image, templates
 from pyqvm.named import registry
 
+# The non-root, no-Debian-tools builds; its session fixture feeds the debian tests too.
+pytest_plugins = ["fixtures.nonroot"]
+
 
 def _stamps(root: Path) -> dict[str, tuple[int, int, int]]:
     """Size, modification time and inode of each built image file: any write to one (QEMU

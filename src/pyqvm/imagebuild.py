@@ -52,7 +52,7 @@ def second_stage(disks: Sequence[Path], arch: ArchInfo, command: str) -> None:
         ImageError: the command failed; the message has the end of its output.
     """
     image.ensure("default", arch=arch.name)  # the helper itself, built first if need be
-    log.info("second stage in a %s helper guest (dpkg configures everything; minutes "
+    log.info("second stage in a helper guest for %s (dpkg configures everything; minutes "
              "under TCG)", arch.name)  # fmt: skip
     # A VM of its own thread: the caller may be inside a running event loop.
     with ThreadPoolExecutor(1, thread_name_prefix="pyqvm-second-stage") as pool:

@@ -1,20 +1,33 @@
 """The ``debian`` flavour: a real Debian 12 system (systemd, udev, qemu-guest-agent,
-cloud-init) bootstrapped by pyqvm in two stages, booted in both device profiles."""
+cloud-init) bootstrapped by pyqvm in two stages, booted in both device profiles; and
+its aarch64 build."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
+from fixtures.nonroot import NonrootBuild
 
 from pyqvm import AsyncVM, Disk, Network, VMSpec, image, imagebuild, templates
 from pyqvm.cloudinit import CloudInit
+from pyqvm.image.artifact import export_image, import_image
+from pyqvm.image.guest import load_image
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distro]
 
 
 @pytest.fixture(scope="session")
-def debian_image() -> image.GuestImage:
+def debian_image(request: pytest.FixtureRequest) -> image.GuestImage:
+    """The debian flavour of the current recipe. When this session also runs the non-root
+    build (`fixtures.nonroot`), that build is the one booted here: exported and imported,
+    as a CI job carries an image, so a run bootstraps the flavour once."""
+    if any("nonroot_debian" in item.fixturenames for item in request.session.items):
+        built: NonrootBuild = request.getfixturevalue("nonroot_debian")
+        made = load_image(Path(built.out["dir"]))
+        assert made is not None
+        return import_image(export_image(made, built.home / "debian.pqi").path)
     return imagebuild.build("debian")
 
 
@@ -121,9 +134,6 @@ async def test_a_cloud_init_seed_is_applied(debian_image: image.GuestImage) -> N
         assert label.stdout_text == "cidata\n"
 
 
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")  # Debian's ovmf package
-
-
 @pytest.mark.asyncio
 async def test_the_debian_disk_boots_from_firmware_through_a_bootloader(
     debian_image: image.GuestImage,
@@ -133,8 +143,7 @@ async def test_the_debian_disk_boots_from_firmware_through_a_bootloader(
     assert debian_image.boot_disk is not None
     spec = VMSpec(
         name="deb-uefi",
-        firmware="ovmf",
-        ovmf_code=OVMF_CODE,
+        firmware="ovmf",  # the build QEMU's firmware descriptors name
         disks=(Disk(path=debian_image.boot_disk), Disk(path=debian_image.disk)),
         networks=(Network(),),
         ready="agent",
@@ -151,3 +160,20 @@ async def test_the_debian_disk_boots_from_firmware_through_a_bootloader(
         assert out[0] == "efi"
         assert out[1].startswith("initrd=\\initrd.img root=LABEL=pyqvm-root"), out  # systemd-boot's
         assert out[2] == "/dev/vdb", out
+
+
+@pytest.mark.asyncio
+async def test_the_aarch64_debian_flavour_reaches_a_running_system() -> None:
+    """The flavour for arm64, bootstrapped the same way in an aarch64 helper guest, boots
+    to a running systemd under full emulation (the virt machine, UEFI firmware)."""
+    img = await asyncio.to_thread(imagebuild.build, "debian", arch="aarch64")
+    assert img.arch == "aarch64"
+    spec = VMSpec(name="deb-arm", arch="aarch64", image="debian", ready_timeout=600)
+    async with AsyncVM(spec) as vm:
+        state = await vm.run(["systemctl", "is-system-running", "--wait"], timeout=600)
+        failed = await vm.run(["systemctl", "--failed", "--no-legend", "--plain"])
+        print(f"aarch64: {state.stdout_text.strip()}; failed units: {failed.stdout_text!r}")
+        assert state.stdout_text.strip() in ("running", "degraded"), failed.stdout_text
+        sh = "cat /proc/1/comm; dpkg --print-architecture; uname -m"
+        out = (await vm.run(["sh", "-c", sh], check=True)).stdout_text
+        assert out == "systemd\narm64\naarch64\n", out
