@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any
 # The block below is the same table for type checkers; tests/unit/test_layers.py
 # keeps the two equal.
 _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None: the module)
-    "AsyncNamedVM": ("pyqvm.named.client", "AsyncNamedVM"),
+    "AsyncNamedVM": ("pyqvm.faces.derived", "AsyncNamedVM"),
     "AsyncVM": ("pyqvm.vm", "AsyncVM"),
-    "attach": ("pyqvm.remote", "attach"),
-    "attach_async": ("pyqvm.remote", "attach_async"),
+    "attach": ("pyqvm.faces.derived", "attach"),
+    "attach_async": ("pyqvm.faces.derived", "attach_async"),
     "ChainLink": ("pyqvm.ops.blockjobs", "ChainLink"),
+    "CodecError": ("pyqvm.errors", "CodecError"),
     "DeviceClaimedError": ("pyqvm.errors", "DeviceClaimedError"),
     "Disk": ("pyqvm.spec", "Disk"),
     "ExecResult": ("pyqvm.agent", "ExecResult"),
@@ -56,7 +57,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
     "MigrationStats": ("pyqvm.ops.migration", "MigrationStats"),
     "MigrationTLS": ("pyqvm.ops.migration", "MigrationTLS"),
     "MigrationTuning": ("pyqvm.ops.migration", "MigrationTuning"),
-    "NamedVM": ("pyqvm.remote", "NamedVM"),
+    "NamedVM": ("pyqvm.faces.derived", "NamedVM"),
     "NamedVMError": ("pyqvm.errors", "NamedVMError"),
     "Network": ("pyqvm.spec", "Network"),
     "OperationError": ("pyqvm.errors", "OperationError"),
@@ -77,8 +78,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
     "TemplateError": ("pyqvm.errors", "TemplateError"),
     "templates": ("pyqvm.ops.template", None),
     "UnplugTimeoutError": ("pyqvm.errors", "UnplugTimeoutError"),
-    "up": ("pyqvm.remote", "up"),
-    "VM": ("pyqvm.sync", "VM"),
+    "up": ("pyqvm.faces.derived", "up"),
+    "VM": ("pyqvm.faces.derived", "VM"),
     "VMExitedError": ("pyqvm.errors", "VMExitedError"),
     "VMSpec": ("pyqvm.spec", "VMSpec"),
     "VMState": ("pyqvm.state", "VMState"),
@@ -89,6 +90,7 @@ if TYPE_CHECKING:
     from pyqvm.agent import ExecResult, GuestAgent
     from pyqvm.devices import Plugged
     from pyqvm.errors import (
+        CodecError,
         DeviceClaimedError,
         GroupNotViableError,
         GuestCommandError,
@@ -114,9 +116,9 @@ if TYPE_CHECKING:
         VMExitedError,
         VMStateError,
     )
+    from pyqvm.faces.derived import VM, AsyncNamedVM, NamedVM, attach, attach_async, up
     from pyqvm.launch import LaunchPlan, preview_argv
     from pyqvm.machine import Machine
-    from pyqvm.named.client import AsyncNamedVM
     from pyqvm.ops import template as templates
     from pyqvm.ops.blockjobs import ChainLink
     from pyqvm.ops.migration import (
@@ -129,13 +131,11 @@ if TYPE_CHECKING:
     )
     from pyqvm.ops.snapshot import SnapshotInfo
     from pyqvm.ops.template import Template
-    from pyqvm.remote import NamedVM, attach, attach_async, up
     from pyqvm.session import QMPSession
     from pyqvm.shares import Share
     from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec
     from pyqvm.specio import load_spec
     from pyqvm.state import VMState
-    from pyqvm.sync import VM
     from pyqvm.vm import AsyncVM
 
 
@@ -159,6 +159,7 @@ __all__ = [
     "AsyncNamedVM",
     "AsyncVM",
     "ChainLink",
+    "CodecError",
     "DeviceClaimedError",
     "Disk",
     "ExecResult",

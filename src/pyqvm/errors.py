@@ -25,7 +25,8 @@ Every error pyqvm raises on purpose derives from `PyqvmError`::
           │    └─ UnplugTimeoutError  the guest never released the device (also a PyqvmTimeoutError)
           ├─ MigrationError     live migration or save/restore failed
           └─ TemplateError      a template cannot be made, or is missing, broken or stale
-     └─ NamedVMError       a named VM is unknown or taken, or its owner process does not answer
+     ├─ NamedVMError       a named VM is unknown or taken, or its owner process does not answer
+     └─ CodecError         a value does not fit its type on its way to or from JSON (names where)
 
 Errors carry the data a caller needs (argv, exit code, stderr and console
 tails) as attributes, not only inside the message.
@@ -339,8 +340,19 @@ class NamedVMError(PyqvmError):
         self.name = name
 
 
+class CodecError(PyqvmError, ValueError):
+    """A value does not fit its type on its way to or from JSON (`pyqvm.codec`);
+    ``where`` is the path to it (``disk.path``)."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}" if where else message)
+        self.where = where
+        self.message = message
+
+
 __all__ = [
     "ArchiveError",
+    "CodecError",
     "DeviceClaimedError",
     "GroupNotViableError",
     "GuestCommandError",

@@ -20,9 +20,9 @@ from typing import cast
 from pyqvm import image
 from pyqvm.arches import ArchInfo
 from pyqvm.errors import ImageError
+from pyqvm.faces.derived import VM
 from pyqvm.image.builder import BytesProgress
 from pyqvm.spec import Arch, Disk, VMSpec
-from pyqvm.sync import VM
 
 log = logging.getLogger(__name__)
 

@@ -42,9 +42,10 @@ from typing import Any
 import pytest
 
 from pyqvm import image, imagebuild
+from pyqvm.faces.derived import VM
+from pyqvm.faces.loop import ThreadLoop
 from pyqvm.ops import template as templates
 from pyqvm.spec import VMSpec
-from pyqvm.sync import VM, ThreadLoop
 from pyqvm.vm import AsyncVM
 
 _VMS = pytest.StashKey[list[Any]]()

@@ -23,7 +23,7 @@ def debian_image(request: pytest.FixtureRequest) -> image.GuestImage:
     """The debian flavour of the current recipe. When this session also runs the non-root
     build (`fixtures.nonroot`), that build is the one booted here: exported and imported,
     as a CI job carries an image, so a run bootstraps the flavour once."""
-    if any("nonroot_debian" in item.fixturenames for item in request.session.items):
+    if any("nonroot_debian" in getattr(i, "fixturenames", ()) for i in request.session.items):
         built: NonrootBuild = request.getfixturevalue("nonroot_debian")
         made = load_image(Path(built.out["dir"]))
         assert made is not None

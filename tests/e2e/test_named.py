@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pyqvm import AsyncNamedVM, NamedVMError, Template, attach, up
+from pyqvm import AsyncNamedVM, MigrationProgress, NamedVMError, Template, attach, up
 
 pytestmark = [pytest.mark.e2e]
 
@@ -189,7 +189,7 @@ def test_concurrent_execs_a_console_and_a_stop_during_an_exec(runtime: Path) -> 
     t0 = time.monotonic()
     assert pyqvm("stop", "c").returncode == 0
     _, err = long.communicate(timeout=30)
-    assert long.returncode == 125 and "VM 'c' stopped while pyqvm-run ran" in err, err
+    assert long.returncode == 125 and "VM 'c' stopped during run" in err, err
     assert time.monotonic() - t0 < 10
 
 
@@ -375,9 +375,9 @@ def test_migrate_a_named_vm_into_a_new_one(runtime: Path) -> None:
         assert page.read() == b"served\n"  # the port moved with the guest
 
     # From Python, with progress, and with shared storage this time.
-    seen: list[dict[str, object]] = []
+    seen: list[MigrationProgress] = []
     stats = attach("m2").migrate("m3", storage="shared", progress=seen.append)
-    assert stats["transferred"] > 0 and seen and seen[-1]["status"] == "completed"
+    assert stats.transferred > 0 and seen and seen[-1].status == "completed"
     assert attach("m3").run(["cat", "/mnt/data/kept"]).stdout == b"kept\n"
     with pytest.raises(NamedVMError, match="taken by a running VM"):
         attach("m3").migrate("m3")  # the destination's name must be free; m3 runs on

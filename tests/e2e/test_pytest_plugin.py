@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pyqvm import VMSpec
+from pyqvm import VM, VMSpec
 from pyqvm.image import GuestImage
-from pyqvm.sync import VM
 from pyqvm.vm import AsyncVM, VMState
 
 pytestmark = pytest.mark.e2e

@@ -20,6 +20,7 @@ import pytest
 import pytest_asyncio
 from json_stream import JSONStream
 
+from pyqvm import VM
 from pyqvm.errors import (
     MigrationError,
     OperationError,
@@ -39,7 +40,6 @@ from pyqvm.ops.migration import (
 )
 from pyqvm.session import QMPSession
 from pyqvm.spec import HostDevice, VMSpec
-from pyqvm.sync import VM
 from pyqvm.vm import AsyncVM, VMState
 
 # --- tuning -----------------------------------------------------------------------------------

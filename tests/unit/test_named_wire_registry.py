@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from pyqvm.agent import ExecResult
 from pyqvm.errors import (
     GuestExecError,
     HostError,
@@ -91,11 +90,6 @@ def test_errors_come_back_as_the_same_type_message_and_data(error: PyqvmError) -
 def test_an_error_class_this_pyqvm_lacks_comes_back_as_pyqvm_error() -> None:
     back = wire.error_from_json({"class": "FutureError", "desc": "from a newer owner"})
     assert type(back) is PyqvmError and str(back) == "from a newer owner"
-
-
-def test_exec_results_cross_intact() -> None:
-    r = ExecResult(returncode=-9, stdout=b"\x00\xffout", stderr=b"err", signal=9, argv=("x",))
-    assert wire.exec_from_json(json.loads(json.dumps(wire.exec_to_json(r)))) == r
 
 
 # --- registry -------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyqvm.cli.specargs import UsageError, memory_size
 
-if TYPE_CHECKING:  # the handle's type only; it is imported when a verb runs
-    from pyqvm.named.client import AsyncNamedVM
+if TYPE_CHECKING:  # types only; they are imported when a verb runs
+    from pyqvm.faces.derived import AsyncNamedVM
+    from pyqvm.ops.migration import MigrationProgress
 
 _T = TypeVar("_T")
 
@@ -122,7 +123,7 @@ def _on(name: str, fn: Callable[[AsyncNamedVM], Awaitable[_T]]) -> _T:
     """Attach to VM ``name``, run ``fn`` on the handle, hang up."""
     import asyncio
 
-    from pyqvm.named.client import AsyncNamedVM
+    from pyqvm.faces.derived import AsyncNamedVM
 
     async def go() -> _T:
         async with await AsyncNamedVM.attach(name) as vm:
@@ -159,8 +160,8 @@ def run_stop(args: argparse.Namespace) -> int:
     import asyncio
 
     from pyqvm.errors import NamedVMError, PyqvmError
+    from pyqvm.faces.derived import AsyncNamedVM
     from pyqvm.named import registry
-    from pyqvm.named.client import AsyncNamedVM
 
     if args.all == bool(args.names):
         raise UsageError("stop: name the VMs to stop, or give --all")
@@ -176,7 +177,7 @@ def run_stop(args: argparse.Namespace) -> int:
             registry.kill_owner(registry.find(name))
             return None
         try:
-            await vm.stop(args.timeout, force=args.force)
+            await vm.stop(args.timeout, graceful=False if args.force else None)
         except PyqvmError as e:
             return f"{name}: {e}"
         return None
@@ -205,16 +206,19 @@ def run_snapshot(args: argparse.Namespace) -> int:
     elif args.action == "delete":
         _on(args.name, lambda vm: vm.snapshot_delete(args.tag))
     else:
+        from pyqvm.codec import to_json
+        from pyqvm.ops.snapshot import SnapshotInfo
+
         infos = _on(args.name, lambda vm: vm.snapshot_list())
         if args.json:
-            _print_json(infos)
+            _print_json(to_json(infos, list[SnapshotInfo]))
         for i in infos if not args.json else ():
-            print(f"{i['tag']:20} {i['date']:26} {i['vm_state_size'] / 2**20:8.1f} MiB")
+            print(f"{i.tag:20} {i.date.isoformat():26} {i.vm_state_size / 2**20:8.1f} MiB")
     return 0
 
 
 def run_hotplug(args: argparse.Namespace) -> int:
-    from pyqvm.spec import Disk
+    from pyqvm.spec import Disk, Network
 
     def plug(vm: AsyncNamedVM) -> Awaitable[str]:
         if args.kind == "disk":
@@ -227,7 +231,7 @@ def run_hotplug(args: argparse.Namespace) -> int:
             )
             return vm.hotplug_disk(disk)
         if args.kind == "nic":
-            return vm.hotplug_nic(args.mac)
+            return vm.hotplug_nic(None if args.mac is None else Network(mac=args.mac))
         if args.kind == "cpu":
             return vm.hotplug_cpu(args.id)
         return vm.hotplug_memory(args.size, args.id)
@@ -253,8 +257,8 @@ def run_migrate(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.done()
     print(
-        f"{args.name} -> {args.to}: {stats['transferred'] / 2**20:.1f} MiB in "
-        f"{stats['total_time']:.2f} s, downtime {stats['downtime'] * 1000:.0f} ms"
+        f"{args.name} -> {args.to}: {stats.transferred / 2**20:.1f} MiB in "
+        f"{stats.total_time:.2f} s, downtime {stats.downtime * 1000:.0f} ms"
     )
     return 0
 
@@ -262,13 +266,12 @@ def run_migrate(args: argparse.Namespace) -> int:
 class _ProgressBar:
     """One line on a terminal's stderr, redrawn for each progress report."""
 
-    def __call__(self, p: dict[str, Any]) -> None:
-        total, remaining = p.get("total") or 0, p.get("remaining") or 0
-        done = 1.0 if not total else max(0.0, min(1.0, 1 - remaining / total))
+    def __call__(self, p: MigrationProgress) -> None:
+        done = 1.0 if not p.total else max(0.0, min(1.0, 1 - p.remaining / p.total))
         filled = int(done * 30)
         sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (30 - filled)}] {done:4.0%} {p.get('status', '')}"
-            f" {p.get('rate', 0) / 2**20:6.1f} MiB/s"
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {done:4.0%} {p.status}"
+            f" {p.rate / 2**20:6.1f} MiB/s"
         )
         sys.stderr.flush()
 
@@ -277,6 +280,6 @@ class _ProgressBar:
 
 
 def run_save(args: argparse.Namespace) -> int:
-    out = _on(args.name, lambda vm: vm.save(args.directory))
-    print(out["directory"])
+    saved = _on(args.name, lambda vm: vm.save(args.directory.resolve()))
+    print(saved.directory)
     return 0

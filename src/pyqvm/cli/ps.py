@@ -29,8 +29,8 @@ async def _ask(name: str) -> dict[str, Any]:
     import asyncio
 
     from pyqvm.errors import PyqvmError
+    from pyqvm.faces.derived import AsyncNamedVM
     from pyqvm.named import registry
-    from pyqvm.named.client import AsyncNamedVM
 
     try:
         vm = await AsyncNamedVM.attach(name, timeout=ASK_TIMEOUT)

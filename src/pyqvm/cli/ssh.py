@@ -30,8 +30,8 @@ def ssh_argv_of(name: str, command: Sequence[str]) -> list[str]:
     import asyncio
     from pathlib import Path
 
+    from pyqvm.faces.derived import AsyncNamedVM
     from pyqvm.named import registry
-    from pyqvm.named.client import AsyncNamedVM
     from pyqvm.ops.ssh import forwarded_port, ssh_command
     from pyqvm.specio import spec_from_dict
 

@@ -1,18 +1,20 @@
-"""A handle on a named VM in another process: `AsyncNamedVM` (`up`, `attach`).
+"""A handle on a named VM in another process: `AsyncNamedVMBase`, the part of
+`pyqvm.AsyncNamedVM` written by hand (`up`, `attach`, `events`, `migrate`, `_op`).
 
 `AsyncNamedVM.up` reserves the name in the registry, starts the owner
 process (`pyqvm.named.owner`) detached, and returns once the guest is ready,
 or raises the owner's error (a `LaunchError` with QEMU's stderr and the console
 tail, a `SpecError`...) as that same type. `AsyncNamedVM.attach` connects to a
 running one. The handle speaks QMP to the owner through `qemu.qmp.QMPClient`
-(see `pyqvm.named.wire` for why); its methods are `AsyncVM`'s, run by the
-owner. Closing a handle leaves the VM running; `stop` ends it.
+(see `pyqvm.named.wire` for why); its other methods are `AsyncVM`'s, run by
+the owner (`pyqvm.faces.derived`). Closing a handle leaves the VM running; `stop` ends it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -21,18 +23,29 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
-from pyqvm.agent import ExecResult
+from pyqvm.codec import callback_argument, from_json, is_callback, to_json
 from pyqvm.errors import NamedVMError, PyqvmError, PyqvmTimeoutError, tail
 from pyqvm.named import registry, wire
 from pyqvm.named.registry import REQUEST, Entry, Record
-from pyqvm.spec import Disk, VMSpec
+from pyqvm.named.wire import CALLBACK_EVENT, OP_COMMAND
+from pyqvm.ops.migration import (
+    Incoming,
+    MigrationStats,
+    MigrationTLS,
+    MigrationTuning,
+    ProgressCallback,
+    Storage,
+    Transport,
+)
+from pyqvm.session import EventFilter, event_filter
+from pyqvm.spec import VMSpec
 from pyqvm.specio import spec_to_dict
 
 log = logging.getLogger(__name__)
@@ -41,8 +54,13 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 
 
-class AsyncNamedVM:
-    """A named VM, driven through its owner process. Make one with `up` or `attach`."""
+class AsyncNamedVMBase:
+    """What `AsyncNamedVM` does its own way: making and closing handles, the owner's own
+    commands, events, a migration into a new named VM, and `_op`, which carries every other
+    operation (`pyqvm.faces.derived` writes those from AsyncVM's)."""
+
+    #: AsyncVM's `send`, as the derived class carries it (`migrate` sends with it).
+    send: Callable[..., Awaitable[MigrationStats]]
 
     def __init__(self, entry: Entry, client: QMPClient) -> None:
         self.entry = entry
@@ -53,12 +71,12 @@ class AsyncNamedVM:
         return self.entry.name
 
     def __repr__(self) -> str:
-        return f"<AsyncNamedVM {self.name!r}>"
+        return f"<{type(self).__name__} {self.name!r}>"
 
     # --- making and closing handles --------------------------------------------------------
 
     @classmethod
-    async def attach(cls, name: str, *, timeout: float = CONNECT_TIMEOUT) -> AsyncNamedVM:
+    async def attach(cls, name: str, *, timeout: float = CONNECT_TIMEOUT) -> Self:
         """Connect to the running VM called ``name``.
 
         `NamedVMError` if there is none (a dead one is pruned and said so), or
@@ -108,7 +126,7 @@ class AsyncNamedVM:
         restore: Path | None = None,
         image_cache: Path | None = None,
         timeout: float = 600.0,
-    ) -> AsyncNamedVM:
+    ) -> Self:
         """Start VM ``name`` in an owner process of its own and return once it is ready.
 
         It boots ``spec``, or is a clone of ``template``, or resumes the state
@@ -143,7 +161,7 @@ class AsyncNamedVM:
         with contextlib.suppress(QMPError, OSError, EOFError):
             await self._client.disconnect()
 
-    async def __aenter__(self) -> AsyncNamedVM:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -178,158 +196,116 @@ class AsyncNamedVM:
     async def record(self) -> Record:
         return Record.from_json(await self.info(), self.name)
 
-    async def execute(
-        self, command: str, arguments: Mapping[str, object] | None = None, *, timeout: float = 60.0
-    ) -> Any:
-        """A QMP command run by QEMU (relayed by the owner); `QMPCommandError` if it fails."""
-        return await self.call(command, {**(arguments or {}), "pyqvm-timeout": timeout})
-
     @contextlib.asynccontextmanager
-    async def events(self, names: str | Iterable[str] = ()) -> AsyncIterator[EventListener]:
-        """QEMU's events, as relayed by the owner, while the block runs."""
-        listener = EventListener([names] if isinstance(names, str) else list(names) or None)
+    async def events(
+        self, names: str | Iterable[str] = (), match: EventFilter | None = None
+    ) -> AsyncIterator[EventListener]:
+        """QEMU's events, as relayed by the owner, while the block runs (see
+        `AsyncVM.events`; ``match`` is a predicate on the event, or a mapping its
+        ``data`` must contain)."""
+        listener = EventListener(
+            [names] if isinstance(names, str) else list(names) or None, event_filter(match)
+        )
         with self._client.listen(listener):
             yield listener
 
-    # --- AsyncVM's methods, run by the owner -----------------------------------------------
+    # --- AsyncVM's operations, run by the owner ------------------------------------------------
 
-    async def run(
-        self,
-        argv: Sequence[str],
-        *,
-        input: bytes | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout: float = 60.0,
-        check: bool = False,
-    ) -> ExecResult:
-        """Run a command in the guest (see `AsyncVM.run`)."""
-        args: dict[str, Any] = {"argv": list(argv), "timeout": timeout}
-        if input is not None:
-            args["input"] = wire.b64(input)
-        if env is not None:
-            args["env"] = dict(env)
-        result = wire.exec_from_json(await self.call("pyqvm-run", args))
-        return result.check() if check else result
+    async def _op(
+        self, operation: str, returns: object, /, **arguments: tuple[object, object]
+    ) -> Any:
+        """Run AsyncVM's ``operation`` in the owner: each argument is ``(value, its type)``,
+        as `pyqvm.faces.derived` passes them; the result is decoded as ``returns``.
 
-    async def read_file(self, path: str) -> bytes:
-        return wire.unb64((await self.call("pyqvm-read-file", {"path": path}))["data"])
-
-    async def write_file(self, path: str, data: bytes) -> None:
-        await self.call("pyqvm-write-file", {"path": path, "data": wire.b64(data)})
-
-    async def snapshot_save(self, tag: str, *, overwrite: bool = False) -> dict[str, Any]:
-        info: dict[str, Any] = await self.call(
-            "pyqvm-snapshot-save", {"tag": tag, "overwrite": overwrite}
-        )
-        return info
-
-    async def snapshot_load(self, tag: str) -> None:
-        await self.call("pyqvm-snapshot-load", {"tag": tag})
-
-    async def snapshot_delete(self, tag: str) -> None:
-        await self.call("pyqvm-snapshot-delete", {"tag": tag})
-
-    async def snapshot_list(self) -> list[dict[str, Any]]:
-        infos: list[dict[str, Any]] = await self.call("pyqvm-snapshot-list")
-        return infos
-
-    async def hotplug_disk(self, disk: Disk) -> str:
-        args = {
-            "path": str(Path(disk.path).resolve()),
-            "format": disk.format,
-            "id": disk.id,
-            "readonly": disk.readonly,
-            "ephemeral": disk.ephemeral,
-        }
-        return str((await self.call("pyqvm-hotplug-disk", args))["device"])
-
-    async def hotplug_nic(self, mac: str | None = None) -> str:
-        return str((await self.call("pyqvm-hotplug-nic", {"mac": mac}))["device"])
-
-    async def hotplug_cpu(self, id: str = "") -> str:
-        return str((await self.call("pyqvm-hotplug-cpu", {"id": id}))["device"])
-
-    async def hotplug_memory(self, size: int | str, id: str = "") -> str:
-        return str((await self.call("pyqvm-hotplug-memory", {"size": size, "id": id}))["device"])
-
-    async def unplug(self, device: str, *, timeout: float = 30.0) -> None:
-        await self.call("pyqvm-unplug", {"device": device, "timeout": timeout})
-
-    async def save(self, directory: Path | str) -> dict[str, Any]:
-        """Save the VM into ``directory`` (with its spec) and end it; ``up(restore=...)``
-        brings it back."""
-        out: dict[str, Any] = await self.call(
-            "pyqvm-save", {"directory": str(Path(directory).resolve())}
-        )
-        await self._until_gone()
-        return out
+        A callback argument stays here: the owner calls a stand-in that relays each call
+        as a ``PYQVM_CALLBACK`` event, which runs the callback in this process. When the
+        operation ended the VM (`stop`, `save`, a `send`), this returns once its owner is
+        gone and the name free."""
+        args: dict[str, Any] = {}
+        callbacks: dict[str, tuple[Callable[[Any], object], object]] = {}
+        for name, (value, tp) in arguments.items():
+            if is_callback(tp):
+                if value is not None:
+                    callbacks[name] = (value, callback_argument(tp))  # type: ignore[assignment]
+            else:
+                args[name] = to_json(value, tp, name)
+        request = {"operation": operation, "arguments": args, "callbacks": sorted(callbacks)}
+        if callbacks:
+            request["call"] = call = f"{os.getpid()}-{next(_calls)}"
+            async with self.events(CALLBACK_EVENT, {"call": call}) as listener:
+                relay = asyncio.ensure_future(_relay(listener, callbacks))
+                try:
+                    reply = await self.call(OP_COMMAND, request)
+                finally:
+                    relay.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await relay
+                    for event in listener.clear():  # what came before the reply
+                        _callback(event, callbacks)
+        else:
+            reply = await self.call(OP_COMMAND, request)
+        if reply.get("ended"):
+            await self._until_gone()
+        return from_json(reply.get("result"), returns, f"{operation}: result")
 
     async def migrate(
         self,
-        to: str,
+        dst: str,
         *,
-        transport: str = "unix",
-        storage: str = "copied",
-        progress: Callable[[dict[str, Any]], None] | None = None,
-        timeout: float = 600.0,
-    ) -> dict[str, Any]:
-        """Move this VM's guest into a new named VM ``to`` (started for it, its own owner).
-
-        Returns QEMU's figures (`MigrationStats` as JSON); this VM is gone
-        afterwards. ``progress`` gets each `MigrationProgress` (as JSON). On
-        failure this VM runs on and ``to`` is removed.
-        """
+        transport: Transport = "unix",
+        address: str | None = None,
+        storage: Storage = "shared",
+        tuning: MigrationTuning | None = None,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = 600.0,
+        tls: MigrationTLS | None = None,
+        insecure: bool = False,
+    ) -> MigrationStats:
+        """Move this running guest into a new named VM ``dst``, started for it with this
+        VM's spec and devices in an owner of its own (see `AsyncVM.migrate`); this VM is
+        gone afterwards, and ``dst`` takes over its port forwards. On failure this VM runs
+        on and ``dst`` is removed."""
         source = await self.call("pyqvm-migration-source", {"storage": storage})
-        stats: dict[str, Any] = {}
+        stats: list[MigrationStats] = []
 
         async def send(incoming: dict[str, Any]) -> None:
-            args = {k: incoming[k] for k in ("uri", "nbd", "storage")}
-            async with self.events("PYQVM_MIGRATION_PROGRESS") as listener:
-                relay = asyncio.ensure_future(_relay(listener, progress))
-                try:
-                    stats.update(await self.call("pyqvm-send", {**args, "timeout": timeout}))
-                finally:
-                    relay.cancel()
+            target = from_json(incoming, Incoming, "incoming")
+            stats.append(
+                await self.send(
+                    target, storage=storage, tuning=tuning, progress=progress, timeout=timeout,
+                    tls=tls, insecure=insecure,
+                )
+            )  # fmt: skip
 
-        request = {
-            "name": to,
-            "spec": {**source["spec"], "name": to},
-            "incoming": {
-                "transport": transport,
-                "storage": storage,
-                "devices": source["devices"],
-                "overlays": source["overlays"],
-                "without_forwards": bool(source["forwards"]),
-                "timeout": timeout,
-            },
+        listen = {
+            "transport": transport,
+            "address": address,
+            "storage": storage,
+            "tuning": to_json(tuning, MigrationTuning | None, "tuning"),
+            "tls": to_json(tls, MigrationTLS | None, "tls"),
+            "insecure": insecure,
+            "devices": source["devices"],
+            "overlays": source["overlays"],
+            "without_forwards": bool(source["forwards"]),
         }
-        await start_owner(to, request, timeout=timeout, on_incoming=send)
+        request = {
+            "name": dst,
+            "spec": {**source["spec"], "name": dst},
+            "incoming": {"listen": listen, "timeout": timeout},
+        }
+        await start_owner(dst, request, timeout=timeout or 600.0, on_incoming=send)
         await self._until_gone()
         if source["forwards"]:
             # This VM has quit: its host ports are free for the destination now.
-            async with await AsyncNamedVM.attach(to) as dst:
+            async with await type(self).attach(dst) as new:
                 for netdev, rule in source["forwards"]:
-                    out = await dst.execute(
-                        "human-monitor-command", {"command-line": f"hostfwd_add {netdev} {rule}"}
+                    out = await new.call(
+                        "human-monitor-command",
+                        {"command-line": f"hostfwd_add {netdev} {rule}", "pyqvm-timeout": 60.0},
                     )
                     if str(out).strip():
-                        log.warning("%s: port forward %s not restored: %s", to, rule, out)
-        return stats
-
-    async def stop(self, timeout: float = 10.0, *, force: bool = False) -> int | None:
-        """Stop the VM (``force``: kill QEMU at once) and wait until its owner is gone.
-        Returns QEMU's exit code."""
-        out = await self.call("pyqvm-stop", {"timeout": timeout, "force": force})
-        await self._until_gone()
-        code = out.get("exitcode")
-        return None if code is None else int(code)
-
-    async def wait(self) -> int | None:
-        """Wait until the VM ends (its guest powers off, or another client stops it)."""
-        out = await self.call("pyqvm-wait")
-        await self._until_gone()
-        code = out.get("exitcode")
-        return None if code is None else int(code)
+                        log.warning("%s: port forward %s not restored: %s", dst, rule, out)
+        return stats[0]
 
     async def _until_gone(self, timeout: float = 10.0) -> None:
         """Hang up and wait for the owner to remove its entry (the name is free again)."""
@@ -344,13 +320,21 @@ class AsyncNamedVM:
             await asyncio.sleep(0.01)
 
 
-async def _relay(
-    listener: EventListener, progress: Callable[[dict[str, Any]], None] | None
-) -> None:
+_calls = itertools.count(1)
+
+
+async def _relay(listener: EventListener, callbacks: Callbacks) -> None:
     async for event in listener:
-        data = event.get("data")
-        if progress is not None and isinstance(data, dict):
-            progress(data)
+        _callback(event, callbacks)
+
+
+Callbacks = Mapping[str, tuple[Callable[[Any], object], object]]  # parameter -> (fn, its type)
+
+
+def _callback(event: Mapping[str, Any], callbacks: Callbacks) -> None:
+    data = event.get("data") or {}
+    fn, tp = callbacks[data["parameter"]]
+    fn(from_json(data.get("value"), tp, f"{data['parameter']}: argument"))
 
 
 def _owner(entry: Entry) -> str:
@@ -455,4 +439,4 @@ def _read_tail(path: Path) -> str:
         return ""
 
 
-__all__ = ["CONNECT_TIMEOUT", "AsyncNamedVM", "start_owner"]
+__all__ = ["CONNECT_TIMEOUT", "AsyncNamedVMBase", "start_owner"]

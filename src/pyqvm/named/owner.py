@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -34,15 +35,16 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pyqvm.devices import Plugged
+from pyqvm.codec import callback_argument, from_json, to_json
 from pyqvm.errors import PyqvmError, VMExitedError
+from pyqvm.faces.operations import CARRIED, OPERATIONS
 from pyqvm.named import registry, wire
 from pyqvm.named.registry import REQUEST, Entry, Record
+from pyqvm.named.wire import CALLBACK_EVENT, OP_COMMAND
 from pyqvm.ops import template as templates
 from pyqvm.ops.hotplug import hostfwds
-from pyqvm.ops.migration import MigrationProgress
-from pyqvm.ops.snapshot import SnapshotInfo
-from pyqvm.spec import Disk, Network, VMSpec
+from pyqvm.ops.migration import SavedState
+from pyqvm.spec import VMSpec
 from pyqvm.specio import spec_from_dict, spec_to_dict
 from pyqvm.state import VMState
 from pyqvm.vm import AsyncVM
@@ -62,31 +64,6 @@ def command(name: str) -> Callable[[Handler], Handler]:
         return fn
 
     return register
-
-
-def arg(args: Mapping[str, Any], key: str, kind: type, default: Any = ...) -> Any:
-    """``args[key]``, checked to be a ``kind``; a `PyqvmError` naming it otherwise."""
-    if key not in args or args[key] is None:
-        if default is ...:
-            raise PyqvmError(f"argument {key!r} is missing")
-        return default
-    value = args[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise PyqvmError(f"argument {key!r} must be a {kind.__name__}, not {value!r}")
-    return value
-
-
-def snapshot_to_json(info: SnapshotInfo) -> dict[str, Any]:
-    return {
-        "tag": info.tag,
-        "id": info.id,
-        "date": info.date.isoformat(),
-        "vm_clock": info.vm_clock,
-        "vm_state_size": info.vm_state_size,
-        "disks": list(info.disks),
-    }
 
 
 class _Client:
@@ -221,7 +198,7 @@ class Owner:
             handler = _COMMANDS.get(name)
             if handler is None:
                 # QEMU's own command; the owner's timeout for it rides along, taken out here.
-                timeout = arg(args, "pyqvm-timeout", float, 60.0)
+                timeout = from_json(args.get("pyqvm-timeout", 60.0), float, "pyqvm-timeout")
                 qemu_args = {k: v for k, v in args.items() if k != "pyqvm-timeout"}
                 result = await self.vm.execute(name, qemu_args, timeout=timeout)
             else:
@@ -231,7 +208,8 @@ class Owner:
             if self.vm.state in (VMState.STOPPING, VMState.STOPPED, VMState.FAILED):
                 # The guest went away under the command (a stop from another client, a
                 # crash): say that, not how the agent's socket looked when it went.
-                e = VMExitedError(f"VM {self.vm.name!r} stopped while {name} ran ({e})")
+                what = args.get("operation") if name == OP_COMMAND else name
+                e = VMExitedError(f"VM {self.vm.name!r} stopped during {what} ({e})")
             reply = {"error": wire.error_to_json(e)}
         except Exception as e:  # a bug here must not take the VM down with it
             log.exception("%s: %s failed", self.vm.name, name)
@@ -256,108 +234,13 @@ async def _info(owner: Owner, args: Mapping[str, Any]) -> Any:
     return {**owner.record.to_json(), "state": vm.state.value, "status": status}
 
 
-@command("pyqvm-run")
-async def _run(owner: Owner, args: Mapping[str, Any]) -> Any:
-    argv = arg(args, "argv", list)
-    if not argv or not all(isinstance(a, str) for a in argv):
-        raise PyqvmError("argument 'argv' must be a non-empty list of strings")
-    data = arg(args, "input", str, None)
-    env = arg(args, "env", dict, None)
-    result = await owner.vm.run(
-        argv,
-        input=None if data is None else wire.unb64(data, "input"),
-        env=env,
-        timeout=arg(args, "timeout", float, 60.0),
-    )
-    return wire.exec_to_json(result)
-
-
-@command("pyqvm-read-file")
-async def _read_file(owner: Owner, args: Mapping[str, Any]) -> Any:
-    return {"data": wire.b64(await owner.vm.read_file(arg(args, "path", str)))}
-
-
-@command("pyqvm-write-file")
-async def _write_file(owner: Owner, args: Mapping[str, Any]) -> Any:
-    await owner.vm.write_file(arg(args, "path", str), wire.unb64(arg(args, "data", str)))
-
-
-@command("pyqvm-snapshot-save")
-async def _snapshot_save(owner: Owner, args: Mapping[str, Any]) -> Any:
-    info = await owner.vm.snapshot_save(
-        arg(args, "tag", str), overwrite=arg(args, "overwrite", bool, False)
-    )
-    return snapshot_to_json(info)
-
-
-@command("pyqvm-snapshot-load")
-async def _snapshot_load(owner: Owner, args: Mapping[str, Any]) -> Any:
-    await owner.vm.snapshot_load(arg(args, "tag", str))
-
-
-@command("pyqvm-snapshot-delete")
-async def _snapshot_delete(owner: Owner, args: Mapping[str, Any]) -> Any:
-    await owner.vm.snapshot_delete(arg(args, "tag", str))
-
-
-@command("pyqvm-snapshot-list")
-async def _snapshot_list(owner: Owner, args: Mapping[str, Any]) -> Any:
-    return [snapshot_to_json(i) for i in await owner.vm.snapshot_list()]
-
-
-@command("pyqvm-hotplug-disk")
-async def _hotplug_disk(owner: Owner, args: Mapping[str, Any]) -> Any:
-    disk = Disk(
-        Path(arg(args, "path", str)),
-        format=arg(args, "format", str, None),
-        id=arg(args, "id", str, ""),
-        readonly=arg(args, "readonly", bool, False),
-        ephemeral=arg(args, "ephemeral", bool, True),
-    )
-    return {"device": await owner.vm.hotplug_disk(disk)}
-
-
-@command("pyqvm-hotplug-nic")
-async def _hotplug_nic(owner: Owner, args: Mapping[str, Any]) -> Any:
-    mac = arg(args, "mac", str, None)
-    return {"device": await owner.vm.hotplug_nic(None if mac is None else Network(mac=mac))}
-
-
-@command("pyqvm-hotplug-cpu")
-async def _hotplug_cpu(owner: Owner, args: Mapping[str, Any]) -> Any:
-    return {"device": await owner.vm.hotplug_cpu(arg(args, "id", str, ""))}
-
-
-@command("pyqvm-hotplug-memory")
-async def _hotplug_memory(owner: Owner, args: Mapping[str, Any]) -> Any:
-    size = args.get("size")
-    if not isinstance(size, (int, str)) or isinstance(size, bool):
-        raise PyqvmError("argument 'size' must be a size such as '256M' or a number of MiB")
-    return {"device": await owner.vm.hotplug_memory(size, arg(args, "id", str, ""))}
-
-
-@command("pyqvm-unplug")
-async def _unplug(owner: Owner, args: Mapping[str, Any]) -> Any:
-    await owner.vm.unplug(arg(args, "device", str), timeout=arg(args, "timeout", float, 30.0))
-
-
-@command("pyqvm-save")
-async def _save(owner: Owner, args: Mapping[str, Any]) -> Any:
-    directory = Path(arg(args, "directory", str))
-    saved = await owner.vm.save(directory)
-    # The spec goes with the state: `pyqvm restore DIR` needs nothing else.
-    (saved.directory / "spec.json").write_text(json.dumps(spec_to_dict(owner.vm.spec), indent=2))
-    owner.end()
-    return {"directory": str(saved.directory), "disks": list(saved.disks), "size": saved.size}
-
-
 @command("pyqvm-migration-source")
 async def _migration_source(owner: Owner, args: Mapping[str, Any]) -> Any:
     """What a destination needs to listen for this VM: its spec, its hot-plugged devices,
     its port forwards (taken over once this VM has quit) and, for shared storage, the
     overlays it would open."""
     machine = owner.vm.machine
-    storage = arg(args, "storage", str, "copied")
+    storage = args.get("storage", "shared")
     return {
         "spec": spec_to_dict(owner.vm.spec),
         "devices": {d: p.to_json() for d, p in owner.vm.plugged.items()},
@@ -368,36 +251,53 @@ async def _migration_source(owner: Owner, args: Mapping[str, Any]) -> Any:
     }
 
 
-@command("pyqvm-send")
-async def _send(owner: Owner, args: Mapping[str, Any]) -> Any:
-    """Migrate this VM to a destination that listens (``uri``, ``nbd``); this VM stops
-    and its owner ends. Progress goes to the clients as ``PYQVM_MIGRATION_PROGRESS``."""
+@command(OP_COMMAND)
+async def _operation(owner: Owner, args: Mapping[str, Any]) -> Any:
+    """One of AsyncVM's operations (`pyqvm.faces.operations.CARRIED`), its arguments and
+    result through `pyqvm.codec` by AsyncVM's own types. A callback argument is a
+    stand-in that sends each call to the clients as a ``PYQVM_CALLBACK`` event."""
+    name = args.get("operation")
+    op = CARRIED.get(name) if isinstance(name, str) else None
+    if op is None:
+        raise PyqvmError(f"{OP_COMMAND}: {name!r} is not an operation a named VM carries")
+    given = args.get("arguments") or {}
+    if not isinstance(given, dict):
+        raise PyqvmError(f"{op.name}: 'arguments' must be an object")
+    kwargs = {p: from_json(v, op.hints.get(p, Any), f"{op.name}: {p}") for p, v in given.items()}
+    for p in args.get("callbacks") or ():
+        if p not in op.callbacks:
+            raise PyqvmError(f"{op.name}: {p!r} is not a callback of it")
+        kwargs[p] = _stand_in(owner, str(args.get("call")), p, callback_argument(op.hints[p]))
+    try:
+        op.signature.bind(owner.vm, **kwargs)
+    except TypeError as e:
+        raise PyqvmError(f"{op.name}: {e}") from None
+    result = getattr(owner.vm, op.name)(**kwargs)
+    if inspect.isawaitable(result):
+        result = await result
+    if (after := AFTER.get(op.name)) is not None:
+        after(owner, result)
+    ended = owner.vm.state in (VMState.STOPPED, VMState.FAILED)
+    if ended:
+        owner.end()
+    return {"result": to_json(result, op.hints["return"], f"{op.name}: result"), "ended": ended}
 
-    def progress(p: MigrationProgress) -> None:
-        owner.broadcast("PYQVM_MIGRATION_PROGRESS", dataclasses.asdict(p))
 
-    stats = await owner.vm.send(
-        arg(args, "uri", str),
-        storage=arg(args, "storage", str, "copied"),
-        nbd=arg(args, "nbd", str, None),
-        progress=progress,
-        timeout=arg(args, "timeout", float, 600.0),
-    )
-    owner.end()
-    return dataclasses.asdict(stats)
+def _stand_in(owner: Owner, call: str, parameter: str, tp: object) -> Callable[[Any], None]:
+    def relay(value: object) -> None:
+        data = {"call": call, "parameter": parameter, "value": to_json(value, tp, parameter)}
+        owner.broadcast(CALLBACK_EVENT, data)
+
+    return relay
 
 
-@command("pyqvm-stop")
-async def _stop(owner: Owner, args: Mapping[str, Any]) -> Any:
-    force = arg(args, "force", bool, False)
-    code = await owner.vm.stop(arg(args, "timeout", float, 10.0), graceful=not force)
-    owner.end()
-    return {"exitcode": code}
+def _saved(owner: Owner, saved: SavedState) -> None:
+    # The spec goes with the state: `pyqvm restore DIR` needs nothing else.
+    (saved.directory / "spec.json").write_text(json.dumps(spec_to_dict(owner.vm.spec), indent=2))
 
 
-@command("pyqvm-wait")
-async def _wait(owner: Owner, args: Mapping[str, Any]) -> Any:
-    return {"exitcode": await owner.vm.wait()}
+#: What the owner does after an operation, besides answering.
+AFTER: Mapping[str, Callable[[Owner, Any], None]] = {"save": _saved}
 
 
 # --- the process ---------------------------------------------------------------------------
@@ -454,19 +354,15 @@ async def _start(
 
 
 async def _incoming(vm: AsyncVM, request: Mapping[str, Any], say: Callable[[Any], None]) -> None:
-    """Listen as the destination of a migration, say where (one line on the ready pipe, for
-    whoever tells the source to send), and wait for the guest to arrive."""
-    devices = {d: Plugged.from_json(r) for d, r in (request.get("devices") or {}).items()}
-    overlays = {d: Path(p) for d, p in (request.get("overlays") or {}).items()}
-    incoming = await vm.listen(
-        transport=request.get("transport", "unix"),
-        storage=request.get("storage", "copied"),
-        devices=devices,
-        overlays=overlays or None,
-        without_forwards=bool(request.get("without_forwards")),
-    )
-    say({"incoming": dataclasses.asdict(incoming)})
-    await vm.accept(incoming, timeout=float(request.get("timeout", 600.0)))
+    """Listen as the destination of a migration (``request["listen"]``: `AsyncVM.listen`'s
+    arguments), say where (one line on the ready pipe, for whoever tells the source to
+    send), and wait for the guest to arrive."""
+    hints = OPERATIONS["listen"].hints
+    listen = {p: from_json(v, hints[p], f"listen: {p}") for p, v in request["listen"].items()}
+    incoming = await vm.listen(**listen)
+    say({"incoming": to_json(incoming, hints["return"], "incoming")})
+    timeout = from_json(request.get("timeout", 600.0), float | None, "timeout")
+    await vm.accept(incoming, timeout=timeout)
 
 
 async def run_owner(directory: Path, ready_fd: int) -> int:

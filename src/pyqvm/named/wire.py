@@ -28,12 +28,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import pyqvm.errors as errors
-from pyqvm.agent import ExecResult
 from pyqvm.errors import PyqvmError
 from pyqvm.state import VMState
 
 #: The version of the owner's protocol, in its greeting; a client refuses another.
-PROTOCOL = 1
+PROTOCOL = 2
+#: The owner's command that runs one of AsyncVM's operations (`pyqvm.faces.operations`):
+#: ``{"operation", "arguments", "callbacks", "call"}`` in, ``{"result", "ended"}`` out.
+OP_COMMAND = "pyqvm-op"
+#: The event that carries one call of a callback argument back to the client.
+CALLBACK_EVENT = "PYQVM_CALLBACK"
 #: A JSON line may carry a whole file (``pyqvm-write-file``): allow 256 MiB.
 LINE_LIMIT = 256 * 2**20
 #: Enums an error's data may hold, by name (the only non-JSON values errors carry).
@@ -181,36 +185,15 @@ def error_from_json(error: Mapping[str, Any]) -> PyqvmError:
     return e
 
 
-def exec_to_json(r: ExecResult) -> dict[str, Any]:
-    return {
-        "returncode": r.returncode,
-        "signal": r.signal,
-        "stdout": b64(r.stdout),
-        "stderr": b64(r.stderr),
-        "argv": list(r.argv),
-    }
-
-
-def exec_from_json(d: Mapping[str, Any]) -> ExecResult:
-    signal = d.get("signal")
-    return ExecResult(
-        returncode=int(d["returncode"]),
-        stdout=unb64(d.get("stdout", ""), "stdout"),
-        stderr=unb64(d.get("stderr", ""), "stderr"),
-        signal=None if signal is None else int(signal),
-        argv=tuple(str(a) for a in d.get("argv", ())),
-    )
-
-
 __all__ = [
+    "CALLBACK_EVENT",
     "LINE_LIMIT",
+    "OP_COMMAND",
     "PROTOCOL",
     "Splitter",
     "b64",
     "error_from_json",
     "error_to_json",
-    "exec_from_json",
-    "exec_to_json",
     "greeting",
     "unb64",
 ]

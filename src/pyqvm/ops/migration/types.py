@@ -12,7 +12,6 @@ from pyqvm.errors import MigrationError
 Side = Literal["source", "destination"]
 Transport = Literal["unix", "tcp"]
 Storage = Literal["shared", "copied"]
-ProgressCallback = Callable[["MigrationProgress"], object]
 
 #: ``max-bandwidth`` meaning "no cap" (bytes/s), the value libvirt sets for "unlimited".
 UNLIMITED_BANDWIDTH = (2**63 - 1) // 2**20 * 2**20
@@ -150,6 +149,10 @@ class MigrationProgress:
     cpu_throttle: int = 0
     storage_transferred: int = 0
     storage_remaining: int = 0
+
+
+#: What `send`, `migrate` and `save` call with each look at a running migration.
+ProgressCallback = Callable[[MigrationProgress], object]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,136 @@
+"""`NamedVMBase`: the part of the blocking `pyqvm.NamedVM` written by hand.
+
+Each call connects to the VM's owner, runs, and hangs up, on this thread's event loop
+(`pyqvm.faces.loop.ThreadLoop`): a `NamedVM` holds no connection between calls, so it is
+as cheap to keep as a name, and a VM that another process stopped meanwhile is reported
+by the next call (`NamedVMError`). Its other methods are AsyncVM's, carried by `_op`
+(`pyqvm.faces.derived` writes them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, ClassVar, Self, TypeVar
+
+from pyqvm.faces.loop import ThreadLoop
+from pyqvm.named import registry
+from pyqvm.named.client import CONNECT_TIMEOUT, AsyncNamedVMBase
+from pyqvm.named.registry import Record
+from pyqvm.ops.migration import (
+    MigrationStats,
+    MigrationTLS,
+    MigrationTuning,
+    ProgressCallback,
+    Storage,
+    Transport,
+)
+from pyqvm.spec import VMSpec
+
+_T = TypeVar("_T")
+
+
+class NamedVMBase:
+    """A named VM (``pyqvm up``) from blocking code: a name, and a connection per call."""
+
+    #: The async handle each call makes (`pyqvm.AsyncNamedVM`, set by the derived class).
+    handle: ClassVar[type[AsyncNamedVMBase]] = AsyncNamedVMBase
+
+    def __init__(self, name: str, *, timeout: float = CONNECT_TIMEOUT) -> None:
+        self._name = name
+        self.timeout = timeout
+        self._loop = ThreadLoop.current()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    def _do(self, fn: Callable[[AsyncNamedVMBase], Awaitable[_T]]) -> _T:
+        async def go() -> _T:
+            vm = await self.handle.attach(self.name, timeout=self.timeout)
+            try:
+                return await fn(vm)
+            finally:
+                await vm.close()
+
+        return self._loop.run(go())
+
+    def _op(self, operation: str, returns: object, /, **arguments: tuple[object, object]) -> Any:
+        """`AsyncNamedVMBase._op` on a connection of its own."""
+        return self._do(lambda vm: vm._op(operation, returns, **arguments))
+
+    @classmethod
+    def attach(cls, name: str, *, timeout: float = CONNECT_TIMEOUT) -> Self:
+        """The running VM called ``name``; `NamedVMError` if there is none."""
+        registry.find(name)
+        return cls(name, timeout=timeout)
+
+    @classmethod
+    def up(
+        cls,
+        spec: VMSpec | None = None,
+        *,
+        name: str,
+        template: str | None = None,
+        templates_dir: Path | None = None,
+        restore: Path | None = None,
+        image_cache: Path | None = None,
+        timeout: float = 600.0,
+    ) -> Self:
+        """Start VM ``name`` in an owner process of its own (see `AsyncNamedVMBase.up`)."""
+
+        async def go() -> None:
+            vm = await cls.handle.up(
+                spec,
+                name=name,
+                template=template,
+                templates_dir=templates_dir,
+                restore=restore,
+                image_cache=image_cache,
+                timeout=timeout,
+            )
+            await vm.close()
+
+        ThreadLoop.current().run(go())
+        return cls(name)
+
+    def info(self) -> dict[str, Any]:
+        """The VM's `Record` as JSON, with its ``state`` (pyqvm's) and ``status`` (QEMU's)."""
+        return self._do(lambda vm: vm.info())
+
+    def record(self) -> Record:
+        return self._do(lambda vm: vm.record())
+
+    def migrate(
+        self,
+        dst: str,
+        *,
+        transport: Transport = "unix",
+        address: str | None = None,
+        storage: Storage = "shared",
+        tuning: MigrationTuning | None = None,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = 600.0,
+        tls: MigrationTLS | None = None,
+        insecure: bool = False,
+    ) -> MigrationStats:
+        """Move the guest into a new named VM ``dst``; see `AsyncNamedVMBase.migrate`."""
+        return self._do(
+            lambda vm: vm.migrate(
+                dst,
+                transport=transport,
+                address=address,
+                storage=storage,
+                tuning=tuning,
+                progress=progress,
+                timeout=timeout,
+                tls=tls,
+                insecure=insecure,
+            )
+        )
+
+
+__all__ = ["NamedVMBase"]
