@@ -4,7 +4,7 @@ Each round boots the guest once through ``AsyncVM.start()`` and once by hand:
 the same argv (taken from the pyqvm launch of that round, with a socket
 pair of its own for each of QEMU's sockets, `handmade`, and its own overlay), spawned with plain
 ``subprocess.Popen``. "Ready" is the same in both: the guest agent answers
-``guest-sync`` (the same client, `pyqvm.agent.GuestAgent`, polls both).
+``guest-sync`` (the same client, `pyqvm.channels.agent.GuestAgent`, polls both).
 Rounds alternate the order so drift in machine load hits both sides. On this kind of host
 every other boot tends to run slow; an even ``-n`` gives each side as many of those, where an
 odd one hands one side an extra fast boot, and with it a median from the fast cluster.

@@ -27,9 +27,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pyqvm.arches import ArchInfo
 from pyqvm.image import builder
 from pyqvm.image.archive import Archive, Package
+from pyqvm.spec.arches import ArchInfo
 
 
 def _apt_show(names: list[str]) -> dict[str, Package]:

@@ -207,9 +207,7 @@ def _grouped(lines: Iterable[str]) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
-def _class(
-    name: str, base: str, doc: str, methods: list[str], attributes: str = ""
-) -> list[str]:
+def _class(name: str, base: str, doc: str, methods: list[str], attributes: str = "") -> list[str]:
     head = f'class {name}({base}):\n    """{doc}"""\n{attributes}'
     return [head, *(f"\n{m}" for m in methods), "\n\n"]
 

@@ -25,7 +25,7 @@ PACKAGES=(qemu-system-x86 qemu-utils kmod e2fsprogs lz4 dosfstools mtools fdisk 
 if [ "$mode" = --test ]; then
     # qemu-system-xen: the Xen device model whose argv tests check; iproute2: `ip netns`,
     # the "hosts" of the TLS migration tests; gdb: `pyqvm gdb` and its e2e test;
-    # vde-switch: the switch of each private network (pyqvm.privnet); openssh-client:
+    # vde-switch: the switch of each private network (pyqvm.launch.privnet); openssh-client:
     # `pyqvm ssh`; dropbear-bin (tools only, no service): dropbearkey cross-checks the host
     # keys pyqvm writes; qemu-system-arm and the aarch64 cross compiler: aarch64 guests and
     # their built-in images; ovmf and qemu-efi-aarch64 (AAVMF): the firmware that boots the

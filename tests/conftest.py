@@ -24,7 +24,7 @@ def _stamps(root: Path) -> dict[str, tuple[int, int, int]]:
     writing through a backing file, a test's mistake) or a replacement changes them. Hashing
     the contents instead cost ~8 s at each end of every run (a debian disk is ~800 MiB)."""
     out = {}
-    for p in sorted(root.glob("images/*/*")):
+    for p in sorted(root.glob("images/[!.]*/*")):  # not a build's or import's work dir
         st = p.stat()
         if p.is_file():
             out[str(p)] = (st.st_size, st.st_mtime_ns, st.st_ino)

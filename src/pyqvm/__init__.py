@@ -34,9 +34,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
     "CodecError": ("pyqvm.errors", "CodecError"),
     "DeviceClaimedError": ("pyqvm.errors", "DeviceClaimedError"),
     "Disk": ("pyqvm.spec", "Disk"),
-    "ExecResult": ("pyqvm.agent", "ExecResult"),
+    "ExecResult": ("pyqvm.channels.agent", "ExecResult"),
     "GroupNotViableError": ("pyqvm.errors", "GroupNotViableError"),
-    "GuestAgent": ("pyqvm.agent", "GuestAgent"),
+    "GuestAgent": ("pyqvm.channels.agent", "GuestAgent"),
     "GuestCommandError": ("pyqvm.errors", "GuestCommandError"),
     "GuestError": ("pyqvm.errors", "GuestError"),
     "GuestExecError": ("pyqvm.errors", "GuestExecError"),
@@ -49,8 +49,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
     "JobError": ("pyqvm.errors", "JobError"),
     "KernelBoot": ("pyqvm.spec", "KernelBoot"),
     "LaunchError": ("pyqvm.errors", "LaunchError"),
-    "LaunchPlan": ("pyqvm.launch", "LaunchPlan"),
-    "load_spec": ("pyqvm.specio", "load_spec"),
+    "LaunchPlan": ("pyqvm.launch.plan", "LaunchPlan"),
+    "load_spec": ("pyqvm.spec.io", "load_spec"),
     "Machine": ("pyqvm.machine", "Machine"),
     "MigrationError": ("pyqvm.errors", "MigrationError"),
     "MigrationProgress": ("pyqvm.ops.migration", "MigrationProgress"),
@@ -62,14 +62,14 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
     "Network": ("pyqvm.spec", "Network"),
     "OperationError": ("pyqvm.errors", "OperationError"),
     "PassthroughError": ("pyqvm.errors", "PassthroughError"),
-    "Plugged": ("pyqvm.devices", "Plugged"),
+    "Plugged": ("pyqvm.channels.devices", "Plugged"),
     "PortForward": ("pyqvm.spec", "PortForward"),
-    "Share": ("pyqvm.shares", "Share"),
-    "preview_argv": ("pyqvm.launch", "preview_argv"),
+    "Share": ("pyqvm.spec.shares", "Share"),
+    "preview_argv": ("pyqvm.launch.plan", "preview_argv"),
     "PyqvmError": ("pyqvm.errors", "PyqvmError"),
     "PyqvmTimeoutError": ("pyqvm.errors", "PyqvmTimeoutError"),
     "QMPCommandError": ("pyqvm.errors", "QMPCommandError"),
-    "QMPSession": ("pyqvm.session", "QMPSession"),
+    "QMPSession": ("pyqvm.channels.qmp", "QMPSession"),
     "SavedState": ("pyqvm.ops.migration", "SavedState"),
     "SnapshotError": ("pyqvm.errors", "SnapshotError"),
     "SnapshotInfo": ("pyqvm.ops.snapshot", "SnapshotInfo"),
@@ -87,8 +87,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
 }
 
 if TYPE_CHECKING:
-    from pyqvm.agent import ExecResult, GuestAgent
-    from pyqvm.devices import Plugged
+    from pyqvm.channels.agent import ExecResult, GuestAgent
+    from pyqvm.channels.devices import Plugged
+    from pyqvm.channels.qmp import QMPSession
     from pyqvm.errors import (
         CodecError,
         DeviceClaimedError,
@@ -117,7 +118,7 @@ if TYPE_CHECKING:
         VMStateError,
     )
     from pyqvm.faces.derived import VM, AsyncNamedVM, NamedVM, attach, attach_async, up
-    from pyqvm.launch import LaunchPlan, preview_argv
+    from pyqvm.launch.plan import LaunchPlan, preview_argv
     from pyqvm.machine import Machine
     from pyqvm.ops import template as templates
     from pyqvm.ops.blockjobs import ChainLink
@@ -131,10 +132,9 @@ if TYPE_CHECKING:
     )
     from pyqvm.ops.snapshot import SnapshotInfo
     from pyqvm.ops.template import Template
-    from pyqvm.session import QMPSession
-    from pyqvm.shares import Share
     from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec
-    from pyqvm.specio import load_spec
+    from pyqvm.spec.io import load_spec
+    from pyqvm.spec.shares import Share
     from pyqvm.state import VMState
     from pyqvm.vm import AsyncVM
 

@@ -5,7 +5,7 @@ resolves it), so the JSON form needs no tags: ``bytes`` travel as base64 text, a
 as its text, a `datetime` in ISO 8601, an enum as its value, a dataclass as an object of
 its fields (built through its constructor, so its own checks run on the far side too),
 and a class with ``to_json``/``from_json`` (a versioned record such as
-`pyqvm.devices.Plugged`) as it says. Unions are tried in their declared order.
+`pyqvm.channels.devices.Plugged`) as it says. Unions are tried in their declared order.
 
 Bad data is a `CodecError` naming where it sits (``disk.path``) and what was expected.
 The named-VM protocol (`pyqvm.named`) carries every operation's arguments and result

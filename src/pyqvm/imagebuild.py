@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import cast
 
 from pyqvm import image
-from pyqvm.arches import ArchInfo
 from pyqvm.errors import ImageError
 from pyqvm.faces.derived import VM
 from pyqvm.image.builder import BytesProgress
 from pyqvm.spec import Arch, Disk, VMSpec
+from pyqvm.spec.arches import ArchInfo
 
 log = logging.getLogger(__name__)
 

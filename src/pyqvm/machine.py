@@ -37,26 +37,26 @@ from typing import Any, TypeVar
 
 from qemu.qmp import EventListener
 
-from pyqvm.agent import GuestAgent
-from pyqvm.companions import Companions
-from pyqvm.console import ConsoleLog
+from pyqvm.channels.agent import GuestAgent
+from pyqvm.channels.console import ConsoleLog
+from pyqvm.channels.devices import DeviceTable
+from pyqvm.channels.qmp import EventFilter, QMPSession
 from pyqvm.deadline import Deadline
-from pyqvm.devices import DeviceTable
 from pyqvm.errors import LaunchError, PyqvmError, VMStateError, tail
 from pyqvm.host.facts import HostFacts
-from pyqvm.launch import CONSOLE_SOCKET, Channels, LaunchPlan, launch_argv
-from pyqvm.overlays import (
+from pyqvm.launch.companions import Companions
+from pyqvm.launch.overlays import (
     adopt_overlay,
     make_overlay,
     overlay_disks,
     overlay_path,
     reclaim_leaks,
 )
-from pyqvm.passthrough import Passthrough, PassthroughHost, assign
-from pyqvm.process import QemuProcess
-from pyqvm.resolve import Resolved, resolve
-from pyqvm.rundir import RuntimeDir
-from pyqvm.session import EventFilter, QMPSession
+from pyqvm.launch.passthrough import Passthrough, PassthroughHost, assign
+from pyqvm.launch.plan import CONSOLE_SOCKET, Channels, LaunchPlan, launch_argv
+from pyqvm.launch.resolve import Resolved, resolve
+from pyqvm.runtime.children import ChildProcess
+from pyqvm.runtime.dirs import RuntimeDir
 from pyqvm.spec import VMSpec
 from pyqvm.state import Lifecycle, VMState
 
@@ -96,7 +96,7 @@ class Machine:
         self.companions = Companions()  # virtiofsds, private-network leases, SSH keys
         self._resolved: Resolved | None = None
         self._rundir: RuntimeDir | None = None
-        self._process: QemuProcess | None = None
+        self._process: ChildProcess | None = None
         self._qmp: QMPSession | None = None
         self._agent: GuestAgent | None = None
         self._wake: socket.socket | None = None  # the host's end of pyqvm-wake's port
@@ -397,7 +397,7 @@ class Machine:
                     "%s: starting %s (accel %s)", self.name, resolved.qemu.name, resolved.accel
                 )
                 log.debug("%s: argv %s", self.name, self._argv)
-                process = QemuProcess()
+                process = ChildProcess()
                 await process.start(
                     self._argv,
                     pass_fds=[s.fileno() for s in channels.theirs.values()],

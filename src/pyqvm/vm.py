@@ -22,10 +22,13 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
-from pyqvm.agent import ExecResult, GuestAgent
-from pyqvm.devices import Plugged
+from pyqvm.channels.agent import ExecResult, GuestAgent
+from pyqvm.channels.devices import Plugged
+from pyqvm.channels.qmp import EventFilter, QMPSession
 from pyqvm.host.facts import HostFacts
-from pyqvm.launch import LaunchPlan, preview_argv
+from pyqvm.launch.passthrough import PassthroughHost
+from pyqvm.launch.plan import LaunchPlan, preview_argv
+from pyqvm.launch.privnet import Membership
 from pyqvm.machine import Machine
 from pyqvm.ops import blockjobs, gdb, guest, hotplug, migration, snapshot, ssh
 from pyqvm.ops import template as templates
@@ -42,9 +45,6 @@ from pyqvm.ops.migration import (
 )
 from pyqvm.ops.snapshot import SnapshotInfo
 from pyqvm.ops.template import Template
-from pyqvm.passthrough import PassthroughHost
-from pyqvm.privnet import Membership
-from pyqvm.session import EventFilter, QMPSession
 from pyqvm.spec import Disk, Network, VMSpec
 from pyqvm.state import VMState
 

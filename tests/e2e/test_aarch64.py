@@ -9,7 +9,7 @@ import pytest
 from _cli import pyqvm
 
 from pyqvm import AsyncVM, Disk, Network, VMSpec, image, templates
-from pyqvm.arches import arch_info
+from pyqvm.spec.arches import arch_info
 
 pytestmark = [pytest.mark.e2e]
 

@@ -11,9 +11,9 @@ import pytest
 from fixtures.nonroot import NonrootBuild
 
 from pyqvm import AsyncVM, Disk, Network, VMSpec, image, imagebuild, templates
-from pyqvm.cloudinit import CloudInit
 from pyqvm.image.artifact import export_image, import_image
 from pyqvm.image.guest import load_image
+from pyqvm.spec.cloudinit import CloudInit
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distro]
 

@@ -22,13 +22,13 @@ from fixtures.sysfs import FakeHost
 
 import pyqvm
 from pyqvm import AsyncVM
+from pyqvm.argv.xen import xen_device_model, xen_hvm_argv
 from pyqvm.errors import LaunchError
 from pyqvm.host.claims import ClaimStore
 from pyqvm.host.facts import read_host_facts
 from pyqvm.host.vfio import MemlockStatus
-from pyqvm.passthrough import PassthroughHost, recover
+from pyqvm.launch.passthrough import PassthroughHost, recover
 from pyqvm.spec import HostDevice, VMSpec
-from pyqvm.xen import xen_device_model, xen_hvm_argv
 
 pytestmark = pytest.mark.qemu
 
@@ -153,7 +153,7 @@ CHILD = textwrap.dedent(
     from pyqvm.host.claims import ClaimStore
     from pyqvm.host.facts import read_host_facts
     from pyqvm.host.vfio import MemlockStatus
-    from pyqvm.passthrough import PassthroughHost
+    from pyqvm.launch.passthrough import PassthroughHost
     from pyqvm.spec import HostDevice, VMSpec
 
     root, claims, qemu = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])

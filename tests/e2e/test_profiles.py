@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from pyqvm import image
-from pyqvm.arches import arch_info
 from pyqvm.errors import LaunchError
 from pyqvm.spec import Disk, Network, VMSpec
+from pyqvm.spec.arches import arch_info
 from pyqvm.vm import AsyncVM
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]

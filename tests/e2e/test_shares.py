@@ -9,7 +9,7 @@ import pytest
 from guest_helpers import run_script
 
 from pyqvm import AsyncVM, MigrationError, Share, SnapshotError, VMSpec, image
-from pyqvm.virtiofs import virtiofsd_status
+from pyqvm.launch.virtiofs import virtiofsd_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio]
 

@@ -1,4 +1,4 @@
-"""Helper for test_no_orphans: start a real QEMU through QemuProcess, report, then idle.
+"""Helper for test_no_orphans: start a real QEMU through ChildProcess, report, then idle.
 
 Usage: python _launcher_child.py {main|thread|control} QEMU_BINARY STDERR_PATH
 
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pyqvm.process import QemuProcess
+from pyqvm.runtime.children import ChildProcess
 
 
 def _alive(pid: int) -> bool:
@@ -45,14 +45,14 @@ def main() -> int:
     report: dict[str, object] = {"variant": variant}
 
     class InlineSpawner:
-        """Forks on the calling thread, as a QemuProcess without a spawner thread would."""
+        """Forks on the calling thread, as a ChildProcess without a spawner thread would."""
 
         def submit(self, job: Callable[[], Any]) -> concurrent.futures.Future[Any]:
             future: concurrent.futures.Future[Any] = concurrent.futures.Future()
             future.set_result(job())
             return future
 
-    proc = QemuProcess(spawner=InlineSpawner() if variant == "inline" else None)
+    proc = ChildProcess(spawner=InlineSpawner() if variant == "inline" else None)
 
     if variant == "control":
         with stderr_path.open("wb") as err:

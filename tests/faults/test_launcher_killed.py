@@ -32,7 +32,7 @@ import pytest
 from _fault_helpers import dead, processes_naming, rng, summary, wait_dead, wait_gone
 
 from pyqvm import AsyncNamedVM, Template
-from pyqvm.rundir import RuntimeDir
+from pyqvm.runtime.dirs import RuntimeDir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

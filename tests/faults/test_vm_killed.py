@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from _fault_helpers import processes_naming, wait_gone
 
-from pyqvm.rundir import RuntimeDir
+from pyqvm.runtime.dirs import RuntimeDir
 
 pytestmark = pytest.mark.qemu
 

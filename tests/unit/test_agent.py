@@ -1,4 +1,4 @@
-"""Tests for pyqvm.agent against a fake guest agent, and once against the real qemu-ga."""
+"""Tests for pyqvm.channels.agent against a fake guest agent, and once against the real qemu-ga."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pyqvm.agent import (
+from pyqvm.channels.agent import (
     POLL_MAX,
     ExecResult,
     GuestAgent,

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pyqvm.arches import ARCHES, cross_compiler, host_arch
 from pyqvm.argv import LaunchContext, build_argv
 from pyqvm.errors import SpecError
 from pyqvm.host.kernel import inspect_kernel
-from pyqvm.resolve import check_kernel
+from pyqvm.launch.resolve import check_kernel
 from pyqvm.spec import Disk, KernelBoot, Network, VMSpec
+from pyqvm.spec.arches import ARCHES, cross_compiler, host_arch
 
 
 def arm64_image(path: Path, *, gzipped: bool = False) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pyqvm.errors import SpecError
-from pyqvm.specio import load_spec
+from pyqvm.spec.io import load_spec
 
 CORPUS = Path(__file__).resolve().parents[1] / "fixtures" / "bad_specs"
 HEADER = re.compile(rb"# (expect|field|xfail): ?(.*)")

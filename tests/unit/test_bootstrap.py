@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from fixtures.debarchive import FakePackage, MirrorServer, TestArchive
 
-from pyqvm.arches import arch_info
 from pyqvm.image import bootstrap
 from pyqvm.image.archive import Archive, ArchiveConfig, Source
+from pyqvm.spec.arches import arch_info
 
 PACKAGES = [
     FakePackage("base-files", "12", files={"etc/debian_version": b"12.8\n"}),

@@ -9,10 +9,10 @@ from pathlib import Path
 import pycdlib
 import pytest
 
-from pyqvm.cloudinit import CloudInit
 from pyqvm.errors import SpecError
-from pyqvm.seed import seed_files, write_seed
-from pyqvm.specio import spec_from_dict
+from pyqvm.launch.seed import seed_files, write_seed
+from pyqvm.spec.cloudinit import CloudInit
+from pyqvm.spec.io import spec_from_dict
 
 
 @pytest.mark.parametrize(

@@ -281,8 +281,8 @@ def test_this_machine(tmp_path: Path) -> None:
 
 
 def test_xen_hvm_argv(tmp_path: Path) -> None:
+    from pyqvm.argv.xen import xen_device_model, xen_hvm_argv
     from pyqvm.errors import HostError, SpecError
-    from pyqvm.xen import xen_device_model, xen_hvm_argv
 
     argv = xen_hvm_argv(VMSpec(name="hvm", memory="1G", smp=2), qemu=Path("/q"), domid=5)
     assert argv == [

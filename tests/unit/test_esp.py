@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pyqvm.arches import ARCHES
 from pyqvm.errors import ImageError
 from pyqvm.image import esp
+from pyqvm.spec.arches import ARCHES
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHES))

@@ -12,7 +12,7 @@ from pyqvm.errors import HostError
 from pyqvm.host.accel import KvmStatus
 from pyqvm.host.facts import HostFacts
 from pyqvm.host.firmware import choose_firmware, read_firmware
-from pyqvm.resolve import resolve
+from pyqvm.launch.resolve import resolve
 from pyqvm.spec import Disk, VMSpec
 
 SHARE = "usr/share/qemu/firmware"

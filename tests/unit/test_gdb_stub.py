@@ -13,7 +13,7 @@ from pyqvm.cli.specargs import spec_from_args
 from pyqvm.errors import SpecError
 from pyqvm.host.gdb import gdb_argv, vmlinux_for
 from pyqvm.spec import KernelBoot, VMSpec
-from pyqvm.specio import spec_from_dict
+from pyqvm.spec.io import spec_from_dict
 
 
 def _argv(tmp_path: Path, spec: VMSpec) -> list[str]:

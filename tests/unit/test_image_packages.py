@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pyqvm.arches import ARCHES
 from pyqvm.image import builder
 from pyqvm.image.archive import Package
 from pyqvm.image.guest import FLAVOURS, cache_key
 from pyqvm.image.modules import on_demand_modules, parse_module_list
+from pyqvm.spec.arches import ARCHES
 
 INIT = builder.RECIPES / "init"
 

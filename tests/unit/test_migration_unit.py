@@ -21,6 +21,7 @@ import pytest_asyncio
 from json_stream import JSONStream
 
 from pyqvm import VM
+from pyqvm.channels.qmp import QMPSession
 from pyqvm.errors import (
     MigrationError,
     OperationError,
@@ -38,7 +39,6 @@ from pyqvm.ops.migration import (
     MigrationTuning,
     qapi,
 )
-from pyqvm.session import QMPSession
 from pyqvm.spec import HostDevice, VMSpec
 from pyqvm.vm import AsyncVM, VMState
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pyqvm.devices import Plugged
+from pyqvm.channels.devices import Plugged
 from pyqvm.errors import HotplugError, SnapshotError, VMStateError
 from pyqvm.spec import Disk, HostDevice, VMSpec
 from pyqvm.vm import AsyncVM, VMState

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pyqvm.errors import HostError
-from pyqvm.overlays import make_overlay
+from pyqvm.launch.overlays import make_overlay
 
 
 def info(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""pyqvm.passthrough: managed assignment on fake hosts, rollback, release, recovery."""
+"""pyqvm.launch.passthrough: managed assignment on fake hosts, rollback, release, recovery."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from pyqvm.errors import (
 )
 from pyqvm.host.claims import ClaimStore
 from pyqvm.host.vfio import MemlockStatus
-from pyqvm.passthrough import PassthroughHost, assign, migration_blocker, recover
+from pyqvm.launch.passthrough import PassthroughHost, assign, migration_blocker, recover
 from pyqvm.spec import HostDevice, VMSpec
-from pyqvm.specio import spec_from_dict
+from pyqvm.spec.io import spec_from_dict
 
 NIC, GPU, AUDIO, NVME = "0000:01:00.0", "0000:02:00.0", "0000:02:00.1", "0000:04:00.0"
 ROOT_OK = MemlockStatus(limit=None, ipc_lock=True)
@@ -180,7 +180,7 @@ CHILD = textwrap.dedent(
     from fixtures.sysfs import FakeHost
     from pyqvm.host.claims import ClaimStore
     from pyqvm.host.vfio import MemlockStatus
-    from pyqvm.passthrough import PassthroughHost, assign
+    from pyqvm.launch.passthrough import PassthroughHost, assign
     from pyqvm.spec import HostDevice, VMSpec
 
     root, claims = Path(sys.argv[1]), Path(sys.argv[2])
@@ -268,7 +268,7 @@ def test_claim_record_is_json(pt_host: PassthroughHost) -> None:
 
 def test_example_spec_loads_and_becomes_vfio_pci() -> None:
     from pyqvm.argv.devices import hostdev_args
-    from pyqvm.specio import load_spec
+    from pyqvm.spec.io import load_spec
 
     spec = load_spec(TESTS.parent / "examples" / "passthrough.toml")
     (dev,) = spec.host_devices

@@ -16,11 +16,10 @@ import pytest
 
 from pyqvm.argv import LaunchContext, build_argv
 from pyqvm.errors import SpecError
-from pyqvm.fields import private_subnet
 from pyqvm.host.accel import KvmStatus
 from pyqvm.host.facts import HostFacts
-from pyqvm.launch import launch_argv
-from pyqvm.privnet import (
+from pyqvm.launch.plan import launch_argv
+from pyqvm.launch.privnet import (
     Membership,
     PrivateNetworks,
     connected_ports,
@@ -29,9 +28,10 @@ from pyqvm.privnet import (
     networks_dir,
     switch_alive,
 )
-from pyqvm.resolve import Resolved
+from pyqvm.launch.resolve import Resolved
 from pyqvm.spec import KernelBoot, Network, VMSpec
-from pyqvm.specio import spec_from_dict
+from pyqvm.spec.fields import private_subnet
+from pyqvm.spec.io import spec_from_dict
 
 TCG_HOST = HostFacts(kvm=KvmStatus(False, "no vmx/svm"), tsc_khz=2596132)
 

@@ -1,4 +1,4 @@
-"""QemuProcess and RuntimeDir with small stand-in children (and one real QEMU)."""
+"""ChildProcess and RuntimeDir with small stand-in children (and one real QEMU)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from pyqvm.errors import LaunchError, PyqvmTimeoutError, VMStateError
-from pyqvm.process import QemuProcess, SpawnerThread, shared_spawner
-from pyqvm.rundir import RuntimeDir
+from pyqvm.runtime.children import ChildProcess, SpawnerThread, shared_spawner
+from pyqvm.runtime.dirs import RuntimeDir
 
 PY = sys.executable
 QEMU = shutil.which("qemu-system-x86_64")
@@ -72,12 +72,12 @@ def test_runtime_dir_ignores_unusable_xdg(monkeypatch: pytest.MonkeyPatch) -> No
     assert not rd.path.exists()
 
 
-# --- QemuProcess with stand-in children ---------------------------------------------------
+# --- ChildProcess with stand-in children ---------------------------------------------------
 
 
 @pytest.mark.asyncio
 async def test_wait_returns_exit_code_and_captures_output(tmp_path: Path) -> None:
-    p = QemuProcess()
+    p = ChildProcess()
     code = "import sys; print('to-out'); print('to-err', file=sys.stderr); sys.exit(3)"
     await p.start(
         [PY, "-c", code], stderr_path=tmp_path / "err.log", stdout_path=tmp_path / "out.log"
@@ -91,7 +91,7 @@ async def test_wait_returns_exit_code_and_captures_output(tmp_path: Path) -> Non
 
 @pytest.mark.asyncio
 async def test_stdout_shares_the_stderr_file_by_default(tmp_path: Path) -> None:
-    p = QemuProcess()
+    p = ChildProcess()
     code = "import sys; print('a', flush=True); print('b', file=sys.stderr)"
     await p.start([PY, "-c", code], stderr_path=tmp_path / "err.log")
     assert await p.wait(10) == 0
@@ -101,7 +101,7 @@ async def test_stdout_shares_the_stderr_file_by_default(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_stderr_text_is_tail_limited(tmp_path: Path) -> None:
-    p = QemuProcess()
+    p = ChildProcess()
     code = "import sys; sys.stderr.write('x' * 100000 + 'END')"
     await p.start([PY, "-c", code], stderr_path=tmp_path / "err.log")
     await p.wait(10)
@@ -112,7 +112,7 @@ async def test_stderr_text_is_tail_limited(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_wait_timeout_leaves_it_running_then_terminate(tmp_path: Path) -> None:
-    p = QemuProcess()
+    p = ChildProcess()
     await p.start(["sleep", "30"], stderr_path=tmp_path / "err.log")
     assert p.running and p.returncode is None
     with pytest.raises(PyqvmTimeoutError) as info:
@@ -125,9 +125,9 @@ async def test_wait_timeout_leaves_it_running_then_terminate(tmp_path: Path) -> 
     assert await p.terminate(5) == -signal.SIGTERM  # again: no-op
 
 
-async def start_ignoring_sigterm(tmp_path: Path) -> QemuProcess:
+async def start_ignoring_sigterm(tmp_path: Path) -> ChildProcess:
     """A child that ignores SIGTERM, returned once the SIG_IGN is in place."""
-    p = QemuProcess()
+    p = ChildProcess()
     code = (
         "import signal, time\n"
         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
@@ -153,7 +153,7 @@ async def test_terminate_escalates_to_sigkill(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_kill_then_wait(tmp_path: Path) -> None:
-    p = QemuProcess()
+    p = ChildProcess()
     await p.start(["sleep", "30"], stderr_path=tmp_path / "err.log")
     p.kill()
     assert await p.wait(5) == -signal.SIGKILL
@@ -162,7 +162,7 @@ async def test_kill_then_wait(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_concurrent_waiters_all_wake(tmp_path: Path) -> None:
-    p = QemuProcess()
+    p = ChildProcess()
     await p.start(["sleep", "30"], stderr_path=tmp_path / "err.log")
     waiters = [asyncio.ensure_future(p.wait(10)) for _ in range(3)]
     await asyncio.sleep(0)
@@ -172,7 +172,7 @@ async def test_concurrent_waiters_all_wake(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_cancelled_wait_does_not_disturb_the_process(tmp_path: Path) -> None:
-    p = QemuProcess()
+    p = ChildProcess()
     await p.start(["sleep", "30"], stderr_path=tmp_path / "err.log")
     waiter = asyncio.ensure_future(p.wait(None))
     await asyncio.sleep(0.01)
@@ -199,7 +199,7 @@ async def test_terminate_finishes_even_if_caller_is_cancelled(tmp_path: Path) ->
 async def test_pass_fds_reach_the_child(tmp_path: Path) -> None:
     r, w = os.pipe()
     try:
-        p = QemuProcess()
+        p = ChildProcess()
         code = f"import os; os.write({w}, b'hello')"
         await p.start([PY, "-c", code], pass_fds=[w], stderr_path=tmp_path / "err.log")
         assert await p.wait(10) == 0
@@ -211,7 +211,7 @@ async def test_pass_fds_reach_the_child(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_child_has_pdeathsig_devnull_stdin_and_own_group(tmp_path: Path) -> None:
-    p = QemuProcess()
+    p = ChildProcess()
     code = (
         "import ctypes, os, sys\n"
         "sig = ctypes.c_int()\n"
@@ -226,12 +226,12 @@ async def test_child_has_pdeathsig_devnull_stdin_and_own_group(tmp_path: Path) -
 
 def test_child_starts_with_no_blocked_signals(tmp_path: Path) -> None:
     # The spawner thread is born in whichever thread spawns first; that one blocks SIGTERM.
-    p: QemuProcess | None = None
+    p: ChildProcess | None = None
 
     def in_thread() -> None:
         nonlocal p
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        p = QemuProcess(spawner=SpawnerThread())
+        p = ChildProcess(spawner=SpawnerThread())
         asyncio.run(p.start(["sleep", "30"], stderr_path=tmp_path / "err.log"))
 
     t = threading.Thread(target=in_thread)
@@ -262,7 +262,7 @@ async def test_cancelled_start_kills_the_child_it_made(tmp_path: Path) -> None:
             return shared_spawner().submit(slow)
 
     starter = asyncio.ensure_future(
-        QemuProcess(spawner=SlowSpawner()).start(["sleep", "30"], stderr_path=tmp_path / "err.log")
+        ChildProcess(spawner=SlowSpawner()).start(["sleep", "30"], stderr_path=tmp_path / "err.log")
     )
     await asyncio.sleep(0.01)
     starter.cancel()
@@ -277,7 +277,7 @@ async def test_cancelled_start_kills_the_child_it_made(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_missing_binary_is_a_launch_error(tmp_path: Path) -> None:
-    p = QemuProcess()
+    p = ChildProcess()
     argv = ["/nonexistent/qemu-system-x86_64", "-S"]
     with pytest.raises(LaunchError) as info:
         await p.start(argv, stderr_path=tmp_path / "err.log")
@@ -291,12 +291,12 @@ async def test_missing_binary_is_a_launch_error(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_unwritable_log_is_a_launch_error(tmp_path: Path) -> None:
     with pytest.raises(LaunchError, match="cannot open"):
-        await QemuProcess().start(["true"], stderr_path=tmp_path / "no" / "err.log")
+        await ChildProcess().start(["true"], stderr_path=tmp_path / "no" / "err.log")
 
 
 @pytest.mark.asyncio
 async def test_start_twice_is_refused(tmp_path: Path) -> None:
-    p = QemuProcess()
+    p = ChildProcess()
     await p.start(["true"], stderr_path=tmp_path / "err.log")
     with pytest.raises(VMStateError, match="already started"):
         await p.start(["true"], stderr_path=tmp_path / "err.log")
@@ -311,7 +311,7 @@ async def test_fallback_reaper_without_pidfd(
         raise OSError(38, "Function not implemented")
 
     monkeypatch.setattr(os, "pidfd_open", no_pidfd)
-    p = QemuProcess()
+    p = ChildProcess()
     await p.start(["sleep", "30"], stderr_path=tmp_path / "err.log")
     with pytest.raises(PyqvmTimeoutError):
         await p.wait(0.05)
@@ -320,7 +320,7 @@ async def test_fallback_reaper_without_pidfd(
 
 def test_spawns_from_a_short_lived_thread_survive_it(tmp_path: Path) -> None:
     """PDEATHSIG follows the forking thread: a caller thread's exit must not kill QEMU."""
-    p = QemuProcess()
+    p = ChildProcess()
 
     def in_thread() -> None:
         asyncio.run(p.start(["sleep", "30"], stderr_path=tmp_path / "err.log"))
@@ -347,7 +347,7 @@ def test_spawns_from_a_short_lived_thread_survive_it(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_real_qemu_starts_and_terminates(tmp_path: Path) -> None:
     assert QEMU is not None
-    p = QemuProcess()
+    p = ChildProcess()
     argv = [QEMU, "-machine", "none", "-nodefaults", "-display", "none", "-S"]
     await p.start(argv, stderr_path=tmp_path / "qemu.err")
     assert p.argv == tuple(argv)
@@ -364,7 +364,7 @@ async def test_real_qemu_starts_and_terminates(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_real_qemu_bad_option_exits_with_stderr(tmp_path: Path) -> None:
     assert QEMU is not None
-    p = QemuProcess()
+    p = ChildProcess()
     await p.start([QEMU, "-no-such-option"], stderr_path=tmp_path / "qemu.err")
     assert await p.wait(10) == 1
     assert "no-such-option" in p.stderr_text()

@@ -9,14 +9,14 @@ import pytest
 
 from pyqvm.host.accel import KvmStatus
 from pyqvm.host.facts import HostFacts
-from pyqvm.resolve import pick_machine
+from pyqvm.launch.resolve import pick_machine
 from pyqvm.spec import KernelBoot, VMSpec
 
 TCG_HOST = HostFacts(kvm=KvmStatus(False, "no vmx/svm"), tsc_khz=2596132)
 
 
 def test_auto_picks_microvm_for_the_built_in_guest(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "pyqvm.resolve")
+    caplog.set_level(logging.INFO, "pyqvm.launch.resolve")
     spec = pick_machine(VMSpec(image="default"), "tcg", TCG_HOST)
     assert spec.machine == "auto" and spec.effective_machine == "microvm"
     assert "machine auto: microvm" in caplog.text

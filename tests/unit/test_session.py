@@ -12,8 +12,8 @@ import pytest
 import pytest_asyncio
 from json_stream import JSONStream
 
+from pyqvm.channels.qmp import QMPSession
 from pyqvm.errors import JobError, PyqvmTimeoutError, QMPCommandError, VMExitedError
-from pyqvm.session import QMPSession
 
 Handler = Callable[["FakeQEMU", str, dict[str, Any]], Awaitable[Any]]
 

@@ -11,11 +11,11 @@ import pytest
 from pyqvm.argv import LaunchContext, build_argv
 from pyqvm.cli import main
 from pyqvm.errors import HostError, SpecError
+from pyqvm.launch.virtiofs import VirtiofsdStatus, choose_transports, virtiofsd_argv
 from pyqvm.ops.migration import migration_blocker
-from pyqvm.shares import Share, cmdline_entries
 from pyqvm.spec import KernelBoot, VMSpec
-from pyqvm.specio import spec_from_dict
-from pyqvm.virtiofs import VirtiofsdStatus, choose_transports, virtiofsd_argv
+from pyqvm.spec.io import spec_from_dict
+from pyqvm.spec.shares import Share, cmdline_entries
 
 USABLE = VirtiofsdStatus(Path("/usr/lib/qemu/virtiofsd"), True, "a fake, usable")
 UNUSABLE = VirtiofsdStatus(Path("/usr/lib/qemu/virtiofsd"), False, "runs as root only")
@@ -77,7 +77,7 @@ def test_auto_is_virtiofs_where_virtiofsd_runs_else_9p(
 ) -> None:
     full = VMSpec(image="full", shares=(Share(tmp_path),))
     assert choose_transports(full, USABLE).shares[0].transport == "virtiofs"
-    caplog.set_level(logging.INFO, "pyqvm.virtiofs")
+    caplog.set_level(logging.INFO, "pyqvm.launch.virtiofs")
     assert choose_transports(full, UNUSABLE).shares[0].transport == "9p"
     assert "9p, as virtiofs cannot be used: runs as root only" in caplog.text
     default = VMSpec(image="default", shares=(Share(tmp_path),))

@@ -7,7 +7,7 @@ import pytest
 
 from pyqvm.errors import SpecError
 from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, VMSpec
-from pyqvm.specio import load_spec, spec_from_dict
+from pyqvm.spec.io import load_spec, spec_from_dict
 
 
 def test_defaults_are_a_small_virtio_guest_on_an_automatic_machine() -> None:

@@ -55,7 +55,7 @@ from hypothesis import strategies as st
 from pyqvm.argv import DiskFile, LaunchContext, build_argv
 from pyqvm.errors import SpecError
 from pyqvm.host.facts import read_host_facts
-from pyqvm.launch import preview_argv
+from pyqvm.launch.plan import preview_argv
 from pyqvm.spec import (
     Disk,
     HostDevice,
@@ -64,7 +64,7 @@ from pyqvm.spec import (
     PortForward,
     VMSpec,
 )
-from pyqvm.specio import load_spec, spec_from_dict
+from pyqvm.spec.io import load_spec, spec_from_dict
 
 FUZZ = settings(
     max_examples=150,

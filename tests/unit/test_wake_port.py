@@ -11,8 +11,8 @@ from fuzz_values import fake_bzimage
 from pyqvm import KernelBoot, VMSpec
 from pyqvm.argv.build import WAKE_PORT_NAME
 from pyqvm.image import guest
-from pyqvm.launch import preview_argv
-from pyqvm.resolve import with_image
+from pyqvm.launch.plan import preview_argv
+from pyqvm.launch.resolve import with_image
 
 
 def fake_image(cache: Path, flavour: str, kind: str, *, wake: bool = True) -> Path:

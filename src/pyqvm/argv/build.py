@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pyqvm.arches import arch_info
 from pyqvm.argv.devices import (
     DiskFile,
     anonymous_ram,
@@ -31,8 +30,9 @@ from pyqvm.argv.devices import (
 )
 from pyqvm.argv.escape import OptValue, opts, qjson
 from pyqvm.errors import SpecError
-from pyqvm.fields import gdb_tcp_address
 from pyqvm.spec import VMSpec
+from pyqvm.spec.arches import arch_info
+from pyqvm.spec.fields import gdb_tcp_address
 
 AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 WAKE_PORT_NAME = "org.pyqvm.wake.0"  # pyqvm-wake's, in pyqvm's own images (pyqvm.ops.wake)
@@ -100,7 +100,7 @@ class LaunchContext:
     vde_sockets: Mapping[str, Path] = field(default_factory=dict)  # private NIC id -> switch
     append_extra: tuple[str, ...] = ()  # for the kernel command line (pyqvm.ip=...)
     fw_cfg: Mapping[str, Path] = field(default_factory=dict)  # name -> file (SSH keys)
-    seed: Path | None = None  # the cloud-init seed volume (pyqvm.seed), a read-only disk
+    seed: Path | None = None  # the cloud-init seed volume (pyqvm.launch.seed), a read-only disk
 
 
 def console_chardev(ctx: LaunchContext) -> str:

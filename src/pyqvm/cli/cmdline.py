@@ -22,7 +22,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
 
 
 def run(args: argparse.Namespace) -> int:
-    from pyqvm.launch import preview_argv
+    from pyqvm.launch.plan import preview_argv
 
     spec = spec_from_args(args)
     ensure_image(spec)

@@ -15,7 +15,7 @@ from pyqvm.host.modes import MODES, Mode
 
 if TYPE_CHECKING:  # imported when the verb runs
     from pyqvm.host.doctor import Report
-    from pyqvm.passthrough import Recovered
+    from pyqvm.launch.passthrough import Recovered
 
 __all__ = ["add_parser", "run"]
 
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     root: Path = args.root
     from pyqvm.host.claims import ClaimStore
     from pyqvm.host.doctor import run_checks
-    from pyqvm.passthrough import PassthroughHost, recover
+    from pyqvm.launch.passthrough import PassthroughHost, recover
     from pyqvm.spec import parse_size_mib
 
     claims = ClaimStore()

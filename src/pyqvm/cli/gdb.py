@@ -42,7 +42,7 @@ def gdb_command(args: argparse.Namespace) -> list[str]:
     from pyqvm.errors import NamedVMError
     from pyqvm.named import registry
     from pyqvm.ops.gdb import gdb_command
-    from pyqvm.specio import spec_from_dict
+    from pyqvm.spec.io import spec_from_dict
 
     record = registry.find(args.name).record()
     spec = spec_from_dict(record.spec)

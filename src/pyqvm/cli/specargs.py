@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyqvm.errors import PyqvmError, SpecError
-from pyqvm.fields import parse_size_mib
+from pyqvm.spec.fields import parse_size_mib
 
 if TYPE_CHECKING:  # the spec's modules load when a VM is built, not for every verb's parser
-    from pyqvm.shares import Share
     from pyqvm.spec import PortForward, VMSpec
+    from pyqvm.spec.shares import Share
 
 
 class UsageError(PyqvmError):
@@ -111,7 +111,7 @@ def refuse_overrides_with_template(args: argparse.Namespace) -> None:
 def spec_from_args(args: argparse.Namespace) -> VMSpec:
     """The spec `run`/`cmdline` use: the TOML file (or nothing) plus command-line overrides."""
     from pyqvm.spec import Network
-    from pyqvm.specio import load_spec, spec_from_dict
+    from pyqvm.spec.io import load_spec, spec_from_dict
 
     data: dict[str, Any] = {}
     kernel: dict[str, Any] = {}
@@ -167,7 +167,7 @@ def spec_from_args(args: argparse.Namespace) -> VMSpec:
 
 def _share(text: str) -> Share:
     """``HOST[:GUEST][:ro]``: the guest path is the last part that starts with '/'."""
-    from pyqvm.shares import Share
+    from pyqvm.spec.shares import Share
 
     rest, readonly = text, False
     for mode in (":ro", ":rw"):

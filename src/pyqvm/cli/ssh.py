@@ -33,7 +33,7 @@ def ssh_argv_of(name: str, command: Sequence[str]) -> list[str]:
     from pyqvm.faces.derived import AsyncNamedVM
     from pyqvm.named import registry
     from pyqvm.ops.ssh import forwarded_port, ssh_command
-    from pyqvm.specio import spec_from_dict
+    from pyqvm.spec.io import spec_from_dict
 
     record = registry.find(name).record()
     spec = spec_from_dict(record.spec)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from pyqvm.errors import GuestCommandError, PyqvmError
 
 if TYPE_CHECKING:
-    from pyqvm.agent import ExecResult
+    from pyqvm.channels.agent import ExecResult
 
 EXIT_USAGE = 2  # argparse's own
 EXIT_ERROR = 125  # pyqvm itself failed

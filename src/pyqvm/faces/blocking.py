@@ -16,13 +16,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from pyqvm.channels.qmp import EventFilter
 from pyqvm.errors import PyqvmError
 from pyqvm.faces.loop import SyncEvents, ThreadLoop
 from pyqvm.host.facts import HostFacts
+from pyqvm.launch.passthrough import PassthroughHost
 from pyqvm.ops import template as templates
 from pyqvm.ops.template import Template
-from pyqvm.passthrough import PassthroughHost
-from pyqvm.session import EventFilter
 from pyqvm.spec import VMSpec
 from pyqvm.state import VMState
 from pyqvm.vm import AsyncVM

@@ -13,9 +13,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from pyqvm.agent import ExecResult
-from pyqvm.devices import Plugged
+from pyqvm.channels.agent import ExecResult
+from pyqvm.channels.devices import Plugged
 from pyqvm.faces.blocking import BlockingVMBase
+from pyqvm.launch.privnet import Membership
 from pyqvm.named.blocking import NamedVMBase
 from pyqvm.named.client import AsyncNamedVMBase
 from pyqvm.ops.blockjobs import ChainLink
@@ -31,7 +32,6 @@ from pyqvm.ops.migration import (
 )
 from pyqvm.ops.snapshot import SnapshotInfo
 from pyqvm.ops.template import Template
-from pyqvm.privnet import Membership
 from pyqvm.spec import Disk, Network, VMSpec
 from pyqvm.state import VMState
 

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 from qemu.qmp import EventListener
 
+from pyqvm.channels.qmp import Event
 from pyqvm.errors import PyqvmError, PyqvmTimeoutError
-from pyqvm.session import Event
 from pyqvm.state import VMState
 from pyqvm.vm import AsyncVM
 

@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyqvm.arches import ArchInfo
 from pyqvm.image.archive import Archive, Package, unpack
+from pyqvm.spec.arches import ArchInfo
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import zstandard
 
-from pyqvm.arches import ArchInfo, arch_info, cross_compiler, host_arch
 from pyqvm.errors import HostError, ImageError, SpecError
 from pyqvm.host.kernel import extract_vmlinux
 from pyqvm.image import distro, esp, libraries, tools
@@ -57,6 +56,7 @@ from pyqvm.image.modules import (
     parse_modules_dep,
     plan_modules,
 )
+from pyqvm.spec.arches import ArchInfo, arch_info, cross_compiler, host_arch
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pyqvm.arches import ArchInfo, cross_compiler
 from pyqvm.errors import ImageError
 from pyqvm.image import bootstrap, esp, tools
 from pyqvm.image.archive import Archive, unpack
+from pyqvm.spec.arches import ArchInfo, cross_compiler
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pyqvm.arches import ArchInfo
 from pyqvm.errors import ImageError
 from pyqvm.image import tools
+from pyqvm.spec.arches import ArchInfo
 
 #: The GPT type of an EFI system partition.
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"

@@ -18,8 +18,8 @@ from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 from elftools.elf.segments import InterpSegment
 
-from pyqvm.arches import ArchInfo
 from pyqvm.errors import ImageError
+from pyqvm.spec.arches import ArchInfo
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ def run(
 
 def compile_static(compiler: str, source: Path, exe: Path) -> Path:
     """Compile the guest helper ``source`` into a static, stripped ``exe`` with ``compiler``
-    (the host's gcc, or the guest arch's cross compiler: `pyqvm.arches.cross_compiler`)."""
+    (the host's gcc, or the guest arch's cross compiler: `pyqvm.spec.arches.cross_compiler`)."""
     run(
         [compiler, "-O2", "-Wall", "-Wextra", "-Werror", "-static", "-s", "-o", str(exe),
          str(source)],

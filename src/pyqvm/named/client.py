@@ -30,6 +30,7 @@ from typing import Any, Self
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
+from pyqvm.channels.qmp import EventFilter, event_filter
 from pyqvm.codec import callback_argument, from_json, is_callback, to_json
 from pyqvm.errors import NamedVMError, PyqvmError, PyqvmTimeoutError, tail
 from pyqvm.named import registry, wire
@@ -44,9 +45,8 @@ from pyqvm.ops.migration import (
     Storage,
     Transport,
 )
-from pyqvm.session import EventFilter, event_filter
 from pyqvm.spec import VMSpec
-from pyqvm.specio import spec_to_dict
+from pyqvm.spec.io import spec_to_dict
 
 log = logging.getLogger(__name__)
 

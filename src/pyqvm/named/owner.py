@@ -45,7 +45,7 @@ from pyqvm.ops import template as templates
 from pyqvm.ops.hotplug import hostfwds
 from pyqvm.ops.migration import SavedState
 from pyqvm.spec import VMSpec
-from pyqvm.specio import spec_from_dict, spec_to_dict
+from pyqvm.spec.io import spec_from_dict, spec_to_dict
 from pyqvm.state import VMState
 from pyqvm.vm import AsyncVM
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pyqvm.errors import HostError, NamedVMError, PyqvmError
-from pyqvm.rundir import runtime_root
+from pyqvm.runtime.dirs import runtime_root
 from pyqvm.spec import check_id
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ REQUEST = "request.json"  # what the owner is to start (written by `up`, read by
 
 
 def root() -> Path:
-    """pyqvm's per-user runtime dir (`pyqvm.rundir.runtime_root`)."""
+    """pyqvm's per-user runtime dir (`pyqvm.runtime.dirs.runtime_root`)."""
     return runtime_root()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from pyqvm import image
 from pyqvm.errors import SpecError
 from pyqvm.host.gdb import gdb_argv, vmlinux_for
-from pyqvm.launch import GDB_SOCKET
+from pyqvm.launch.plan import GDB_SOCKET
 from pyqvm.spec import VMSpec
 
 

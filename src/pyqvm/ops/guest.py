@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from pyqvm.agent import ExecResult
+from pyqvm.channels.agent import ExecResult
 from pyqvm.errors import GuestPausedError, PyqvmError, PyqvmTimeoutError
 from pyqvm.machine import Machine
 from pyqvm.state import VMState

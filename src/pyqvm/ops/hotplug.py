@@ -22,7 +22,7 @@ were, and a later `unplug` of the same id finishes the job.
 The guest may need to bring hot-added vCPUs and memory online itself (the
 built-in guest does not: ``echo 1 > /sys/devices/system/cpu/cpuN/online``).
 
-Every plug is recorded in the machine's `pyqvm.devices.DeviceTable`
+Every plug is recorded in the machine's `pyqvm.channels.devices.DeviceTable`
 (``machine.devices``), so that `replug` can give a migration destination the
 same devices before the guest's state arrives.
 """
@@ -45,13 +45,13 @@ from pyqvm.argv.devices import (
     nic_props,
     virtio,
 )
+from pyqvm.channels.devices import Plugged, QMPCommand
+from pyqvm.channels.qmp import Event
 from pyqvm.deadline import Deadline
-from pyqvm.devices import Plugged, QMPCommand
 from pyqvm.errors import HotplugError, PyqvmTimeoutError, QMPCommandError, UnplugTimeoutError
+from pyqvm.launch.overlays import adopt_overlay, make_overlay
 from pyqvm.machine import Machine
 from pyqvm.ops import unique_id
-from pyqvm.overlays import adopt_overlay, make_overlay
-from pyqvm.session import Event
 from pyqvm.spec import Disk, Network, check_id, parse_size_mib
 from pyqvm.state import LIVE
 

@@ -3,7 +3,7 @@
 QEMU 7.2's ``snapshot-save``/``snapshot-load``/``snapshot-delete`` are jobs
 and need every argument (job id, tag, the node for the VM state, the disk
 nodes). While one runs, the monitor may not answer for a second or two; the
-job is followed through its events only (`pyqvm.session.QMPSession.run_job`).
+job is followed through its events only (`pyqvm.channels.qmp.QMPSession.run_job`).
 
 The VM state goes to a writable qcow2 node: the disk's top node (for an
 ephemeral disk, its overlay). A raw disk cannot hold snapshots and a VM with a

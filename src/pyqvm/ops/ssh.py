@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pyqvm.errors import HostError, PyqvmError, SpecError
 from pyqvm.host.sshkeys import known_hosts_line, ssh_keys_in
-from pyqvm.launch import SSH_DIR
+from pyqvm.launch.plan import SSH_DIR
 from pyqvm.machine import Machine
 from pyqvm.spec import VMSpec
 

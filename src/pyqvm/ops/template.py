@@ -41,13 +41,13 @@ from pyqvm import image
 from pyqvm.argv.build import RamFile
 from pyqvm.errors import MigrationError, PyqvmError, TemplateError
 from pyqvm.host.accel import KvmStatus
-from pyqvm.launch import LaunchPlan
+from pyqvm.launch.plan import LaunchPlan
 from pyqvm.machine import Machine
 from pyqvm.ops import guest, wake
 from pyqvm.ops.migration import MigrationTuning, check_accelerator, restore, save
 from pyqvm.ops.migration.types import MANIFEST, STATE_FILE
 from pyqvm.spec import VMSpec, check_id
-from pyqvm.specio import spec_from_dict, spec_to_dict
+from pyqvm.spec.io import spec_from_dict, spec_to_dict
 
 log = logging.getLogger(__name__)
 

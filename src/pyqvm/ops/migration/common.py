@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from pyqvm import passthrough
 from pyqvm.errors import MigrationError, PyqvmError
+from pyqvm.launch import passthrough
+from pyqvm.launch.overlays import overlay_disks
+from pyqvm.launch.virtiofs import share_blocker
 from pyqvm.machine import Machine
 from pyqvm.ops import block_nodes
 from pyqvm.ops.migration.qapi import (
@@ -20,10 +22,8 @@ from pyqvm.ops.migration.qapi import (
     tls_parameters,
 )
 from pyqvm.ops.migration.types import MigrationTLS, MigrationTuning, Side
-from pyqvm.overlays import overlay_disks
 from pyqvm.spec import VMSpec
 from pyqvm.state import VMState
-from pyqvm.virtiofs import share_blocker
 
 log = logging.getLogger(__name__)
 

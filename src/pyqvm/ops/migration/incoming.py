@@ -8,10 +8,10 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
+from pyqvm.channels.devices import Plugged
 from pyqvm.deadline import Deadline
-from pyqvm.devices import Plugged
 from pyqvm.errors import MigrationError, PyqvmError
-from pyqvm.launch import LaunchPlan
+from pyqvm.launch.plan import LaunchPlan
 from pyqvm.machine import Machine
 from pyqvm.ops.hotplug import replug
 from pyqvm.ops.migration.common import (

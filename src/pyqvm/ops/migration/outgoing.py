@@ -12,6 +12,7 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
+from pyqvm.channels.qmp import Job
 from pyqvm.deadline import Deadline
 from pyqvm.errors import JobError, MigrationError, PyqvmError
 from pyqvm.machine import Machine
@@ -40,14 +41,13 @@ from pyqvm.ops.migration.types import (
     ProgressCallback,
     Storage,
 )
-from pyqvm.session import Job
 from pyqvm.state import VMState
 
 log = logging.getLogger(__name__)
 
 
 class DiskCopies:
-    """The disk mirrors of a copied-storage migration, as `pyqvm.session.Job`\\ s.
+    """The disk mirrors of a copied-storage migration, as `pyqvm.channels.qmp.Job`\\ s.
 
     Started before the RAM goes (`start`, until every copy is ``ready``),
     ended at the switch-over with a complete copy (`finish`), or abandoned

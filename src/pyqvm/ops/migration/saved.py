@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from pyqvm.argv.build import RamFile
+from pyqvm.channels.devices import DeviceTable, Plugged
 from pyqvm.deadline import Deadline
-from pyqvm.devices import DeviceTable, Plugged
 from pyqvm.errors import MigrationError, PyqvmError
 from pyqvm.host.accel import KvmStatus, choose_accelerator, kvm_status
-from pyqvm.launch import LaunchPlan
+from pyqvm.launch.plan import LaunchPlan
+from pyqvm.launch.resolve import with_image
 from pyqvm.machine import Machine
 from pyqvm.ops.hotplug import replug
 from pyqvm.ops.migration.common import (
@@ -45,7 +46,6 @@ from pyqvm.ops.migration.types import (
     ProgressCallback,
     SavedState,
 )
-from pyqvm.resolve import with_image
 from pyqvm.spec import Disk, VMSpec
 from pyqvm.state import LIVE, VMState
 

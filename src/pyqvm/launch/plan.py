@@ -19,12 +19,12 @@ from pyqvm.argv.build import LaunchContext, RamFile, build_argv
 from pyqvm.argv.devices import DiskFile
 from pyqvm.errors import SpecError
 from pyqvm.host.sshkeys import SshKeys, make_keys, ssh_keys_in
-from pyqvm.overlays import overlay_disks, overlay_path
-from pyqvm.privnet import Membership, guest_cmdline, preview_memberships
-from pyqvm.resolve import Resolved, resolve
-from pyqvm.seed import SEED_FILE, seed_files, write_seed
+from pyqvm.launch.overlays import overlay_disks, overlay_path
+from pyqvm.launch.privnet import Membership, guest_cmdline, preview_memberships
+from pyqvm.launch.resolve import Resolved, resolve
+from pyqvm.launch.seed import SEED_FILE, seed_files, write_seed
+from pyqvm.launch.virtiofs import socket_path
 from pyqvm.spec import VMSpec
-from pyqvm.virtiofs import socket_path
 
 #: The serial console's unix socket in the runtime dir (see `argv.build.console_chardev`).
 CONSOLE_SOCKET = "console.sock"
@@ -108,7 +108,7 @@ def launch_argv(
     ssh_keys: SshKeys | None = None,
 ) -> list[str]:
     """The argv for one launch of a resolved spec, given its runtime dir and inherited fds,
-    and the private networks its NICs joined (`pyqvm.privnet`), by NIC id."""
+    and the private networks its NICs joined (`pyqvm.launch.privnet`), by NIC id."""
     spec = resolved.spec
     members = dict(networks or {})
     missing = [n.id for n in spec.networks if n.mode == "private" and n.id not in members]

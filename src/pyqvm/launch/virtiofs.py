@@ -22,9 +22,9 @@ from pathlib import Path
 from pyqvm.deadline import Deadline
 from pyqvm.errors import HostError, LaunchError, SpecError
 from pyqvm.host.packages import install_hint
-from pyqvm.process import QemuProcess
-from pyqvm.shares import Share
+from pyqvm.runtime.children import ChildProcess
 from pyqvm.spec import VMSpec
+from pyqvm.spec.shares import Share
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class Virtiofsds:
     """The virtiofsd daemons of one launch: started before QEMU, stopped after it."""
 
     def __init__(self) -> None:
-        self._running: list[tuple[Share, QemuProcess]] = []
+        self._running: list[tuple[Share, ChildProcess]] = []
 
     async def start(self, spec: VMSpec, rundir: Path, timeout: float = 10.0) -> None:
         """One daemon per virtiofs share, each listening on its socket when this returns.
@@ -158,7 +158,7 @@ class Virtiofsds:
             raise SpecError(
                 f"share {share.tag!r}", f"the socket path '{sock}' is too long for a unix socket"
             )
-        proc = QemuProcess()
+        proc = ChildProcess()
         stderr = rundir / f"virtiofsd-{share.tag}.log"
         await proc.start(
             virtiofsd_argv(binary, share, sock),

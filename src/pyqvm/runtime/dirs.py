@@ -38,7 +38,7 @@ def runtime_root() -> Path:
     """pyqvm's per-user runtime dir, made 0700 if missing; `HostError` if it is not safe.
 
     ``$PYQVM_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/pyqvm``, else ``/tmp/pyqvm-<uid>``: named
-    VMs (`pyqvm.named.registry`) and private networks (`pyqvm.privnet`) live in it.
+    VMs (`pyqvm.named.registry`) and private networks (`pyqvm.launch.privnet`) live in it.
 
     Another user must not be able to put sockets in it, so it must be ours and
     closed to everyone else (an attacker could otherwise pre-create

@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pyqvm.cloudinit import CloudInit
 from pyqvm.errors import SpecError
-from pyqvm.fields import show
 from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, Share, VMSpec
+from pyqvm.spec.cloudinit import CloudInit
+from pyqvm.spec.fields import show
 
 
 def spec_from_dict(data: Mapping[str, Any], *, base_dir: Path | None = None) -> VMSpec:

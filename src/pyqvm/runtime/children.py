@@ -1,16 +1,16 @@
 """The one owner of a QEMU child process.
 
-`QemuProcess` starts QEMU with no shell, output going to files, and a parent-death
+`ChildProcess` starts QEMU with no shell, output going to files, and a parent-death
 signal so the child cannot outlive us; it waits for exit without blocking the loop
 and stops stepwise (SIGTERM, bounded wait, SIGKILL), always reaping (the runtime
-dirs its files go in are `pyqvm.rundir`'s). QMP is not spoken here: the VM layer asks
-QEMU to quit first and then calls `QemuProcess.terminate`.
+dirs its files go in are `pyqvm.runtime.dirs`'s). QMP is not spoken here: the VM layer asks
+QEMU to quit first and then calls `ChildProcess.terminate`.
 
 Why a spawner thread: ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the
 child exits, not the process. The sync facade runs its loop in a helper thread and
 asyncio may be driven from any thread, so every fork happens on one daemon thread
 (`shared_spawner`, a `SpawnerThread`) that lives until the interpreter ends. A
-`QemuProcess` may be given another `Spawner` (tests use one to delay or inline the fork).
+`ChildProcess` may be given another `Spawner` (tests use one to delay or inline the fork).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
 from pyqvm.errors import LaunchError, PyqvmTimeoutError, VMStateError
-from pyqvm.rundir import private_open
+from pyqvm.runtime.dirs import private_open
 
 __all__ = [
-    "QemuProcess",
+    "ChildProcess",
     "Spawner",
     "SpawnerThread",
     "shared_spawner",
@@ -52,7 +52,7 @@ TAIL_BYTES = 64 * 1024
 
 
 class Spawner(Protocol):
-    """Where `QemuProcess.start` runs its fork: ``job`` forks and execs the child."""
+    """Where `ChildProcess.start` runs its fork: ``job`` forks and execs the child."""
 
     def submit(self, job: Callable[[], _T]) -> concurrent.futures.Future[_T]: ...
 
@@ -99,7 +99,7 @@ _spawner: SpawnerThread | None = None
 
 
 def shared_spawner() -> SpawnerThread:
-    """The process-wide spawner every `QemuProcess` uses by default, started on first use.
+    """The process-wide spawner every `ChildProcess` uses by default, started on first use.
 
     A forked child of this process starts a new one when it first needs it.
     """
@@ -279,7 +279,7 @@ def _read_tail(path: Path | None, limit: int) -> str:
 # --- the process -------------------------------------------------------------------------
 
 
-class QemuProcess:
+class ChildProcess:
     """One QEMU child: start, wait, terminate. Use it from one event loop at a time.
 
     ``returncode`` follows `subprocess`: the exit status, or ``-N`` if killed by signal N.
@@ -476,5 +476,5 @@ class QemuProcess:
 
     def __repr__(self) -> str:
         if self._popen is None:
-            return "QemuProcess(not started)"
-        return f"QemuProcess(pid={self._popen.pid}, returncode={self.returncode})"
+            return "ChildProcess(not started)"
+        return f"ChildProcess(pid={self._popen.pid}, returncode={self.returncode})"

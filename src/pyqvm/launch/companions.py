@@ -1,7 +1,7 @@
 """What one launch runs or holds beside QEMU, made before it and ended after it.
 
 A `virtiofsd` per virtiofs share (QEMU connects to their sockets), a lease per private-network
-NIC (`pyqvm.privnet`: QEMU plugs into the network's switch), and the built-in guest's SSH
+NIC (`pyqvm.launch.privnet`: QEMU plugs into the network's switch), and the built-in guest's SSH
 keys (handed over by fw_cfg). `Machine` owns one `Companions`; `prepare` runs before QEMU
 starts, `qemu_connected` once QMP answers (its NICs are plugged in), `stop` after QEMU is gone.
 """
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyqvm.host.sshkeys import SshKeys
-from pyqvm.launch import make_seed, make_ssh_keys
-from pyqvm.privnet import Membership, PrivateNetworks
-from pyqvm.resolve import Resolved
-from pyqvm.virtiofs import Virtiofsds
+from pyqvm.launch.plan import make_seed, make_ssh_keys
+from pyqvm.launch.privnet import Membership, PrivateNetworks
+from pyqvm.launch.resolve import Resolved
+from pyqvm.launch.virtiofs import Virtiofsds
 
 
 @dataclass(frozen=True, slots=True)

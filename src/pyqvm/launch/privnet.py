@@ -10,7 +10,7 @@ sockets are 0600 in a 0700 directory: other users cannot join.
 
 Who owns the switch: a network outlives any one of its VMs (they may live in several
 processes: a test, ``pyqvm up`` in two shells), so its switch belongs to a small owner
-process of its own (``python -m pyqvm.privnet DIR``) that ends, and the switch with it,
+process of its own (``python -m pyqvm.launch.privnet DIR``) that ends, and the switch with it,
 once no VM is connected and no launcher is joining. A launcher killed with SIGKILL takes
 its QEMU with it (PDEATHSIG), so its network ends with its last VM.
 
@@ -23,7 +23,7 @@ Layout, in ``runtime_root()/networks/NAME``::
     sw/           the switch's socket directory (``-netdev vde,sock=``)
     mgmt          the switch's management socket (the owner counts connected ports on it)
     subnet        the network's subnet while it lives: the first VM's address's, else the
-                  name's default (`pyqvm.fields.private_subnet`); leases are taken in it
+                  name's default (`pyqvm.spec.fields.private_subnet`); leases are taken in it
     leases/ADDR   a VM's address: it is the VM's while the VM's launcher holds a flock on it
     owner.log     the owner's and the switch's messages
 """
@@ -50,10 +50,10 @@ from pathlib import Path
 
 from pyqvm.deadline import Deadline
 from pyqvm.errors import HostError, LaunchError, SpecError
-from pyqvm.fields import private_address, private_subnet
 from pyqvm.host.packages import install_hint
-from pyqvm.rundir import runtime_root
+from pyqvm.runtime.dirs import runtime_root
 from pyqvm.spec import Network, VMSpec
+from pyqvm.spec.fields import private_address, private_subnet
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ async def _start_owner(binary: Path, directory: Path, deadline: Deadline) -> Non
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "pyqvm.privnet",
+            "pyqvm.launch.privnet",
             str(directory),
             str(binary),
             stdin=subprocess.DEVNULL,

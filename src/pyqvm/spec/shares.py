@@ -3,7 +3,7 @@
 A share is a host directory the guest mounts by tag, over virtiofs (``virtiofsd``,
 fast, POSIX-faithful) or 9p (QEMU's own server, slower, in every kernel that has
 it). Which one ``transport = "auto"`` gets is decided on the host
-(`pyqvm.virtiofs`); here is only what the spec itself says.
+(`pyqvm.launch.virtiofs`); here is only what the spec itself says.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Literal, get_args
 
 from pyqvm.errors import SpecError
-from pyqvm.fields import absolute_path, boolean, choice, show, text
+from pyqvm.spec.fields import absolute_path, boolean, choice, show, text
 
 ShareTransport = Literal["auto", "virtiofs", "9p"]
 

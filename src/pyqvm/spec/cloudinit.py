@@ -4,7 +4,7 @@ Checked when the spec is built, before QEMU starts: user-data must be a
 ``#cloud-config`` document that parses as a YAML mapping, a script (``#!``)
 or a MIME multipart (``Content-Type:``); meta-data a mapping; network-config
 a YAML mapping with ``version: 1`` or ``2``. The seed volume itself is
-written at launch by `pyqvm.seed`.
+written at launch by `pyqvm.launch.seed`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from pyqvm.errors import SpecError
-from pyqvm.fields import set_field
+from pyqvm.spec.fields import set_field
 
 #: pyqvm's own bound on each seed file. NoCloud reads whole files (there is no limit of
 #: its own to respect); this only stops a path or a binary pasted by mistake.

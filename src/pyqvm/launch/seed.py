@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pycdlib
 
-from pyqvm.cloudinit import CloudInit
+from pyqvm.spec.cloudinit import CloudInit
 
 SEED_FILE = "seed.iso"
 LABEL = "cidata"

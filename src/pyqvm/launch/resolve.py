@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pyqvm.arches import arch_info
 from pyqvm.errors import HostError, SpecError
 from pyqvm.host.accel import choose_accelerator
 from pyqvm.host.facts import HostFacts, qemu_binary, read_host_facts
@@ -21,9 +20,10 @@ from pyqvm.host.firmware import choose_firmware
 from pyqvm.host.kernel import KernelInfo, inspect_kernel
 from pyqvm.host.packages import install_hint
 from pyqvm.host.pci import pci_device_dir
-from pyqvm.shares import cmdline_entries
+from pyqvm.launch.virtiofs import choose_transports
 from pyqvm.spec import IMAGE_DISK_ID, Disk, KernelBoot, VMSpec
-from pyqvm.virtiofs import choose_transports
+from pyqvm.spec.arches import arch_info
+from pyqvm.spec.shares import cmdline_entries
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ invalid one fails before QEMU starts with a `SpecError` naming the field::
 
 Paths are made absolute when the spec is built (relative to the working
 directory, or to the TOML file's directory when loaded from TOML). Loading from
-TOML or plain data, and turning a spec back into data, is `pyqvm.specio`'s.
+TOML or plain data, and turning a spec back into data, is `pyqvm.spec.io`'s.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from pyqvm.arches import arch_info
-from pyqvm.cloudinit import CloudInit
 from pyqvm.errors import SpecError
-from pyqvm.fields import (
+from pyqvm.spec.arches import arch_info
+from pyqvm.spec.cloudinit import CloudInit
+from pyqvm.spec.fields import (
     MAX_MEMORY_MIB,
     SSH_USER_RE,
     absolute_path,
@@ -40,9 +40,8 @@ from pyqvm.fields import (
     text,
     writable_file,
 )
-from pyqvm.nets import Network, PortForward
-from pyqvm.parts import Disk, HostDevice, KernelBoot
-from pyqvm.shares import Share, with_defaults
+from pyqvm.spec.parts import Disk, HostDevice, KernelBoot, Network, PortForward
+from pyqvm.spec.shares import Share, with_defaults
 
 Arch = Literal["x86_64", "aarch64"]
 Machine = Literal["auto", "q35", "pc", "microvm", "virt"]
@@ -122,7 +121,8 @@ class VMSpec:
     ssh: bool = False
     ssh_user: str = "root"
     ssh_key: Path | None = None
-    # A NoCloud seed for a guest with cloud-init (`pyqvm.cloudinit`, attached by `pyqvm.seed`).
+    # A NoCloud seed for a guest with cloud-init (`pyqvm.spec.cloudinit`), attached by
+    # `pyqvm.launch.seed`.
     cloud_init: CloudInit | None = None
     extra_args: tuple[str, ...] = field(default=())
 
