@@ -21,9 +21,9 @@ import re
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from fuzz_values import (
@@ -265,7 +265,7 @@ async def test_nics_reach_qemu_literally(
     ids: list[str],
     macs: list[list[int] | None],
     upper: bool,
-    rules: list[list[tuple[str, str, int, int]]],
+    rules: list[list[tuple[Literal["tcp", "udp"], str, int, int]]],
 ) -> None:
     every = [r for nic in rules for r in nic]
     assume(len({(p, a, port) for p, a, port, _ in every}) == len(every))
@@ -273,7 +273,7 @@ async def test_nics_reach_qemu_literally(
     texts = [None if m is None else ":".join(f"{x:02x}" for x in m) for m in macs]
     texts = [t.upper() if t and upper else t for t in texts]
     nets = tuple(
-        Network(id=i, mac=m, forwards=[PortForward(hp, gp, p, a) for p, a, hp, gp in r])
+        Network(id=i, mac=m, forwards=tuple(PortForward(hp, gp, p, a) for p, a, hp, gp in r))
         for i, m, r in zip(ids, texts, rules, strict=True)
     )
     async with AsyncVM(paused(networks=nets)) as vm:
@@ -300,13 +300,14 @@ async def test_missing_path_fails_before_qemu(
     missing = tmp_path / "no-such-dir" / "x,readonly=off"
     kernel = tmp_path / "k"
     kernel.symlink_to(default_image.kernel)
-    make = {
+    makers: dict[str, Callable[[], VMSpec]] = {
         "disk": lambda: paused(disks=[Disk(missing)]),
         "cdrom": lambda: paused(cdroms=[missing]),
         "kernel": lambda: paused(kernel=KernelBoot(missing)),
         "initrd": lambda: paused(kernel=KernelBoot(kernel, missing)),
         "ovmf_code": lambda: paused(firmware="ovmf", ovmf_code=missing),
-    }[field]
+    }
+    make = makers[field]
     before = runtime_dirs()
     with pytest.raises(SpecError) as err:
         await AsyncVM(make()).start()
@@ -408,7 +409,9 @@ async def test_bug_non_utf8_file_name(tmp_path: Path) -> None:
 async def test_bug_host_address_read_differently(address: str) -> None:
     # slirp would bind another address than written (127.1 -> 127.0.0.1): refused.
     await refused_before_qemu(
-        lambda: paused(networks=[Network(forwards=[PortForward(20021, 22, host_address=address)])]),
+        lambda: paused(
+            networks=(Network(forwards=(PortForward(20021, 22, host_address=address),)),)
+        ),
         r"(forward|networks\[0\]\.forwards\[0\])\.host_address",
     )
 
@@ -416,14 +419,16 @@ async def test_bug_host_address_read_differently(address: str) -> None:
 @pytest.mark.parametrize("address", ["localhost", "::1", "010.0.0.1", "1.2.3.4:5-"])
 async def test_bug_host_address_refused_by_qemu(address: str) -> None:
     await refused_before_qemu(
-        lambda: paused(networks=[Network(forwards=[PortForward(20022, 22, host_address=address)])]),
+        lambda: paused(
+            networks=(Network(forwards=(PortForward(20022, 22, host_address=address),)),)
+        ),
         r"(forward|networks\[0\]\.forwards\[0\])\.host_address",
     )
 
 
 async def test_bug_guest_port_zero() -> None:
     await refused_before_qemu(
-        lambda: paused(networks=[Network(forwards=[PortForward(20023, 0)])]),
+        lambda: paused(networks=(Network(forwards=(PortForward(20023, 0),)),)),
         r"(forward|networks\[0\]\.forwards\[0\])\.guest_port",
     )
 
@@ -431,13 +436,16 @@ async def test_bug_guest_port_zero() -> None:
 async def test_bug_host_port_zero() -> None:
     # Port 0 would make slirp bind a random port, not the one the spec says: refused.
     await refused_before_qemu(
-        lambda: paused(networks=[Network(forwards=[PortForward(0, 22)])]),
+        lambda: paused(networks=(Network(forwards=(PortForward(0, 22),)),)),
         r"(forward|networks\[0\]\.forwards\[0\])\.host_port",
     )
 
 
 async def test_bug_duplicate_forwards() -> None:
-    nets = [Network(forwards=[PortForward(20024, 22)]), Network(forwards=[PortForward(20024, 23)])]
+    nets = (
+        Network(forwards=(PortForward(20024, 22),)),
+        Network(forwards=(PortForward(20024, 23),)),
+    )
     await refused_before_qemu(lambda: paused(networks=nets), r"networks\[1\]\.forwards\[0\].*")
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pyqvm import AsyncVM, VMState
+
 #: One seed for every random moment of the fault tests; set PQ_FAULT_SEED to replay a run.
 SEED = int(os.environ.get("PQ_FAULT_SEED", "20240612"))
 
@@ -30,6 +32,12 @@ def state(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError):
         return None
+
+
+def state_now(vm: AsyncVM) -> VMState:
+    """``vm.state`` read afresh. An earlier ``assert vm.state is ...`` would otherwise still
+    narrow the property for mypy after the awaits (stop) that change it."""
+    return vm.state
 
 
 def dead(pid: int) -> bool:

@@ -8,7 +8,7 @@ import os
 import signal
 
 import pytest
-from _fault_helpers import assert_nothing_left, state
+from _fault_helpers import assert_nothing_left, state, state_now
 
 from pyqvm import VM, AsyncVM, Template, VMState
 from pyqvm.errors import VMStateError
@@ -46,7 +46,7 @@ async def test_qemu_that_ended_by_itself_is_noticed(default_template: Template, 
         assert "failed" in str(caught.value) and "QEMU" in str(caught.value), caught.value
     finally:
         await vm.stop(timeout=5)
-    assert vm.state is VMState.STOPPED
+    assert state_now(vm) is VMState.STOPPED
     assert_nothing_left(pid, rundir)
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
-from _fault_helpers import assert_nothing_left, rng, summary, timed
+from _fault_helpers import assert_nothing_left, rng, state_now, summary, timed
 
 from pyqvm import AsyncVM, Template, VMState
 from pyqvm.errors import PyqvmTimeoutError
@@ -87,7 +87,7 @@ async def test_every_operation_on_a_sigstopped_qemu_times_out_and_stop_kills_it(
         )
         assert took < stop_timeout + STOP_MARGIN, (took, stop_timeout)
         assert code == -signal.SIGKILL, f"stop ended QEMU with {code}, not SIGKILL"
-        assert vm.state is VMState.STOPPED
+        assert state_now(vm) is VMState.STOPPED
         assert_nothing_left(pid, rundir)
     for what, values in took_by_op.items():
         print(summary(what, values))

@@ -15,7 +15,7 @@ import asyncio
 import time
 
 import pytest
-from _fault_helpers import assert_nothing_left, rng, summary, timed
+from _fault_helpers import assert_nothing_left, rng, state_now, summary, timed
 
 from pyqvm import AsyncVM, Template, VMState
 from pyqvm.errors import PyqvmTimeoutError
@@ -79,7 +79,7 @@ async def test_a_wedged_agent_times_out_runs_and_leaves_qmp_and_stop_working(
             f"took {stop_took:.3f} s, exit {code}"
         )
         assert stop_took < stop_timeout + STOP_MARGIN, (stop_took, stop_timeout)
-        assert vm.state is VMState.STOPPED
+        assert state_now(vm) is VMState.STOPPED
         assert_nothing_left(pid, rundir)
     print(summary("run s", runs))
     print(summary("stop s", stops))

@@ -67,8 +67,8 @@ def test_console_path_is_escaped(tmp_path: Path) -> None:
 def test_virtio_profile(files: dict[str, Path], tmp_path: Path) -> None:
     spec = VMSpec(
         kernel=KernelBoot(files["kernel"], files["initrd"], "console=ttyS0"),
-        disks=[Disk(files["qcow2"]), Disk(files["raw"], interface="virtio-scsi", ephemeral=False)],
-        networks=[Network(forwards=[PortForward(2222, 22)])],
+        disks=(Disk(files["qcow2"]), Disk(files["raw"], interface="virtio-scsi", ephemeral=False)),
+        networks=(Network(forwards=(PortForward(2222, 22),)),),
     )
     ov = tmp_path / "disk0.qcow2"
     argv = build_argv(spec, ctx(tmp_path, disk_files={"disk0": DiskFile(ov)}))
@@ -115,9 +115,9 @@ def test_emulated_profile(
     spec = VMSpec(
         machine=machine,  # type: ignore[arg-type]
         profile="emulated",
-        disks=[Disk(files["raw"], ephemeral=False)],
-        cdroms=[files["raw"]],
-        networks=[Network()],
+        disks=(Disk(files["raw"], ephemeral=False),),
+        cdroms=(files["raw"],),
+        networks=(Network(),),
     )
     argv = build_argv(spec, ctx(tmp_path))
     assert values(argv, "-machine") == [f"{machine},memory-backend=pq-ram"]
@@ -146,10 +146,10 @@ def test_emulated_profile_under_kvm_hides_pv(tmp_path: Path) -> None:
 def test_passthrough_profile(tmp_path: Path) -> None:
     spec = VMSpec(
         profile="passthrough",
-        host_devices=[
+        host_devices=(
             HostDevice("01:00.0", guest_address="05.0", rombar=False),
             HostDevice("0000:02:00.1"),
-        ],
+        ),
         guest_agent=False,
     )
     devs = devices(build_argv(spec, ctx(tmp_path)))
@@ -169,7 +169,7 @@ def test_passthrough_profile(tmp_path: Path) -> None:
 
 def test_microvm_uses_mmio_and_tsc(files: dict[str, Path], tmp_path: Path) -> None:
     spec = VMSpec(
-        machine="microvm", kernel=KernelBoot(files["kernel"], append="quiet"), networks=[Network()]
+        machine="microvm", kernel=KernelBoot(files["kernel"], append="quiet"), networks=(Network(),)
     )
     argv = build_argv(spec, ctx(tmp_path, tsc_khz=2100000))
     assert values(argv, "-append") == ["quiet tsc_early_khz=2100000"]
@@ -209,7 +209,9 @@ def test_vmgenid_asked_for_where_there_is_no_acpi_names_the_machines(
 
 
 def test_tap_and_extra_args(tmp_path: Path) -> None:
-    spec = VMSpec(networks=[Network(mode="tap", tap="tap0")], extra_args=("-S",), guest_agent=False)
+    spec = VMSpec(
+        networks=(Network(mode="tap", tap="tap0"),), extra_args=("-S",), guest_agent=False
+    )
     argv = build_argv(spec, ctx(tmp_path, accel="kvm"))
     assert json.loads(values(argv, "-netdev")[0]) == {
         "id": "net0",

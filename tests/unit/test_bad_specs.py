@@ -35,7 +35,7 @@ def header(path: Path) -> dict[str, str]:
     return out
 
 
-def cases() -> list[object]:
+def cases() -> list[pytest.ParameterSet]:
     params = []
     for path in sorted(CORPUS.glob("*.toml")):
         h = header(path)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pycdlib
 import pytest
+from pyqvm.launch.seed import seed_files, write_seed
 
 from pyqvm.errors import SpecError
-from pyqvm.launch.seed import seed_files, write_seed
 from pyqvm.spec.cloudinit import CloudInit
 from pyqvm.spec.io import spec_from_dict
 
@@ -28,7 +28,7 @@ from pyqvm.spec.io import spec_from_dict
 )
 def test_bad_seeds_are_refused_naming_the_field(kw: dict[str, str], field: str, words: str) -> None:
     with pytest.raises(SpecError) as err:
-        CloudInit(**kw)  # type: ignore[arg-type]
+        CloudInit(**kw)
     assert err.value.field == f"cloud_init.{field}"
     assert words in str(err.value)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pyqvm.errors import ImageError
 from pyqvm.image import builder
 from pyqvm.image.archive import Package
 from pyqvm.image.guest import FLAVOURS, cache_key
@@ -97,7 +98,7 @@ def test_packages_refuse_a_library_no_deb_has(
     (roots["prog"] / "usr/sbin").mkdir(parents=True)
     shutil.copyfile(HOST_TRUE, roots["prog"] / "usr/sbin/prog")
     monkeypatch.setattr(builder, "GUEST_PACKAGES", {"prog": ("usr/sbin/prog",)})
-    with pytest.raises(builder.ImageError, match=r"no amd64 package .* has libc\.so\.6"):
+    with pytest.raises(ImageError, match=r"no amd64 package .* has libc\.so\.6"):
         builder._packages(tmp_path / "initrd", roots, ARCHES["x86_64"])
 
 
@@ -106,7 +107,7 @@ def test_packages_refuse_a_package_without_its_executable(
 ) -> None:
     monkeypatch.setattr(builder, "GUEST_PACKAGES", {"dropbear-bin": ("usr/sbin/dropbear",)})
     (tmp_path / "p").mkdir()
-    with pytest.raises(builder.ImageError, match="dropbear-bin package has no usr/sbin/dropbear"):
+    with pytest.raises(ImageError, match="dropbear-bin package has no usr/sbin/dropbear"):
         builder._packages(tmp_path / "initrd", {"dropbear-bin": tmp_path / "p"}, ARCHES["x86_64"])
 
 
@@ -140,15 +141,16 @@ def run_network(tmp_path: Path, cmdline: str, nics: dict[str, str] = NICS) -> li
     return proc.stdout.splitlines()
 
 
-USER_ON = lambda nic: [  # noqa: E731
-    f"ip addr add 10.0.2.15/24 dev {nic}",
-    f"ip link set {nic} up",
-    "ip route add default via 10.0.2.2",
-]
+def user_on(nic: str) -> list[str]:
+    return [
+        f"ip addr add 10.0.2.15/24 dev {nic}",
+        f"ip link set {nic} up",
+        "ip route add default via 10.0.2.2",
+    ]
 
 
 def test_user_network_on_the_first_nic_without_entries(tmp_path: Path) -> None:
-    assert run_network(tmp_path, "quiet") == ["ip link set lo up", *USER_ON("eth0")]
+    assert run_network(tmp_path, "quiet") == ["ip link set lo up", *user_on("eth0")]
 
 
 def test_a_claimed_first_nic_moves_user_networking_to_the_next(tmp_path: Path) -> None:
@@ -157,14 +159,14 @@ def test_a_claimed_first_nic_moves_user_networking_to_the_next(tmp_path: Path) -
         "ip link set lo up",
         "ip addr add 10.9.0.5/24 dev eth0",
         "ip link set eth0 up",
-        *USER_ON("eth1"),
+        *user_on("eth1"),
     ]
 
 
 def test_mac_match_ignores_case(tmp_path: Path) -> None:
     out = run_network(tmp_path, "pyqvm.ip=52:54:0A:C8:07:02,10.200.7.2/24")
     assert out[1:3] == ["ip addr add 10.200.7.2/24 dev eth1", "ip link set eth1 up"]
-    assert out[3:] == USER_ON("eth0")
+    assert out[3:] == user_on("eth0")
 
 
 def test_every_nic_claimed_means_no_user_network(tmp_path: Path) -> None:
@@ -178,7 +180,7 @@ def test_every_nic_claimed_means_no_user_network(tmp_path: Path) -> None:
 def test_an_entry_for_no_nic_is_reported(tmp_path: Path) -> None:
     out = run_network(tmp_path, "pyqvm.ip=aa:bb:cc:dd:ee:ff,1.2.3.4/8")
     assert "pyqvm: cannot set up pyqvm.ip=aa:bb:cc:dd:ee:ff,1.2.3.4/8 (no such NIC?)" in out
-    assert out[-3:] == USER_ON("eth0")
+    assert out[-3:] == user_on("eth0")
 
 
 def test_init_names_the_ssh_interface_pyqvm_documents() -> None:

@@ -440,7 +440,8 @@ class FdQEMU(threading.Thread):
     def run(self) -> None:
         version = {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}
         self._send({"QMP": {"version": version, "capabilities": []}})
-        stream, pending = JSONStream(), None
+        stream = JSONStream()
+        pending: int | None = None  # the last descriptor received, not yet named
         fd_size = struct.calcsize("@i")
         while True:
             data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(4 * fd_size))
@@ -461,6 +462,7 @@ class FdQEMU(threading.Thread):
                     desc = "No file descriptor supplied via SCM_RIGHTS"
                     reply = {"id": msg.get("id"), "error": {"class": "GenericError", "desc": desc}}
                 elif name == "getfd":
+                    assert pending is not None  # the branch above took the None case
                     self.named[fdname], pending = pending, None
                 self._send(reply)
         if pending is not None:

@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 
 import pytest
+from pyqvm.launch.resolve import pick_machine
 
 from pyqvm.host.accel import KvmStatus
 from pyqvm.host.facts import HostFacts
-from pyqvm.launch.resolve import pick_machine
 from pyqvm.spec import KernelBoot, VMSpec
 
 TCG_HOST = HostFacts(kvm=KvmStatus(False, "no vmx/svm"), tsc_khz=2596132)
@@ -36,7 +36,7 @@ def test_auto_avoids_microvm_under_tcg_without_a_known_tsc_rate(
 def test_explicit_machines_are_kept() -> None:
     facts = HostFacts(kvm=TCG_HOST.kvm, tsc_khz=None)
     for machine in ("q35", "pc", "microvm"):
-        spec = VMSpec(image="default", machine=machine)  # type: ignore[arg-type]
+        spec = VMSpec(image="default", machine=machine)
         assert pick_machine(spec, "tcg", facts) is spec
 
 

@@ -104,9 +104,8 @@ def snapshot_job(error: str | None = None) -> Handler:
                 jobs[jid]["error"] = error
             # Events come after the reply, as when QEMU's monitor was busy with the job.
             end = ("aborting",) if error else ("waiting", "pending")
-            asyncio.get_running_loop().call_soon(
-                fake.job_status, jid, "created", "running", *end, "concluded"
-            )
+            statuses = ("created", "running", *end, "concluded")
+            asyncio.get_running_loop().call_soon(fake.job_status, jid, *statuses)
             return {}
         if name == "query-jobs":
             return list(jobs.values())

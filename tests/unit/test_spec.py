@@ -75,7 +75,7 @@ def test_auto_machine_validates_against_the_machine_it_picks(tmp_path: Path) -> 
     ("value", "mib"), [(512, 512), ("512M", 512), ("2G", 2048), ("1GiB", 1024), ("1048576K", 1024)]
 )
 def test_memory_sizes(value: int | str, mib: int) -> None:
-    assert VMSpec(memory=value).memory == mib  # type: ignore[arg-type]
+    assert VMSpec(memory=value).memory == mib
 
 
 @pytest.mark.parametrize(
@@ -118,7 +118,7 @@ def test_machine_profile_conflicts(files: dict[str, Path]) -> None:
     with pytest.raises(SpecError, match="microvm has no emulated"):
         VMSpec(machine="microvm", profile="emulated", kernel=k)
     with pytest.raises(SpecError, match=r"ahci.*q35"):
-        VMSpec(machine="pc", disks=[Disk(files["raw"], interface="ahci")])
+        VMSpec(machine="pc", disks=(Disk(files["raw"], interface="ahci"),))
     with pytest.raises(SpecError, match="microvm boots only a kernel"):
         VMSpec(machine="microvm")
     with pytest.raises(SpecError, match="either image"):
@@ -127,14 +127,14 @@ def test_machine_profile_conflicts(files: dict[str, Path]) -> None:
 
 def test_duplicate_host_device_refused() -> None:
     with pytest.raises(SpecError, match="listed twice"):
-        VMSpec(host_devices=[HostDevice("01:00.0"), HostDevice("0000:01:00.0")])
+        VMSpec(host_devices=(HostDevice("01:00.0"), HostDevice("0000:01:00.0")))
 
 
 def test_normalises_paths_ids_and_formats(files: dict[str, Path], tmp_path: Path) -> None:
     s = VMSpec(
-        disks=[Disk(files["qcow2"]), Disk(files["raw"])],
-        networks=[Network(), Network(mode="none")],
-        host_devices=[HostDevice("01:00.0")],
+        disks=(Disk(files["qcow2"]), Disk(files["raw"])),
+        networks=(Network(), Network(mode="none")),
+        host_devices=(HostDevice("01:00.0"),),
     )
     assert [d.id for d in s.disks] == ["disk0", "disk1"]
     assert [d.format for d in s.disks] == ["qcow2", "raw"]
@@ -174,14 +174,14 @@ def test_load_toml_errors(tmp_path: Path) -> None:
 
 
 def test_ide_ports_and_cdroms_checked_when_built(files: dict[str, Path]) -> None:
-    disks = [Disk(files["raw"], ephemeral=False, id=f"d{i}") for i in range(4)]
+    disks = tuple(Disk(files["raw"], ephemeral=False, id=f"d{i}") for i in range(4))
     with pytest.raises(SpecError, match=r"cdroms\[0\]: machine 'pc' has only 4"):
-        VMSpec(machine="pc", profile="emulated", disks=disks, cdroms=[files["raw"]])
+        VMSpec(machine="pc", profile="emulated", disks=disks, cdroms=(files["raw"],))
     VMSpec(machine="pc", profile="emulated", disks=disks)  # exactly four fit
     with pytest.raises(SpecError, match="microvm has no AHCI/IDE"):
-        VMSpec(machine="microvm", image="default", cdroms=[files["raw"]])
+        VMSpec(machine="microvm", image="default", cdroms=(files["raw"],))
     with pytest.raises(SpecError, match=r"disks\[0\]\.id: 'root' is the built-in image"):
-        VMSpec(image="default", disks=[Disk(files["raw"], id="root")])
+        VMSpec(image="default", disks=(Disk(files["raw"], id="root"),))
 
 
 def test_hotplug_room_fields() -> None:

@@ -51,11 +51,11 @@ from fuzz_values import (
 )
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from pyqvm.launch.plan import preview_argv
 
 from pyqvm.argv import DiskFile, LaunchContext, build_argv
 from pyqvm.errors import SpecError
 from pyqvm.host.facts import read_host_facts
-from pyqvm.launch.plan import preview_argv
 from pyqvm.spec import (
     Disk,
     HostDevice,
@@ -314,11 +314,8 @@ def test_tilde_paths(work: Path, user: str, rest: str) -> None:
 def test_disk_and_nic_ids(work: Path, disk_id: str, nic_id: str, ephemeral: bool) -> None:
     qemu_refuses = qemu_refuses_disk_id(disk_id, ephemeral) or qemu_refuses_device_id(nic_id)
     disk = raw_file(fresh(work) / "d.img")
-    data = {
-        "guest_agent": False,
-        "disks": [{"path": str(disk), "id": disk_id, "ephemeral": ephemeral}],
-        "networks": [{"id": nic_id}],
-    }
+    disk_entry = {"path": str(disk), "id": disk_id, "ephemeral": ephemeral}
+    data = {"guest_agent": False, "disks": [disk_entry], "networks": [{"id": nic_id}]}
     got = building(lambda: spec_from_dict(data))
     valid = [i == "" or bool(ID_RULE.fullmatch(i)) for i in (disk_id, nic_id)]
     want_disk, want_nic = disk_id or "disk0", nic_id or "net0"
@@ -331,7 +328,7 @@ def test_disk_and_nic_ids(work: Path, disk_id: str, nic_id: str, ephemeral: bool
     assert not qemu_refuses, "an id QEMU refuses got past the spec"
     assert got is not None and all(valid) and want_disk != want_nic
     argv = argv_of(got)
-    benign = dict(data, disks=[dict(data["disks"][0], id="d")], networks=[{"id": "n"}])
+    benign = dict(data, disks=[dict(disk_entry, id="d")], networks=[{"id": "n"}])
     assert shape(argv) == shape(argv_of(spec_from_dict(benign)))
     (blockdev,) = json_args(argv, "-blockdev")
     assert blockdev["node-name"] == want_disk
@@ -516,6 +513,7 @@ def test_memory_sizes(memory: Any, max_memory: Any) -> None:
     pad = 8 if plain_args(argv, "-accel") == ["tcg"] else 0
     assert implied == f"{got.memory * 1024 + pad}K"
     if max_memory is not None:
+        assert isinstance(got.max_memory, int)
         assert pairs == {"slots": "1", "maxmem": f"{got.max_memory * 1024 + pad}K"}
     (ram,) = [o for o in json_args(argv, "-object") if o["id"] == "pq-ram"]
     assert ram["size"] == (got.memory << 20) + pad * 1024
@@ -1024,7 +1022,7 @@ def test_bug_tilde_unknown_user() -> None:
 
 
 def test_bug_tilde_unknown_user_vmspec() -> None:
-    refused(lambda: VMSpec(cdroms=["~nosuchuser-pyqvm/x.iso"]), r"cdroms\[0\]")
+    refused(lambda: VMSpec(cdroms=(Path("~nosuchuser-pyqvm/x.iso"),)), r"cdroms\[0\]")
 
 
 @pytest.mark.parametrize(
@@ -1154,7 +1152,7 @@ def test_bug_nic_id_qemu_refuses() -> None:
 def test_bug_non_utf8_file_name(tmp_path: Path) -> None:
     f = raw_file(Path(os.fsdecode(os.fsencode(tmp_path) + b"/x\xff.img")))
     refused_before_qemu(
-        lambda: VMSpec(disks=[Disk(f, ephemeral=False)], guest_agent=False),
+        lambda: VMSpec(disks=(Disk(f, ephemeral=False),), guest_agent=False),
         r"disk\.path|disks\[0\]\.path",
     )
 
@@ -1172,7 +1170,7 @@ def test_bug_port_zero(host: int, guest: int) -> None:
 
 
 def test_bug_duplicate_forwards() -> None:
-    nets = [Network(forwards=[PortForward(2222, 22)]), Network(forwards=[PortForward(2222, 23)])]
+    nets = (Network(forwards=(PortForward(2222, 22),)), Network(forwards=(PortForward(2222, 23),)))
     refused(lambda: VMSpec(networks=nets), r"networks\[1\]\.forwards\[0\].*")
 
 

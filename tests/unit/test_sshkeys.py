@@ -60,7 +60,10 @@ def test_modes_and_fresh_keys_each_time(tmp_path: Path) -> None:
     d = tmp_path / "k"
     keys = make_keys(d)
     first_host_pub = keys.host_pub_line()
-    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
     assert mode(d) == 0o700
     assert mode(keys.client_key) == mode(keys.host_key_dropbear) == 0o600
     assert mode(keys.client_pub) == mode(keys.host_pub) == 0o644
