@@ -2,14 +2,17 @@
 
 `Lifecycle` holds a VM's state as a value you can print; operations call
 ``require`` before they act (it raises `VMStateError` naming the state and
-what was required) and ``move`` when they change it. It is the only place a
-VM's state is kept.
+what was required) and ``move`` when they change it, which accepts only the
+moves in `TRANSITIONS`: any other is a bug in pyqvm, raised at once rather than
+found later as a VM in a state nothing expects. It is the only place a VM's
+state is kept.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Mapping
 
 from pyqvm.errors import VMStateError
 
@@ -30,6 +33,24 @@ class VMState(enum.Enum):
 
 #: QEMU is up and answers: operations that talk to it need one of these.
 LIVE = (VMState.RUNNING, VMState.PAUSED)
+
+_S = VMState
+#: Every move a VM may make (staying in a state is always allowed). A stop can come in
+#: any state, and a second stop (or a kill) cleans up again, so STOPPED -> STOPPING.
+TRANSITIONS: Mapping[VMState, frozenset[VMState]] = {
+    _S.CREATED: frozenset({_S.STARTING, _S.STOPPING, _S.STOPPED}),
+    _S.STARTING: frozenset({_S.RUNNING, _S.INMIGRATE, _S.FAILED, _S.STOPPING}),
+    # A destination runs the guest once it has arrived (paused, if it left paused).
+    _S.INMIGRATE: frozenset({_S.RUNNING, _S.PAUSED, _S.FAILED, _S.STOPPING}),
+    _S.RUNNING: frozenset({_S.PAUSED, _S.MIGRATING, _S.FAILED, _S.STOPPING}),
+    _S.PAUSED: frozenset({_S.RUNNING, _S.MIGRATING, _S.FAILED, _S.STOPPING}),
+    # The source of a migration or a save: back to running or paused when it fails or
+    # the guest stays here, stopped when it moved.
+    _S.MIGRATING: frozenset({_S.RUNNING, _S.PAUSED, _S.FAILED, _S.STOPPING}),
+    _S.STOPPING: frozenset({_S.STOPPED, _S.FAILED}),
+    _S.STOPPED: frozenset({_S.STOPPING}),
+    _S.FAILED: frozenset({_S.STOPPING, _S.STOPPED}),
+}
 
 
 class Lifecycle:
@@ -60,9 +81,21 @@ class Lifecycle:
             )
 
     def move(self, to: VMState) -> None:
-        """Change the state (operations do: a migration source is MIGRATING, then RUNNING...)."""
-        if to is not self._state:
-            log.debug("%s: %s -> %s", self._name, self._state.value, to.value)
+        """Change the state (operations do: a migration source is MIGRATING, then RUNNING...).
+
+        Raises `VMStateError` for a move `TRANSITIONS` does not have: a bug in pyqvm.
+        """
+        if to is self._state:
+            return
+        allowed = TRANSITIONS[self._state]
+        if to not in allowed:
+            raise VMStateError(
+                f"VM {self._name!r}: no move from {self._state.value} to {to.value} "
+                "(a bug in pyqvm; please report it)",
+                state=self._state,
+                required=tuple(allowed),
+            )
+        log.debug("%s: %s -> %s", self._name, self._state.value, to.value)
         self._state = to
 
     def __repr__(self) -> str:

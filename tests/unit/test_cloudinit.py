@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pycdlib
 import pytest
-from pyqvm.launch.seed import seed_files, write_seed
 
 from pyqvm.errors import SpecError
+from pyqvm.launch.seed import seed_files, write_seed
 from pyqvm.spec.cloudinit import CloudInit
 from pyqvm.spec.io import spec_from_dict
 

@@ -241,6 +241,7 @@ VFIO = VMSpec(name="gpu-vm", host_devices=(HostDevice("0000:01:00.0"),))
 def running(spec: VMSpec) -> AsyncVM:
     """A VM that believes it runs but has no QEMU: any QMP call fails with VMStateError."""
     vm = AsyncVM(spec)
+    vm.machine.move(VMState.STARTING)  # the moves a start makes
     vm.machine.move(VMState.RUNNING)
     return vm
 

@@ -16,6 +16,7 @@ from pyqvm.vm import AsyncVM, VMState
 def running(spec: VMSpec) -> AsyncVM:
     """A VM that believes it runs but has no QEMU: any QMP call would fail with VMStateError."""
     vm = AsyncVM(spec)
+    vm.machine.move(VMState.STARTING)  # the moves a start makes
     vm.machine.move(VMState.RUNNING)
     return vm
 

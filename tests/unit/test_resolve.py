@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 
 import pytest
-from pyqvm.launch.resolve import pick_machine
 
 from pyqvm.host.accel import KvmStatus
 from pyqvm.host.facts import HostFacts
+from pyqvm.launch.resolve import pick_machine
 from pyqvm.spec import KernelBoot, VMSpec
 
 TCG_HOST = HostFacts(kvm=KvmStatus(False, "no vmx/svm"), tsc_khz=2596132)

@@ -51,11 +51,11 @@ from fuzz_values import (
 )
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from pyqvm.launch.plan import preview_argv
 
 from pyqvm.argv import DiskFile, LaunchContext, build_argv
 from pyqvm.errors import SpecError
 from pyqvm.host.facts import read_host_facts
+from pyqvm.launch.plan import preview_argv
 from pyqvm.spec import (
     Disk,
     HostDevice,
