@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +27,7 @@ from pyqvm.host.sriov import list_pfs
 from pyqvm.host.vfio import (
     MEMLOCK_MARGIN_MIB,
     VFIO_DRIVER,
+    IommuStatus,
     MemlockStatus,
     cpu_vendor,
     iommu_status,
@@ -213,144 +214,136 @@ def _kvm_checks(root: Path) -> list[Check]:
 # --- VFIO ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _VfioHost:
+    """What the vfio checks look at, read once."""
+
+    root: Path
+    memory_mib: int
+    memlock: MemlockStatus
+    claims: ClaimStore | None
+    iommu: IommuStatus
+    vendor: str | None
+
+    @property
+    def wanted_param(self) -> str:
+        return "amd_iommu=on" if self.vendor == "amd" else "intel_iommu=on"
+
+
+def _iommu(h: _VfioHost) -> Iterable[Check]:
+    st = h.iommu
+    yield Check("vfio", "iommu", "ok" if st.enabled else "fail", st.reason,
+                "" if st.enabled else st.fix)  # fmt: skip
+
+
+def _kernel_parameter(h: _VfioHost) -> Iterable[Check]:
+    params, amd = h.iommu.cmdline_params, h.vendor == "amd"
+    if any(p.endswith("=off") for p in params):
+        yield Check(
+            "vfio", "kernel-parameter", "fail",
+            f"the kernel command line turns the IOMMU off ({' '.join(params)})",
+            f"replace it with {h.wanted_param} iommu=pt (GRUB_CMDLINE_LINUX in "
+            "/etc/default/grub, update-grub, reboot)",
+        )  # fmt: skip
+    elif params:
+        yield Check("vfio", "kernel-parameter", "ok", " ".join(params))
+    else:
+        yield Check(
+            "vfio", "kernel-parameter", "info" if h.iommu.enabled or amd else "fail",
+            "no IOMMU parameter on the kernel command line"
+            + (" (AMD enables its IOMMU by default)" if amd else ""),
+            "" if h.iommu.enabled else f"add {h.wanted_param} iommu=pt to GRUB_CMDLINE_LINUX "
+            "in /etc/default/grub, run update-grub, reboot",
+        )  # fmt: skip
+
+
+def _vfio_pci(h: _VfioHost) -> Iterable[Check]:
+    if vfio_pci_loaded(h.root):
+        yield Check("vfio", "vfio_pci", "ok", "the vfio-pci driver is loaded")
+    else:
+        yield Check(
+            "vfio", "vfio_pci", "fail", "the vfio_pci module is not loaded",
+            "modprobe vfio-pci (and at boot: echo vfio-pci > /etc/modules-load.d/vfio-pci.conf)",
+        )  # fmt: skip
+
+
+def _dev_vfio(h: _VfioHost) -> Iterable[Check]:
+    node = h.root / "dev/vfio/vfio"
+    if not node.exists():
+        yield Check(
+            "vfio", "/dev/vfio", "fail", "/dev/vfio/vfio does not exist (no VFIO container device)",
+            "modprobe vfio-pci (it loads vfio and vfio_iommu_type1)",
+        )  # fmt: skip
+        return
+    access = os.access(node, os.R_OK | os.W_OK)
+    yield Check(
+        "vfio", "/dev/vfio", "ok" if access else "fail",
+        f"{node} exists" + ("" if access else " but is not read-writable by you"),
+        "" if access else "run as root, or give your user access to /dev/vfio/*",
+    )  # fmt: skip
+
+
+def _memlock(h: _VfioHost) -> Iterable[Check]:
+    need, memlock = h.memory_mib + MEMLOCK_MARGIN_MIB, h.memlock
+    limit = "unlimited" if memlock.limit is None else f"{memlock.limit // (1 << 20)} MiB"
+    if memlock.allows_mib(need):
+        lifted = memlock.ipc_lock and memlock.limit is not None
+        why = "CAP_IPC_LOCK lifts it" if lifted else "enough"
+        yield Check(
+            "vfio", "memlock", "ok",
+            f"locked-memory limit {limit}: {why} for a {h.memory_mib} MiB guest",
+        )  # fmt: skip
+    else:
+        yield Check(
+            "vfio", "memlock", "fail",
+            f"locked-memory limit {limit}: VFIO pins all guest RAM, a {h.memory_mib} MiB guest "
+            f"needs {need} MiB",
+            "run pyqvm as root, or `ulimit -l unlimited` (a memlock line in "
+            "/etc/security/limits.conf makes it permanent)",
+        )  # fmt: skip
+
+
+def _bound_devices(h: _VfioHost) -> Iterable[Check]:
+    if on_vfio := [d.address for d in list_pci_devices(h.root) if d.driver == VFIO_DRIVER]:
+        yield Check("vfio", "devices", "info", f"bound to vfio-pci now: {', '.join(on_vfio)}")
+
+
+def _sriov(h: _VfioHost) -> Iterable[Check]:
+    if pfs := list_pfs(h.root):
+        yield Check(
+            "vfio", "sr-iov", "info",
+            "SR-IOV PFs: " + ", ".join(f"{p.address} ({p.num_vfs}/{p.total_vfs} VFs)" for p in pfs),
+        )  # fmt: skip
+
+
+def _claims(h: _VfioHost) -> Iterable[Check]:
+    if h.claims is None:
+        return
+    if stale := h.claims.stale():
+        yield Check(
+            "vfio", "claims", "warn",
+            "devices left claimed by dead pyqvm processes: "
+            + ", ".join(f"{r.address} (VM {r.vm!r}, pid {r.pid})" for r in stale),
+            "pyqvm doctor --fix (gives them back to their drivers)",
+        )  # fmt: skip
+    if live := [r for r in h.claims.records() if r.alive]:
+        yield Check(
+            "vfio", "claims", "info",
+            "in use: " + ", ".join(f"{r.address} by VM {r.vm!r}" for r in live),
+        )  # fmt: skip
+
+
+#: The vfio checks, in the order doctor prints them; each is independent of the others.
+VFIO_CHECKS: tuple[Callable[[_VfioHost], Iterable[Check]], ...] = (
+    _iommu, _kernel_parameter, _vfio_pci, _dev_vfio, _memlock, _bound_devices, _sriov, _claims,
+)  # fmt: skip
+
+
 def _vfio_checks(
     root: Path, memory_mib: int, memlock: MemlockStatus, claims: ClaimStore | None
 ) -> list[Check]:
-    checks: list[Check] = []
-    st = iommu_status(root)
-    checks.append(
-        Check("vfio", "iommu", "ok", st.reason)
-        if st.enabled
-        else Check("vfio", "iommu", "fail", st.reason, st.fix)
-    )
-    vendor = cpu_vendor(root)
-    want = "amd_iommu=on" if vendor == "amd" else "intel_iommu=on"
-    if any(p.endswith("=off") for p in st.cmdline_params):
-        checks.append(
-            Check(
-                "vfio",
-                "kernel-parameter",
-                "fail",
-                f"the kernel command line turns the IOMMU off ({' '.join(st.cmdline_params)})",
-                f"replace it with {want} iommu=pt (GRUB_CMDLINE_LINUX in /etc/default/grub, "
-                "update-grub, reboot)",
-            )
-        )
-    elif st.cmdline_params:
-        checks.append(Check("vfio", "kernel-parameter", "ok", " ".join(st.cmdline_params)))
-    else:
-        checks.append(
-            Check(
-                "vfio",
-                "kernel-parameter",
-                "info" if st.enabled or vendor == "amd" else "fail",
-                "no IOMMU parameter on the kernel command line"
-                + (" (AMD enables its IOMMU by default)" if vendor == "amd" else ""),
-                ""
-                if st.enabled
-                else f"add {want} iommu=pt to GRUB_CMDLINE_LINUX in "
-                "/etc/default/grub, run update-grub, reboot",
-            )
-        )
-    checks.append(
-        Check("vfio", "vfio_pci", "ok", "the vfio-pci driver is loaded")
-        if vfio_pci_loaded(root)
-        else Check(
-            "vfio",
-            "vfio_pci",
-            "fail",
-            "the vfio_pci module is not loaded",
-            "modprobe vfio-pci (and at boot: echo vfio-pci > /etc/modules-load.d/vfio-pci.conf)",
-        )
-    )
-    node = root / "dev/vfio/vfio"
-    if node.exists():
-        access = os.access(node, os.R_OK | os.W_OK)
-        checks.append(
-            Check(
-                "vfio",
-                "/dev/vfio",
-                "ok" if access else "fail",
-                f"{node} exists" + ("" if access else " but is not read-writable by you"),
-                "" if access else "run as root, or give your user access to /dev/vfio/*",
-            )
-        )
-    else:
-        checks.append(
-            Check(
-                "vfio",
-                "/dev/vfio",
-                "fail",
-                "/dev/vfio/vfio does not exist (no VFIO container device)",
-                "modprobe vfio-pci (it loads vfio and vfio_iommu_type1)",
-            )
-        )
-    need = memory_mib + MEMLOCK_MARGIN_MIB
-    limit = "unlimited" if memlock.limit is None else f"{memlock.limit // (1 << 20)} MiB"
-    if memlock.allows_mib(need):
-        why = (
-            "CAP_IPC_LOCK lifts it" if memlock.ipc_lock and memlock.limit is not None else "enough"
-        )
-        checks.append(
-            Check(
-                "vfio",
-                "memlock",
-                "ok",
-                f"locked-memory limit {limit}: {why} for a {memory_mib} MiB guest",
-            )
-        )
-    else:
-        checks.append(
-            Check(
-                "vfio",
-                "memlock",
-                "fail",
-                f"locked-memory limit {limit}: VFIO pins all guest RAM, a {memory_mib} MiB guest "
-                f"needs {need} MiB",
-                "run pyqvm as root, or `ulimit -l unlimited` (a memlock line in "
-                "/etc/security/limits.conf makes it permanent)",
-            )
-        )
-    on_vfio = [d.address for d in list_pci_devices(root) if d.driver == VFIO_DRIVER]
-    if on_vfio:
-        checks.append(
-            Check("vfio", "devices", "info", f"bound to vfio-pci now: {', '.join(on_vfio)}")
-        )
-    pfs = list_pfs(root)
-    if pfs:
-        checks.append(
-            Check(
-                "vfio",
-                "sr-iov",
-                "info",
-                "SR-IOV PFs: "
-                + ", ".join(f"{p.address} ({p.num_vfs}/{p.total_vfs} VFs)" for p in pfs),
-            )
-        )
-    if claims is not None:
-        stale = claims.stale()
-        if stale:
-            checks.append(
-                Check(
-                    "vfio",
-                    "claims",
-                    "warn",
-                    "devices left claimed by dead pyqvm processes: "
-                    + ", ".join(f"{r.address} (VM {r.vm!r}, pid {r.pid})" for r in stale),
-                    "pyqvm doctor --fix (gives them back to their drivers)",
-                )
-            )
-        live = [r for r in claims.records() if r.alive]
-        if live:
-            checks.append(
-                Check(
-                    "vfio",
-                    "claims",
-                    "info",
-                    "in use: " + ", ".join(f"{r.address} by VM {r.vm!r}" for r in live),
-                )
-            )
-    return checks
+    host = _VfioHost(root, memory_mib, memlock, claims, iommu_status(root), cpu_vendor(root))
+    return [check for step in VFIO_CHECKS for check in step(host)]
 
 
 # --- Xen -----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -40,6 +41,7 @@ from pyqvm.spec.fields import (
     text,
     writable_file,
 )
+from pyqvm.spec.machines import INTERFACE_HINTS, MACHINE_TYPES, Feature, MachineInfo
 from pyqvm.spec.parts import Disk, HostDevice, KernelBoot, Network, PortForward
 from pyqvm.spec.shares import Share, with_defaults
 
@@ -267,15 +269,7 @@ class VMSpec:
             raise SpecError(
                 "machine", f"{machine!r} is not a machine of {self.arch}; use {machines}"
             )
-        if machine == "microvm":
-            if self.profile == "emulated":
-                raise SpecError("machine", "microvm has no emulated PCI devices; use q35 or pc")
-            if self.host_devices:
-                raise SpecError("machine", "microvm has no PCI bus for vfio-pci; use q35 or pc")
-            if self.kernel is None and self.image is None:
-                raise SpecError(
-                    "kernel", "microvm boots only a kernel directly; set kernel or image"
-                )
+        self._check_machine(MACHINE_TYPES[machine])
         if self.vmgenid is not None:
             boolean(self.vmgenid, "vmgenid")
             if self.vmgenid and not self.has_vmgenid:
@@ -323,37 +317,40 @@ class VMSpec:
                     raise SpecError(
                         f"disks[{i}].id", f"{d.id!r} is the built-in image's disk; pick another id"
                     )
-        if self.cdroms and machine == "microvm":
-            raise SpecError("cdroms", "microvm has no AHCI/IDE bus for a CD-ROM; use q35 or pc")
-        ports = {"q35": 6, "pc": 4}.get(machine, 0)
+
+    def _check_machine(self, info: MachineInfo) -> None:
+        """What the machine type cannot give (`pyqvm.spec.machines`): a feature it refuses,
+        more AHCI/IDE users than its ports, a disk interface or NIC model it lacks."""
+        for feature, wanted in _FEATURES.items():
+            refusal = info.refuses.get(feature)
+            if refusal is not None and wanted(self):
+                raise SpecError(refusal.field, refusal.message)
+        ports = info.block_ports
         ide_users = [f"disks[{i}]" for i, d in enumerate(self.disks) if self._on_ide(d)]
         ide_users += [f"cdroms[{i}]" for i in range(len(self.cdroms))]
         if len(ide_users) > ports:
             raise SpecError(
                 ide_users[ports],
-                f"machine {machine!r} has only {ports} AHCI/IDE ports; use virtio-blk",
+                f"machine {info.name!r} has only {ports} AHCI/IDE ports; use virtio-blk",
             )
         for i, d in enumerate(self.disks):
-            iface = d.interface
-            if machine == "microvm" and iface in ("ahci", "ide", "virtio-scsi"):
+            if d.interface == "auto" or d.interface in info.interfaces:
+                continue
+            hint = INTERFACE_HINTS.get(d.interface)
+            if hint is None or not info.block_ports:
+                hint = f"{d.interface!r} is not available on {info.name}; use virtio-blk"
+            raise SpecError(f"disks[{i}].interface", hint)
+        for i, n in enumerate(self.networks):
+            if n.model != "auto" and n.model not in info.nic_models:
                 raise SpecError(
-                    f"disks[{i}].interface",
-                    f"{iface!r} is not available on microvm; use virtio-blk",
+                    f"networks[{i}].model", f"{n.model!r} needs PCI; use virtio on {info.name}"
                 )
-            if iface == "ahci" and machine != "q35":
-                raise SpecError(
-                    f"disks[{i}].interface", '"ahci" needs machine = "q35"; use "ide" on pc'
-                )
-            if iface == "ide" and machine != "pc":
-                raise SpecError(
-                    f"disks[{i}].interface", '"ide" needs machine = "pc"; use "ahci" on q35'
-                )
-        if machine == "microvm":
-            for i, n in enumerate(self.networks):
-                if n.model in ("e1000", "e1000e"):
-                    raise SpecError(
-                        f"networks[{i}].model", f"{n.model!r} needs PCI; use virtio on microvm"
-                    )
+
+    def _refuse(self, feature: Feature) -> None:
+        """`SpecError` when this spec's machine does not have ``feature``."""
+        refusal = MACHINE_TYPES[self.effective_machine].refuses.get(feature)
+        if refusal is not None:
+            raise SpecError(refusal.field, refusal.message)
 
     def _check_hotplug_room(self) -> None:
         def whole(name: str, lo: int, hi: int) -> int:
@@ -368,21 +365,16 @@ class VMSpec:
         slots = whole("memory_slots", 0, 256)
         if self.max_memory is not None:
             set_field(self, "max_memory", parse_size_mib(self.max_memory, "max_memory"))
-        machine = self.effective_machine  # needs the numbers above checked
-        if hotplug_slots and machine != "q35":
-            hint = {
-                "pc": 'machine "pc" hot-plugs into its pci.0 bus without reserved slots; '
-                "leave it 0",
-                "virt": f"not supported on {self.arch} yet; leave it out",
-            }.get(machine, 'microvm has no PCI hotplug; use machine = "q35"')
-            raise SpecError("hotplug_slots", hint)
+        # From here `_refuse` asks effective_machine, which needs the numbers above checked.
+        if hotplug_slots:
+            self._refuse("hotplug_slots")
         if self.max_smp is not None:
             if self.max_smp < self.smp:
                 raise SpecError(
                     "max_smp", f"{self.max_smp} is below smp = {self.smp}; use at least {self.smp}"
                 )
-            if machine == "microvm" and self.max_smp > self.smp:
-                raise SpecError("max_smp", 'microvm has no CPU hotplug; use machine = "q35"')
+            if self.max_smp > self.smp:
+                self._refuse("cpu_hotplug")
         if self.max_memory is None:
             if slots:
                 raise SpecError("memory_slots", "needs max_memory (the most the guest may have)")
@@ -390,8 +382,7 @@ class VMSpec:
         assert isinstance(self.memory, int) and isinstance(self.max_memory, int)
         if self.max_memory < self.memory:
             raise SpecError("max_memory", f"{self.max_memory}M is below memory = {self.memory}M")
-        if machine == "microvm":
-            raise SpecError("max_memory", 'microvm has no memory hotplug; use machine = "q35"')
+        self._refuse("memory_hotplug")
 
     def _on_ide(self, disk: Disk) -> bool:
         if disk.interface == "auto":
@@ -443,7 +434,7 @@ class VMSpec:
     def has_vmgenid(self) -> bool:
         """Whether the VM gets QEMU's vmgenid device: unless ``vmgenid`` is False, on the
         machines whose ACPI tables carry it (x86 pc and q35; not microvm)."""
-        return self.vmgenid is not False and self.effective_machine in ("pc", "q35")
+        return self.vmgenid is not False and MACHINE_TYPES[self.effective_machine].acpi
 
     @property
     def effective_machine(self) -> ConcreteMachine:
@@ -495,6 +486,15 @@ class VMSpec:
 
 
 _Item = typing.TypeVar("_Item", Disk, Network, HostDevice)
+
+
+#: How a spec asks for each feature a machine may refuse (`pyqvm.spec.machines`).
+_FEATURES: dict[Feature, Callable[[VMSpec], bool]] = {
+    "emulated": lambda s: s.profile == "emulated",
+    "vfio": lambda s: bool(s.host_devices),
+    "disk_boot": lambda s: s.kernel is None and s.image is None,
+    "cdrom": lambda s: bool(s.cdroms),
+}
 
 
 def _with_id(item: _Item, default: str) -> _Item:
