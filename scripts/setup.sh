@@ -31,8 +31,10 @@ if [ "$mode" = --test ]; then
     # their built-in images; ovmf and qemu-efi-aarch64 (AAVMF): the firmware that boots the
     # images' UEFI disks;
     # qemu-guest-agent: the agent protocol tests talk to a real qemu-ga on the host;
-    # cpio, zstd, xz-utils: tests read pyqvm's archives and kernels with the reference tools.
-    PACKAGES+=(qemu-system-xen iproute2 gdb vde-switch openssh-client dropbear-bin
+    # cpio, zstd, xz-utils: tests read pyqvm's archives and kernels with the reference tools;
+    # openssh-server: its sshd, which the `--host ssh://` tests run in a network namespace of
+    # their own (the package's service is not used).
+    PACKAGES+=(qemu-system-xen iproute2 gdb vde-switch openssh-client openssh-server dropbear-bin
                qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross
                ovmf qemu-efi-aarch64 qemu-guest-agent cpio zstd xz-utils)
 fi

@@ -15,8 +15,9 @@ import pytest
 from pyqvm import Machine, Template, VMSpec, image, templates
 from pyqvm.named import registry
 
-# The non-root, no-Debian-tools builds; its session fixture feeds the debian tests too.
-pytest_plugins = ["fixtures.nonroot"]
+# The non-root, no-Debian-tools builds (whose session fixture feeds the debian tests too);
+# a network namespace with an sshd, the other host of `--host ssh://`.
+pytest_plugins = ["fixtures.nonroot", "fixtures.sshhost"]
 
 
 def _stamps(root: Path) -> dict[str, tuple[int, int, int]]:

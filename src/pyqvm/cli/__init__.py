@@ -25,6 +25,7 @@ pyqvm hotplug NAME disk PATH|nic|cpu|memory SIZE; pyqvm unplug NAME ID
 pyqvm save NAME DIR; pyqvm restore DIR --name NAME  to a directory and back
 pyqvm migrate NAME --to NAME2 [--storage copied|shared]   live-migrate into a new named VM
 pyqvm stop NAME... [--force] [--timeout S] | --all; pyqvm wait NAME
+pyqvm --host ssh://[USER@]HOST[:PORT] VERB ...     the same against another host's named VMs
 
 One module per verb or family of verbs (``pyqvm.cli.run``, ``.up`` (up, restore), ``.ps``,
 ``.exec_cmd``, ``.ssh``, ``.console`` (console, logs), ``.gdb``, ``.control`` (the one-call
@@ -48,6 +49,7 @@ from pyqvm.cli import (
     cmdline,
     console,
     control,
+    dial,
     doctor,
     exec_cmd,
     gdb,
@@ -62,7 +64,9 @@ from pyqvm.cli.specargs import UsageError, spec_from_args
 from pyqvm.cli.status import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE
 from pyqvm.errors import PyqvmError
 
-_VERBS = (run, up, ps, exec_cmd, ssh, console, gdb, control, cmdline, image, template, doctor)
+_VERBS = (
+    run, up, ps, exec_cmd, ssh, console, gdb, control, cmdline, image, template, doctor, dial,
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pyqvm", description="Boot QEMU guests and drive them over QMP."
     )
     ap.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    ap.add_argument(
+        "-H",
+        "--host",
+        default=os.environ.get("PYQVM_HOST") or None,
+        metavar="ssh://[USER@]HOST[:PORT]",
+        help="drive the named VMs of another host, over SSH (default: $PYQVM_HOST); "
+        "see docs/cli.md",
+    )
     # -v also after the subcommand (`pyqvm run -v ...`); SUPPRESS keeps a top-level -v.
     verbosity = argparse.ArgumentParser(add_help=False)
     verbosity.add_argument(
@@ -85,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         verb.add_parser(sub, parents=[verbosity])
     for verb_parser in sub.choices.values():
         verb_parser.set_defaults(parser=verb_parser)  # a usage error shows the verb's usage
-    ap.set_defaults(parser=ap, takes_command=False, min_log_level="warning")
+    # The far side of --host (pyqvm.cli.dial) is no verb a user types: not in the usage.
+    sub.metavar = "{" + ",".join(v for v in sub.choices if v not in dial.VERBS) + "}"
+    ap.set_defaults(parser=ap, takes_command=False, min_log_level="warning", over_owner=False)
     return ap
 
 
@@ -115,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # qemu.qmp logs a traceback when QEMU hangs up; pyqvm's own error already says why.
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     try:
+        if args.host and not args.over_owner:
+            return forward(args.host, _without_host(sys.argv[1:] if argv is None else argv))
         code: int = args.run(args)
         return code
     except UsageError as e:
@@ -131,7 +147,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
-__all__ = ["EXIT_ERROR", "EXIT_USAGE", "build_parser", "main", "parse_args", "spec_from_args"]
+def _without_host(argv: Sequence[str]) -> list[str]:
+    """``argv`` without the ``--host``/``-H`` option (given before the verb)."""
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg in ("-H", "--host"):
+            skip = True
+        elif arg.startswith("--host="):
+            pass
+        elif arg == "--" or not arg.startswith("-"):
+            return out + list(argv[i:])
+        else:
+            out.append(arg)
+    return out
+
+
+def forward(url: str, argv: Sequence[str]) -> int:
+    """Run ``pyqvm ARGV`` on the host ``url`` names, over SSH, with this terminal (or these
+    pipes) as its stdin, stdout and stderr: what a verb that is not one call on a VM's owner
+    does with ``--host`` (the spec files, disks and ports it names are that host's)."""
+    import subprocess
+
+    from pyqvm.named.ssh import Host
+
+    host = Host.parse(url)
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    code = subprocess.run(host.argv(list(argv), tty=tty), check=False).returncode
+    if code == 255:  # ssh's own failure; what it said is on stderr already
+        print(f"pyqvm: error: host {host.url}: ssh failed (see above); pyqvm never answers "
+              f"a password prompt: check `ssh {host.hostname} true`", file=sys.stderr)  # fmt: skip
+        return EXIT_ERROR
+    if code == 127:
+        print(f"pyqvm: error: {host.failure(127, '')}", file=sys.stderr)
+        return EXIT_ERROR
+    return code
+
+
+__all__ = [
+    "EXIT_ERROR", "EXIT_USAGE", "build_parser", "forward", "main", "parse_args", "spec_from_args",
+]  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     q.add_argument("name", metavar="NAME")
     q.add_argument("command", metavar="COMMAND")
     q.add_argument("arguments", nargs="?", metavar="JSON-ARGS", help='e.g. \'{"device": "x"}\'')
-    q.set_defaults(run=run_qmp)
+    q.set_defaults(run=run_qmp, over_owner=True)
 
     s = sub.add_parser("stop", parents=par, help="stop named VMs")
     s.add_argument("names", nargs="*", metavar="NAME")
@@ -48,7 +48,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
 
     w = sub.add_parser("wait", parents=par, help="wait until a named VM ends")
     w.add_argument("name", metavar="NAME")
-    w.set_defaults(run=run_wait)
+    w.set_defaults(run=run_wait, over_owner=True)
 
     sn = sub.add_parser("snapshot", parents=par, help="internal snapshots of a named VM")
     sn.add_argument("name", metavar="NAME")
@@ -56,7 +56,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     sn.add_argument("tag", nargs="?", metavar="TAG")
     sn.add_argument("--json", action="store_true", help="list as JSON")
     sn.add_argument("--overwrite", action="store_true", help="save over an existing TAG")
-    sn.set_defaults(run=run_snapshot)
+    sn.set_defaults(run=run_snapshot, over_owner=True)
 
     h = sub.add_parser(
         "hotplug",
@@ -86,7 +86,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     u.add_argument("name", metavar="NAME")
     u.add_argument("device", metavar="ID")
     u.add_argument("--timeout", type=float, default=30.0)
-    u.set_defaults(run=run_unplug)
+    u.set_defaults(run=run_unplug, over_owner=True)
 
     mg = sub.add_parser(
         "migrate",
@@ -105,7 +105,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
         default="copied",
         help="copy the disks over NBD (default) or open the same files",
     )
-    mg.set_defaults(run=run_migrate)
+    mg.set_defaults(run=run_migrate, over_owner=True)
 
     sv = sub.add_parser(
         "save",
@@ -119,14 +119,15 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     sv.set_defaults(run=run_save)
 
 
-def _on(name: str, fn: Callable[[AsyncNamedVM], Awaitable[_T]]) -> _T:
-    """Attach to VM ``name``, run ``fn`` on the handle, hang up."""
+def _on(args: argparse.Namespace, fn: Callable[[AsyncNamedVM], Awaitable[_T]]) -> _T:
+    """Attach to VM ``args.name`` (on ``args.host``), run ``fn`` on the handle, hang up."""
+    name, host = args.name, getattr(args, "host", None)
     import asyncio
 
     from pyqvm.faces.derived import AsyncNamedVM
 
     async def go() -> _T:
-        async with await AsyncNamedVM.attach(name) as vm:
+        async with await AsyncNamedVM.attach(name, host=host) as vm:
             return await fn(vm)
 
     return asyncio.run(go())
@@ -149,7 +150,7 @@ def run_qmp(args: argparse.Namespace) -> int:
         if not isinstance(arguments, dict):
             raise UsageError('JSON-ARGS: must be a JSON object, e.g. \'{"id": "x"}\'')
     try:
-        _print_json(_on(args.name, lambda vm: vm.execute(args.command, arguments)))
+        _print_json(_on(args, lambda vm: vm.execute(args.command, arguments)))
     except QMPCommandError as e:
         _print_json({"error": {"class": e.error_class, "desc": e.description}})
         return 1
@@ -192,7 +193,7 @@ def run_stop(args: argparse.Namespace) -> int:
 
 
 def run_wait(args: argparse.Namespace) -> int:
-    _on(args.name, lambda vm: vm.wait())
+    _on(args, lambda vm: vm.wait())
     return 0
 
 
@@ -200,16 +201,16 @@ def run_snapshot(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.tag:
         raise UsageError(f"snapshot {args.action} needs a TAG")
     if args.action == "save":
-        _on(args.name, lambda vm: vm.snapshot_save(args.tag, overwrite=args.overwrite))
+        _on(args, lambda vm: vm.snapshot_save(args.tag, overwrite=args.overwrite))
     elif args.action == "load":
-        _on(args.name, lambda vm: vm.snapshot_load(args.tag))
+        _on(args, lambda vm: vm.snapshot_load(args.tag))
     elif args.action == "delete":
-        _on(args.name, lambda vm: vm.snapshot_delete(args.tag))
+        _on(args, lambda vm: vm.snapshot_delete(args.tag))
     else:
         from pyqvm.codec import to_json
         from pyqvm.ops.snapshot import SnapshotInfo
 
-        infos = _on(args.name, lambda vm: vm.snapshot_list())
+        infos = _on(args, lambda vm: vm.snapshot_list())
         if args.json:
             _print_json(to_json(infos, list[SnapshotInfo]))
         for i in infos if not args.json else ():
@@ -236,12 +237,12 @@ def run_hotplug(args: argparse.Namespace) -> int:
             return vm.hotplug_cpu(args.id)
         return vm.hotplug_memory(args.size, args.id)
 
-    print(_on(args.name, plug))
+    print(_on(args, plug))
     return 0
 
 
 def run_unplug(args: argparse.Namespace) -> int:
-    _on(args.name, lambda vm: vm.unplug(args.device, timeout=args.timeout))
+    _on(args, lambda vm: vm.unplug(args.device, timeout=args.timeout))
     return 0
 
 
@@ -249,7 +250,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     bar = _ProgressBar() if sys.stderr.isatty() else None
 
     stats = _on(
-        args.name,
+        args,
         lambda vm: vm.migrate(
             args.to, transport=args.transport, storage=args.storage, progress=bar
         ),
@@ -280,6 +281,6 @@ class _ProgressBar:
 
 
 def run_save(args: argparse.Namespace) -> int:
-    saved = _on(args.name, lambda vm: vm.save(args.directory.resolve()))
+    saved = _on(args, lambda vm: vm.save(args.directory.resolve()))
     print(saved.directory)
     return 0

@@ -29,7 +29,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds (default: a day)")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="repeatable")
     p.add_argument("-n", "--no-stdin", action="store_true", help="do not read stdin (as ssh -n)")
-    p.set_defaults(run=run, takes_command=True)
+    p.set_defaults(run=run, takes_command=True, over_owner=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     stdin = None if quiet else sys.stdin.buffer.read()
 
     async def go() -> int:
-        async with await AsyncNamedVM.attach(args.name) as vm:
+        async with await AsyncNamedVM.attach(args.name, host=args.host) as vm:
             try:
                 result = await vm.run(args.cmd, input=stdin, env=env or None, timeout=args.timeout)
             except PyqvmError as e:

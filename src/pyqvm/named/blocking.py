@@ -17,6 +17,7 @@ from pyqvm.faces.loop import ThreadLoop
 from pyqvm.named import registry
 from pyqvm.named.client import CONNECT_TIMEOUT, AsyncNamedVMBase
 from pyqvm.named.registry import Record
+from pyqvm.named.ssh import Host
 from pyqvm.ops.migration import (
     MigrationStats,
     MigrationTLS,
@@ -36,9 +37,13 @@ class NamedVMBase:
     #: The async handle each call makes (`pyqvm.AsyncNamedVM`, set by the derived class).
     handle: ClassVar[type[AsyncNamedVMBase]] = AsyncNamedVMBase
 
-    def __init__(self, name: str, *, timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(
+        self, name: str, *, timeout: float = CONNECT_TIMEOUT, host: str | Host | None = None
+    ) -> None:
         self._name = name
         self.timeout = timeout
+        #: Where the VM lives (None: this host); see `pyqvm.named.ssh`.
+        self.host = None if host is None else host if isinstance(host, Host) else Host.parse(host)
         self._loop = ThreadLoop.current()
 
     @property
@@ -50,7 +55,7 @@ class NamedVMBase:
 
     def _do(self, fn: Callable[[AsyncNamedVMBase], Awaitable[_T]]) -> _T:
         async def go() -> _T:
-            vm = await self.handle.attach(self.name, timeout=self.timeout)
+            vm = await self.handle.attach(self.name, timeout=self.timeout, host=self.host)
             try:
                 return await fn(vm)
             finally:
@@ -63,10 +68,15 @@ class NamedVMBase:
         return self._do(lambda vm: vm._op(operation, returns, **arguments))
 
     @classmethod
-    def attach(cls, name: str, *, timeout: float = CONNECT_TIMEOUT) -> Self:
-        """The running VM called ``name``; `NamedVMError` if there is none."""
-        registry.find(name)
-        return cls(name, timeout=timeout)
+    def attach(
+        cls, name: str, *, timeout: float = CONNECT_TIMEOUT, host: str | Host | None = None
+    ) -> Self:
+        """The running VM called ``name`` (on ``host``, ``ssh://[user@]HOST``); `NamedVMError`
+        if there is none (asked of this host's registry now, of another host's at the first
+        call)."""
+        if host is None:
+            registry.find(name)
+        return cls(name, timeout=timeout, host=host)
 
     @classmethod
     def up(
@@ -79,6 +89,7 @@ class NamedVMBase:
         restore: Path | None = None,
         image_cache: Path | None = None,
         timeout: float = 600.0,
+        host: str | Host | None = None,
     ) -> Self:
         """Start VM ``name`` in an owner process of its own (see `AsyncNamedVMBase.up`)."""
 
@@ -91,11 +102,12 @@ class NamedVMBase:
                 restore=restore,
                 image_cache=image_cache,
                 timeout=timeout,
+                host=host,
             )
             await vm.close()
 
         ThreadLoop.current().run(go())
-        return cls(name)
+        return cls(name, host=host)
 
     def info(self) -> dict[str, Any]:
         """The VM's `Record` as JSON, with its ``state`` (pyqvm's) and ``status`` (QEMU's)."""

@@ -33,8 +33,9 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 from pyqvm.channels.qmp import EventFilter, event_filter
 from pyqvm.codec import callback_argument, from_json, is_callback, to_json
 from pyqvm.errors import NamedVMError, PyqvmError, PyqvmTimeoutError, tail
-from pyqvm.named import registry, wire
+from pyqvm.named import registry, ssh, wire
 from pyqvm.named.registry import REQUEST, Entry, Record
+from pyqvm.named.ssh import Host, SshStream
 from pyqvm.named.wire import CALLBACK_EVENT, OP_COMMAND
 from pyqvm.ops.migration import (
     Incoming,
@@ -62,13 +63,24 @@ class AsyncNamedVMBase:
     #: AsyncVM's `send`, as the derived class carries it (`migrate` sends with it).
     send: Callable[..., Awaitable[MigrationStats]]
 
-    def __init__(self, entry: Entry, client: QMPClient) -> None:
-        self.entry = entry
+    def __init__(
+        self, name: str, client: QMPClient, *, entry: Entry | None = None,
+        stream: SshStream | None = None,
+    ) -> None:  # fmt: skip
+        self._name = name
         self._client = client
+        #: This host's registry entry of the VM (None for a VM on another host).
+        self.entry = entry
+        self._stream = stream
 
     @property
     def name(self) -> str:
-        return self.entry.name
+        return self._name
+
+    @property
+    def host(self) -> Host | None:
+        """The host the VM lives on (None: this one)."""
+        return None if self._stream is None else self._stream.host
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -76,12 +88,17 @@ class AsyncNamedVMBase:
     # --- making and closing handles --------------------------------------------------------
 
     @classmethod
-    async def attach(cls, name: str, *, timeout: float = CONNECT_TIMEOUT) -> Self:
-        """Connect to the running VM called ``name``.
+    async def attach(
+        cls, name: str, *, timeout: float = CONNECT_TIMEOUT, host: str | Host | None = None
+    ) -> Self:
+        """Connect to the running VM called ``name`` (on ``host``, ``ssh://[user@]HOST``:
+        see `pyqvm.named.ssh`; default this one).
 
         `NamedVMError` if there is none (a dead one is pruned and said so), or
-        its owner does not answer within ``timeout`` seconds.
+        its owner does not answer within ``timeout`` seconds, or the host cannot be reached.
         """
+        if host is not None:
+            return await cls._attach_over_ssh(name, _host(host), timeout)
         entry = registry.find(name)
         client = QMPClient(f"pyqvm-{name}", readbuflen=wire.LINE_LIMIT)
         try:
@@ -102,18 +119,32 @@ class AsyncNamedVMBase:
                 f"{entry.socket}: {e}; it may still be starting",
                 name=name,
             ) from None
-        greeting = client.greeting
-        version = greeting.QMP.version.get("pyqvm") if greeting is not None else None
-        protocol = version.get("protocol") if isinstance(version, dict) else None
-        if protocol != wire.PROTOCOL:
+        await _check_greeting(client, name)
+        return cls(name, client, entry=entry)
+
+    @classmethod
+    async def _attach_over_ssh(cls, name: str, host: Host, timeout: float) -> Self:
+        stream = SshStream(host, name)
+        client = QMPClient(f"pyqvm-{name}", readbuflen=wire.LINE_LIMIT)
+        sock = await stream.open()
+        try:
+            # The login is part of the wait here: allow ssh its own connect timeout.
+            await asyncio.wait_for(client.connect(sock), timeout + 15)
+        except TimeoutError:
             await client.disconnect()
+            await stream.close(0)
             raise NamedVMError(
-                f"VM {name!r} is served by an owner of another pyqvm version (protocol "
-                f"{protocol}, this pyqvm speaks {wire.PROTOCOL}); use that pyqvm, or end it: "
-                f"pyqvm stop --force {name}",
-                name=name,
-            )
-        return cls(entry, client)
+                f"VM {name!r} on {host.url}: no answer within {timeout + 15:g} s", name=name
+            ) from None
+        except (QMPError, OSError, EOFError):
+            await client.disconnect()
+            raise await stream.error() from None
+        try:
+            await _check_greeting(client, name)
+        except NamedVMError:
+            await stream.close(5)
+            raise
+        return cls(name, client, stream=stream)
 
     @classmethod
     async def up(
@@ -126,12 +157,14 @@ class AsyncNamedVMBase:
         restore: Path | None = None,
         image_cache: Path | None = None,
         timeout: float = 600.0,
+        host: str | Host | None = None,
     ) -> Self:
         """Start VM ``name`` in an owner process of its own and return once it is ready.
 
         It boots ``spec``, or is a clone of ``template``, or resumes the state
         ``restore`` names (saved with `save`; its spec is read from there). The
-        VM runs on after this process ends, until `stop`.
+        VM runs on after this process ends, until `stop`. On ``host``
+        (``ssh://[user@]HOST``), the owner starts there; paths name that host's files.
         """
         request: dict[str, Any] = {
             "name": name,
@@ -139,6 +172,8 @@ class AsyncNamedVMBase:
         }
         if template is not None:
             request |= {"template": template, "templates_dir": templates_dir and str(templates_dir)}
+        elif restore is not None and host is not None:
+            request["restore"] = str(restore)  # its owner reads the spec there
         elif restore is not None:
             try:
                 saved = json.loads((Path(restore) / "spec.json").read_text())
@@ -152,14 +187,19 @@ class AsyncNamedVMBase:
         else:
             spec = spec if spec is not None else VMSpec()
             request["spec"] = {**spec_to_dict(spec), "name": name}
-        await start_owner(name, request, timeout=timeout)
-        return await cls.attach(name)
+        if host is not None:
+            await _start_on(_host(host), name, request, timeout)
+        else:
+            await start_owner(name, request, timeout=timeout)
+        return await cls.attach(name, host=host)
 
     async def close(self) -> None:
         """Hang up (the VM runs on). Quiet if the owner hung up first."""
         # qemu.qmp re-raises here what ended its reader (EOFError when the owner left).
         with contextlib.suppress(QMPError, OSError, EOFError):
             await self._client.disconnect()
+        if self._stream is not None:
+            await self._stream.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -293,11 +333,14 @@ class AsyncNamedVMBase:
             "spec": {**source["spec"], "name": dst},
             "incoming": {"listen": listen, "timeout": timeout},
         }
-        await start_owner(dst, request, timeout=timeout or 600.0, on_incoming=send)
+        if self.host is not None:
+            await _start_on(self.host, dst, request, timeout or 600.0, on_incoming=send)
+        else:
+            await start_owner(dst, request, timeout=timeout or 600.0, on_incoming=send)
         await self._until_gone()
         if source["forwards"]:
             # This VM has quit: its host ports are free for the destination now.
-            async with await type(self).attach(dst) as new:
+            async with await type(self).attach(dst, host=self.host) as new:
                 for netdev, rule in source["forwards"]:
                     out = await new.call(
                         "human-monitor-command",
@@ -309,7 +352,9 @@ class AsyncNamedVMBase:
 
     async def _until_gone(self, timeout: float = 10.0) -> None:
         """Hang up and wait for the owner to remove its entry (the name is free again)."""
-        await self.close()
+        await self.close()  # over SSH: returns once the far side saw the entry go
+        if self.entry is None:
+            return
         give_up = time.monotonic() + timeout
         # The owner's last act is to exit; its lock is what tells (no event to wait on).
         while self.entry.directory.exists() and self.entry.alive():
@@ -335,6 +380,39 @@ def _callback(event: Mapping[str, Any], callbacks: Callbacks) -> None:
     data = event.get("data") or {}
     fn, tp = callbacks[data["parameter"]]
     fn(from_json(data.get("value"), tp, f"{data['parameter']}: argument"))
+
+
+async def _start_on(
+    host: Host,
+    name: str,
+    request: Mapping[str, Any],
+    timeout: float,
+    on_incoming: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+) -> Record:
+    """`start_owner` on ``host``, over SSH (`pyqvm.named.ssh.start_owner`)."""
+    said = await ssh.start_owner(host, name, request, timeout=timeout, on_incoming=on_incoming)
+    if "error" in said:
+        raise wire.error_from_json(said["error"])
+    return Record.from_json(said["ok"], name)
+
+
+async def _check_greeting(client: QMPClient, name: str) -> None:
+    """Refuse an owner of another protocol, saying both pyqvm versions."""
+    greeting = client.greeting
+    said = greeting.QMP.version.get("pyqvm") if greeting is not None else None
+    said = said if isinstance(said, dict) else {}
+    if said.get("protocol") != wire.PROTOCOL:
+        await client.disconnect()
+        raise NamedVMError(
+            f"VM {name!r} is served by an owner of pyqvm {said.get('version', 'unknown')} "
+            f"(protocol {said.get('protocol')}); this is pyqvm {wire.VERSION} (protocol "
+            f"{wire.PROTOCOL}); use that pyqvm, or end it: pyqvm stop --force {name}",
+            name=name,
+        )
+
+
+def _host(host: str | Host) -> Host:
+    return host if isinstance(host, Host) else Host.parse(host)
 
 
 def _owner(entry: Entry) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pyqvm.codec import callback_argument, from_json, to_json
-from pyqvm.errors import PyqvmError, VMExitedError
+from pyqvm.errors import NamedVMError, PyqvmError, VMExitedError
 from pyqvm.faces.operations import CARRIED, OPERATIONS
 from pyqvm.named import registry, wire
 from pyqvm.named.registry import REQUEST, Entry, Record
@@ -342,6 +342,8 @@ async def _start(
         )
         await vm.start_from_template(t)
         return vm, t.name
+    if "spec" not in request:  # a restore on this host: the spec was saved with the state
+        request = {**request, "spec": _saved_spec(Path(request["restore"]), request["name"])}
     spec: VMSpec = spec_from_dict(request["spec"])
     vm = AsyncVM(spec, image_cache=image_cache)
     if request.get("restore"):
@@ -351,6 +353,18 @@ async def _start(
     else:
         await vm.start()
     return vm, None
+
+
+def _saved_spec(directory: Path, name: str) -> dict[str, Any]:
+    try:
+        saved = json.loads((directory / "spec.json").read_text())
+    except (OSError, ValueError) as e:
+        raise NamedVMError(
+            f"restore: '{directory}' holds no spec.json of a VM saved with "
+            f"`pyqvm save NAME DIR` ({e})",
+            name=name,
+        ) from None
+    return {**saved, "name": name}
 
 
 async def _incoming(vm: AsyncVM, request: Mapping[str, Any], say: Callable[[Any], None]) -> None:

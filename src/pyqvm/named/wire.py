@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import enum
+import importlib.metadata
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -31,8 +32,18 @@ import pyqvm.errors as errors
 from pyqvm.errors import PyqvmError
 from pyqvm.state import VMState
 
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pyqvm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 #: The version of the owner's protocol, in its greeting; a client refuses another.
 PROTOCOL = 2
+#: This pyqvm's version, in the greeting (a refusal says both sides').
+VERSION = _version()
 #: The owner's command that runs one of AsyncVM's operations (`pyqvm.faces.operations`):
 #: ``{"operation", "arguments", "callbacks", "call"}`` in, ``{"result", "ended"}`` out.
 OP_COMMAND = "pyqvm-op"
@@ -116,7 +127,7 @@ _STRUCTURE = re.compile(rb'[{}"]')
 def greeting(name: str) -> dict[str, Any]:
     return {
         "QMP": {
-            "version": {"pyqvm": {"protocol": PROTOCOL, "name": name}},
+            "version": {"pyqvm": {"protocol": PROTOCOL, "version": VERSION, "name": name}},
             "capabilities": [],
         }
     }
@@ -190,6 +201,7 @@ __all__ = [
     "LINE_LIMIT",
     "OP_COMMAND",
     "PROTOCOL",
+    "VERSION",
     "Splitter",
     "b64",
     "error_from_json",
