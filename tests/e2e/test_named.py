@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures.sshhost import SshHost
 
 from pyqvm import AsyncNamedVM, MigrationProgress, NamedVMError, Template, attach, up
 
@@ -67,9 +68,29 @@ def gone_within(pids: list[int], seconds: float) -> bool:
     return True
 
 
+@pytest.fixture(params=["here", "ssh"])
+def where(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> SshHost | None:
+    """Where the test's VMs live: this host, or the namespace host of `fixtures.sshhost`
+    driven with ``--host ssh://`` (PYQVM_HOST); every test here runs both ways."""
+    if request.param == "here":
+        return None
+    there: SshHost = request.getfixturevalue("remote_env")
+    monkeypatch.setenv("PYQVM_HOST", there.url)
+    return there
+
+
 @pytest.fixture
-def runtime(default_template: Template, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def host(where: SshHost | None) -> str | None:
+    """The ``host`` a Python API call takes (None: this one)."""
+    return None if where is None else where.url
+
+
+@pytest.fixture
+def runtime(
+    default_template: Template, monkeypatch: pytest.MonkeyPatch, where: SshHost | None
+) -> Iterator[Path]:
     """A registry of this test's own (a short path: sockets live in it); nothing may be left.
+    Over SSH, its path reaches the other host too (`fixtures.sshhost.PASSED_ON`).
 
     `up_clone` starts a clone of the session's template: these tests are about named VMs,
     not about booting, so most skip the boot.
@@ -322,18 +343,20 @@ def test_ten_clones_up_then_stop_leave_nothing_behind(
     assert list((runtime / "vms").iterdir()) == []
 
 
-def test_the_python_api_attach_and_up(runtime: Path, default_template: Template) -> None:
-    vm = up(name="py", template=default_template.name)
+def test_the_python_api_attach_and_up(
+    runtime: Path, default_template: Template, host: str | None
+) -> None:
+    vm = up(name="py", template=default_template.name, host=host)
     assert vm.run(["echo", "hi"]).stdout == b"hi\n"
-    again = attach("py")
+    again = attach("py", host=host)
     again.write_file("/tmp/x", b"data")
     assert vm.read_file("/tmp/x") == b"data"
     assert again.execute("query-status")["status"] == "running"
     assert again.info()["name"] == "py"
 
     async def concurrently() -> list[bytes]:
-        a = await AsyncNamedVM.attach("py")
-        b = await AsyncNamedVM.attach("py")
+        a = await AsyncNamedVM.attach("py", host=host)
+        b = await AsyncNamedVM.attach("py", host=host)
         try:
             results = await asyncio.gather(
                 a.run(["sh", "-c", "sleep 0.5; echo a"]), b.run(["echo", "b"])
@@ -346,10 +369,12 @@ def test_the_python_api_attach_and_up(runtime: Path, default_template: Template)
     assert asyncio.run(concurrently()) == [b"a\n", b"b\n"]
     vm.stop()
     with pytest.raises(NamedVMError, match="no VM named 'py'"):
-        attach("py")
+        attach("py", host=host)
 
 
-def test_migrate_a_named_vm_into_a_new_one(runtime: Path) -> None:
+def test_migrate_a_named_vm_into_a_new_one(
+    runtime: Path, where: SshHost | None, host: str | None
+) -> None:
     port = free_port()
     assert pyqvm("up", "--name", "m1", "--forward", f"{port}:8080").returncode == 0
     serve = "mkdir -p /tmp/www && echo served > /tmp/www/hello && httpd -p 8080 -h /tmp/www"
@@ -371,18 +396,28 @@ def test_migrate_a_named_vm_into_a_new_one(runtime: Path) -> None:
         "cat /tmp/ram; echo 3 > /proc/sys/vm/drop_caches; cat /mnt/data/kept",
     )
     assert r.stdout == "in-ram\nkept\n"
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/hello", timeout=10) as page:
-        assert page.read() == b"served\n"  # the port moved with the guest
+    assert fetch(f"http://127.0.0.1:{port}/hello", where) == b"served\n"  # the port moved
 
     # From Python, with progress, and with shared storage this time.
     seen: list[MigrationProgress] = []
-    stats = attach("m2").migrate("m3", storage="shared", progress=seen.append)
+    stats = attach("m2", host=host).migrate("m3", storage="shared", progress=seen.append)
     assert stats.transferred > 0 and seen and seen[-1].status == "completed"
-    assert attach("m3").run(["cat", "/mnt/data/kept"]).stdout == b"kept\n"
+    assert attach("m3", host=host).run(["cat", "/mnt/data/kept"]).stdout == b"kept\n"
     with pytest.raises(NamedVMError, match="taken by a running VM"):
-        attach("m3").migrate("m3")  # the destination's name must be free; m3 runs on
-    assert attach("m3").run(["true"]).returncode == 0
+        attach("m3", host=host).migrate("m3")  # the destination's name must be free
+    assert attach("m3", host=host).run(["true"]).returncode == 0
     assert pyqvm("stop", "m3").returncode == 0
+
+
+def fetch(url: str, where: SshHost | None) -> bytes:
+    """``url``'s body, fetched on the host the VMs live on (a forward listens there)."""
+    if where is None:
+        with urllib.request.urlopen(url, timeout=10) as page:
+            return bytes(page.read())
+    code = f"import urllib.request as u; print(u.urlopen({url!r}, timeout=10).read().decode())"
+    argv = ["ip", "netns", "exec", where.netns, sys.executable, "-c", code]
+    out = subprocess.run(argv, capture_output=True, timeout=30, check=True).stdout
+    return out[:-1]  # print's newline
 
 
 def free_port() -> int:

@@ -31,10 +31,11 @@ _GONE_WAIT = 10.0
 def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     d = sub.add_parser("dial-stdio", parents=list(parents), help=argparse.SUPPRESS)
     d.add_argument("name", metavar="NAME")
-    d.set_defaults(run=run_dial_stdio)
+    d.add_argument("--timeout", type=float, default=5.0, help="for the owner's greeting")
+    d.set_defaults(run=run_dial_stdio, over_owner=True)  # the far side: never sent on
     o = sub.add_parser("owner-start", parents=list(parents), help=argparse.SUPPRESS)
     o.add_argument("name", metavar="NAME")
-    o.set_defaults(run=run_owner_start)
+    o.set_defaults(run=run_owner_start, over_owner=True)
 
 
 def run_dial_stdio(args: argparse.Namespace) -> int:
@@ -42,7 +43,14 @@ def run_dial_stdio(args: argparse.Namespace) -> int:
 
     entry = registry.find(args.name)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(str(entry.socket))
+    sock.settimeout(args.timeout)
+    try:  # the owner greets first: an owner that does not is said so here, with its pid
+        sock.connect(str(entry.socket))
+        greeting = sock.recv(65536)
+    except TimeoutError:
+        raise entry.not_answering(args.timeout) from None
+    sock.settimeout(None)
+    _write(greeting)
     client_done = threading.Event()
 
     def upstream() -> None:  # the client's bytes to the owner
@@ -52,17 +60,20 @@ def run_dial_stdio(args: argparse.Namespace) -> int:
         sock.shutdown(socket.SHUT_WR)
 
     threading.Thread(target=upstream, daemon=True).start()
-    out = sys.stdout.fileno()
     while data := sock.recv(65536):
-        view = memoryview(data)
-        while view:
-            view = view[os.write(out, view) :]
+        _write(data)
     if not client_done.is_set():
         # The owner hung up first: its VM ended. Return once the name is free.
         give_up = time.monotonic() + _GONE_WAIT
         while entry.directory.exists() and entry.alive() and time.monotonic() < give_up:
             time.sleep(0.01)
     return 0
+
+
+def _write(data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(sys.stdout.fileno(), view) :]
 
 
 def run_owner_start(args: argparse.Namespace) -> int:

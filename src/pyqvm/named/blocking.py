@@ -72,11 +72,13 @@ class NamedVMBase:
         cls, name: str, *, timeout: float = CONNECT_TIMEOUT, host: str | Host | None = None
     ) -> Self:
         """The running VM called ``name`` (on ``host``, ``ssh://[user@]HOST``); `NamedVMError`
-        if there is none (asked of this host's registry now, of another host's at the first
-        call)."""
+        if there is none."""
         if host is None:
             registry.find(name)
-        return cls(name, timeout=timeout, host=host)
+            return cls(name, timeout=timeout)
+        vm = cls(name, timeout=timeout, host=host)
+        vm._do(lambda handle: handle.close())  # asks that host's registry, as here
+        return vm
 
     @classmethod
     def up(

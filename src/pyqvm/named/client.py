@@ -105,11 +105,7 @@ class AsyncNamedVMBase:
             await asyncio.wait_for(client.connect(str(entry.socket)), timeout)
         except TimeoutError:
             await client.disconnect()
-            raise NamedVMError(
-                f"VM {name!r}: its owner process ({_owner(entry)}) does not answer within "
-                f"{timeout:g} s; see {entry.log_file}, or end it: pyqvm stop --force {name}",
-                name=name,
-            ) from None
+            raise entry.not_answering(timeout) from None
         except (QMPError, OSError) as e:
             await client.disconnect()
             if not entry.alive():
@@ -124,7 +120,7 @@ class AsyncNamedVMBase:
 
     @classmethod
     async def _attach_over_ssh(cls, name: str, host: Host, timeout: float) -> Self:
-        stream = SshStream(host, name)
+        stream = SshStream(host, name, timeout)
         client = QMPClient(f"pyqvm-{name}", readbuflen=wire.LINE_LIMIT)
         sock = await stream.open()
         try:

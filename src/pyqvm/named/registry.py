@@ -168,6 +168,18 @@ class Entry:
         except (OSError, ValueError):
             return None
 
+    def not_answering(self, timeout: float) -> NamedVMError:
+        """The error for an owner that took no connection or sent no greeting in time."""
+        try:
+            owner = f"pid {self.record().owner_pid}"
+        except NamedVMError:
+            owner = "pid unknown"
+        return NamedVMError(
+            f"VM {self.name!r}: its owner process ({owner}) does not answer within "
+            f"{timeout:g} s; see {self.log_file}, or end it: pyqvm stop --force {self.name}",
+            name=self.name,
+        )
+
     def alive(self) -> bool:
         """Whether the owner process holds its lock (so the VM exists)."""
         try:

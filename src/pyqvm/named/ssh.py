@@ -116,9 +116,10 @@ class SshStream:
     """One connection to a VM's owner on ``host``: a socket whose other end is an ssh
     running ``pyqvm dial-stdio NAME`` there. Give `sock` to `qemu.qmp.QMPClient.connect`."""
 
-    def __init__(self, host: Host, name: str) -> None:
+    def __init__(self, host: Host, name: str, timeout: float) -> None:
         self.host = host
         self.name = name
+        self.timeout = timeout  # for the owner's greeting, asked there
         self.sock: socket.socket | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr: asyncio.Task[bytes] | None = None
@@ -127,7 +128,7 @@ class SshStream:
         ours, theirs = socket.socketpair()
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *self.host.argv(["dial-stdio", self.name]),
+                *self.host.argv(["dial-stdio", "--timeout", f"{self.timeout:g}", self.name]),
                 stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # a Ctrl-C here is ours to handle, not ssh's
             )  # fmt: skip
