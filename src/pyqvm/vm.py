@@ -13,18 +13,21 @@ behind: no process, socket, overlay or directory.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from qemu.qmp import EventListener
 
 from pyqvm.channels.agent import ExecResult, GuestAgent
 from pyqvm.channels.devices import Plugged
 from pyqvm.channels.qmp import EventFilter, QMPSession
+from pyqvm.errors import OperationError, PyqvmError, PyqvmTimeoutError
 from pyqvm.host.facts import HostFacts
 from pyqvm.launch.passthrough import PassthroughHost
 from pyqvm.launch.plan import LaunchPlan, preview_argv
@@ -48,7 +51,36 @@ from pyqvm.ops.template import Template
 from pyqvm.spec import Disk, Network, VMSpec
 from pyqvm.state import VMState
 
+_Op = TypeVar("_Op", bound=Callable[..., Awaitable[Any]])
 
+
+def _guarded(fn: _Op) -> _Op:
+    @functools.wraps(fn)
+    async def guarded(self: AsyncVM, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(self, *args, **kwargs)
+        except PyqvmError:
+            raise
+        except TimeoutError as e:
+            raise PyqvmTimeoutError(f"VM {self.name!r}: {fn.__name__} timed out ({e})") from e
+        except OSError as e:
+            raise OperationError(f"VM {self.name!r}: {fn.__name__} failed: {e}") from e
+
+    return cast(_Op, guarded)
+
+
+def _one_error_boundary(cls: type[AsyncVM]) -> type[AsyncVM]:
+    """Every operation fails with the `PyqvmError` family, the cause kept: an `OSError`
+    from the host (a full disk, a directory that cannot be written) becomes an
+    `OperationError`, a bare `TimeoutError` a `PyqvmTimeoutError`. One boundary, around
+    each public coroutine method, instead of a ``try`` in every one."""
+    for name, member in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.iscoroutinefunction(member):
+            setattr(cls, name, _guarded(member))
+    return cls
+
+
+@_one_error_boundary
 class AsyncVM:
     """A QEMU guest described by a `VMSpec`.
 

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from pyqvm.errors import VMStateError
+from pyqvm.errors import (
+    OperationError,
+    PyqvmError,
+    PyqvmTimeoutError,
+    SnapshotError,
+    VMStateError,
+)
+from pyqvm.ops import migration
+from pyqvm.spec import VMSpec
 from pyqvm.state import TRANSITIONS, Lifecycle, VMState
+from pyqvm.vm import AsyncVM
 
 
 def at(state: VMState) -> Lifecycle:
@@ -53,3 +62,38 @@ def test_the_moves_a_vm_makes_are_in_the_table() -> None:
         life.move(VMState(step))
     with pytest.raises(VMStateError, match="no move from stopped to running"):
         life.move(VMState.RUNNING)  # a stopped VM is never started again
+
+
+# -- the operations' one error boundary (pyqvm.vm) ---------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (OSError(28, "No space left on device"), OperationError),
+        (PermissionError(13, "Permission denied"), OperationError),
+        (TimeoutError(), PyqvmTimeoutError),
+        (SnapshotError("kept as it is"), SnapshotError),
+    ],
+)
+async def test_every_operation_fails_with_the_pyqvm_family_and_keeps_the_cause(
+    raised: BaseException, expected: type[PyqvmError], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def save(*args: object, **kwargs: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(migration, "save", save)
+    vm = AsyncVM(VMSpec(name="eb"))
+    with pytest.raises(expected) as e:
+        await vm.save("/nonexistent/dir")
+    assert ("eb" in str(e.value) and "save" in str(e.value)) or e.value is raised
+    assert e.value is raised or e.value.__cause__ is raised
+
+
+def test_the_boundary_keeps_each_operations_signature_and_docstring() -> None:
+    import inspect
+
+    assert inspect.iscoroutinefunction(AsyncVM.save)
+    assert list(inspect.signature(AsyncVM.save).parameters)[:2] == ["self", "directory"]
+    assert AsyncVM.save.__doc__ and "Save the guest's state" in AsyncVM.save.__doc__

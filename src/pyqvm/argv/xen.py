@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pyqvm.argv.escape import opts
 from pyqvm.errors import HostError, SpecError
-from pyqvm.host.doctor import XEN_DEVICE_MODELS
+from pyqvm.host.facts import find_xen_device_model
 from pyqvm.host.packages import install_hint
 from pyqvm.spec import VMSpec
 
@@ -30,9 +30,8 @@ def xen_device_model(root: Path = Path("/")) -> Path:
     Raises:
         HostError: it is not installed; says which package has it.
     """
-    for p in XEN_DEVICE_MODELS:
-        if (root / p).exists():
-            return root / p
+    if (found := find_xen_device_model(root)) is not None:
+        return found
     raise HostError(
         "no QEMU built for Xen is installed (Debian's qemu-system-x86_64 has no xen "
         f"accelerator); install it with: {install_hint('qemu-system-xen')}"

@@ -74,8 +74,8 @@ def _read(name: str, member: object) -> Operation:
         kind, fn = "classmethod", member.__func__
     else:
         fn = member  # type: ignore[assignment]
-        if hasattr(fn, "__wrapped__"):  # an asynccontextmanager
-            kind, fn = "contextmanager", fn.__wrapped__
+        if inspect.isasyncgenfunction(getattr(fn, "__wrapped__", None)):  # asynccontextmanager
+            kind, fn = "contextmanager", getattr(fn, "__wrapped__")  # noqa: B009
     hints = typing.get_type_hints(fn)
     callbacks = tuple(p for p, tp in hints.items() if p != "return" and is_callback(tp))
     values = [tp for p, tp in hints.items() if p not in callbacks]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pyqvm.errors import DeviceClaimedError, HostError
+from pyqvm.files import locked
 
 __all__ = ["Claim", "ClaimRecord", "ClaimStore", "default_claims_dir", "process_start_time"]
 
@@ -146,14 +146,9 @@ class ClaimStore:
     @contextlib.contextmanager
     def _locked(self, address: str) -> Iterator[None]:
         self._ensure_dir()
-        fd = os.open(
-            self.directory / f"{address}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
-        )
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read-modify-write only: short
+        # Held for a read-modify-write only: short.
+        with locked(self.directory / f"{address}.lock", mode=0o644):
             yield
-        finally:
-            os.close(fd)  # closing drops the flock
 
     def _read(self, address: str) -> ClaimRecord | None:
         try:

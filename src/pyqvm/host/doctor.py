@@ -19,7 +19,12 @@ from typing import Any, Literal
 
 from pyqvm.host.accel import host_tsc_khz, kvm_status
 from pyqvm.host.claims import ClaimStore
-from pyqvm.host.facts import QEMU_PACKAGES, find_qemu_binaries, search_path
+from pyqvm.host.facts import (
+    QEMU_PACKAGES,
+    find_qemu_binaries,
+    find_xen_device_model,
+    search_path,
+)
 from pyqvm.host.modes import MODES, Mode
 from pyqvm.host.packages import BUILDER_TOOLS, TOOL_PACKAGES, install_hint, read_os_release
 from pyqvm.host.pci import list_pci_devices
@@ -41,8 +46,6 @@ _log = logging.getLogger(__name__)
 
 Status = Literal["ok", "warn", "fail", "info"]
 
-#: Where Debian's qemu-system-xen puts the Xen device model (QEMU with -accel xen).
-XEN_DEVICE_MODELS = ("usr/libexec/xen-qemu-system-i386", "usr/lib/xen/bin/qemu-system-i386")
 _VERSION_RE = re.compile(r"QEMU emulator version (\S+)")
 
 
@@ -390,16 +393,16 @@ def _xen_checks(root: Path) -> list[Check]:
                 install,
             )
         )
-    models = [root / p for p in XEN_DEVICE_MODELS if (root / p).exists()]
+    model = find_xen_device_model(root)
     checks.append(
-        Check("xen", "device-model", "ok", f"Xen device model: {models[0]}")
-        if models
+        Check("xen", "device-model", "ok", f"Xen device model: {model}")
+        if model is not None
         else Check(
             "xen",
             "device-model",
             "fail",
             "no QEMU built for Xen (qemu-system-x86_64 has no xen accelerator on Debian)",
-            "apt-get install -y qemu-system-xen (/usr/libexec/xen-qemu-system-i386)",
+            install_hint("qemu-system-xen", read_os_release(root)),
         )
     )
     return checks

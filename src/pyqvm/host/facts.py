@@ -71,6 +71,16 @@ def find_qemu_binaries(root: Path) -> Mapping[str, Path]:
     return MappingProxyType(found)
 
 
+#: Where distributions put the Xen device model (QEMU built with -accel xen): Debian's
+#: qemu-system-xen, and Xen's own install.
+XEN_DEVICE_MODELS = ("usr/libexec/xen-qemu-system-i386", "usr/lib/xen/bin/qemu-system-i386")
+
+
+def find_xen_device_model(root: Path = Path("/")) -> Path | None:
+    """The QEMU built for Xen on this host, or None."""
+    return next((root / p for p in XEN_DEVICE_MODELS if (root / p).exists()), None)
+
+
 def read_host_facts(root: Path = Path("/")) -> HostFacts:
     """Read KVM status, TSC rate, the QEMU binaries on PATH and QEMU's firmware
     descriptors (under ``root``)."""

@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from typing import IO, Any
 import zstandard
 
 from pyqvm.errors import ImageError
+from pyqvm.files import built_aside
 from pyqvm.image.guest import MANIFEST, GuestImage, cache_dir, load_image
 
 log = logging.getLogger(__name__)
@@ -162,20 +162,16 @@ def import_image(
     """
     images = (cache or cache_dir()) / "images"
     images.mkdir(parents=True, exist_ok=True)
-    tmp = images / f".import-{os.getpid()}-{source.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        name = _unpack(source, tmp, digest)
-        image = load_image(tmp)
-        if image is None:
-            raise _refused(source, "its files do not make a complete image")
-        target = images / name
-        if (existing := load_image(target)) is not None:
-            log.info("%s is in the cache already: %s", name, target)
-            return existing
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        with built_aside(images, f"import-{source.name}") as aside:
+            name = _unpack(source, aside.path, digest)
+            if load_image(aside.path) is None:
+                raise _refused(source, "its files do not make a complete image")
+            target = images / name
+            if (existing := load_image(target)) is not None:
+                log.info("%s is in the cache already: %s", name, target)
+                return existing
+            aside.place(target)  # an incomplete one there is replaced
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise ImageError(
@@ -183,8 +179,6 @@ def import_image(
                 "some space (or set PYQVM_CACHE_DIR) and import again; nothing was imported"
             ) from None
         raise ImageError(f"importing {source} failed: {e}; nothing was imported") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     imported = load_image(target)
     assert imported is not None
     log.info("imported %s (%s) into %s", imported.flavour, imported.arch, target)

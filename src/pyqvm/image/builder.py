@@ -9,8 +9,6 @@ list, ...) lives in ``recipes/`` next to this file.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import gzip
 import hashlib
 import json
@@ -22,13 +20,14 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
 
 from pyqvm.errors import HostError, ImageError, SpecError
+from pyqvm.files import built_aside, locked
 from pyqvm.host.kernel import extract_vmlinux
 from pyqvm.image import distro, esp, libraries, tools
 from pyqvm.image.archive import Archive, DownloadProgress, Package, unpack
@@ -192,21 +191,6 @@ def _resolve(flavour: str, arch: ArchInfo, archive: Archive) -> BuildInputs:
     )
 
 
-@contextlib.contextmanager
-def _locked(path: Path, what: str) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is building the %s; waiting for it", what)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 #: Builds an image's files into the directory given; returns its manifest's fields.
 Assemble = Callable[[Path], dict[str, object]]
 #: The host tools a busybox image is built with (a distribution's: `distro.TOOLS`).
@@ -282,29 +266,20 @@ def build(
         log.info("guest image %s is up to date (%s)", flavour, target)
         return image
     what = f"{flavour} image" + ("" if arch == "x86_64" else f" for {arch}")
-    with _locked(root / f".build-{flavour}-{arch}.lock", what):
+    waiting = f"another process is building the {what}; waiting for it"
+    root.mkdir(parents=True, exist_ok=True)
+    with locked(root / f".build-{flavour}-{arch}.lock", waiting=waiting, mode=0o644):
         # Another process may have built it while we waited for the lock.
         if not force and (image := load_image(target)) is not None:
             log.info("guest image %s is up to date (%s)", flavour, target)
             return image
         started = time.monotonic()
-        tmp = images / f".tmp-{flavour}-{key}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with built_aside(images, target.name) as aside:
             manifest = {"format": MANIFEST_FORMAT, "flavour": flavour, "arch": arch}
-            manifest |= assemble(tmp)
-            manifest["key"] = key
-            manifest["inputs"] = inputs_dict
-            manifest["built_at"] = time.time()
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            if target.exists():
-                old = images / f".old-{flavour}-{key}-{os.getpid()}"
-                target.rename(old)
-                shutil.rmtree(old, ignore_errors=True)
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            manifest |= assemble(aside.path)
+            manifest |= {"key": key, "inputs": inputs_dict, "built_at": time.time()}
+            (aside.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            aside.place(target)
         log.info("built guest image %s in %.1f s: %s", flavour, time.monotonic() - started, target)
     image = load_image(target)
     if image is None:

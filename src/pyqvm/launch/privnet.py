@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import ipaddress
 import itertools
 import logging
@@ -50,6 +49,7 @@ from pathlib import Path
 
 from pyqvm.deadline import Deadline
 from pyqvm.errors import HostError, LaunchError, SpecError
+from pyqvm.files import try_lock
 from pyqvm.host.packages import install_hint
 from pyqvm.runtime.dirs import runtime_root
 from pyqvm.spec import Network, VMSpec
@@ -164,17 +164,6 @@ def connected_ports(directory: Path) -> int:
 # --- a launcher's side -----------------------------------------------------------------------
 
 
-def _lock_fd(path: Path, how: int) -> int | None:
-    """An fd of ``path`` holding ``flock(how | LOCK_NB)``, or None if another holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, how | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
 class PrivateNetworks:
     """The private-network NICs of one launch: joined before QEMU, left after it."""
 
@@ -215,7 +204,7 @@ class PrivateNetworks:
     async def _hold_join(self, directory: Path, deadline: Deadline) -> int:
         # Shared: launchers join side by side; the owner holds it exclusively only while
         # it decides to end, which is brief.
-        while (fd := _lock_fd(directory / JOIN_LOCK, fcntl.LOCK_SH)) is None:
+        while (fd := try_lock(directory / JOIN_LOCK, shared=True)) is None:
             if deadline.expired:
                 raise LaunchError(f"private network {directory.name!r}: its owner does not let go")
             await asyncio.sleep(0.01)
@@ -234,7 +223,7 @@ class PrivateNetworks:
             hosts = itertools.islice(subnet.hosts(), 1, None)
             candidates = (ipaddress.IPv4Interface(f"{h}/{subnet.prefixlen}") for h in hosts)
         for cand in candidates:
-            fd = _lock_fd(directory / LEASES / str(cand.ip), fcntl.LOCK_EX)
+            fd = try_lock(directory / LEASES / str(cand.ip))
             if fd is None:
                 continue
             os.ftruncate(fd, 0)
@@ -318,7 +307,7 @@ async def _start_owner(binary: Path, directory: Path, deadline: Deadline) -> Non
 
 
 def _owner(directory: Path, binary: Path) -> int:
-    owner_fd = _lock_fd(directory / OWNER_LOCK, fcntl.LOCK_EX)
+    owner_fd = try_lock(directory / OWNER_LOCK)
     if owner_fd is None:  # another owner runs (two launchers raced to start one)
         return 0
     os.ftruncate(owner_fd, 0)
@@ -339,7 +328,7 @@ def _owner(directory: Path, binary: Path) -> int:
     try:
         while switch.poll() is None:
             time.sleep(0.2)
-            join_fd = _lock_fd(directory / JOIN_LOCK, fcntl.LOCK_EX)
+            join_fd = try_lock(directory / JOIN_LOCK)
             if join_fd is None:  # someone is joining
                 idle = 0
                 continue
@@ -371,7 +360,7 @@ def _owner(directory: Path, binary: Path) -> int:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         for lease in (directory / LEASES).glob("*"):
-            if (fd := _lock_fd(lease, fcntl.LOCK_EX)) is not None:  # nobody's any more
+            if (fd := try_lock(lease)) is not None:  # nobody's any more
                 lease.unlink()
                 os.close(fd)
     return 0

@@ -21,10 +21,8 @@ made with; a clone refuses a template that no longer matches (`check`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import itertools
 import json
@@ -32,7 +30,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from typing import Any
 from pyqvm import image
 from pyqvm.argv.build import RamFile
 from pyqvm.errors import MigrationError, PyqvmError, TemplateError
+from pyqvm.files import locked_async
 from pyqvm.host.accel import KvmStatus
 from pyqvm.launch.plan import LaunchPlan
 from pyqvm.machine import Machine
@@ -386,7 +386,7 @@ async def _create(
             stamps=stamps,
         )
         (work / RECORD).write_text(json.dumps(template.to_json(), indent=2) + "\n")
-        async with contextlib.nullcontext() if locked else _locked(base, name, fcntl.LOCK_EX):
+        async with contextlib.nullcontext() if locked else _locked(base, name):
             if final.exists():
                 _remove_tree(final)
             work.rename(final)
@@ -411,7 +411,7 @@ async def ensure(
     makes concurrent callers (pytest-xdist workers) wait for the one that makes it.
     """
     name = name or f"auto-{spec_hash(spec)}"
-    async with _locked(templates_dir(directory), name, fcntl.LOCK_EX):
+    async with _locked(templates_dir(directory), name):
         try:
             template = load(name, directory=directory)
             template.check(spec, image_cache=image_cache)
@@ -423,8 +423,7 @@ async def ensure(
         )
 
 
-@contextlib.asynccontextmanager
-async def _locked(base: Path, name: str, kind: int) -> AsyncIterator[None]:
+def _locked(base: Path, name: str, *, shared: bool = False) -> AbstractAsyncContextManager[None]:
     """Hold the lock of template ``name``: exclusive to make or replace it, shared to clone it.
 
     A clone holds it until its QEMU has mapped the memory file and read the
@@ -432,16 +431,8 @@ async def _locked(base: Path, name: str, kind: int) -> AsyncIterator[None]:
     is starting (a running clone keeps its mapping of the old files).
     """
     base.mkdir(parents=True, exist_ok=True)
-    fd = os.open(base / f".lock-{name}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, kind | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("template %s: waiting for another process that uses it", name)
-            await asyncio.to_thread(fcntl.flock, fd, kind)
-        yield
-    finally:
-        os.close(fd)  # and with it the lock
+    waiting = f"template {name}: waiting for another process that uses it"
+    return locked_async(base / f".lock-{name}", shared=shared, waiting=waiting, mode=0o644)
 
 
 def templatable(spec: VMSpec) -> bool:
@@ -466,7 +457,7 @@ async def clone_into(machine: Machine, template: Template) -> None:
     broken template (before QEMU starts); `MigrationError` with QEMU's stderr
     if QEMU refuses the state.
     """
-    async with _locked(template.directory.parent, template.name, fcntl.LOCK_SH):
+    async with _locked(template.directory.parent, template.name, shared=True):
         template.check(
             machine.spec,
             kvm=machine.host.kvm if machine.host else None,

@@ -121,16 +121,18 @@ async def failure_guard(
     message (``prefix_all`` puts ``what`` before it too), any other says
     ``"{what}: {error}"``; then ``suffix``, and QEMU's stderr tail of
     ``tail_of`` (read before the cleanup removes it), labelled ``tail_label``.
-    Anything else (cancellation, a bug) is re-raised as it is.
+    An `OSError` (the state's directory unwritable, a full disk) is one too, with
+    ``what`` before it. Anything else (cancellation, a bug) is re-raised as it is.
     """
     try:
         yield
     except BaseException as e:
         stderr = tail_of.stderr_tail() if tail_of is not None else ""
         last = await asyncio.shield(cleanup())
-        if not isinstance(e, PyqvmError):
+        if not isinstance(e, (PyqvmError, OSError)):  # an OSError: the host's files
             raise
-        text = f"{what}: {e}" if prefix_all or not isinstance(e, MigrationError) else str(e)
+        mine = isinstance(e, MigrationError) and not prefix_all
+        text = str(e) if mine else f"{what}: {e}"
         if stderr and tail_label:
             stderr = f"\n({tail_label}){stderr}"
         raise migration_error(f"{text}{suffix}{stderr}", e, last) from e
