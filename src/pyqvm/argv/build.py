@@ -9,7 +9,7 @@ network listener unless asked.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -234,12 +234,8 @@ def smp_arg(spec: VMSpec) -> str:
     return opts(str(spec.smp), {"maxcpus": spec.max_smp})
 
 
-def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
-    """The complete argv (a list, never a shell string) for ``spec``."""
-    if spec.image is not None:
-        raise SpecError(
-            "image", "resolve the built-in image before building argv (pyqvm.vm does this)"
-        )
+def _machine(spec: VMSpec, ctx: LaunchContext) -> list[str]:
+    """QEMU itself: the machine, its accelerator, memory, vCPUs, and no defaults."""
     argv = [
         str(ctx.qemu),
         "-nodefaults",
@@ -256,37 +252,37 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         smp_arg(spec),
         "-display",
         "none",
+        "-object",
+        ram_object(spec, ctx.accel, ctx.ram),
     ]
-    argv += ["-object", ram_object(spec, ctx.accel, ctx.ram)]
-    cpu = cpu_arg(spec, ctx.accel)
-    if cpu:
+    if cpu := cpu_arg(spec, ctx.accel):
         argv += ["-cpu", cpu]
     if spec.sandbox:
         argv += ["-sandbox", opts("on", SANDBOX)]
+    return argv
+
+
+def _boot(spec: VMSpec, ctx: LaunchContext) -> list[str]:
+    """UEFI's code image, or the kernel booted directly."""
+    argv = []
     if spec.firmware == "ovmf":
         assert spec.ovmf_code is not None
-        argv += [
-            "-blockdev",
-            qjson(
-                {
-                    "driver": "file",
-                    "node-name": "pq-ovmf-code",
-                    "read-only": True,
-                    "filename": str(spec.ovmf_code),
-                }
-            ),
-        ]
+        code = {"driver": "file", "node-name": "pq-ovmf-code", "read-only": True,
+                "filename": str(spec.ovmf_code)}  # fmt: skip
+        argv += ["-blockdev", qjson(code)]
     if spec.kernel is not None:
         argv += ["-kernel", str(spec.kernel.kernel)]
         if spec.kernel.initrd is not None:
             argv += ["-initrd", str(spec.kernel.initrd)]
-        append = kernel_append(spec, ctx)
-        if append:
+        if append := kernel_append(spec, ctx):
             argv += ["-append", append]
+    return argv
 
-    # Control and console channels. QMP arrives on an inherited, already
-    # connected socket, so there is no window in which a client could race QEMU.
-    argv += [
+
+def _channels(spec: VMSpec, ctx: LaunchContext) -> list[str]:
+    """QMP and the serial console. QMP arrives on an inherited, already connected socket,
+    so there is no window in which a client could race QEMU."""
+    return [
         "-chardev",
         opts("socket", {"id": "pq-qmp", "fd": ctx.qmp_fd}),
         "-mon",
@@ -296,55 +292,72 @@ def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         "-serial",
         "chardev:pq-console",
     ]
+
+
+def _serial_port(chardev: str, fd: int, name: str) -> list[str]:
+    port = {"driver": "virtserialport", "bus": "pq-vser.0", "chardev": chardev, "name": name}
+    return ["-chardev", opts("socket", {"id": chardev, "fd": fd}), "-device", qjson(port)]
+
+
+def _agent_ports(spec: VMSpec, ctx: LaunchContext) -> list[str]:
+    """The guest agent's port and pyqvm-wake's, on one virtio-serial bus."""
+    argv = []
     if spec.guest_agent:
         if ctx.agent_fd is None:
             raise ValueError("guest_agent is on but no agent fd was given")
-        argv += [
-            "-chardev",
-            opts("socket", {"id": "pq-qga", "fd": ctx.agent_fd}),
-            "-device",
-            qjson({"driver": virtio(spec, "serial"), "id": "pq-vser"}),
-            "-device",
-            qjson(
-                {
-                    "driver": "virtserialport",
-                    "bus": "pq-vser.0",
-                    "chardev": "pq-qga",
-                    "name": AGENT_PORT_NAME,
-                }
-            ),
-        ]
+        argv += ["-device", qjson({"driver": virtio(spec, "serial"), "id": "pq-vser"})]
+        argv += _serial_port("pq-qga", ctx.agent_fd, AGENT_PORT_NAME)
     if ctx.wake_fd is not None:
         if not spec.guest_agent:
             raise ValueError("the wake port shares the agent's virtio-serial bus")
-        argv += [
-            "-chardev",
-            opts("socket", {"id": "pq-wake", "fd": ctx.wake_fd}),
-            "-device",
-            qjson(
-                {
-                    "driver": "virtserialport",
-                    "bus": "pq-vser.0",
-                    "chardev": "pq-wake",
-                    "name": WAKE_PORT_NAME,
-                }
-            ),
-        ]
-    argv += disk_args(spec, ctx.disk_files, seed=ctx.seed)
-    argv += net_args(spec, ctx.accel, ctx.vde_sockets)
+        argv += _serial_port("pq-wake", ctx.wake_fd, WAKE_PORT_NAME)
+    return argv
+
+
+def _fw_cfg(spec: VMSpec, ctx: LaunchContext) -> list[str]:
+    argv = []
     for name, path in ctx.fw_cfg.items():
         argv += ["-fw_cfg", opts(None, {"name": name, "file": str(path)})]
-    argv += pv_extra_args(spec)
-    argv += vmgenid_args(spec)
-    argv += hostdev_args(spec)
-    argv += share_args(spec, ctx.share_sockets)
+    return argv
+
+
+def _shares(spec: VMSpec, ctx: LaunchContext) -> list[str]:
+    argv = share_args(spec, ctx.share_sockets)
     if spec.effective_machine == "microvm" and uses_virtiofs(spec):
         # microvm's virtio-mmio is legacy (v1) by default; virtiofsd's libvhost-user
         # takes modern devices only (it panics on a legacy one).
         argv += ["-global", "virtio-mmio.force-legacy=false"]
-    argv += gdb_args(spec, ctx)
-    argv += hotplug_port_args(spec)
-    if ctx.incoming is not None:
-        argv += ["-incoming", ctx.incoming]
-    argv += list(spec.extra_args)
     return argv
+
+
+def _incoming(spec: VMSpec, ctx: LaunchContext) -> list[str]:
+    return [] if ctx.incoming is None else ["-incoming", ctx.incoming]
+
+
+#: The sections of an argv, in order; each reads the spec and the launch's context.
+SECTIONS: tuple[Callable[[VMSpec, LaunchContext], list[str]], ...] = (
+    _machine,
+    _boot,
+    _channels,
+    _agent_ports,
+    lambda spec, ctx: disk_args(spec, ctx.disk_files, seed=ctx.seed),
+    lambda spec, ctx: net_args(spec, ctx.accel, ctx.vde_sockets),
+    _fw_cfg,
+    lambda spec, ctx: pv_extra_args(spec),
+    lambda spec, ctx: vmgenid_args(spec),
+    lambda spec, ctx: hostdev_args(spec),
+    _shares,
+    gdb_args,
+    lambda spec, ctx: hotplug_port_args(spec),
+    _incoming,
+    lambda spec, ctx: list(spec.extra_args),  # last, verbatim: the user's word wins
+)
+
+
+def build_argv(spec: VMSpec, ctx: LaunchContext) -> list[str]:
+    """The complete argv (a list, never a shell string) for ``spec``: its `SECTIONS`."""
+    if spec.image is not None:
+        raise SpecError(
+            "image", "resolve the built-in image before building argv (pyqvm.vm does this)"
+        )
+    return [arg for section in SECTIONS for arg in section(spec, ctx)]
