@@ -40,14 +40,20 @@ def try_lock(path: Path, *, shared: bool = False, mode: int = 0o600) -> int | No
 
 @contextlib.contextmanager
 def locked(
-    path: Path, *, shared: bool = False, waiting: str = "", mode: int = 0o600
+    path: Path,
+    *,
+    shared: bool = False,
+    waiting: str = "",
+    mode: int = 0o600,
+    logger: logging.Logger = log,
 ) -> Iterator[None]:
     """Hold ``path``'s lock (exclusive, or ``shared``) while the block runs; when another
-    process holds it, log ``waiting`` (if given) and wait."""
+    process holds it, log ``waiting`` (if given, at INFO on the caller's ``logger``: its
+    user sees it where the caller's other news shows) and wait."""
     fd = try_lock(path, shared=shared, mode=mode)
     if fd is None:
         if waiting:
-            log.info("%s", waiting)
+            logger.info("%s", waiting)
         fd = _open(path, mode)
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
     try:
@@ -58,13 +64,18 @@ def locked(
 
 @contextlib.asynccontextmanager
 async def locked_async(
-    path: Path, *, shared: bool = False, waiting: str = "", mode: int = 0o600
+    path: Path,
+    *,
+    shared: bool = False,
+    waiting: str = "",
+    mode: int = 0o600,
+    logger: logging.Logger = log,
 ) -> AsyncIterator[None]:
     """`locked`, waiting in a thread so that the event loop runs on."""
     fd = try_lock(path, shared=shared, mode=mode)
     if fd is None:
         if waiting:
-            log.info("%s", waiting)
+            logger.info("%s", waiting)
         fd = _open(path, mode)
         try:
             await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)

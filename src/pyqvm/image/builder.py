@@ -268,7 +268,7 @@ def build(
     what = f"{flavour} image" + ("" if arch == "x86_64" else f" for {arch}")
     waiting = f"another process is building the {what}; waiting for it"
     root.mkdir(parents=True, exist_ok=True)
-    with locked(root / f".build-{flavour}-{arch}.lock", waiting=waiting, mode=0o644):
+    with locked(root / f".build-{flavour}-{arch}.lock", waiting=waiting, mode=0o644, logger=log):
         # Another process may have built it while we waited for the lock.
         if not force and (image := load_image(target)) is not None:
             log.info("guest image %s is up to date (%s)", flavour, target)

@@ -432,7 +432,8 @@ def _locked(base: Path, name: str, *, shared: bool = False) -> AbstractAsyncCont
     """
     base.mkdir(parents=True, exist_ok=True)
     waiting = f"template {name}: waiting for another process that uses it"
-    return locked_async(base / f".lock-{name}", shared=shared, waiting=waiting, mode=0o644)
+    lock = base / f".lock-{name}"
+    return locked_async(lock, shared=shared, waiting=waiting, mode=0o644, logger=log)
 
 
 def templatable(spec: VMSpec) -> bool:
