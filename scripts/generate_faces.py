@@ -32,12 +32,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "src" / "pyqvm" / "faces" / "derived.py"
 VM_SOURCE = ROOT / "src" / "pyqvm" / "vm.py"
+CLIENT_SOURCE = ROOT / "src" / "pyqvm" / "named" / "client.py"
 LINE = 100
 
 sys.path.insert(0, str(ROOT / "src"))
 
 from pyqvm.faces.blocking import BlockingVMBase  # noqa: E402
-from pyqvm.faces.operations import OPERATIONS, Operation  # noqa: E402
+from pyqvm.faces.operations import OPERATIONS, Operation, read  # noqa: E402
 from pyqvm.named.blocking import NamedVMBase  # noqa: E402
 from pyqvm.named.client import AsyncNamedVMBase  # noqa: E402
 
@@ -57,12 +58,13 @@ from __future__ import annotations
 
 
 def vm_imports() -> dict[str, str]:
-    """Name -> its import line, as src/pyqvm/vm.py imports it."""
+    """Name -> its import line, as src/pyqvm/vm.py (and the named client) import it."""
     out = {"AsyncVM": "from pyqvm.vm import AsyncVM"}
-    for node in ast.parse(VM_SOURCE.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.module != "__future__":
-            for alias in node.names:
-                out[alias.asname or alias.name] = f"from {node.module} import {alias.name}"
+    for source in (CLIENT_SOURCE, VM_SOURCE):
+        for node in ast.parse(source.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module != "__future__":
+                for alias in node.names:
+                    out[alias.asname or alias.name] = f"from {node.module} import {alias.name}"
     return out
 
 
@@ -136,6 +138,9 @@ def method(op: Operation, *, face: str, swap: dict[str, str]) -> str:
         inner = f"self._vm.{op.name}({', '.join(call_arguments(op, wrap))})"
         body = f"self._run({inner})" if op.is_async else inner
         return f"{head}{docstring(op.doc)}        return {body}\n"
+    if face == "on_a_connection":
+        inner = f"vm.{op.name}({', '.join(call_arguments(op, {}))})"
+        return f"{head}{docstring(op.doc)}        return self._do(lambda vm: {inner})\n"
     # The named faces: the operation travels with its types (the client imports no AsyncVM).
     typed = [f'"{op.name}"', returns]
     typed += [f"{p.name}=({p.name}, {p.annotation})" for p in op.parameters]
@@ -164,6 +169,14 @@ def generate() -> str:
             named.append(method(op, face="named", swap={}))
             named_blocking.append(method(op, face="named_blocking", swap={}))
             needed |= {n for a in annotations for n in names_in(a)}
+    # The blocking named face also has the async one's own methods, each on a connection.
+    for op in read(AsyncNamedVMBase).values():
+        if op.kind == "method" and op.name not in ("close", "call"):
+            assert op.name not in vars(NamedVMBase), op.name
+            named_blocking.append(method(op, face="on_a_connection", swap={}))
+            annotations = [str(p.annotation) for p in op.parameters]
+            needed |= {n for a in [*annotations, str(op.signature.return_annotation)]
+                       for n in names_in(a)}  # fmt: skip
     lines = sorted(
         {imports[n] for n in needed if n not in vars(builtins) and n in imports}
         | {

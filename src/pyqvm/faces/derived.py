@@ -19,6 +19,7 @@ from pyqvm.faces.blocking import BlockingVMBase
 from pyqvm.launch.privnet import Membership
 from pyqvm.named.blocking import NamedVMBase
 from pyqvm.named.client import AsyncNamedVMBase
+from pyqvm.named.registry import Record
 from pyqvm.ops.blockjobs import ChainLink
 from pyqvm.ops.migration import (
     Incoming,
@@ -838,6 +839,45 @@ class NamedVM(NamedVMBase):
                 progress=(progress, ProgressCallback | None),
                 timeout=(timeout, float | None),
             ),
+        )
+
+    def info(self) -> dict[str, Any]:
+        """The VM's `Record` as JSON, with its ``state`` (pyqvm's) and ``status`` (QEMU's)."""
+        return self._do(lambda vm: vm.info())
+
+    def record(self) -> Record:
+        return self._do(lambda vm: vm.record())
+
+    def migrate(
+        self,
+        dst: str,
+        *,
+        transport: Transport = "unix",
+        address: str | None = None,
+        storage: Storage = "shared",
+        tuning: MigrationTuning | None = None,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = 600.0,
+        tls: MigrationTLS | None = None,
+        insecure: bool = False,
+    ) -> MigrationStats:
+        """Move this running guest into a new named VM ``dst``, started for it with this
+        VM's spec and devices in an owner of its own (see `AsyncVM.migrate`); this VM is
+        gone afterwards, and ``dst`` takes over its port forwards. On failure this VM runs
+        on and ``dst`` is removed.
+        """
+        return self._do(
+            lambda vm: vm.migrate(
+                dst,
+                transport=transport,
+                address=address,
+                storage=storage,
+                tuning=tuning,
+                progress=progress,
+                timeout=timeout,
+                tls=tls,
+                insecure=insecure,
+            )
         )
 
 

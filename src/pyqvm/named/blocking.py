@@ -3,8 +3,9 @@
 Each call connects to the VM's owner, runs, and hangs up, on this thread's event loop
 (`pyqvm.faces.loop.ThreadLoop`): a `NamedVM` holds no connection between calls, so it is
 as cheap to keep as a name, and a VM that another process stopped meanwhile is reported
-by the next call (`NamedVMError`). Its other methods are AsyncVM's, carried by `_op`
-(`pyqvm.faces.derived` writes them).
+by the next call (`NamedVMError`). Its other methods are AsyncVM's, carried by `_op`, and
+`AsyncNamedVM`'s own (`info`, `record`, `migrate`), each on a connection of its own
+(`pyqvm.faces.derived` writes them all).
 """
 
 from __future__ import annotations
@@ -16,16 +17,7 @@ from typing import Any, ClassVar, Self, TypeVar
 from pyqvm.faces.loop import ThreadLoop
 from pyqvm.named import registry
 from pyqvm.named.client import CONNECT_TIMEOUT, AsyncNamedVMBase
-from pyqvm.named.registry import Record
 from pyqvm.named.ssh import Host
-from pyqvm.ops.migration import (
-    MigrationStats,
-    MigrationTLS,
-    MigrationTuning,
-    ProgressCallback,
-    Storage,
-    Transport,
-)
 from pyqvm.spec import VMSpec
 
 _T = TypeVar("_T")
@@ -110,41 +102,6 @@ class NamedVMBase:
 
         ThreadLoop.current().run(go())
         return cls(name, host=host)
-
-    def info(self) -> dict[str, Any]:
-        """The VM's `Record` as JSON, with its ``state`` (pyqvm's) and ``status`` (QEMU's)."""
-        return self._do(lambda vm: vm.info())
-
-    def record(self) -> Record:
-        return self._do(lambda vm: vm.record())
-
-    def migrate(
-        self,
-        dst: str,
-        *,
-        transport: Transport = "unix",
-        address: str | None = None,
-        storage: Storage = "shared",
-        tuning: MigrationTuning | None = None,
-        progress: ProgressCallback | None = None,
-        timeout: float | None = 600.0,
-        tls: MigrationTLS | None = None,
-        insecure: bool = False,
-    ) -> MigrationStats:
-        """Move the guest into a new named VM ``dst``; see `AsyncNamedVMBase.migrate`."""
-        return self._do(
-            lambda vm: vm.migrate(
-                dst,
-                transport=transport,
-                address=address,
-                storage=storage,
-                tuning=tuning,
-                progress=progress,
-                timeout=timeout,
-                tls=tls,
-                insecure=insecure,
-            )
-        )
 
 
 __all__ = ["NamedVMBase"]

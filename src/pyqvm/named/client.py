@@ -168,18 +168,10 @@ class AsyncNamedVMBase:
         }
         if template is not None:
             request |= {"template": template, "templates_dir": templates_dir and str(templates_dir)}
-        elif restore is not None and host is not None:
-            request["restore"] = str(restore)  # its owner reads the spec there
         elif restore is not None:
-            try:
-                saved = json.loads((Path(restore) / "spec.json").read_text())
-            except (OSError, ValueError) as e:
-                raise NamedVMError(
-                    f"restore: '{restore}' holds no spec.json of a VM saved with "
-                    f"`pyqvm save NAME DIR` ({e})",
-                    name=name,
-                ) from None
-            request |= {"spec": {**saved, "name": name}, "restore": str(Path(restore).resolve())}
+            # The owner reads the spec saved with the state (on its host, maybe another).
+            here = host is None
+            request["restore"] = str(Path(restore).resolve() if here else restore)
         else:
             spec = spec if spec is not None else VMSpec()
             request["spec"] = {**spec_to_dict(spec), "name": name}
