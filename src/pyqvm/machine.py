@@ -589,7 +589,7 @@ class Machine:
             # Only now that QEMU is gone does vfio-pci let go of the devices.
             self._passthrough.release()
             self._passthrough = None
-        await self.companions.stop()
+        await self.companions.end()
         if self._rundir is not None:
             self.console.freeze()  # for error messages after teardown
             self._rundir.cleanup()

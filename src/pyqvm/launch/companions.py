@@ -32,7 +32,7 @@ class Companions:
         self.networks = PrivateNetworks()  # its private NICs' leases, while it runs
 
     async def prepare(self, resolved: Resolved, rundir: Path) -> Prepared:
-        await self.virtiofsds.start(resolved.spec, rundir)
+        await self.virtiofsds.spawn(resolved.spec, rundir)
         networks = await self.networks.join(resolved.spec)
         make_seed(resolved, rundir)
         return Prepared(networks, make_ssh_keys(resolved, rundir))
@@ -40,8 +40,8 @@ class Companions:
     def qemu_connected(self) -> None:
         self.networks.connected()  # the switches may count on QEMU's ports now
 
-    async def stop(self) -> None:
-        await self.virtiofsds.stop()
+    async def end(self) -> None:
+        await self.virtiofsds.end()
         self.networks.leave()
 
 

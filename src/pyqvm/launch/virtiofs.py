@@ -133,7 +133,7 @@ class Virtiofsds:
     def __init__(self) -> None:
         self._running: list[tuple[Share, ChildProcess]] = []
 
-    async def start(self, spec: VMSpec, rundir: Path, timeout: float = 10.0) -> None:
+    async def spawn(self, spec: VMSpec, rundir: Path, timeout: float = 10.0) -> None:
         """One daemon per virtiofs share, each listening on its socket when this returns.
         `LaunchError` with its stderr if one fails (the others are stopped)."""
         shares = [s for s in spec.shares if s.transport == "virtiofs"]
@@ -147,7 +147,7 @@ class Virtiofsds:
             for s in shares:
                 await self._start_one(status.path, s, rundir, deadline)
         except BaseException:
-            await self.stop()
+            await self.end()
             raise
 
     async def _start_one(
@@ -182,7 +182,7 @@ class Virtiofsds:
     def pids(self) -> Sequence[int]:
         return [p.pid for _, p in self._running]
 
-    async def stop(self, timeout: float = 5.0) -> None:
+    async def end(self, timeout: float = 5.0) -> None:
         """Stop every daemon (they end by themselves once QEMU is gone) and reap them."""
         running, self._running = self._running, []
         for _share, proc in running:

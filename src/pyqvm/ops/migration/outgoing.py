@@ -61,7 +61,7 @@ class DiskCopies:
         self.nodes: list[str] = []
         self._stack = AsyncExitStack()
 
-    async def start(
+    async def mirror(
         self, nbd: str, deadline: Deadline, creds: str | None = None, hostname: str | None = None
     ) -> None:
         vm = self.vm
@@ -199,7 +199,7 @@ async def send(
         )
         if copied:
             assert nbd is not None
-            await copies.start(nbd, deadline, creds, tls.hostname if tls else None)
+            await copies.mirror(nbd, deadline, creds, tls.hostname if tls else None)
         stats = await run_migration(
             src, uri, tuning, progress, deadline, t0, copies=copies, interval=progress_interval
         )
