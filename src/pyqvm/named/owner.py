@@ -73,7 +73,7 @@ class _Client:
         self.writer = writer
         self.negotiated = False
 
-    def send(self, msg: Mapping[str, Any]) -> None:
+    def put(self, msg: Mapping[str, Any]) -> None:
         if self.writer.is_closing():
             return  # the client hung up: its answer is dropped
         self.writer.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
@@ -133,7 +133,7 @@ class Owner:
         }
         for c in list(self._clients):
             if c.negotiated:
-                c.send(msg)
+                c.put(msg)
 
     async def _drain(self) -> None:
         if self._tasks:
@@ -148,14 +148,14 @@ class Owner:
                 msg = dict(event)
                 for c in list(self._clients):
                     if c.negotiated:
-                        c.send(msg)
+                        c.put(msg)
 
     async def _serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         client = _Client(writer)
         self._clients.add(client)
-        client.send(wire.greeting(self.vm.name))
+        client.put(wire.greeting(self.vm.name))
         splitter = wire.Splitter()
         try:
             while not self._ended.is_set():
@@ -179,11 +179,11 @@ class Owner:
             if not isinstance(msg, dict) or not isinstance(msg.get("execute"), str):
                 raise ValueError("expected a JSON object with an 'execute' member")
         except ValueError as e:
-            client.send({"error": {"class": "GenericError", "desc": f"bad request: {e}"}})
+            client.put({"error": {"class": "GenericError", "desc": f"bad request: {e}"}})
             return
         if msg["execute"] == "qmp_capabilities":
             client.negotiated = True
-            client.send({"return": {}, **({"id": msg["id"]} if "id" in msg else {})})
+            client.put({"return": {}, **({"id": msg["id"]} if "id" in msg else {})})
             return
         task = asyncio.ensure_future(self._answer(client, msg))
         self._tasks.add(task)
@@ -216,7 +216,7 @@ class Owner:
             reply = {"error": {"class": "GenericError", "desc": f"{name}: internal error: {e!r}"}}
         if "id" in msg:
             reply["id"] = msg["id"]
-        client.send(reply)
+        client.put(reply)
         with contextlib.suppress(OSError):
             await client.writer.drain()
 
