@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 # The block below is the same table for type checkers; tests/unit/test_layers.py
 # keeps the two equal.
 _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None: the module)
-    "AsyncNamedVM": ("pyqvm.faces.derived", "AsyncNamedVM"),
+    "AsyncNamedVM": ("pyqvm.faces.derived_named", "AsyncNamedVM"),
     "AsyncVM": ("pyqvm.vm", "AsyncVM"),
-    "attach": ("pyqvm.faces.derived", "attach"),
-    "attach_async": ("pyqvm.faces.derived", "attach_async"),
+    "attach": ("pyqvm.faces.derived_named", "attach"),
+    "attach_async": ("pyqvm.faces.derived_named", "attach_async"),
     "ChainLink": ("pyqvm.ops.blockjobs", "ChainLink"),
     "CodecError": ("pyqvm.errors", "CodecError"),
     "DeviceClaimedError": ("pyqvm.errors", "DeviceClaimedError"),
@@ -57,7 +57,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
     "MigrationStats": ("pyqvm.ops.migration", "MigrationStats"),
     "MigrationTLS": ("pyqvm.ops.migration", "MigrationTLS"),
     "MigrationTuning": ("pyqvm.ops.migration", "MigrationTuning"),
-    "NamedVM": ("pyqvm.faces.derived", "NamedVM"),
+    "NamedVM": ("pyqvm.faces.derived_named", "NamedVM"),
     "NamedVMError": ("pyqvm.errors", "NamedVMError"),
     "Network": ("pyqvm.spec", "Network"),
     "OperationError": ("pyqvm.errors", "OperationError"),
@@ -78,8 +78,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
     "TemplateError": ("pyqvm.errors", "TemplateError"),
     "templates": ("pyqvm.ops.template", None),
     "UnplugTimeoutError": ("pyqvm.errors", "UnplugTimeoutError"),
-    "up": ("pyqvm.faces.derived", "up"),
-    "VM": ("pyqvm.faces.derived", "VM"),
+    "up": ("pyqvm.faces.derived_named", "up"),
+    "VM": ("pyqvm.faces.derived_vm", "VM"),
     "VMExitedError": ("pyqvm.errors", "VMExitedError"),
     "VMSpec": ("pyqvm.spec", "VMSpec"),
     "VMState": ("pyqvm.state", "VMState"),
@@ -117,7 +117,8 @@ if TYPE_CHECKING:
         VMExitedError,
         VMStateError,
     )
-    from pyqvm.faces.derived import VM, AsyncNamedVM, NamedVM, attach, attach_async, up
+    from pyqvm.faces.derived_named import AsyncNamedVM, NamedVM, attach, attach_async, up
+    from pyqvm.faces.derived_vm import VM
     from pyqvm.launch.plan import LaunchPlan, preview_argv
     from pyqvm.machine import Machine
     from pyqvm.ops import template as templates

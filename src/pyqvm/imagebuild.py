@@ -19,7 +19,7 @@ from typing import cast
 
 from pyqvm import image
 from pyqvm.errors import ImageError
-from pyqvm.faces.derived import VM
+from pyqvm.faces.derived_vm import VM
 from pyqvm.image.builder import BytesProgress
 from pyqvm.spec import Arch, Disk, VMSpec
 from pyqvm.spec.arches import ArchInfo

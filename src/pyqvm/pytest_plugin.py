@@ -42,7 +42,7 @@ from typing import Any
 import pytest
 
 from pyqvm import image, imagebuild
-from pyqvm.faces.derived import VM
+from pyqvm.faces.derived_vm import VM
 from pyqvm.faces.loop import ThreadLoop
 from pyqvm.ops import template as templates
 from pyqvm.spec import VMSpec

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pyqvm.cli.specargs import UsageError, memory_size
 
 if TYPE_CHECKING:  # types only; they are imported when a verb runs
-    from pyqvm.faces.derived import AsyncNamedVM
+    from pyqvm.faces.derived_named import AsyncNamedVM
     from pyqvm.ops.migration import MigrationProgress
 
 _T = TypeVar("_T")
@@ -124,7 +124,7 @@ def _on(args: argparse.Namespace, fn: Callable[[AsyncNamedVM], Awaitable[_T]]) -
     name, host = args.name, getattr(args, "host", None)
     import asyncio
 
-    from pyqvm.faces.derived import AsyncNamedVM
+    from pyqvm.faces.derived_named import AsyncNamedVM
 
     async def go() -> _T:
         async with await AsyncNamedVM.attach(name, host=host) as vm:
@@ -161,7 +161,7 @@ def run_stop(args: argparse.Namespace) -> int:
     import asyncio
 
     from pyqvm.errors import NamedVMError, PyqvmError
-    from pyqvm.faces.derived import AsyncNamedVM
+    from pyqvm.faces.derived_named import AsyncNamedVM
     from pyqvm.named import registry
 
     if args.all == bool(args.names):

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pyqvm.cli import status
     from pyqvm.errors import PyqvmError
-    from pyqvm.faces.derived import AsyncNamedVM
+    from pyqvm.faces.derived_named import AsyncNamedVM
 
     if not args.cmd:
         raise UsageError("exec needs a command after --, e.g.: pyqvm exec NAME -- uname -a")

@@ -29,7 +29,7 @@ async def _ask(name: str) -> dict[str, Any]:
     import asyncio
 
     from pyqvm.errors import PyqvmError
-    from pyqvm.faces.derived import AsyncNamedVM
+    from pyqvm.faces.derived_named import AsyncNamedVM
     from pyqvm.named import registry
 
     try:

@@ -30,7 +30,7 @@ def ssh_argv_of(name: str, command: Sequence[str]) -> list[str]:
     import asyncio
     from pathlib import Path
 
-    from pyqvm.faces.derived import AsyncNamedVM
+    from pyqvm.faces.derived_named import AsyncNamedVM
     from pyqvm.named import registry
     from pyqvm.ops.ssh import forwarded_port, ssh_command
     from pyqvm.spec.io import spec_from_dict

@@ -43,7 +43,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
 def run_up(args: argparse.Namespace) -> int:
     import asyncio
 
-    from pyqvm.faces.derived import AsyncNamedVM
+    from pyqvm.faces.derived_named import AsyncNamedVM
 
     if not args.name:
         raise UsageError("up needs --name NAME (the name other commands use)")
@@ -66,7 +66,7 @@ def run_up(args: argparse.Namespace) -> int:
 def run_restore(args: argparse.Namespace) -> int:
     import asyncio
 
-    from pyqvm.faces.derived import AsyncNamedVM
+    from pyqvm.faces.derived_named import AsyncNamedVM
 
     async def restore() -> None:
         vm = await AsyncNamedVM.up(name=args.name, restore=args.directory)

@@ -1,4 +1,4 @@
-"""What the blocking `VM` does its own way; its methods are derived (`pyqvm.faces.derived`).
+"""What the blocking `VM` does its own way; its methods are derived (`pyqvm.faces.derived_vm`).
 
 Every method of `VM` runs the `AsyncVM` method of the same name, and nothing else, on
 its thread's event loop (`pyqvm.faces.loop`). Use a VM from the thread that made it,

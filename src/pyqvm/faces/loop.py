@@ -13,14 +13,16 @@ import asyncio
 import threading
 import weakref
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from qemu.qmp import EventListener
 
 from pyqvm.channels.qmp import Event
 from pyqvm.errors import PyqvmError, PyqvmTimeoutError
 from pyqvm.state import VMState
-from pyqvm.vm import AsyncVM
+
+if TYPE_CHECKING:  # the blocking named face runs here too, and needs no AsyncVM
+    from pyqvm.vm import AsyncVM
 
 _T = TypeVar("_T")
 

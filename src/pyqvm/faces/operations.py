@@ -65,7 +65,7 @@ def _is_optional(tp: object) -> bool:
     return type(None) in typing.get_args(tp)
 
 
-def _read(name: str, member: object) -> Operation:
+def _read(name: str, member: object, resolve: bool) -> Operation:
     kind: Kind = "method"
     fn: Callable[..., Any]
     if isinstance(member, property):
@@ -76,11 +76,12 @@ def _read(name: str, member: object) -> Operation:
         fn = member  # type: ignore[assignment]
         if inspect.isasyncgenfunction(getattr(fn, "__wrapped__", None)):  # asynccontextmanager
             kind, fn = "contextmanager", getattr(fn, "__wrapped__")  # noqa: B009
-    hints = typing.get_type_hints(fn)
+    hints = typing.get_type_hints(fn) if resolve else {}
     callbacks = tuple(p for p, tp in hints.items() if p != "return" and is_callback(tp))
     values = [tp for p, tp in hints.items() if p not in callbacks]
     carried = (
-        kind == "method"
+        resolve
+        and kind == "method"
         and name not in LOCAL
         and all(codable(tp) for tp in values)
         and all(_is_optional(hints[p]) for p in callbacks)
@@ -97,10 +98,13 @@ def _read(name: str, member: object) -> Operation:
     )
 
 
-def read(cls: type) -> dict[str, Operation]:
-    """The public members of ``cls`` (`AsyncVM`), in the order it defines them."""
+def read(cls: type, *, resolve: bool = True) -> dict[str, Operation]:
+    """The public members of ``cls`` (`AsyncVM`), in the order it defines them; without
+    ``resolve``, their annotations stay text (no ``hints``: none is carried)."""
     return {
-        name: _read(name, member) for name, member in vars(cls).items() if not name.startswith("_")
+        name: _read(name, member, resolve)
+        for name, member in vars(cls).items()
+        if not name.startswith("_") and isinstance(member, property | classmethod | Callable)
     }
 
 

@@ -5,7 +5,7 @@ Each call connects to the VM's owner, runs, and hangs up, on this thread's event
 as cheap to keep as a name, and a VM that another process stopped meanwhile is reported
 by the next call (`NamedVMError`). Its other methods are AsyncVM's, carried by `_op`, and
 `AsyncNamedVM`'s own (`info`, `record`, `migrate`), each on a connection of its own
-(`pyqvm.faces.derived` writes them all).
+(`pyqvm.faces.derived_named` writes them all).
 """
 
 from __future__ import annotations

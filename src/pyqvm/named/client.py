@@ -7,13 +7,16 @@ or raises the owner's error (a `LaunchError` with QEMU's stderr and the console
 tail, a `SpecError`...) as that same type. `AsyncNamedVM.attach` connects to a
 running one. The handle speaks QMP to the owner through `qemu.qmp.QMPClient`
 (see `pyqvm.named.wire` for why); its other methods are `AsyncVM`'s, run by
-the owner (`pyqvm.faces.derived`). Closing a handle leaves the VM running; `stop` ends it.
+the owner (`pyqvm.faces.derived_named`). Closing a handle leaves the VM running; `stop` ends it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
+import functools
+import importlib
 import itertools
 import json
 import logging
@@ -26,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
@@ -37,17 +40,18 @@ from pyqvm.named import registry, ssh, wire
 from pyqvm.named.registry import REQUEST, Entry, Record
 from pyqvm.named.ssh import Host, SshStream
 from pyqvm.named.wire import CALLBACK_EVENT, OP_COMMAND
-from pyqvm.ops.migration import (
-    Incoming,
-    MigrationStats,
-    MigrationTLS,
-    MigrationTuning,
-    ProgressCallback,
-    Storage,
-    Transport,
-)
 from pyqvm.spec import VMSpec
 from pyqvm.spec.io import spec_to_dict
+
+if TYPE_CHECKING:  # imported where used: `pyqvm exec` pays for no migration machinery
+    from pyqvm.ops.migration.types import (
+        MigrationStats,
+        MigrationTLS,
+        MigrationTuning,
+        ProgressCallback,
+        Storage,
+        Transport,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +62,12 @@ CONNECT_TIMEOUT = 5.0
 class AsyncNamedVMBase:
     """What `AsyncNamedVM` does its own way: making and closing handles, the owner's own
     commands, events, a migration into a new named VM, and `_op`, which carries every other
-    operation (`pyqvm.faces.derived` writes those from AsyncVM's)."""
+    operation (`pyqvm.faces.derived_named` writes those from AsyncVM's)."""
 
     #: AsyncVM's `send`, as the derived class carries it (`migrate` sends with it).
     send: Callable[..., Awaitable[MigrationStats]]
+    #: Name -> module of the types `_op` is given as text (the derived class's table).
+    types: ClassVar[Mapping[str, str]] = {}
 
     def __init__(
         self, name: str, client: QMPClient, *, entry: Entry | None = None,
@@ -243,7 +249,7 @@ class AsyncNamedVMBase:
         self, operation: str, returns: object, /, **arguments: tuple[object, object]
     ) -> Any:
         """Run AsyncVM's ``operation`` in the owner: each argument is ``(value, its type)``,
-        as `pyqvm.faces.derived` passes them; the result is decoded as ``returns``.
+        as `pyqvm.faces.derived_named` passes them; the result is decoded as ``returns``.
 
         A callback argument stays here: the owner calls a stand-in that relays each call
         as a ``PYQVM_CALLBACK`` event, which runs the callback in this process. When the
@@ -251,7 +257,8 @@ class AsyncNamedVMBase:
         gone and the name free."""
         args: dict[str, Any] = {}
         callbacks: dict[str, tuple[Callable[[Any], object], object]] = {}
-        for name, (value, tp) in arguments.items():
+        for name, (value, text) in arguments.items():
+            tp = self._type(text)
             if is_callback(tp):
                 if value is not None:
                     callbacks[name] = (value, callback_argument(tp))  # type: ignore[assignment]
@@ -274,7 +281,13 @@ class AsyncNamedVMBase:
             reply = await self.call(OP_COMMAND, request)
         if reply.get("ended"):
             await self._until_gone()
-        return from_json(reply.get("result"), returns, f"{operation}: result")
+        return from_json(reply.get("result"), self._type(returns), f"{operation}: result")
+
+    @classmethod
+    def _type(cls, text: object) -> object:
+        """The type an annotation's text names, its names imported from `types` on first
+        use (a type given as itself is returned as it is)."""
+        return _resolve(text, tuple(sorted(cls.types.items()))) if isinstance(text, str) else text
 
     async def migrate(
         self,
@@ -293,6 +306,8 @@ class AsyncNamedVMBase:
         VM's spec and devices in an owner of its own (see `AsyncVM.migrate`); this VM is
         gone afterwards, and ``dst`` takes over its port forwards. On failure this VM runs
         on and ``dst`` is removed."""
+        from pyqvm.ops.migration.types import Incoming, MigrationTLS, MigrationTuning
+
         source = await self.call("pyqvm-migration-source", {"storage": storage})
         stats: list[MigrationStats] = []
 
@@ -354,6 +369,21 @@ class AsyncNamedVMBase:
 
 
 _calls = itertools.count(1)
+
+
+@functools.cache
+def _resolve(text: str, types: tuple[tuple[str, str], ...]) -> object:
+    where = dict(types)
+
+    class Names(dict[str, object]):
+        def __missing__(self, name: str) -> object:
+            if name not in where:
+                raise KeyError(name)
+            value = getattr(importlib.import_module(where[name]), name)
+            self[name] = value
+            return value
+
+    return eval(text, {"__builtins__": builtins}, Names())
 
 
 async def _relay(listener: EventListener, callbacks: Callbacks) -> None:
