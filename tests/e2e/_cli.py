@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from fixtures.sshhost import SshHost
 
 PYQVM = [sys.executable, "-m", "pyqvm"]
 
@@ -25,6 +26,16 @@ def pyqvm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         check=False,
         stdin=subprocess.DEVNULL,
     )
+
+
+def go_there(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> SshHost | None:
+    """For a fixture parametrized ``["here", "ssh"]``: nothing here; over SSH, the namespace
+    host of `fixtures.sshhost`, with PYQVM_HOST set so that every command goes there."""
+    if request.param == "here":
+        return None
+    there: SshHost = request.getfixturevalue("remote_env")
+    monkeypatch.setenv("PYQVM_HOST", there.url)
+    return there
 
 
 @contextmanager

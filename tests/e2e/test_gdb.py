@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _cli import own_registry, pyqvm
+from _cli import go_there, own_registry, pyqvm
 
 from pyqvm import VM, SpecError, VMSpec
 
@@ -55,8 +55,9 @@ def test_gdb_is_off_unless_asked(default_image: object) -> None:
             vm.gdb_target()
 
 
-@pytest.fixture
-def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+@pytest.fixture(params=["here", "ssh"])
+def runtime(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    go_there(request, monkeypatch)  # "ssh": the named-VM verbs against another host
     with own_registry(monkeypatch, "pq-gdb-") as d:
         yield d
 

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _cli import own_registry, pyqvm
+from _cli import go_there, own_registry, pyqvm
+from fixtures.sshhost import SshHost
 
 from pyqvm import VM, KernelBoot, Network, VMSpec, image
 from pyqvm.host.sshkeys import make_keys
@@ -74,20 +75,31 @@ def test_ssh_into_a_guest_of_your_own(default_image: image.GuestImage, tmp_path:
         assert keys.host_pub_line().split()[1] in known.read_text()
 
 
+@pytest.fixture(params=["here", "ssh"])
+def where(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> SshHost | None:
+    return go_there(request, monkeypatch)  # "ssh": the named-VM verbs against another host
+
+
 @pytest.fixture
-def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def runtime(monkeypatch: pytest.MonkeyPatch, where: SshHost | None) -> Iterator[Path]:
     with own_registry(monkeypatch, "pq-ssh-") as d:
         yield d
 
 
-def test_pyqvm_ssh_on_a_named_vm(runtime: Path, default_image: object) -> None:
+def test_pyqvm_ssh_on_a_named_vm(
+    runtime: Path, default_image: object, where: SshHost | None
+) -> None:
     r = pyqvm("up", "--ssh", "--name", "s1")
     assert r.returncode == 0, r.stderr
     r = pyqvm("ssh", "s1", "--", "sh", "-c", "echo hi; exit 7")
     assert (r.returncode, r.stdout) == (7, "hi\n"), r.stderr
     printed = pyqvm("ssh", "--print", "s1", "--", "uname", "-m")
     assert printed.returncode == 0 and printed.stdout.startswith(shutil.which("ssh") or "ssh")
-    r = subprocess.run(printed.stdout, shell=True, capture_output=True, text=True, timeout=60)
+    # The printed command is for the VM's host: its port forward listens there.
+    inside = [] if where is None else ["ip", "netns", "exec", where.netns]
+    r = subprocess.run(
+        [*inside, "sh", "-c", printed.stdout], capture_output=True, text=True, timeout=60
+    )
     assert (r.returncode, r.stdout) == (0, "x86_64\n"), r.stderr
     assert pyqvm("up", "--name", "plain").returncode == 0
     r = pyqvm("ssh", "plain", "--", "true")
