@@ -404,3 +404,40 @@ def test_debian_keys_ship_with_pyqvm() -> None:
     assert any("12/bookworm" in n and "Automatic Signing" in n for n in names)
     assert any("12/bookworm" in n and "Security" in n for n in names)
     assert release.SHIPPED_KEYRING.is_file()
+
+
+def test_a_passing_network_failure_is_retried_and_an_answer_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The resolver's "try again" (EAI_AGAIN, as a busy DNS proxy answers) is retried, as
+    apt's Acquire::Retries does; a name that does not exist fails at once."""
+    import io
+    import socket
+    import urllib.error
+
+    from pyqvm.image.archive import fetch
+
+    monkeypatch.setattr(fetch, "RETRY_WAITS", (0.0, 0.0, 0.0, 0.0))
+    calls: list[str] = []
+
+    def flaky(url: str, timeout: float) -> io.BytesIO:
+        calls.append(url)
+        if len(calls) < 3:
+            raise urllib.error.URLError(
+                socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+            )
+        return io.BytesIO(b"release")
+
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", flaky)
+    assert fetch.fetch_bytes("http://mirror.invalid/InRelease") == b"release"
+    assert len(calls) == 3
+
+    def missing(url: str, timeout: float) -> io.BytesIO:
+        calls.append(url)
+        raise urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+
+    calls.clear()
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", missing)
+    with pytest.raises(ArchiveError, match="unreachable"):
+        fetch.fetch_bytes("http://mirror.invalid/InRelease")
+    assert len(calls) == 1

@@ -16,6 +16,8 @@ import hashlib
 import http.client
 import logging
 import os
+import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -43,7 +45,35 @@ def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+#: Waits before each retry of a request that failed for a passing reason.
+RETRY_WAITS = (0.5, 1.0, 2.0, 4.0)
+
+
+def _passing(e: BaseException) -> bool:
+    """Whether ``e`` is a failure that a moment later may not be there: the resolver's
+    "try again" (EAI_AGAIN), a connection reset, a connect timing out. A refused
+    connection, a missing host or an HTTP error is an answer, and is not retried."""
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    if isinstance(reason, socket.gaierror):
+        return reason.errno == socket.EAI_AGAIN
+    return isinstance(reason, ConnectionResetError | TimeoutError)
+
+
 def _open(url: str) -> IO[bytes]:
+    """``url``'s response; a passing failure is retried (as apt's Acquire::Retries does)."""
+    for wait in (*RETRY_WAITS, None):
+        try:
+            return _open_once(url)
+        except ArchiveError as e:
+            cause = e.__context__
+            if wait is None or cause is None or not _passing(cause):
+                raise
+            log.info("fetching %s: %s; trying again in %g s", url, _describe(cause), wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _open_once(url: str) -> IO[bytes]:
     try:
         response: IO[bytes] = urllib.request.urlopen(url, timeout=TIMEOUT)
         return response
