@@ -414,6 +414,7 @@ def test_a_passing_network_failure_is_retried_and_an_answer_is_not(
     import io
     import socket
     import urllib.error
+    import urllib.request
 
     from pyqvm.image.archive import fetch
 
@@ -428,7 +429,7 @@ def test_a_passing_network_failure_is_retried_and_an_answer_is_not(
             )
         return io.BytesIO(b"release")
 
-    monkeypatch.setattr(fetch.urllib.request, "urlopen", flaky)
+    monkeypatch.setattr(urllib.request, "urlopen", flaky)
     assert fetch.fetch_bytes("http://mirror.invalid/InRelease") == b"release"
     assert len(calls) == 3
 
@@ -437,7 +438,7 @@ def test_a_passing_network_failure_is_retried_and_an_answer_is_not(
         raise urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
 
     calls.clear()
-    monkeypatch.setattr(fetch.urllib.request, "urlopen", missing)
+    monkeypatch.setattr(urllib.request, "urlopen", missing)
     with pytest.raises(ArchiveError, match="unreachable"):
         fetch.fetch_bytes("http://mirror.invalid/InRelease")
     assert len(calls) == 1
