@@ -35,7 +35,7 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from pyqvm.channels.qmp import EventFilter, event_filter
 from pyqvm.codec import callback_argument, from_json, is_callback, to_json
-from pyqvm.errors import NamedVMError, PyqvmError, PyqvmTimeoutError, tail
+from pyqvm.errors import NamedVMError, PyqvmTimeoutError, tail
 from pyqvm.named import registry, ssh, wire
 from pyqvm.named.registry import REQUEST, Entry, Record
 from pyqvm.named.ssh import Host, SshStream
@@ -117,7 +117,7 @@ class AsyncNamedVMBase:
             if not entry.alive():
                 raise NamedVMError(f"VM {name!r} has just ended", name=name) from None
             raise NamedVMError(
-                f"VM {name!r}: cannot connect to its owner process ({_owner(entry)}) at "
+                f"VM {name!r}: cannot connect to its owner process ({entry.owner()}) at "
                 f"{entry.socket}: {e}; it may still be starting",
                 name=name,
             ) from None
@@ -431,13 +431,6 @@ async def _check_greeting(client: QMPClient, name: str) -> None:
 
 def _host(host: str | Host) -> Host:
     return host if isinstance(host, Host) else Host.parse(host)
-
-
-def _owner(entry: Entry) -> str:
-    try:
-        return f"pid {entry.record().owner_pid}"
-    except PyqvmError:
-        return "pid unknown"
 
 
 async def start_owner(

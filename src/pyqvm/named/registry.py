@@ -168,14 +168,17 @@ class Entry:
         except (OSError, ValueError):
             return None
 
+    def owner(self) -> str:
+        """The owner process, as a message names it: ``pid N`` (or ``pid unknown``)."""
+        try:
+            return f"pid {self.record().owner_pid}"
+        except NamedVMError:
+            return "pid unknown"
+
     def not_answering(self, timeout: float) -> NamedVMError:
         """The error for an owner that took no connection or sent no greeting in time."""
-        try:
-            owner = f"pid {self.record().owner_pid}"
-        except NamedVMError:
-            owner = "pid unknown"
         return NamedVMError(
-            f"VM {self.name!r}: its owner process ({owner}) does not answer within "
+            f"VM {self.name!r}: its owner process ({self.owner()}) does not answer within "
             f"{timeout:g} s; see {self.log_file}, or end it: pyqvm stop --force {self.name}",
             name=self.name,
         )
