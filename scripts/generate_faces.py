@@ -39,7 +39,7 @@ LINE = 100
 sys.path.insert(0, str(ROOT / "src"))
 
 from pyqvm.faces.blocking import BlockingVMBase  # noqa: E402
-from pyqvm.faces.operations import OPERATIONS, Operation, read  # noqa: E402
+from pyqvm.faces.operations import GROUPS, OPERATIONS, Operation, read  # noqa: E402
 from pyqvm.named.blocking import NamedVMBase  # noqa: E402
 from pyqvm.named.client import AsyncNamedVMBase  # noqa: E402
 
@@ -58,15 +58,17 @@ from __future__ import annotations
 VM_DOC = "The blocking face of `AsyncVM`: `VM`."
 NAMED_DOC = """The faces of a named VM, driven through its owner process: `AsyncNamedVM` and
 `NamedVM` (blocking). They import no AsyncVM: a CLI verb on a named VM stays light."""
-BLOCKING_BASE = "from pyqvm.faces.blocking import BlockingVMBase"
+BLOCKING_BASE = "from pyqvm.faces.blocking import BlockingGroup, BlockingVMBase"
 NAMED_BASES = (
-    "from pyqvm.named.blocking import NamedVMBase\nfrom pyqvm.named.client import AsyncNamedVMBase"
+    "from pyqvm.named.blocking import NamedVMBase\n"
+    "from pyqvm.named.client import AsyncNamedVMBase, NamedGroup"
 )
 
 
 def vm_imports() -> dict[str, str]:
     """Name -> its import line, as src/pyqvm/vm.py (and the named client) import it."""
     out = {"AsyncVM": "from pyqvm.vm import AsyncVM"}
+    out |= {cls.__name__: f"from pyqvm.vm import {cls.__name__}" for cls, _ in GROUPS.values()}
     for source in (CLIENT_SOURCE, VM_SOURCE):
         for node in ast.parse(source.read_text()).body:
             if isinstance(node, ast.ImportFrom) and node.module and node.module != "__future__":
@@ -192,12 +194,59 @@ def _names(op: Operation, swap: Mapping[str, str] | None = None) -> set[str]:
     return {swap.get(n, n) for a in annotations for n in names_in(a)} - set(swap.values())
 
 
+def group_names(cls: type) -> dict[str, str]:
+    """The class each face has for AsyncVM's group ``cls`` (`AsyncConsole`): by face."""
+    base = cls.__name__.removeprefix("Async")
+    return {"blocking": base, "named": f"AsyncNamed{base}", "named_blocking": f"Named{base}"}
+
+
+def group_property(op: Operation, face: str) -> str:
+    """A face's property for AsyncVM's group ``op`` (``vm.console``)."""
+    cls = group_names(GROUPS[op.name][0])[face]
+    made = {
+        "blocking": f"{cls}(self._vm.{op.name}, self._loop)",
+        "named": f'{cls}(self, "{op.name}")',
+        "named_blocking": f'{cls}(self, "{op.name}")',
+    }[face]
+    head = f"    @property\n    def {op.name}(self) -> {cls}:\n"
+    return f"{head}{docstring(op.doc)}        return {made}\n"
+
+
 def generate() -> dict[Path, str]:
     """The text of each generated file."""
     blocking, named, named_blocking = [], [], []
     vm_needs: set[str] = set()
     named_needs: set[str] = set()
+    vm_groups: list[str] = []
+    named_groups: list[str] = []
     for op in OPERATIONS.values():
+        if op.name in GROUPS:
+            blocking.append(group_property(op, "blocking"))
+            named.append(group_property(op, "named"))
+            named_blocking.append(group_property(op, "named_blocking"))
+            cls, members = GROUPS[op.name]
+            names = group_names(cls)
+            doc = (cls.__doc__ or "").strip().replace("\n", "\n    ")
+            ops = list(members.values())
+            assert all(o.carried for o in ops), f"every operation of group {op.name} travels"
+            for o in ops:
+                vm_needs |= _names(o, {"AsyncVM": "VM"})
+                named_needs |= _names(o)
+            vm_needs.add(cls.__name__)
+            vm_groups += _class(
+                names["blocking"], "BlockingGroup", doc,
+                [method(o, face="blocking", swap={"AsyncVM": "VM"}) for o in ops],
+                f"\n    _vm: {cls.__name__}\n",
+            )  # fmt: skip
+            named_groups += _class(
+                names["named"], "NamedGroup", doc,
+                [method(o, face="named", swap={}) for o in ops],
+            )  # fmt: skip
+            named_groups += _class(
+                names["named_blocking"], "NamedGroup", doc,
+                [method(o, face="named_blocking", swap={}) for o in ops],
+            )  # fmt: skip
+            continue
         if op.name not in vars(BlockingVMBase) and op.name not in ("qmp", "agent"):
             blocking.append(method(op, face="blocking", swap={"AsyncVM": "VM"}))
             vm_needs |= _names(op, {"AsyncVM": "VM"})
@@ -213,15 +262,18 @@ def generate() -> dict[Path, str]:
             named_blocking.append(method(op, face="on_a_connection", swap={}))
             named_needs |= _names(op)
     vm_file = [HEADER.format(what=VM_DOC), _imports(vm_needs, BLOCKING_BASE), "\n\n"]
+    vm_file += vm_groups
     vm_file += _class(
         "VM", "BlockingVMBase",
         "Blocking `AsyncVM`: the same constructor, properties and methods, each running\n"
         "    AsyncVM's of the same name on this thread's event loop (see `BlockingVMBase`).",
         blocking,
     )  # fmt: skip
-    vm_file.append('__all__ = ["VM"]\n')
+    exported = sorted(["VM", *(group_names(c)["blocking"] for c, _ in GROUPS.values())])
+    vm_file.append(f"__all__ = {exported!r}\n".replace("'", '"'))
     named_file = [HEADER.format(what=NAMED_DOC), _imports(named_needs, NAMED_BASES, lazily=True)]
     named_file.append("\n\n")
+    named_file += named_groups
     named_file += _class(
         "AsyncNamedVM", "AsyncNamedVMBase",
         "A named VM, driven through its owner process (`up`, `attach`): AsyncVM's methods,\n"
@@ -236,10 +288,13 @@ def generate() -> dict[Path, str]:
         named_blocking,
         "\n    handle = AsyncNamedVM\n",
     )  # fmt: skip
+    named_exported = ["AsyncNamedVM", "NamedVM", "attach", "attach_async", "up"]
+    for c, _ in GROUPS.values():
+        named_exported += [group_names(c)["named"], group_names(c)["named_blocking"]]
     named_file.append(
         "#: `pyqvm.attach`, `pyqvm.attach_async` and `pyqvm.up`: the named handles' makers.\n"
         "attach = NamedVM.attach\nattach_async = AsyncNamedVM.attach\nup = NamedVM.up\n\n"
-        '__all__ = ["AsyncNamedVM", "NamedVM", "attach", "attach_async", "up"]\n'
+        + f"__all__ = {sorted(named_exported)!r}\n".replace("'", '"')
     )
     return {VM_TARGET: "".join(vm_file), NAMED_TARGET: "".join(named_file)}
 
@@ -256,7 +311,7 @@ def _class(name: str, base: str, doc: str, methods: list[str], attributes: str =
 def formatted(text: str, target: Path) -> str:
     """``text`` with its imports sorted and laid out as `ruff` does (the project's linter
     and formatter, a dev dependency)."""
-    for step in (["check", "--select", "I", "--fix", "--quiet"], ["format"]):
+    for step in (["check", "--select", "I,RUF022", "--fix", "--quiet"], ["format"]):
         proc = subprocess.run(
             [sys.executable, "-m", "ruff", *step, "--stdin-filename", str(target), "-"],
             input=text, capture_output=True, text=True, check=False, cwd=ROOT,

@@ -266,6 +266,45 @@ class GuestPausedError(GuestError):
         self.nospace = nospace
 
 
+class GuestPanicError(GuestError):
+    """The guest's kernel panicked: QEMU's ``GUEST_PANICKED`` event (a pvpanic device) or
+    Linux's panic line on the serial console.
+
+    ``source`` is ``"pvpanic"`` or ``"console"``, ``detail`` what it said (the event's
+    data, or the panic line), ``console`` the console's tail.
+    """
+
+    def __init__(self, name: str, *, source: str, detail: str, console: str) -> None:
+        msg = f"VM {name!r}: the guest panicked ({source}: {detail})"
+        if console.strip():
+            msg += "\nconsole tail:\n" + tail(console, 20)
+        super().__init__(msg)
+        self.name = name
+        self.source = source
+        self.detail = detail
+        self.console = console
+
+
+class ConsoleError(GuestError):
+    """A console wait ended without its pattern: a ``fail_on`` pattern showed first, or the
+    console closed (QEMU exited).
+
+    ``pattern`` is the failure pattern that matched (None: the console closed),
+    ``text`` what matched, ``console`` the console's tail.
+    """
+
+    def __init__(
+        self, message: str, *, pattern: str | None = None, text: str = "", console: str = ""
+    ) -> None:
+        msg = message
+        if console.strip():
+            msg += "\nconsole tail:\n" + tail(console, 20)
+        super().__init__(msg)
+        self.pattern = pattern
+        self.text = text
+        self.console = console
+
+
 class OperationError(PyqvmError):
     """A VM operation (snapshot, hotplug, migration) was refused or failed."""
 
@@ -353,11 +392,13 @@ class CodecError(PyqvmError, ValueError):
 __all__ = [
     "ArchiveError",
     "CodecError",
+    "ConsoleError",
     "DeviceClaimedError",
     "GroupNotViableError",
     "GuestCommandError",
     "GuestError",
     "GuestExecError",
+    "GuestPanicError",
     "GuestPausedError",
     "HostError",
     "HotplugError",

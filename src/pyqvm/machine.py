@@ -38,11 +38,11 @@ from typing import Any, TypeVar
 from qemu.qmp import EventListener
 
 from pyqvm.channels.agent import GuestAgent
-from pyqvm.channels.console import ConsoleLog
+from pyqvm.channels.console import ConsoleLog, ConsolePort
 from pyqvm.channels.devices import DeviceTable
 from pyqvm.channels.qmp import EventFilter, QMPSession
 from pyqvm.deadline import Deadline
-from pyqvm.errors import LaunchError, PyqvmError, VMStateError, tail
+from pyqvm.errors import GuestPanicError, LaunchError, PyqvmError, VMStateError, tail
 from pyqvm.host.facts import HostFacts
 from pyqvm.launch.companions import Companions
 from pyqvm.launch.overlays import (
@@ -53,7 +53,13 @@ from pyqvm.launch.overlays import (
     reclaim_leaks,
 )
 from pyqvm.launch.passthrough import Passthrough, PassthroughHost, assign
-from pyqvm.launch.plan import CONSOLE_SOCKET, Channels, LaunchPlan, launch_argv
+from pyqvm.launch.plan import (
+    CONSOLE_SOCKET,
+    Channels,
+    LaunchPlan,
+    console_listen_path,
+    launch_argv,
+)
 from pyqvm.launch.resolve import Resolved, resolve
 from pyqvm.runtime.children import ChildProcess
 from pyqvm.runtime.dirs import RuntimeDir
@@ -91,6 +97,8 @@ class Machine:
         self.passthrough_host = passthrough_host or PassthroughHost()
         self.devices = DeviceTable()
         self.console = ConsoleLog()
+        #: The console's live end while QEMU runs (`ConsolePort`).
+        self.console_port: ConsolePort | None = None
         self._life = Lifecycle(spec.name)
         self._passthrough: Passthrough | None = None
         self.companions = Companions()  # virtiofsds, private-network leases, SSH keys
@@ -202,7 +210,7 @@ class Machine:
         return self.launched_dir() / name
 
     def console_socket(self) -> Path | None:
-        """The serial console's unix socket (one client at a time), if QEMU made one."""
+        """The serial console's unix socket for interactive clients, if there is one."""
         p = self.runtime_file(CONSOLE_SOCKET)
         return p if p.is_socket() else None
 
@@ -280,6 +288,35 @@ class Machine:
     async def wait_for_console(self, pattern: str, timeout: float) -> None:
         """Wait until ``pattern`` (a plain substring) shows on the serial console."""
         await self.console.wait_for(pattern, timeout, self.name)
+
+    def guest_panic(self) -> GuestPanicError | None:
+        """The guest's panic, once it has panicked: QEMU's ``GUEST_PANICKED`` (pvpanic), or
+        Linux's panic line on the serial console (a kernel without pvpanic's driver)."""
+        console = self.console_text()
+        if self._qmp is not None and (data := self._qmp.guest_panic) is not None:
+            info = data.get("info") or {}
+            detail = ", ".join(f"{k} {v}" for k, v in info.items()) or str(data.get("action", ""))
+            return GuestPanicError(self.name, source="pvpanic", detail=detail, console=console)
+        if self.console_port is not None and (line := self.console_port.panic_line) is not None:
+            return GuestPanicError(self.name, source="console", detail=line, console=console)
+        return None
+
+    async def guest_panicked(self) -> GuestPanicError:
+        """Wait until the guest panics (`guest_panic`), and return that error."""
+        while True:
+            port = self.console_port
+            version = port.version if port is not None else 0  # before looking: no gap
+            if (error := self.guest_panic()) is not None:
+                return error
+            waits = [asyncio.ensure_future(self.qmp.guest_panicked())]
+            if port is not None and not port.eof:
+                waits.append(asyncio.ensure_future(port.changed(version)))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
 
     def qmp_transcript(self) -> list[str]:
         """The last QMP commands sent and their answers (kept after the machine stopped)."""
@@ -386,6 +423,7 @@ class Machine:
                     rundir,
                     console_log=self.console.path,
                     qmp_fd=channels.theirs["qmp"].fileno(),
+                    console_fd=channels.fd("console"),
                     agent_fd=channels.fd("agent"),
                     wake_fd=channels.fd("wake"),
                     incoming=plan.incoming,
@@ -413,6 +451,9 @@ class Machine:
             channels.close()
             raise
         self._wake = channels.ours.get("wake")
+        self.console_port = ConsolePort(
+            channels.ours["console"], listen=console_listen_path(rundir), name=self.name
+        )
         if "agent" in channels.ours:
             self._agent = GuestAgent(name=f"{self.name}-agent")
             await self._agent.connect(channels.ours["agent"])
@@ -493,9 +534,11 @@ class Machine:
             if self.state is not VMState.FAILED:
                 self.move(VMState.STOPPED)
             return None
-        if graceful is None:
-            graceful = self.state is VMState.RUNNING and any(
-                not d.ephemeral and not d.readonly for d in self.resolved_spec.disks
+        if graceful is None:  # a guest that panicked powers nothing off
+            graceful = (
+                self.state is VMState.RUNNING
+                and self.guest_panic() is None
+                and any(not d.ephemeral and not d.readonly for d in self.resolved_spec.disks)
             )
         self.move(VMState.STOPPING)
         # One bound for every step, so that a QEMU that answers nothing (SIGSTOPped,
@@ -572,6 +615,9 @@ class Machine:
         if self._wake is not None:
             self._wake.close()
             self._wake = None
+        if self.console_port is not None:
+            self.console_port.close()
+            self.console_port = None
         if self._qmp is not None:
             self._transcript = list(self._qmp.transcript)
             await self._qmp.close()

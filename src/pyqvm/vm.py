@@ -33,9 +33,10 @@ from pyqvm.launch.passthrough import PassthroughHost
 from pyqvm.launch.plan import LaunchPlan, preview_argv
 from pyqvm.launch.privnet import Membership
 from pyqvm.machine import Machine
-from pyqvm.ops import blockjobs, gdb, guest, hotplug, migration, snapshot, ssh
+from pyqvm.ops import blockjobs, console, gdb, guest, hotplug, migration, snapshot, ssh
 from pyqvm.ops import template as templates
 from pyqvm.ops.blockjobs import ChainLink
+from pyqvm.ops.console import ConsoleMatch
 from pyqvm.ops.migration import (
     Incoming,
     MigrationStats,
@@ -56,7 +57,7 @@ _Op = TypeVar("_Op", bound=Callable[..., Awaitable[Any]])
 
 def _guarded(fn: _Op) -> _Op:
     @functools.wraps(fn)
-    async def guarded(self: AsyncVM, *args: Any, **kwargs: Any) -> Any:
+    async def guarded(self: AsyncVM | OperationGroup, *args: Any, **kwargs: Any) -> Any:
         try:
             return await fn(self, *args, **kwargs)
         except PyqvmError:
@@ -69,7 +70,10 @@ def _guarded(fn: _Op) -> _Op:
     return cast(_Op, guarded)
 
 
-def _one_error_boundary(cls: type[AsyncVM]) -> type[AsyncVM]:
+_C = TypeVar("_C", bound=type)
+
+
+def _one_error_boundary(cls: _C) -> _C:
     """Every operation fails with the `PyqvmError` family, the cause kept: an `OSError`
     from the host (a full disk, a directory that cannot be written) becomes an
     `OperationError`, a bare `TimeoutError` a `PyqvmTimeoutError`. One boundary, around
@@ -78,6 +82,48 @@ def _one_error_boundary(cls: type[AsyncVM]) -> type[AsyncVM]:
         if not name.startswith("_") and inspect.iscoroutinefunction(member):
             setattr(cls, name, _guarded(member))
     return cls
+
+
+class OperationGroup:
+    """A group of AsyncVM's operations under one name (``vm.console.expect``); every face
+    has a group of the same members (`pyqvm.faces.operations.GROUPS`)."""
+
+    def __init__(self, machine: Machine) -> None:
+        self._machine = machine
+
+    @property
+    def name(self) -> str:
+        return self._machine.name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of {self.name!r}>"
+
+
+@_one_error_boundary
+class AsyncConsole(OperationGroup):
+    """The serial console as a channel (`pyqvm.ops.console`): ``expect`` regular
+    expressions on what the guest prints, ``send``/``sendline`` to type into it."""
+
+    async def expect(
+        self,
+        patterns: str | Sequence[str],
+        timeout: float = 60.0,
+        *,
+        fail_on: Sequence[str] | None = None,
+    ) -> ConsoleMatch:
+        """Wait until one of ``patterns`` (regular expressions) shows on the console, and
+        take what the guest printed up to the end of the match. ``fail_on`` patterns (by
+        default Linux's panic, oops and BUG lines; ``()`` for none) end the wait with
+        `ConsoleError`, a guest panic with `GuestPanicError`."""
+        return await console.expect(self._machine, patterns, timeout, fail_on=fail_on)
+
+    async def send(self, data: str | bytes) -> None:
+        """Type ``data`` into the serial console, as given (text as UTF-8)."""
+        console.send(self._machine, data)
+
+    async def sendline(self, text: str = "") -> None:
+        """Type ``text`` and Enter (a carriage return, as a terminal sends it)."""
+        console.send(self._machine, text + console.ENTER)
 
 
 @_one_error_boundary
@@ -237,6 +283,11 @@ class AsyncVM:
         await self.machine.resume()
 
     # --- console and QMP ---------------------------------------------------------------------
+
+    @property
+    def console(self) -> AsyncConsole:
+        """The serial console as a channel: ``expect``, ``send``, ``sendline``."""
+        return AsyncConsole(self.machine)
 
     def console_text(self) -> str:
         """The serial console output so far (its last 64 KiB)."""

@@ -478,3 +478,21 @@ def test_console_on_a_terminal_is_read_write_and_ctrl_close_bracket_detaches(
     # Detaching left the VM as it was.
     assert pyqvm("exec", "t", "--", "true").returncode == 0
     assert pyqvm("stop", "t").returncode == 0
+
+
+def test_the_console_channel_travels_and_has_verbs(
+    runtime: Path, default_template: Template, host: str | None
+) -> None:
+    """``vm.console`` of a named VM, here and over ``--host``, and its CLI verbs."""
+    vm = up(name="con", template=default_template.name, host=host)
+    try:
+        vm.console.sendline("echo named$((3 + 4))")
+        assert vm.console.expect(r"named(\d)", timeout=30).groups == ("7",)
+        assert pyqvm("send", "con", "--line", "echo verb$((4 + 4))").returncode == 0
+        out = pyqvm("expect", "con", r"verb(\d)", "--json", "--timeout", "30")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["groups"] == ["8"]
+        late = pyqvm("expect", "con", "never", "--timeout", "0.5")
+        assert late.returncode == 125 and "none of ['never']" in late.stderr
+    finally:
+        vm.stop()

@@ -64,6 +64,12 @@ def test_console_path_is_escaped(tmp_path: Path) -> None:
     assert f"file,id=pq-console,path={path},append=on" in values(argv, "-chardev")
 
 
+def test_the_console_is_a_socket_pair_that_qemu_also_logs(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    argv = build_argv(VMSpec(guest_agent=False), ctx(tmp_path, console_log=log, console_fd=7))
+    assert f"socket,id=pq-console,fd=7,logfile={log},logappend=on" in values(argv, "-chardev")
+
+
 def test_virtio_profile(files: dict[str, Path], tmp_path: Path) -> None:
     spec = VMSpec(
         kernel=KernelBoot(files["kernel"], files["initrd"], "console=ttyS0"),
@@ -83,7 +89,9 @@ def test_virtio_profile(files: dict[str, Path], tmp_path: Path) -> None:
         "virtio-rng-pci",
         "virtio-balloon-pci",
         "vmgenid",
+        "pvpanic",  # QEMU pauses a guest that panics, and says so (GUEST_PANICKED)
     ]
+    assert values(argv, "-action") == ["panic=pause"]
     port = devices(argv)[1]
     assert port["name"] == "org.qemu.guest_agent.0" and port["chardev"] == "pq-qga"
     blockdevs = [json.loads(v) for v in values(argv, "-blockdev")]

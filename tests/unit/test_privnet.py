@@ -112,6 +112,7 @@ def test_argv_plugs_private_nics_into_their_switch(tmp_path: Path) -> None:
             tmp_path,
             console_log=tmp_path / "c",
             qmp_fd=3,
+            console_fd=4,
             agent_fd=None,
             networks=members,
         )
@@ -123,7 +124,9 @@ def test_argv_plugs_private_nics_into_their_switch(tmp_path: Path) -> None:
         # Only the built-in guest's init reads pyqvm.ip (another guest configures itself).
         assert ("pyqvm.ip=52:54:0a:09:00:07,10.9.0.7/24" in append) is builtin
     with pytest.raises(ValueError, match="not joined"):
-        launch_argv(resolved, tmp_path, console_log=tmp_path / "c", qmp_fd=3, agent_fd=None)
+        launch_argv(
+            resolved, tmp_path, console_log=tmp_path / "c", qmp_fd=3, console_fd=4, agent_fd=None
+        )
 
 
 def test_build_argv_needs_the_switch(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def test_the_built_in_guest_and_its_concrete_spec_have_the_port(tmp_path: Path) 
     argv = preview_argv(spec, image_cache=tmp_path)
     [port] = wake_ports(argv)
     assert json.loads(port)["bus"] == "pq-vser.0"
-    assert "socket,id=pq-wake,fd=5" in argv
+    assert "socket,id=pq-wake,fd=6" in argv
     # A clone's or a restored VM's spec names the image's kernel instead of the image.
     concrete = with_image(spec, tmp_path)
     assert concrete.image is None and concrete.kernel is not None

@@ -33,6 +33,7 @@ from pyqvm.errors import SpecError
 from pyqvm.spec import VMSpec
 from pyqvm.spec.arches import arch_info
 from pyqvm.spec.fields import gdb_tcp_address
+from pyqvm.spec.machines import MACHINE_TYPES
 
 AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 WAKE_PORT_NAME = "org.pyqvm.wake.0"  # pyqvm-wake's, in pyqvm's own images (pyqvm.ops.wake)
@@ -88,7 +89,7 @@ class LaunchContext:
     accel: Literal["kvm", "tcg"]
     qmp_fd: int
     console_log: Path
-    console_socket: Path | None = None
+    console_fd: int | None = None  # the serial console's live end (pyqvm's ConsolePort)
     agent_fd: int | None = None
     wake_fd: int | None = None  # pyqvm-wake's port (WAKE_PORT_NAME), if the image has it
     disk_files: Mapping[str, DiskFile] = field(default_factory=dict)
@@ -105,18 +106,16 @@ class LaunchContext:
 
 def console_chardev(ctx: LaunchContext) -> str:
     """The serial console's backend: always logged to ``console_log``; with a
-    ``console_socket``, also a unix socket an interactive console can attach to
-    (one client at a time; with none, QEMU drops the output after logging it)."""
+    ``console_fd``, also one end of a socket pair whose other end pyqvm holds (typing into
+    the guest, ``expect``, interactive consoles: `pyqvm.channels.console.ConsolePort`)."""
     # (log)append: QEMU would truncate what pyqvm put there first (a clone: its template's boot).
-    if ctx.console_socket is None:
+    if ctx.console_fd is None:
         return opts("file", {"id": "pq-console", "path": str(ctx.console_log), "append": True})
     return opts(
         "socket",
         {
             "id": "pq-console",
-            "path": str(ctx.console_socket),
-            "server": True,
-            "wait": False,
+            "fd": ctx.console_fd,
             "logfile": str(ctx.console_log),
             "logappend": True,
         },
@@ -335,6 +334,15 @@ def _incoming(spec: VMSpec, ctx: LaunchContext) -> list[str]:
 
 
 #: The sections of an argv, in order; each reads the spec and the launch's context.
+def _panic(spec: VMSpec, ctx: LaunchContext) -> list[str]:
+    """A pvpanic device where the machine has one: a guest that panics tells QEMU
+    (``GUEST_PANICKED``), and QEMU pauses it there, for a look, instead of powering off."""
+    device = MACHINE_TYPES[spec.effective_machine].pvpanic
+    if device is None:
+        return []
+    return ["-device", qjson({"driver": device, "id": "pq-panic"}), "-action", "panic=pause"]
+
+
 SECTIONS: tuple[Callable[[VMSpec, LaunchContext], list[str]], ...] = (
     _machine,
     _boot,
@@ -346,6 +354,7 @@ SECTIONS: tuple[Callable[[VMSpec, LaunchContext], list[str]], ...] = (
     lambda spec, ctx: pv_extra_args(spec),
     lambda spec, ctx: vmgenid_args(spec),
     lambda spec, ctx: hostdev_args(spec),
+    _panic,
     _shares,
     gdb_args,
     lambda spec, ctx: hotplug_port_args(spec),

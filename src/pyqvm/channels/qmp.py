@@ -154,6 +154,22 @@ class _IOErrorPause(EventListener):
         return False
 
 
+class _GuestPanic(EventListener):
+    """Notes QEMU's ``GUEST_PANICKED`` (a pvpanic device told it); queues nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(("GUEST_PANICKED",))
+        self.data: dict[str, Any] | None = None
+        self.panicked = asyncio.Event()
+
+    def accept(self, event: Message) -> bool:
+        if super().accept(event) and self.data is None:
+            raw = event.get("data")
+            self.data = raw if isinstance(raw, dict) else {}
+            self.panicked.set()
+        return False
+
+
 class QMPSession:
     """One QMP connection to a QEMU process."""
 
@@ -167,6 +183,8 @@ class QMPSession:
         self._fd_lock = asyncio.Lock()
         self._io_error = _IOErrorPause()
         self._client.register_listener(self._io_error)
+        self._panic = _GuestPanic()
+        self._client.register_listener(self._panic)
 
     async def connect(self, sock: socket.socket, timeout: float = 30.0) -> None:
         """Connect over an already connected socket (one end of a socketpair QEMU holds)."""
@@ -192,6 +210,15 @@ class QMPSession:
     async def io_error_paused(self) -> None:
         """Wait until a disk error pauses the guest (`io_error_pause` is set then)."""
         await self._io_error.paused.wait()
+
+    @property
+    def guest_panic(self) -> Mapping[str, Any] | None:
+        """The ``GUEST_PANICKED`` event's data once the guest has panicked; else None."""
+        return self._panic.data
+
+    async def guest_panicked(self) -> None:
+        """Wait until the guest panics (`guest_panic` is set then)."""
+        await self._panic.panicked.wait()
 
     async def execute(
         self,

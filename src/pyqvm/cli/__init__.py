@@ -18,6 +18,7 @@ pyqvm exec NAME [-n] [--env K=V] -- CMD            run CMD in it (its exit statu
 pyqvm ssh NAME [--print] [-- CMD]                  ssh into it (--ssh), no prompts
 pyqvm console NAME                                 its serial console (Ctrl-] detaches)
 pyqvm logs NAME [--follow]                         its console log
+pyqvm expect NAME PATTERN... [--fail-on P]; pyqvm send NAME TEXT [--line]   script its console
 pyqvm gdb NAME [--vmlinux F] [-x CMD] [--batch]    the host's gdb on its gdbstub (--gdb)
 pyqvm qmp NAME COMMAND [JSON-ARGS]                 a QMP command; prints QEMU's answer
 pyqvm snapshot NAME save|load|list|delete [TAG]    internal snapshots

@@ -1,5 +1,6 @@
-"""``pyqvm console NAME`` (the serial console, read-write; Ctrl-] detaches) and
-``pyqvm logs NAME [--follow]`` (the console log)."""
+"""``pyqvm console NAME`` (the serial console, read-write; Ctrl-] detaches),
+``pyqvm logs NAME [--follow]`` (the console log), and for scripts ``pyqvm expect NAME
+PATTERN...`` and ``pyqvm send NAME TEXT`` (`AsyncVM.console`, through the VM's owner)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,36 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     lg.add_argument("name", metavar="NAME")
     lg.add_argument("-f", "--follow", action="store_true")
     lg.set_defaults(run=run_logs)
+    ex = sub.add_parser(
+        "expect",
+        parents=list(parents),
+        help="wait until a named VM's console shows a pattern",
+        description="Wait until one of the PATTERNs (Python regular expressions) shows on "
+        "the named VM's serial console, taking what it printed up to the match, and print "
+        "the matched text (--json: which pattern, the text, its groups and what came "
+        "before). Ends with an error at once when a --fail-on pattern shows first (by "
+        "default Linux's panic, oops and BUG lines) or the guest panics.",
+    )
+    ex.add_argument("name", metavar="NAME")
+    ex.add_argument("patterns", nargs="+", metavar="PATTERN")
+    ex.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+    ex.add_argument("--fail-on", action="append", metavar="PATTERN", help="may be repeated")
+    ex.add_argument(
+        "--no-fail-on", action="store_true", help="no failure patterns (not even the defaults)"
+    )
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(run=run_expect, over_owner=True)
+    sd = sub.add_parser(
+        "send",
+        parents=list(parents),
+        help="type text into a named VM's console",
+        description="Type TEXT into the named VM's serial console as given; --line adds "
+        "Enter (a carriage return, as a terminal sends it).",
+    )
+    sd.add_argument("name", metavar="NAME")
+    sd.add_argument("text", metavar="TEXT")
+    sd.add_argument("-l", "--line", action="store_true", help="add Enter")
+    sd.set_defaults(run=run_send, over_owner=True)
 
 
 @contextlib.contextmanager
@@ -143,6 +174,30 @@ def _pump(sock: socket.socket, infd: int, *, stop_on_escape: bool, idle: float |
                     sock.sendall(data[: data.index(ESCAPE)])
                     return
                 sock.sendall(data)
+
+
+def run_expect(args: argparse.Namespace) -> int:
+    from pyqvm.cli.control import on_vm, print_json
+    from pyqvm.codec import to_json
+    from pyqvm.ops.console import ConsoleMatch
+
+    fail_on = () if args.no_fail_on else args.fail_on
+    found = on_vm(args, lambda vm: vm.console.expect(args.patterns, args.timeout, fail_on=fail_on))
+    if args.json:
+        print_json(to_json(found, ConsoleMatch))
+    else:
+        print(found.text)
+    return 0
+
+
+def run_send(args: argparse.Namespace) -> int:
+    from pyqvm.cli.control import on_vm
+
+    if args.line:
+        on_vm(args, lambda vm: vm.console.sendline(args.text))
+    else:
+        on_vm(args, lambda vm: vm.console.send(args.text))
+    return 0
 
 
 def run_logs(args: argparse.Namespace) -> int:

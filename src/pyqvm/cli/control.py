@@ -119,7 +119,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     sv.set_defaults(run=run_save)
 
 
-def _on(args: argparse.Namespace, fn: Callable[[AsyncNamedVM], Awaitable[_T]]) -> _T:
+def on_vm(args: argparse.Namespace, fn: Callable[[AsyncNamedVM], Awaitable[_T]]) -> _T:
     """Attach to VM ``args.name`` (on ``args.host``), run ``fn`` on the handle, hang up."""
     name, host = args.name, getattr(args, "host", None)
     import asyncio
@@ -133,7 +133,7 @@ def _on(args: argparse.Namespace, fn: Callable[[AsyncNamedVM], Awaitable[_T]]) -
     return asyncio.run(go())
 
 
-def _print_json(value: object) -> None:
+def print_json(value: object) -> None:
     json.dump(value, sys.stdout, indent=2)
     print()
 
@@ -150,9 +150,9 @@ def run_qmp(args: argparse.Namespace) -> int:
         if not isinstance(arguments, dict):
             raise UsageError('JSON-ARGS: must be a JSON object, e.g. \'{"id": "x"}\'')
     try:
-        _print_json(_on(args, lambda vm: vm.execute(args.command, arguments)))
+        print_json(on_vm(args, lambda vm: vm.execute(args.command, arguments)))
     except QMPCommandError as e:
-        _print_json({"error": {"class": e.error_class, "desc": e.description}})
+        print_json({"error": {"class": e.error_class, "desc": e.description}})
         return 1
     return 0
 
@@ -193,7 +193,7 @@ def run_stop(args: argparse.Namespace) -> int:
 
 
 def run_wait(args: argparse.Namespace) -> int:
-    _on(args, lambda vm: vm.wait())
+    on_vm(args, lambda vm: vm.wait())
     return 0
 
 
@@ -201,18 +201,18 @@ def run_snapshot(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.tag:
         raise UsageError(f"snapshot {args.action} needs a TAG")
     if args.action == "save":
-        _on(args, lambda vm: vm.snapshot_save(args.tag, overwrite=args.overwrite))
+        on_vm(args, lambda vm: vm.snapshot_save(args.tag, overwrite=args.overwrite))
     elif args.action == "load":
-        _on(args, lambda vm: vm.snapshot_load(args.tag))
+        on_vm(args, lambda vm: vm.snapshot_load(args.tag))
     elif args.action == "delete":
-        _on(args, lambda vm: vm.snapshot_delete(args.tag))
+        on_vm(args, lambda vm: vm.snapshot_delete(args.tag))
     else:
         from pyqvm.codec import to_json
         from pyqvm.ops.snapshot import SnapshotInfo
 
-        infos = _on(args, lambda vm: vm.snapshot_list())
+        infos = on_vm(args, lambda vm: vm.snapshot_list())
         if args.json:
-            _print_json(to_json(infos, list[SnapshotInfo]))
+            print_json(to_json(infos, list[SnapshotInfo]))
         for i in infos if not args.json else ():
             print(f"{i.tag:20} {i.date.isoformat():26} {i.vm_state_size / 2**20:8.1f} MiB")
     return 0
@@ -237,19 +237,19 @@ def run_hotplug(args: argparse.Namespace) -> int:
             return vm.hotplug_cpu(args.id)
         return vm.hotplug_memory(args.size, args.id)
 
-    print(_on(args, plug))
+    print(on_vm(args, plug))
     return 0
 
 
 def run_unplug(args: argparse.Namespace) -> int:
-    _on(args, lambda vm: vm.unplug(args.device, timeout=args.timeout))
+    on_vm(args, lambda vm: vm.unplug(args.device, timeout=args.timeout))
     return 0
 
 
 def run_migrate(args: argparse.Namespace) -> int:
     bar = _ProgressBar() if sys.stderr.isatty() else None
 
-    stats = _on(
+    stats = on_vm(
         args,
         lambda vm: vm.migrate(
             args.to, transport=args.transport, storage=args.storage, progress=bar
@@ -281,6 +281,6 @@ class _ProgressBar:
 
 
 def run_save(args: argparse.Namespace) -> int:
-    saved = _on(args, lambda vm: vm.save(args.directory.resolve()))
+    saved = on_vm(args, lambda vm: vm.save(args.directory.resolve()))
     print(saved.directory)
     return 0

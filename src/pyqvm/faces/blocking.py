@@ -109,4 +109,19 @@ class BlockingVMBase:
             self._run(cm.__aexit__(None, None, None))
 
 
-__all__ = ["BlockingVMBase"]
+class BlockingGroup:
+    """A group of `VM`'s operations (``vm.console``): its `AsyncVM` group's methods, run
+    on the VM's loop."""
+
+    def __init__(self, group: Any, loop: ThreadLoop) -> None:
+        self._vm = group
+        self._loop = loop
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        return self._loop.run(coro)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of {self._vm.name!r}>"
+
+
+__all__ = ["BlockingGroup", "BlockingVMBase"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, cast
 
 from pyqvm.named.blocking import NamedVMBase
-from pyqvm.named.client import AsyncNamedVMBase
+from pyqvm.named.client import AsyncNamedVMBase, NamedGroup
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from pyqvm.channels.agent import ExecResult
     from pyqvm.named.registry import Record
     from pyqvm.ops.blockjobs import ChainLink
+    from pyqvm.ops.console import ConsoleMatch
     from pyqvm.ops.migration import (
         Incoming,
         MigrationStats,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 TYPES = {
     "Any": "typing",
     "ChainLink": "pyqvm.ops.blockjobs",
+    "ConsoleMatch": "pyqvm.ops.console",
     "Disk": "pyqvm.spec",
     "ExecResult": "pyqvm.channels.agent",
     "Incoming": "pyqvm.ops.migration",
@@ -56,6 +58,78 @@ TYPES = {
     "Storage": "pyqvm.ops.migration",
     "Transport": "pyqvm.ops.migration",
 }
+
+
+class AsyncNamedConsole(NamedGroup):
+    """The serial console as a channel (`pyqvm.ops.console`): ``expect`` regular
+    expressions on what the guest prints, ``send``/``sendline`` to type into it."""
+
+    async def expect(
+        self,
+        patterns: str | Sequence[str],
+        timeout: float = 60.0,
+        *,
+        fail_on: Sequence[str] | None = None,
+    ) -> ConsoleMatch:
+        """Wait until one of ``patterns`` (regular expressions) shows on the console, and
+        take what the guest printed up to the end of the match. ``fail_on`` patterns (by
+        default Linux's panic, oops and BUG lines; ``()`` for none) end the wait with
+        `ConsoleError`, a guest panic with `GuestPanicError`.
+        """
+        return cast(
+            "ConsoleMatch",
+            await self._op(
+                "expect",
+                "ConsoleMatch",
+                patterns=(patterns, "str | Sequence[str]"),
+                timeout=(timeout, "float"),
+                fail_on=(fail_on, "Sequence[str] | None"),
+            ),
+        )
+
+    async def send(self, data: str | bytes) -> None:
+        """Type ``data`` into the serial console, as given (text as UTF-8)."""
+        await self._op("send", "None", data=(data, "str | bytes"))
+
+    async def sendline(self, text: str = "") -> None:
+        """Type ``text`` and Enter (a carriage return, as a terminal sends it)."""
+        await self._op("sendline", "None", text=(text, "str"))
+
+
+class NamedConsole(NamedGroup):
+    """The serial console as a channel (`pyqvm.ops.console`): ``expect`` regular
+    expressions on what the guest prints, ``send``/``sendline`` to type into it."""
+
+    def expect(
+        self,
+        patterns: str | Sequence[str],
+        timeout: float = 60.0,
+        *,
+        fail_on: Sequence[str] | None = None,
+    ) -> ConsoleMatch:
+        """Wait until one of ``patterns`` (regular expressions) shows on the console, and
+        take what the guest printed up to the end of the match. ``fail_on`` patterns (by
+        default Linux's panic, oops and BUG lines; ``()`` for none) end the wait with
+        `ConsoleError`, a guest panic with `GuestPanicError`.
+        """
+        return cast(
+            "ConsoleMatch",
+            self._op(
+                "expect",
+                "ConsoleMatch",
+                patterns=(patterns, "str | Sequence[str]"),
+                timeout=(timeout, "float"),
+                fail_on=(fail_on, "Sequence[str] | None"),
+            ),
+        )
+
+    def send(self, data: str | bytes) -> None:
+        """Type ``data`` into the serial console, as given (text as UTF-8)."""
+        self._op("send", "None", data=(data, "str | bytes"))
+
+    def sendline(self, text: str = "") -> None:
+        """Type ``text`` and Enter (a carriage return, as a terminal sends it)."""
+        self._op("sendline", "None", text=(text, "str"))
 
 
 class AsyncNamedVM(AsyncNamedVMBase):
@@ -86,6 +160,11 @@ class AsyncNamedVM(AsyncNamedVMBase):
 
     async def resume(self) -> None:
         await self._op("resume", "None")
+
+    @property
+    def console(self) -> AsyncNamedConsole:
+        """The serial console as a channel: ``expect``, ``send``, ``sendline``."""
+        return AsyncNamedConsole(self, "console")
 
     async def console_text(self) -> str:
         """The serial console output so far (its last 64 KiB)."""
@@ -345,6 +424,11 @@ class NamedVM(NamedVMBase):
 
     def resume(self) -> None:
         self._op("resume", "None")
+
+    @property
+    def console(self) -> NamedConsole:
+        """The serial console as a channel: ``expect``, ``send``, ``sendline``."""
+        return NamedConsole(self, "console")
 
     def console_text(self) -> str:
         """The serial console output so far (its last 64 KiB)."""
@@ -613,4 +697,12 @@ attach = NamedVM.attach
 attach_async = AsyncNamedVM.attach
 up = NamedVM.up
 
-__all__ = ["AsyncNamedVM", "NamedVM", "attach", "attach_async", "up"]
+__all__ = [
+    "AsyncNamedConsole",
+    "AsyncNamedVM",
+    "NamedConsole",
+    "NamedVM",
+    "attach",
+    "attach_async",
+    "up",
+]

@@ -14,9 +14,10 @@ from typing import Any
 
 from pyqvm.channels.agent import ExecResult
 from pyqvm.channels.devices import Plugged
-from pyqvm.faces.blocking import BlockingVMBase
+from pyqvm.faces.blocking import BlockingGroup, BlockingVMBase
 from pyqvm.launch.privnet import Membership
 from pyqvm.ops.blockjobs import ChainLink
+from pyqvm.ops.console import ConsoleMatch
 from pyqvm.ops.migration import (
     Incoming,
     MigrationStats,
@@ -31,6 +32,36 @@ from pyqvm.ops.snapshot import SnapshotInfo
 from pyqvm.ops.template import Template
 from pyqvm.spec import Disk, Network, VMSpec
 from pyqvm.state import VMState
+from pyqvm.vm import AsyncConsole
+
+
+class Console(BlockingGroup):
+    """The serial console as a channel (`pyqvm.ops.console`): ``expect`` regular
+    expressions on what the guest prints, ``send``/``sendline`` to type into it."""
+
+    _vm: AsyncConsole
+
+    def expect(
+        self,
+        patterns: str | Sequence[str],
+        timeout: float = 60.0,
+        *,
+        fail_on: Sequence[str] | None = None,
+    ) -> ConsoleMatch:
+        """Wait until one of ``patterns`` (regular expressions) shows on the console, and
+        take what the guest printed up to the end of the match. ``fail_on`` patterns (by
+        default Linux's panic, oops and BUG lines; ``()`` for none) end the wait with
+        `ConsoleError`, a guest panic with `GuestPanicError`.
+        """
+        return self._run(self._vm.expect(patterns, timeout, fail_on=fail_on))
+
+    def send(self, data: str | bytes) -> None:
+        """Type ``data`` into the serial console, as given (text as UTF-8)."""
+        return self._run(self._vm.send(data))
+
+    def sendline(self, text: str = "") -> None:
+        """Type ``text`` and Enter (a carriage return, as a terminal sends it)."""
+        return self._run(self._vm.sendline(text))
 
 
 class VM(BlockingVMBase):
@@ -126,6 +157,11 @@ class VM(BlockingVMBase):
 
     def resume(self) -> None:
         return self._run(self._vm.resume())
+
+    @property
+    def console(self) -> Console:
+        """The serial console as a channel: ``expect``, ``send``, ``sendline``."""
+        return Console(self._vm.console, self._loop)
 
     def console_text(self) -> str:
         """The serial console output so far (its last 64 KiB)."""
@@ -352,4 +388,4 @@ class VM(BlockingVMBase):
         return self._run(self._vm.restore(directory, timeout=timeout))
 
 
-__all__ = ["VM"]
+__all__ = ["VM", "Console"]

@@ -26,7 +26,7 @@ from pyqvm.launch.seed import SEED_FILE, seed_files, write_seed
 from pyqvm.launch.virtiofs import socket_path
 from pyqvm.spec import VMSpec
 
-#: The serial console's unix socket in the runtime dir (see `argv.build.console_chardev`).
+#: The serial console's unix socket in the runtime dir, served by `ConsolePort`.
 CONSOLE_SOCKET = "console.sock"
 GDB_SOCKET = "gdb.sock"
 SSH_DIR = "ssh"  # the VM's key set (pyqvm.host.sshkeys)
@@ -66,13 +66,18 @@ class LaunchPlan:
 
 
 class Channels:
-    """The connected socket pairs of one launch: QMP, the guest agent's port and
-    pyqvm-wake's (`Resolved.wake_port`). QEMU inherits one end of each (``theirs``, by fd),
+    """The connected socket pairs of one launch: QMP, the serial console, the guest agent's
+    port and pyqvm-wake's (`Resolved.wake_port`). QEMU inherits one end of each (``theirs``, by fd),
     pyqvm keeps the other (``ours``). Connected before QEMU starts: no client can race
     pyqvm to them, and a port's host side is connected for QEMU's whole life."""
 
     def __init__(self, resolved: Resolved) -> None:
-        wanted = {"qmp": True, "agent": resolved.spec.guest_agent, "wake": resolved.wake_port}
+        wanted = {
+            "qmp": True,
+            "console": True,
+            "agent": resolved.spec.guest_agent,
+            "wake": resolved.wake_port,
+        }
         self.ours: dict[str, socket.socket] = {}
         self.theirs: dict[str, socket.socket] = {}
         for name in (n for n, on in wanted.items() if on):
@@ -94,12 +99,20 @@ class Channels:
             s.close()
 
 
+def console_listen_path(rundir: Path) -> Path | None:
+    """Where `ConsolePort` serves interactive consoles; None when the runtime dir's path is
+    too long for a unix socket (107 bytes)."""
+    path = rundir / CONSOLE_SOCKET
+    return path if len(os.fsencode(path)) < 108 else None
+
+
 def launch_argv(
     resolved: Resolved,
     rundir: Path,
     *,
     console_log: Path,
     qmp_fd: int,
+    console_fd: int | None,
     agent_fd: int | None,
     wake_fd: int | None = None,
     incoming: str | None = None,
@@ -120,7 +133,6 @@ def launch_argv(
             for n in spec.networks
         )
         spec = dataclasses.replace(spec, networks=nets)
-    console_socket = rundir / CONSOLE_SOCKET
     if spec.gdb is True and len(os.fsencode(rundir / GDB_SOCKET)) >= 108:
         raise SpecError(
             "gdb",
@@ -143,8 +155,7 @@ def launch_argv(
         agent_fd=agent_fd,
         wake_fd=wake_fd,
         console_log=console_log,
-        # A unix socket path has room for 107 bytes; a longer runtime dir gets no socket.
-        console_socket=console_socket if len(os.fsencode(console_socket)) < 108 else None,
+        console_fd=console_fd,
         disk_files={
             d.id: DiskFile(overlay=overlay_path(rundir, d.id)) for d in overlay_disks(spec)
         },
@@ -186,7 +197,7 @@ def make_seed(resolved: Resolved, rundir: Path) -> Path | None:
 
 def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
     """The argv `Machine.start` would run for ``spec``, with a placeholder runtime dir
-    (``$PYQVM_RUNDIR``) and the fd numbers QEMU would inherit (3, 4 and 5)."""
+    (``$PYQVM_RUNDIR``) and the fd numbers QEMU would inherit (3 to 6)."""
     resolved = resolve(spec, image_cache=image_cache)
     rundir = Path("$PYQVM_RUNDIR")
     return launch_argv(
@@ -194,8 +205,9 @@ def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
         rundir,
         console_log=resolved.spec.serial_log or rundir / "console.log",
         qmp_fd=3,
-        agent_fd=4 if resolved.spec.guest_agent else None,
-        wake_fd=5 if resolved.wake_port else None,
+        console_fd=4,
+        agent_fd=5 if resolved.spec.guest_agent else None,
+        wake_fd=6 if resolved.wake_port else None,
         networks=preview_memberships(resolved.spec),
         ssh_keys=ssh_keys_in(rundir / SSH_DIR),
     )

@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
@@ -528,4 +528,28 @@ def _read_tail(path: Path) -> str:
         return ""
 
 
-__all__ = ["CONNECT_TIMEOUT", "AsyncNamedVMBase", "start_owner"]
+class _Carrier(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def _op(
+        self, operation: str, returns: object, /, **arguments: tuple[object, object]
+    ) -> Any: ...
+
+
+class NamedGroup:
+    """A group of a named VM's operations (``vm.console``): each carried by the VM's
+    ``_op`` as ``GROUP.OPERATION`` (async or blocking, as the VM is)."""
+
+    def __init__(self, vm: _Carrier, group: str) -> None:
+        self._vm = vm
+        self._group = group
+
+    def _op(self, operation: str, returns: object, /, **arguments: tuple[object, object]) -> Any:
+        return self._vm._op(f"{self._group}.{operation}", returns, **arguments)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of {self._vm.name!r}>"
+
+
+__all__ = ["CONNECT_TIMEOUT", "AsyncNamedVMBase", "NamedGroup", "start_owner"]

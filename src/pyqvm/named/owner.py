@@ -269,13 +269,13 @@ async def _operation(owner: Owner, args: Mapping[str, Any]) -> Any:
             raise PyqvmError(f"{op.name}: {p!r} is not a callback of it")
         kwargs[p] = _stand_in(owner, str(args.get("call")), p, callback_argument(op.hints[p]))
     try:
-        op.signature.bind(owner.vm, **kwargs)
+        op.signature.bind(op.target(owner.vm), **kwargs)
     except TypeError as e:
-        raise PyqvmError(f"{op.name}: {e}") from None
-    result = getattr(owner.vm, op.name)(**kwargs)
+        raise PyqvmError(f"{op.path}: {e}") from None
+    result = getattr(op.target(owner.vm), op.name)(**kwargs)
     if inspect.isawaitable(result):
         result = await result
-    if (after := AFTER.get(op.name)) is not None:
+    if (after := AFTER.get(op.path)) is not None:
         after(owner, result)
     ended = owner.vm.state in (VMState.STOPPED, VMState.FAILED)
     if ended:

@@ -2,8 +2,9 @@
 
 Each call also waits on the session's note of QEMU pausing the guest on a disk error
 (``BLOCK_IO_ERROR`` with action ``stop``: by default when a disk's host file system is
-full). A paused guest answers nothing, so the call fails at once with
-`GuestPausedError`, naming the disk and its file, instead of running into its timeout.
+full), and on the machine's note of a guest panic. Such a guest answers nothing, so the
+call fails at once with `GuestPausedError`, naming the disk and its file, or
+`GuestPanicError` with the console's tail, instead of running into its timeout.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from pyqvm.channels.agent import ExecResult
-from pyqvm.errors import GuestPausedError, PyqvmError, PyqvmTimeoutError
+from pyqvm.errors import GuestPausedError, PyqvmError
 from pyqvm.machine import Machine
 from pyqvm.state import VMState
 
@@ -51,27 +52,29 @@ async def write_file(vm: Machine, path: str, data: bytes, *, timeout: float = 30
 
 
 async def _unless_paused(vm: Machine, call: Awaitable[T]) -> T:
-    """``call``'s result, or `GuestPausedError` as soon as QEMU pauses the guest on an I/O
-    error (at once if it already has: the session notes the pause, so no QMP is needed)."""
+    """``call``'s result; or, as soon as the guest stops answering, why: `GuestPausedError`
+    when QEMU pauses it on an I/O error, `GuestPanicError` when it panics (at once if
+    either has happened already: both are noted as they come, so no QMP is needed)."""
     task = asyncio.ensure_future(call)
+    qmp = vm.qmp
+    stops: list[asyncio.Future[Any]] = [asyncio.ensure_future(vm.guest_panicked())]
+    if qmp.io_error_pause is None:
+        stops.append(asyncio.ensure_future(qmp.io_error_paused()))
     try:
-        qmp = vm.qmp
-        if qmp.io_error_pause is None:
-            paused = asyncio.ensure_future(qmp.io_error_paused())
-            try:
-                await asyncio.wait((task, paused), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                paused.cancel()
-        if qmp.io_error_pause is None:
-            try:
-                return await task
-            except PyqvmTimeoutError:
-                if qmp.io_error_pause is None:
-                    raise
-        raise await _paused_error(vm) from None
+        await asyncio.wait((task, *stops), return_when=asyncio.FIRST_COMPLETED)
+        if task.done() and not task.cancelled() and task.exception() is None:
+            return task.result()
+        if (panic := vm.guest_panic()) is not None:
+            if qmp.guest_panic is not None and vm.state is VMState.RUNNING:
+                vm.move(VMState.PAUSED)  # QEMU paused it there (-action panic=pause)
+            raise panic
+        if qmp.io_error_pause is not None:
+            raise await _paused_error(vm) from None
+        return await task
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for t in (task, *stops):
+            t.cancel()
+        await asyncio.gather(task, *stops, return_exceptions=True)
 
 
 async def _paused_error(vm: Machine) -> GuestPausedError:

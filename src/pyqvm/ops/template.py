@@ -52,7 +52,7 @@ from pyqvm.spec.io import spec_from_dict, spec_to_dict
 log = logging.getLogger(__name__)
 
 #: The version of a template's record; templates of another version are refused.
-TEMPLATE_FORMAT = 2  # 2: the accelerator is recorded
+TEMPLATE_FORMAT = 3  # 2: the accelerator is recorded; 3: a pvpanic device (its device model)
 RECORD = "template.json"
 MEMORY = "memory"
 STATE = "state"

@@ -41,6 +41,7 @@ class MachineInfo:
     nic_models: tuple[str, ...]  # NIC models it has (besides "auto")
     block_ports: int  # AHCI/IDE ports, for emulated disks and CD-ROMs
     acpi: bool  # ACPI tables that carry QEMU's vmgenid
+    pvpanic: str | None  # the device a guest tells a panic through (GUEST_PANICKED)
     refuses: Mapping[Feature, Refusal] = field(default_factory=dict)
 
 
@@ -58,6 +59,7 @@ MACHINE_TYPES: Mapping[str, MachineInfo] = {
         nic_models=("virtio", "e1000", "e1000e"),
         block_ports=6,
         acpi=True,
+        pvpanic="pvpanic",  # ISA, found through ACPI (QEMU0001)
     ),
     "pc": MachineInfo(
         name="pc",
@@ -65,6 +67,7 @@ MACHINE_TYPES: Mapping[str, MachineInfo] = {
         nic_models=("virtio", "e1000", "e1000e"),
         block_ports=4,
         acpi=True,
+        pvpanic="pvpanic",
         refuses={
             "hotplug_slots": Refusal(
                 "hotplug_slots",
@@ -78,6 +81,7 @@ MACHINE_TYPES: Mapping[str, MachineInfo] = {
         nic_models=("virtio",),
         block_ports=0,
         acpi=False,
+        pvpanic=None,  # its ISA pvpanic is found only through ACPI, which pyqvm leaves off
         refuses={
             "emulated": Refusal("machine", f"microvm has no emulated PCI devices; {_NO_PCI_BUS}"),
             "vfio": Refusal("machine", f"microvm has no PCI bus for vfio-pci; {_NO_PCI_BUS}"),
@@ -101,6 +105,7 @@ MACHINE_TYPES: Mapping[str, MachineInfo] = {
         nic_models=("virtio",),
         block_ports=0,
         acpi=False,
+        pvpanic="pvpanic-pci",
         refuses={
             "hotplug_slots": Refusal("hotplug_slots", "not supported on aarch64 yet; leave it out"),
         },
