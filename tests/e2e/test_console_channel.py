@@ -104,3 +104,34 @@ async def test_a_pvpanic_guest_is_paused_where_it_panicked() -> None:
         with pytest.raises(GuestPanicError):
             await vm.run(["true"], timeout=30)
         assert vm.state is VMState.PAUSED
+
+
+#: Commands whose exit statuses and outputs must be the same through both ways.
+SAME_BOTH_WAYS: list[tuple[list[str], bytes | None]] = [
+    (["true"], None),
+    (["sh", "-c", "echo out; echo err >&2; exit 1"], None),
+    (["sh", "-c", "exit 42"], None),
+    (["sh", "-c", "no-such-command"], None),  # 127, and the shell's message on stderr
+    (["sh", "-c", "head -c 1048576 /dev/zero | tr '\\0' x"], None),  # 1 MiB
+    (["sh", "-c", "printf '\\001\\377\\000'; cat"], b"in\x00put\n"),  # binary, and stdin
+    (["env"], None),
+]
+
+
+@pytest.mark.asyncio
+async def test_run_over_the_serial_shell_is_run_over_the_agent(
+    default_image: object,
+) -> None:
+    """The built-in guest with and without its agent: the same statuses and outputs."""
+    agent_spec = VMSpec(image="default", name="via-agent")
+    serial_spec = VMSpec(image="default", name="via-serial", guest_agent=False)
+    assert serial_spec.effective_exec_via == "serial"
+    async with AsyncVM(agent_spec) as by_agent, AsyncVM(serial_spec) as by_serial:
+        for argv, given in SAME_BOTH_WAYS:
+            env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "K": "v w"}
+            a = await by_agent.run(argv, input=given, env=env, timeout=120)
+            s = await by_serial.run(argv, input=given, env=env, timeout=120)
+            assert (s.returncode, s.stdout, s.stderr) == (a.returncode, a.stdout, a.stderr), argv
+        assert len(s.stdout) > 0
+        await by_serial.write_file("/tmp/f", b"\x00data\xff")
+        assert await by_serial.read_file("/tmp/f") == b"\x00data\xff"

@@ -88,6 +88,17 @@ def add_spec_options(p: argparse.ArgumentParser) -> None:
             metavar="USER_DATA",
             help="a cloud-init NoCloud seed with this user-data file (docs/guests.md)",
         ),
+        g.add_argument(
+            "--exec-via",
+            choices=["auto", "agent", "serial"],
+            help="how commands reach the guest: its agent, or a shell on its serial console "
+            "(a guest with nothing of pyqvm's; docs/unmodified.md)",
+        ),
+        g.add_argument(
+            "--login",
+            metavar="USER[:PASSWORD]",
+            help="who logs in on the serial console when it asks (--exec-via serial)",
+        ),
         g.add_argument("--name", help="VM name"),
         g.add_argument("--timeout", type=float, help="seconds to wait for the guest to be ready"),
     ]
@@ -134,9 +145,15 @@ def spec_from_args(args: argparse.Namespace) -> VMSpec:
         ("ready_timeout", args.timeout),
         ("image", args.image),
         ("gdb", args.gdb),
+        ("exec_via", args.exec_via),
     ):
         if value is not None:
             data[key] = value
+    if args.login is not None:
+        user, _, password = args.login.partition(":")
+        data["console_user"] = user
+        if password:
+            data["console_password"] = password
     if args.cloud_init is not None:
         try:
             data["cloud_init"] = {"user_data": args.cloud_init.read_text()}

@@ -52,7 +52,14 @@ def with_image(spec: VMSpec, cache: Path | None = None) -> VMSpec:
     img = image.find(spec.image, cache=cache, arch=spec.arch)
     kernel = KernelBoot(kernel=img.kernel, initrd=img.initrd, append=img.cmdline)
     disk = Disk(path=img.disk, format="qcow2", ephemeral=True, id=IMAGE_DISK_ID)
-    return dataclasses.replace(spec, image=None, kernel=kernel, disks=(disk, *spec.disks))
+    pattern = spec.ready_pattern
+    if spec.effective_ready == "none" and spec.ready == "auto" and img.ready_marker:
+        # No agent to wait for: the console line the image's init prints once it is set up
+        # (its console shell starts right after it).
+        pattern = img.ready_marker
+    return dataclasses.replace(
+        spec, image=None, kernel=kernel, disks=(disk, *spec.disks), ready_pattern=pattern
+    )
 
 
 def _mount_at_boot(spec: VMSpec) -> VMSpec:

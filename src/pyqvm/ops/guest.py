@@ -1,4 +1,5 @@
-"""Commands and files in a running guest, through its guest agent.
+"""Commands and files in a running guest, through its guest agent, or through a shell on
+its serial console (``exec_via``: `pyqvm.ops.serialshell`).
 
 Each call also waits on the session's note of QEMU pausing the guest on a disk error
 (``BLOCK_IO_ERROR`` with action ``stop``: by default when a disk's host file system is
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 from pyqvm.channels.agent import ExecResult
 from pyqvm.errors import GuestPausedError, PyqvmError
 from pyqvm.machine import Machine
+from pyqvm.ops import serialshell
 from pyqvm.state import VMState
 
 T = TypeVar("T")
@@ -33,7 +35,11 @@ async def run(
     """Run ``argv`` in the guest and collect its output; ``check`` raises `GuestExecError`
     when it fails."""
     vm.require(VMState.RUNNING, what="running a guest command")
-    result = await _unless_paused(vm, vm.agent.exec(argv, input=input, env=env, timeout=timeout))
+    if vm.spec.effective_exec_via == "serial":
+        call = serialshell.run(vm, argv, input=input, env=env, timeout=timeout)
+    else:
+        call = vm.agent.exec(argv, input=input, env=env, timeout=timeout)
+    result = await _unless_paused(vm, call)
     if check:
         result.check()
     return result
@@ -42,12 +48,19 @@ async def run(
 async def read_file(vm: Machine, path: str, *, timeout: float = 30.0) -> bytes:
     """The contents of a file in the guest."""
     vm.require(VMState.RUNNING, what="reading a guest file")
+    if vm.spec.effective_exec_via == "serial":
+        result = await run(vm, ["cat", "--", path], timeout=timeout, check=True)
+        return result.stdout
     return await _unless_paused(vm, vm.agent.read_file(path, timeout=timeout))
 
 
 async def write_file(vm: Machine, path: str, data: bytes, *, timeout: float = 30.0) -> None:
     """Write ``data`` to a file in the guest (created or replaced)."""
     vm.require(VMState.RUNNING, what="writing a guest file")
+    if vm.spec.effective_exec_via == "serial":
+        write = ["sh", "-c", 'cat >"$1"', "sh", path]
+        await run(vm, write, input=data, timeout=timeout, check=True)
+        return
     await _unless_paused(vm, vm.agent.write_file(path, data, timeout=timeout))
 
 

@@ -53,6 +53,7 @@ Profile = Literal["virtio", "emulated", "passthrough"]
 Firmware = Literal["seabios", "ovmf"]
 GuestOS = Literal["linux", "windows", "other"]
 Readiness = Literal["auto", "agent", "console", "none"]
+ExecVia = Literal["auto", "agent", "serial"]
 ImageFlavour = Literal["default", "full", "debian"]
 
 ARCHES: tuple[str, ...] = get_args(Arch)
@@ -123,6 +124,12 @@ class VMSpec:
     ssh: bool = False
     ssh_user: str = "root"
     ssh_key: Path | None = None
+    # How `run` reaches the guest: its agent, or a shell on its serial console, for a guest
+    # with nothing of ours (`pyqvm.ops.serialshell`); "auto": the agent if guest_agent is on.
+    exec_via: ExecVia = "auto"
+    # Who logs in on the serial console when it shows a login prompt (exec_via "serial").
+    console_user: str = "root"
+    console_password: str | None = None
     # A NoCloud seed for a guest with cloud-init (`pyqvm.spec.cloudinit`), attached by
     # `pyqvm.launch.seed`.
     cloud_init: CloudInit | None = None
@@ -140,6 +147,13 @@ class VMSpec:
         choice(self.guest_os, get_args(GuestOS), "guest_os")
         choice(self.firmware, get_args(Firmware), "firmware")
         choice(self.ready, get_args(Readiness), "ready")
+        choice(self.exec_via, get_args(ExecVia), "exec_via")
+        if not isinstance(self.console_user, str) or not SSH_USER_RE.fullmatch(self.console_user):
+            raise SpecError(
+                "console_user", f"{show(self.console_user)} is not a user name, e.g. root"
+            )
+        if self.console_password is not None:
+            text(self.console_password, "console_password")
         if self.image is not None:
             choice(self.image, get_args(ImageFlavour), "image")
         if self.cpu is not None and (
@@ -302,6 +316,10 @@ class VMSpec:
             raise SpecError("ready_pattern", 'ready = "console" needs a ready_pattern to look for')
         if self.ready == "agent" and not self.guest_agent:
             raise SpecError("ready", 'ready = "agent" needs guest_agent = true')
+        if self.exec_via == "agent" and not self.guest_agent:
+            raise SpecError(
+                "exec_via", 'exec_via = "agent" needs guest_agent = true; or use "serial"'
+            )
         if self.cloud_init is not None:
             if not isinstance(self.cloud_init, CloudInit):
                 raise SpecError("cloud_init", "expected a table (user_data, meta_data, ...)")
@@ -470,6 +488,14 @@ class VMSpec:
         if any(d.interface not in ("auto", "virtio-blk") for d in self.disks):
             return True
         return any(n.model in ("e1000", "e1000e") for n in self.networks)
+
+    @property
+    def effective_exec_via(self) -> Literal["agent", "serial"]:
+        """How `run` reaches the guest: ``exec_via``, where "auto" is the agent if there is
+        one, else the serial console's shell."""
+        if self.exec_via != "auto":
+            return self.exec_via
+        return "agent" if self.guest_agent else "serial"
 
     @property
     def effective_ready(self) -> Literal["agent", "console", "none"]:
