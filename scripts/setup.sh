@@ -33,10 +33,13 @@ if [ "$mode" = --test ]; then
     # qemu-guest-agent: the agent protocol tests talk to a real qemu-ga on the host;
     # cpio, zstd, xz-utils: tests read pyqvm's archives and kernels with the reference tools;
     # openssh-server: its sshd, which the `--host ssh://` tests run in a network namespace of
-    # their own (the package's service is not used).
+    # their own (the package's service is not used); debian-installer-12-netboot-amd64: the
+    # guest none of us wrote that the unmodified-guest tests drive (its kernel, initrd and
+    # PXE tree); tesseract-ocr: reading its screen.
     PACKAGES+=(qemu-system-xen iproute2 gdb vde-switch openssh-client openssh-server dropbear-bin
                qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross
-               ovmf qemu-efi-aarch64 qemu-guest-agent cpio zstd xz-utils)
+               ovmf qemu-efi-aarch64 qemu-guest-agent cpio zstd xz-utils
+               debian-installer-12-netboot-amd64 tesseract-ocr)
 fi
 
 missing=()

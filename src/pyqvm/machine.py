@@ -99,6 +99,8 @@ class Machine:
         self.console = ConsoleLog()
         #: The console's live end while QEMU runs (`ConsolePort`).
         self.console_port: ConsolePort | None = None
+        #: The last screenshot taken (PNG), for a failure report.
+        self.last_screenshot: bytes | None = None
         self._life = Lifecycle(spec.name)
         self._passthrough: Passthrough | None = None
         self.companions = Companions()  # virtiofsds, private-network leases, SSH keys

@@ -33,7 +33,18 @@ from pyqvm.launch.passthrough import PassthroughHost
 from pyqvm.launch.plan import LaunchPlan, preview_argv
 from pyqvm.launch.privnet import Membership
 from pyqvm.machine import Machine
-from pyqvm.ops import blockjobs, console, gdb, guest, hotplug, migration, snapshot, ssh
+from pyqvm.ops import (
+    blockjobs,
+    console,
+    gdb,
+    guest,
+    hotplug,
+    keys,
+    migration,
+    screen,
+    snapshot,
+    ssh,
+)
 from pyqvm.ops import template as templates
 from pyqvm.ops.blockjobs import ChainLink
 from pyqvm.ops.console import ConsoleMatch
@@ -47,6 +58,7 @@ from pyqvm.ops.migration import (
     Storage,
     Transport,
 )
+from pyqvm.ops.screen import Region
 from pyqvm.ops.snapshot import SnapshotInfo
 from pyqvm.ops.template import Template
 from pyqvm.spec import Disk, Network, VMSpec
@@ -124,6 +136,20 @@ class AsyncConsole(OperationGroup):
     async def sendline(self, text: str = "") -> None:
         """Type ``text`` and Enter (a carriage return, as a terminal sends it)."""
         console.send(self._machine, text + console.ENTER)
+
+
+@_one_error_boundary
+class AsyncKeys(OperationGroup):
+    """The keyboard (`pyqvm.ops.keys`, QMP ``send-key``, a US keymap)."""
+
+    async def press(self, combo: str, *, hold_ms: int | None = None) -> None:
+        """Press the keys of ``combo`` together (``"ctrl-alt-f2"``, ``"ret"``), then let go."""
+        await keys.press(self._machine, combo, hold_ms=hold_ms)
+
+    async def type(self, text: str, *, delay: float = keys.TYPE_DELAY) -> None:
+        """Type ``text`` (``"\\n"`` is Enter), one key at a time, ``delay`` seconds apart;
+        `SpecError` before the first key for a character a US keyboard cannot type."""
+        await keys.type_text(self._machine, text, delay=delay)
 
 
 @_one_error_boundary
@@ -289,6 +315,11 @@ class AsyncVM:
         """The serial console as a channel: ``expect``, ``send``, ``sendline``."""
         return AsyncConsole(self.machine)
 
+    @property
+    def keys(self) -> AsyncKeys:
+        """The keyboard: ``press``, ``type`` (needs a ``display``)."""
+        return AsyncKeys(self.machine)
+
     def console_text(self) -> str:
         """The serial console output so far (its last 64 KiB)."""
         return self.machine.console_text()
@@ -350,6 +381,47 @@ class AsyncVM:
         """
         async with self.machine.events(names, match) as listener:
             yield listener
+
+    # --- screen (pyqvm.ops.screen) -----------------------------------------------------------
+
+    async def screenshot(self, path: Path | str | None = None) -> bytes:
+        """The screen as PNG bytes (also written to ``path`` if given); needs a ``display``."""
+        return await screen.screenshot(self.machine, path)
+
+    async def wait_screen_change(self, *, timeout: float = 60.0) -> bytes:
+        """Wait until the screen differs from what it shows now; its PNG then."""
+        return await screen.wait_screen_change(self.machine, timeout=timeout)
+
+    async def wait_screen_stable(self, *, seconds: float = 1.0, timeout: float = 60.0) -> bytes:
+        """Wait until the screen has not changed for ``seconds``; its PNG then."""
+        return await screen.wait_screen_stable(self.machine, seconds=seconds, timeout=timeout)
+
+    async def wait_for_screen(
+        self,
+        reference: Path | str | bytes,
+        *,
+        region: Region | None = None,
+        threshold: float = 0.02,
+        timeout: float = 60.0,
+    ) -> float:
+        """Wait until the screen, or ``region`` (left, top, width, height) of it, matches
+        ``reference`` (a PNG) within ``threshold`` (mean difference, 0..1); that difference
+        then. Needs Pillow (``pyqvm[screen]``)."""
+        return await screen.wait_for_screen(
+            self.machine, reference, region=region, threshold=threshold, timeout=timeout
+        )
+
+    async def wait_for_text(
+        self, pattern: str, *, region: Region | None = None, timeout: float = 60.0
+    ) -> str:
+        """Wait until ``pattern`` (a regular expression) is on the screen, read by OCR
+        (Pillow and Debian's tesseract-ocr); the text read then."""
+        return await screen.wait_for_text(self.machine, pattern, region=region, timeout=timeout)
+
+    async def vnc(self, address: str | None = None) -> str:
+        """Let a VNC viewer in: a unix socket in the runtime dir, or TCP ``HOST:PORT`` when
+        asked; returns where (``unix:PATH`` or ``HOST:PORT``)."""
+        return await screen.vnc(self.machine, address)
 
     # --- guest (pyqvm.ops.guest) -------------------------------------------------------------
 

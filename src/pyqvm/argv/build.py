@@ -343,6 +343,26 @@ def _panic(spec: VMSpec, ctx: LaunchContext) -> list[str]:
     return ["-device", qjson({"driver": device, "id": "pq-panic"}), "-action", "panic=pause"]
 
 
+#: The graphics card of each `VMSpec.display`.
+DISPLAY_DEVICES = {"vga": "VGA", "virtio-gpu": "virtio-gpu-pci"}
+
+
+def _display(spec: VMSpec, ctx: LaunchContext) -> list[str]:
+    """A graphics card, and a VNC server with no listener (``pyqvm vnc`` adds one): no
+    window, no port. aarch64's board has no keyboard of its own: a virtio one."""
+    if spec.display == "none":
+        return []
+    argv = [
+        "-vnc",
+        "none",
+        "-device",
+        qjson({"driver": DISPLAY_DEVICES[spec.display], "id": "pq-display"}),
+    ]
+    if spec.arch != "x86_64":
+        argv += ["-device", qjson({"driver": "virtio-keyboard-pci", "id": "pq-keyboard"})]
+    return argv
+
+
 SECTIONS: tuple[Callable[[VMSpec, LaunchContext], list[str]], ...] = (
     _machine,
     _boot,
@@ -355,6 +375,7 @@ SECTIONS: tuple[Callable[[VMSpec, LaunchContext], list[str]], ...] = (
     lambda spec, ctx: vmgenid_args(spec),
     lambda spec, ctx: hostdev_args(spec),
     _panic,
+    _display,
     _shares,
     gdb_args,
     lambda spec, ctx: hotplug_port_args(spec),

@@ -110,7 +110,7 @@ def disk_args(
         else:
             dev |= {"driver": "ide-hd", **ide.take(f"{where}.interface")}
         if spec.kernel is None and i == 0:
-            dev["bootindex"] = 0
+            dev["bootindex"] = 1 if any(n.bootfile for n in spec.networks) else 0
         argv += ["-device", qjson(dev)]
     for i, cd in enumerate(spec.cdroms):
         node = f"cd{i}"
@@ -197,6 +197,10 @@ def netdev_props(
             rules.append(SSH_HOSTFWD)
         if rules:
             netdev["hostfwd"] = [{"str": r} for r in rules]
+        if net.tftp is not None:
+            netdev["tftp"] = str(net.tftp)
+        if net.bootfile is not None:
+            netdev["bootfile"] = net.bootfile
     elif net.mode == "private":
         if vde_socket is None:
             raise ValueError(f"private NIC {net.id!r} has no switch to plug into")
@@ -219,6 +223,8 @@ def nic_props(spec: VMSpec, net: Network) -> dict[str, object]:
         "netdev": net.id,
         "mac": net.mac,
         "romfile": rom,
+        # A NIC that network-boots (PXE) goes first; the firmware tries the rest after.
+        "bootindex": 0 if net.bootfile is not None else None,
     }
 
 

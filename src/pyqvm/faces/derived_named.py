@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         Storage,
         Transport,
     )
+    from pyqvm.ops.screen import Region
     from pyqvm.ops.snapshot import SnapshotInfo
     from pyqvm.spec import Disk, Network
 
@@ -52,6 +53,7 @@ TYPES = {
     "Path": "pathlib",
     "ProgressCallback": "pyqvm.ops.migration",
     "Record": "pyqvm.named.registry",
+    "Region": "pyqvm.ops.screen",
     "SavedState": "pyqvm.ops.migration",
     "Sequence": "collections.abc",
     "SnapshotInfo": "pyqvm.ops.snapshot",
@@ -132,6 +134,34 @@ class NamedConsole(NamedGroup):
         self._op("sendline", "None", text=(text, "str"))
 
 
+class AsyncNamedKeys(NamedGroup):
+    """The keyboard (`pyqvm.ops.keys`, QMP ``send-key``, a US keymap)."""
+
+    async def press(self, combo: str, *, hold_ms: int | None = None) -> None:
+        """Press the keys of ``combo`` together (``"ctrl-alt-f2"``, ``"ret"``), then let go."""
+        await self._op("press", "None", combo=(combo, "str"), hold_ms=(hold_ms, "int | None"))
+
+    async def type(self, text: str, *, delay: float = 0.05) -> None:
+        """Type ``text`` (``"\\n"`` is Enter), one key at a time, ``delay`` seconds apart;
+        `SpecError` before the first key for a character a US keyboard cannot type.
+        """
+        await self._op("type", "None", text=(text, "str"), delay=(delay, "float"))
+
+
+class NamedKeys(NamedGroup):
+    """The keyboard (`pyqvm.ops.keys`, QMP ``send-key``, a US keymap)."""
+
+    def press(self, combo: str, *, hold_ms: int | None = None) -> None:
+        """Press the keys of ``combo`` together (``"ctrl-alt-f2"``, ``"ret"``), then let go."""
+        self._op("press", "None", combo=(combo, "str"), hold_ms=(hold_ms, "int | None"))
+
+    def type(self, text: str, *, delay: float = 0.05) -> None:
+        """Type ``text`` (``"\\n"`` is Enter), one key at a time, ``delay`` seconds apart;
+        `SpecError` before the first key for a character a US keyboard cannot type.
+        """
+        self._op("type", "None", text=(text, "str"), delay=(delay, "float"))
+
+
 class AsyncNamedVM(AsyncNamedVMBase):
     """A named VM, driven through its owner process (`up`, `attach`): AsyncVM's methods,
     run by the owner (see `AsyncNamedVMBase`)."""
@@ -165,6 +195,11 @@ class AsyncNamedVM(AsyncNamedVMBase):
     def console(self) -> AsyncNamedConsole:
         """The serial console as a channel: ``expect``, ``send``, ``sendline``."""
         return AsyncNamedConsole(self, "console")
+
+    @property
+    def keys(self) -> AsyncNamedKeys:
+        """The keyboard: ``press``, ``type`` (needs a ``display``)."""
+        return AsyncNamedKeys(self, "keys")
 
     async def console_text(self) -> str:
         """The serial console output so far (its last 64 KiB)."""
@@ -230,6 +265,77 @@ class AsyncNamedVM(AsyncNamedVMBase):
                 timeout=(timeout, "float"),
             ),
         )
+
+    async def screenshot(self, path: Path | str | None = None) -> bytes:
+        """The screen as PNG bytes (also written to ``path`` if given); needs a ``display``."""
+        return cast(
+            "bytes", await self._op("screenshot", "bytes", path=(path, "Path | str | None"))
+        )
+
+    async def wait_screen_change(self, *, timeout: float = 60.0) -> bytes:
+        """Wait until the screen differs from what it shows now; its PNG then."""
+        return cast(
+            "bytes", await self._op("wait_screen_change", "bytes", timeout=(timeout, "float"))
+        )
+
+    async def wait_screen_stable(self, *, seconds: float = 1.0, timeout: float = 60.0) -> bytes:
+        """Wait until the screen has not changed for ``seconds``; its PNG then."""
+        return cast(
+            "bytes",
+            await self._op(
+                "wait_screen_stable",
+                "bytes",
+                seconds=(seconds, "float"),
+                timeout=(timeout, "float"),
+            ),
+        )
+
+    async def wait_for_screen(
+        self,
+        reference: Path | str | bytes,
+        *,
+        region: Region | None = None,
+        threshold: float = 0.02,
+        timeout: float = 60.0,
+    ) -> float:
+        """Wait until the screen, or ``region`` (left, top, width, height) of it, matches
+        ``reference`` (a PNG) within ``threshold`` (mean difference, 0..1); that difference
+        then. Needs Pillow (``pyqvm[screen]``).
+        """
+        return cast(
+            "float",
+            await self._op(
+                "wait_for_screen",
+                "float",
+                reference=(reference, "Path | str | bytes"),
+                region=(region, "Region | None"),
+                threshold=(threshold, "float"),
+                timeout=(timeout, "float"),
+            ),
+        )
+
+    async def wait_for_text(
+        self, pattern: str, *, region: Region | None = None, timeout: float = 60.0
+    ) -> str:
+        """Wait until ``pattern`` (a regular expression) is on the screen, read by OCR
+        (Pillow and Debian's tesseract-ocr); the text read then.
+        """
+        return cast(
+            "str",
+            await self._op(
+                "wait_for_text",
+                "str",
+                pattern=(pattern, "str"),
+                region=(region, "Region | None"),
+                timeout=(timeout, "float"),
+            ),
+        )
+
+    async def vnc(self, address: str | None = None) -> str:
+        """Let a VNC viewer in: a unix socket in the runtime dir, or TCP ``HOST:PORT`` when
+        asked; returns where (``unix:PATH`` or ``HOST:PORT``).
+        """
+        return cast("str", await self._op("vnc", "str", address=(address, "str | None")))
 
     async def run(
         self,
@@ -430,6 +536,11 @@ class NamedVM(NamedVMBase):
         """The serial console as a channel: ``expect``, ``send``, ``sendline``."""
         return NamedConsole(self, "console")
 
+    @property
+    def keys(self) -> NamedKeys:
+        """The keyboard: ``press``, ``type`` (needs a ``display``)."""
+        return NamedKeys(self, "keys")
+
     def console_text(self) -> str:
         """The serial console output so far (its last 64 KiB)."""
         return cast("str", self._op("console_text", "str"))
@@ -492,6 +603,73 @@ class NamedVM(NamedVMBase):
                 timeout=(timeout, "float"),
             ),
         )
+
+    def screenshot(self, path: Path | str | None = None) -> bytes:
+        """The screen as PNG bytes (also written to ``path`` if given); needs a ``display``."""
+        return cast("bytes", self._op("screenshot", "bytes", path=(path, "Path | str | None")))
+
+    def wait_screen_change(self, *, timeout: float = 60.0) -> bytes:
+        """Wait until the screen differs from what it shows now; its PNG then."""
+        return cast("bytes", self._op("wait_screen_change", "bytes", timeout=(timeout, "float")))
+
+    def wait_screen_stable(self, *, seconds: float = 1.0, timeout: float = 60.0) -> bytes:
+        """Wait until the screen has not changed for ``seconds``; its PNG then."""
+        return cast(
+            "bytes",
+            self._op(
+                "wait_screen_stable",
+                "bytes",
+                seconds=(seconds, "float"),
+                timeout=(timeout, "float"),
+            ),
+        )
+
+    def wait_for_screen(
+        self,
+        reference: Path | str | bytes,
+        *,
+        region: Region | None = None,
+        threshold: float = 0.02,
+        timeout: float = 60.0,
+    ) -> float:
+        """Wait until the screen, or ``region`` (left, top, width, height) of it, matches
+        ``reference`` (a PNG) within ``threshold`` (mean difference, 0..1); that difference
+        then. Needs Pillow (``pyqvm[screen]``).
+        """
+        return cast(
+            "float",
+            self._op(
+                "wait_for_screen",
+                "float",
+                reference=(reference, "Path | str | bytes"),
+                region=(region, "Region | None"),
+                threshold=(threshold, "float"),
+                timeout=(timeout, "float"),
+            ),
+        )
+
+    def wait_for_text(
+        self, pattern: str, *, region: Region | None = None, timeout: float = 60.0
+    ) -> str:
+        """Wait until ``pattern`` (a regular expression) is on the screen, read by OCR
+        (Pillow and Debian's tesseract-ocr); the text read then.
+        """
+        return cast(
+            "str",
+            self._op(
+                "wait_for_text",
+                "str",
+                pattern=(pattern, "str"),
+                region=(region, "Region | None"),
+                timeout=(timeout, "float"),
+            ),
+        )
+
+    def vnc(self, address: str | None = None) -> str:
+        """Let a VNC viewer in: a unix socket in the runtime dir, or TCP ``HOST:PORT`` when
+        asked; returns where (``unix:PATH`` or ``HOST:PORT``).
+        """
+        return cast("str", self._op("vnc", "str", address=(address, "str | None")))
 
     def run(
         self,
@@ -699,8 +877,10 @@ up = NamedVM.up
 
 __all__ = [
     "AsyncNamedConsole",
+    "AsyncNamedKeys",
     "AsyncNamedVM",
     "NamedConsole",
+    "NamedKeys",
     "NamedVM",
     "attach",
     "attach_async",

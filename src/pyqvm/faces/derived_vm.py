@@ -28,11 +28,12 @@ from pyqvm.ops.migration import (
     Storage,
     Transport,
 )
+from pyqvm.ops.screen import Region
 from pyqvm.ops.snapshot import SnapshotInfo
 from pyqvm.ops.template import Template
 from pyqvm.spec import Disk, Network, VMSpec
 from pyqvm.state import VMState
-from pyqvm.vm import AsyncConsole
+from pyqvm.vm import AsyncConsole, AsyncKeys
 
 
 class Console(BlockingGroup):
@@ -62,6 +63,22 @@ class Console(BlockingGroup):
     def sendline(self, text: str = "") -> None:
         """Type ``text`` and Enter (a carriage return, as a terminal sends it)."""
         return self._run(self._vm.sendline(text))
+
+
+class Keys(BlockingGroup):
+    """The keyboard (`pyqvm.ops.keys`, QMP ``send-key``, a US keymap)."""
+
+    _vm: AsyncKeys
+
+    def press(self, combo: str, *, hold_ms: int | None = None) -> None:
+        """Press the keys of ``combo`` together (``"ctrl-alt-f2"``, ``"ret"``), then let go."""
+        return self._run(self._vm.press(combo, hold_ms=hold_ms))
+
+    def type(self, text: str, *, delay: float = 0.05) -> None:
+        """Type ``text`` (``"\\n"`` is Enter), one key at a time, ``delay`` seconds apart;
+        `SpecError` before the first key for a character a US keyboard cannot type.
+        """
+        return self._run(self._vm.type(text, delay=delay))
 
 
 class VM(BlockingVMBase):
@@ -163,6 +180,11 @@ class VM(BlockingVMBase):
         """The serial console as a channel: ``expect``, ``send``, ``sendline``."""
         return Console(self._vm.console, self._loop)
 
+    @property
+    def keys(self) -> Keys:
+        """The keyboard: ``press``, ``type`` (needs a ``display``)."""
+        return Keys(self._vm.keys, self._loop)
+
     def console_text(self) -> str:
         """The serial console output so far (its last 64 KiB)."""
         return self._vm.console_text()
@@ -205,6 +227,48 @@ class VM(BlockingVMBase):
     ) -> Any:
         """Run a QMP command; see `QMPSession.execute`."""
         return self._run(self._vm.execute(command, arguments, timeout=timeout))
+
+    def screenshot(self, path: Path | str | None = None) -> bytes:
+        """The screen as PNG bytes (also written to ``path`` if given); needs a ``display``."""
+        return self._run(self._vm.screenshot(path))
+
+    def wait_screen_change(self, *, timeout: float = 60.0) -> bytes:
+        """Wait until the screen differs from what it shows now; its PNG then."""
+        return self._run(self._vm.wait_screen_change(timeout=timeout))
+
+    def wait_screen_stable(self, *, seconds: float = 1.0, timeout: float = 60.0) -> bytes:
+        """Wait until the screen has not changed for ``seconds``; its PNG then."""
+        return self._run(self._vm.wait_screen_stable(seconds=seconds, timeout=timeout))
+
+    def wait_for_screen(
+        self,
+        reference: Path | str | bytes,
+        *,
+        region: Region | None = None,
+        threshold: float = 0.02,
+        timeout: float = 60.0,
+    ) -> float:
+        """Wait until the screen, or ``region`` (left, top, width, height) of it, matches
+        ``reference`` (a PNG) within ``threshold`` (mean difference, 0..1); that difference
+        then. Needs Pillow (``pyqvm[screen]``).
+        """
+        return self._run(
+            self._vm.wait_for_screen(reference, region=region, threshold=threshold, timeout=timeout)
+        )
+
+    def wait_for_text(
+        self, pattern: str, *, region: Region | None = None, timeout: float = 60.0
+    ) -> str:
+        """Wait until ``pattern`` (a regular expression) is on the screen, read by OCR
+        (Pillow and Debian's tesseract-ocr); the text read then.
+        """
+        return self._run(self._vm.wait_for_text(pattern, region=region, timeout=timeout))
+
+    def vnc(self, address: str | None = None) -> str:
+        """Let a VNC viewer in: a unix socket in the runtime dir, or TCP ``HOST:PORT`` when
+        asked; returns where (``unix:PATH`` or ``HOST:PORT``).
+        """
+        return self._run(self._vm.vnc(address))
 
     def run(
         self,
@@ -388,4 +452,4 @@ class VM(BlockingVMBase):
         return self._run(self._vm.restore(directory, timeout=timeout))
 
 
-__all__ = ["VM", "Console"]
+__all__ = ["VM", "Console", "Keys"]

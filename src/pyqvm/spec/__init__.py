@@ -51,6 +51,7 @@ ConcreteMachine = Literal["q35", "pc", "microvm", "virt"]
 Accelerator = Literal["auto", "kvm", "tcg"]
 Profile = Literal["virtio", "emulated", "passthrough"]
 Firmware = Literal["seabios", "ovmf"]
+Display = Literal["none", "vga", "virtio-gpu"]
 GuestOS = Literal["linux", "windows", "other"]
 Readiness = Literal["auto", "agent", "console", "none"]
 ExecVia = Literal["auto", "agent", "serial"]
@@ -112,6 +113,9 @@ class VMSpec:
     # the generation ID changes (CONFIG_VMGENID). None: on wherever the machine has it.
     vmgenid: bool | None = None
     guest_agent: bool = True
+    # A graphics card, for screenshots and keys (`pyqvm.ops.screen`); never a window, and a
+    # VNC listener only when asked (``pyqvm vnc``).
+    display: Display = "none"
     serial_log: Path | None = None
     ready: Readiness = "auto"
     ready_pattern: str | None = None
@@ -146,6 +150,7 @@ class VMSpec:
         choice(self.profile, PROFILES, "profile")
         choice(self.guest_os, get_args(GuestOS), "guest_os")
         choice(self.firmware, get_args(Firmware), "firmware")
+        choice(self.display, get_args(Display), "display")
         choice(self.ready, get_args(Readiness), "ready")
         choice(self.exec_via, get_args(ExecVia), "exec_via")
         if not isinstance(self.console_user, str) or not SSH_USER_RE.fullmatch(self.console_user):
@@ -290,6 +295,8 @@ class VMSpec:
                 raise SpecError(
                     "vmgenid", f"needs ACPI: machine q35 or pc on x86_64, not {machine}"
                 )
+        if self.display == "vga" and self.arch != "x86_64":
+            raise SpecError("display", f'"vga" is a PC card; use "virtio-gpu" on {self.arch}')
         if self.profile == "passthrough" and not self.host_devices:
             raise SpecError(
                 "host_devices",
@@ -479,7 +486,7 @@ class VMSpec:
             return True  # firmware boot: SeaBIOS/OVMF disk boot wants PCI storage
         if self.profile != "virtio" or self.guest_os != "linux" or self.firmware != "seabios":
             return True
-        if self.host_devices or self.cdroms or self.extra_args:
+        if self.host_devices or self.cdroms or self.extra_args or self.display != "none":
             return True  # extra_args are opaque: they may name PCI devices
         if self.hotplug_slots or self.max_memory is not None or self.memory_slots:
             return True
@@ -520,6 +527,7 @@ _FEATURES: dict[Feature, Callable[[VMSpec], bool]] = {
     "vfio": lambda s: bool(s.host_devices),
     "disk_boot": lambda s: s.kernel is None and s.image is None,
     "cdrom": lambda s: bool(s.cdroms),
+    "display": lambda s: s.display != "none",
 }
 
 

@@ -21,6 +21,7 @@ Feature = Literal[
     "hotplug_slots",  # pcie-root-ports kept free for hot-plugged PCI devices
     "cpu_hotplug",  # max_smp above smp
     "memory_hotplug",  # max_memory
+    "display",  # a graphics card (PCI)
 ]
 
 
@@ -89,6 +90,9 @@ MACHINE_TYPES: Mapping[str, MachineInfo] = {
                 "kernel", "microvm boots only a kernel directly; set kernel or image"
             ),
             "cdrom": Refusal("cdroms", f"microvm has no AHCI/IDE bus for a CD-ROM; {_NO_PCI_BUS}"),
+            "display": Refusal(
+                "display", f"microvm has no PCI bus for a graphics card; {_NO_PCI_BUS}"
+            ),
             "hotplug_slots": Refusal(
                 "hotplug_slots", 'microvm has no PCI hotplug; use machine = "q35"'
             ),

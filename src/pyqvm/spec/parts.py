@@ -135,7 +135,11 @@ class PortForward:
 class Network:
     """One NIC: ``user`` is QEMU's user-mode (slirp) network, ``tap`` an existing tap device,
     ``private`` the L2 segment ``name`` that every VM naming it on this host shares
-    (`pyqvm.launch.privnet`), at ``address`` (CIDR) or one pyqvm leases in the network's subnet."""
+    (`pyqvm.launch.privnet`), at ``address`` (CIDR) or one pyqvm leases in the network's subnet.
+
+    ``tftp`` and ``bootfile`` (user mode): QEMU's own TFTP server serves that directory and
+    its DHCP names the file, so firmware network-boots it (PXE); the NIC is then first in
+    the boot order."""
 
     mode: NetMode = "user"
     model: NicModel = "auto"
@@ -145,6 +149,8 @@ class Network:
     id: str = ""
     name: str | None = None
     address: str | None = None
+    tftp: Path | None = None
+    bootfile: str | None = None
 
     def __post_init__(self) -> None:
         choice(self.mode, get_args(NetMode), "network.mode")
@@ -186,6 +192,27 @@ class Network:
                 )
         if self.id != "":
             check_id(self.id, "network.id")
+        self._check_boot()
+
+    def _check_boot(self) -> None:
+        if (self.tftp is not None or self.bootfile is not None) and self.mode != "user":
+            raise SpecError(
+                "network.tftp" if self.tftp is not None else "network.bootfile",
+                'QEMU serves TFTP on its user network only: mode = "user"',
+            )
+        if self.tftp is not None:
+            d = absolute_path(self.tftp, "network.tftp", must_exist=False)
+            if not d.is_dir():
+                raise SpecError("network.tftp", f"no such directory: '{d}'; check the path")
+            set_field(self, "tftp", d)
+            if self.bootfile is None:
+                raise SpecError(
+                    "network.bootfile", "give the file to boot from tftp, e.g. pxelinux.0"
+                )
+        if self.bootfile is not None:
+            text(self.bootfile, "network.bootfile")
+            if self.tftp is not None and not (self.tftp / self.bootfile).is_file():
+                raise SpecError("network.bootfile", f"no file {self.bootfile!r} in '{self.tftp}'")
 
 
 __all__ = [

@@ -1,0 +1,55 @@
+"""Guests none of us wrote (issue 25): Debian's installer, from the package
+``debian-installer-12-netboot-amd64``, driven with no agent and no pyqvm part in it.
+
+- PXE: the emulated profile's firmware (SeaBIOS) and e1000 ROM network-boot the package's
+  netboot tree from QEMU's own TFTP server; its boot menu is found on the VGA screen by
+  OCR and chosen with a key, and the installer's first screen follows.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageStat
+
+from pyqvm import AsyncVM, Network, VMSpec
+
+pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
+
+#: The netboot tree of the text installer (pxelinux.0, its menus, linux and initrd.gz).
+NETBOOT = Path("/usr/lib/debian-installer/images/12/amd64/text")
+
+
+def non_blank(png: bytes) -> bool:
+    """More than one colour on the screen, and not all of it dark."""
+    stat = ImageStat.Stat(Image.open(io.BytesIO(png)).convert("L"))
+    low, high = stat.extrema[0]
+    return high - low > 64 and stat.stddev[0] > 8
+
+
+async def test_the_installer_network_boots_and_its_menu_is_driven_by_screen_and_keys(
+    tmp_path: Path,
+) -> None:
+    spec = VMSpec(
+        name="d-i-pxe",
+        profile="emulated",
+        machine="pc",  # SeaBIOS with the e1000's PXE ROM
+        display="vga",
+        guest_agent=False,
+        ready="none",
+        memory=1024,
+        networks=(Network(tftp=NETBOOT, bootfile="pxelinux.0"),),
+    )
+    async with AsyncVM(spec) as vm:
+        read = await vm.wait_for_text(r"installer menu", timeout=180)
+        assert "Advanced options" in read  # (the highlighted "Install" reads poorly)
+        menu = await vm.screenshot(tmp_path / "menu.png")
+        await vm.keys.press("ret")  # "Install", the first item
+        read = await vm.wait_for_text(r"(?i)select a language", timeout=600)
+        assert "Choose the language" in read
+        first = await vm.screenshot(tmp_path / "language.png")
+    for png in (menu, first):
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and non_blank(png)
+    assert (tmp_path / "menu.png").read_bytes() == menu
