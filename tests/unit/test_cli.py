@@ -56,8 +56,8 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
 
 def test_the_docstring_lists_every_verb() -> None:
     verbs = [
-        "run", "up", "restore", "ps", "exec", "ssh", "console", "logs", "expect", "send", "gdb",
-        "qmp", "stop",
+        "run", "up", "restore", "ps", "exec", "ssh", "console", "logs", "expect", "send", "vnc",
+        "gdb", "qmp", "stop",
         "wait", "snapshot", "hotplug", "unplug", "migrate", "save", "cmdline", "image", "template",
         "doctor",
     ]  # fmt: skip

@@ -19,6 +19,7 @@ pyqvm ssh NAME [--print] [-- CMD]                  ssh into it (--ssh), no promp
 pyqvm console NAME                                 its serial console (Ctrl-] detaches)
 pyqvm logs NAME [--follow]                         its console log
 pyqvm expect NAME PATTERN... [--fail-on P]; pyqvm send NAME TEXT [--line]   script its console
+pyqvm vnc NAME [--tcp HOST:PORT]                   its screen to a VNC viewer (a unix socket)
 pyqvm gdb NAME [--vmlinux F] [-x CMD] [--batch]    the host's gdb on its gdbstub (--gdb)
 pyqvm qmp NAME COMMAND [JSON-ARGS]                 a QMP command; prints QEMU's answer
 pyqvm snapshot NAME save|load|list|delete [TAG]    internal snapshots

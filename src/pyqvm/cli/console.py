@@ -1,6 +1,7 @@
 """``pyqvm console NAME`` (the serial console, read-write; Ctrl-] detaches),
-``pyqvm logs NAME [--follow]`` (the console log), and for scripts ``pyqvm expect NAME
-PATTERN...`` and ``pyqvm send NAME TEXT`` (`AsyncVM.console`, through the VM's owner)."""
+``pyqvm logs NAME [--follow]`` (the console log), for scripts ``pyqvm expect NAME
+PATTERN...`` and ``pyqvm send NAME TEXT`` (`AsyncVM.console`, through the VM's owner), and
+``pyqvm vnc NAME`` (its screen, to a VNC viewer)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,17 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     sd.add_argument("text", metavar="TEXT")
     sd.add_argument("-l", "--line", action="store_true", help="add Enter")
     sd.set_defaults(run=run_send, over_owner=True)
+    vn = sub.add_parser(
+        "vnc",
+        parents=list(parents),
+        help="let a VNC viewer see a named VM's screen",
+        description="Open the named VM's screen (display = \"vga\" or \"virtio-gpu\") to a "
+        "VNC viewer: on a unix socket in its runtime dir, which is printed, or on TCP with "
+        "--tcp (anyone who can reach that address sees and types into the guest).",
+    )
+    vn.add_argument("name", metavar="NAME")
+    vn.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP, e.g. 127.0.0.1:5901")
+    vn.set_defaults(run=run_vnc, over_owner=True)
 
 
 @contextlib.contextmanager
@@ -197,6 +209,13 @@ def run_send(args: argparse.Namespace) -> int:
         on_vm(args, lambda vm: vm.console.sendline(args.text))
     else:
         on_vm(args, lambda vm: vm.console.send(args.text))
+    return 0
+
+
+def run_vnc(args: argparse.Namespace) -> int:
+    from pyqvm.cli.control import on_vm
+
+    print(on_vm(args, lambda vm: vm.vnc(args.tcp)))
     return 0
 
 
