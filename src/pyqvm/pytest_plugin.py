@@ -31,12 +31,17 @@ test of a plugin user can monkeypatch them with stand-ins.
 
 When a test that used a VM fails, the report gets a section per VM with the
 tail of its serial console (a clone's console starts with its template's boot) and
-the last QMP commands pyqvm sent it, with QEMU's answers.
+the last QMP commands pyqvm sent it, with QEMU's answers; and, for a VM whose screen the
+test looked at, that last screenshot, saved as a PNG (in ``--pyqvm-screenshots DIR``, by
+default pytest's temporary directory) and named in the report.
 """
 
 from __future__ import annotations
 
+import re
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,6 +64,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--pyqvm-no-template",
         action="store_true",
         help="boot every VM of the pyqvm fixtures instead of cloning a template",
+    )
+    parser.getgroup("pyqvm").addoption(
+        "--pyqvm-screenshots",
+        metavar="DIR",
+        help="where a failing test's last screenshot of each VM goes (default: pytest's "
+        "temporary directory)",
     )
 
 
@@ -208,4 +219,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append(
                 (f"pyqvm {vm.name} QMP (last {len(lines)} messages)", "\n".join(lines))
             )
+            if (saved := _save_screenshot(item, vm)) is not None:
+                report.sections.append((f"pyqvm {vm.name} screen", f"last screenshot: {saved}"))
     return report
+
+
+def _save_screenshot(item: pytest.Item, vm: Any) -> Path | None:
+    """The VM's last screenshot (if the test took one) as a PNG file for the report."""
+    machine = getattr(vm, "machine", None) or getattr(getattr(vm, "_vm", None), "machine", None)
+    png = getattr(machine, "last_screenshot", None)
+    if not png:
+        return None
+    where = item.config.getoption("--pyqvm-screenshots", default=None)
+    if where is None:
+        factory = getattr(item.config, "_tmp_path_factory", None)
+        base = factory.getbasetemp() if factory is not None else Path(tempfile.gettempdir())
+        where = base / "pyqvm-screenshots"
+    directory = Path(where)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid).strip("_")[-120:]
+    path = directory / f"{stem}-{vm.name}.png"
+    path.write_bytes(png)
+    return path

@@ -42,6 +42,30 @@ def test_failure_report_shows_console(
     result.stdout.fnmatch_lines(["*pyqvm pyqvm console (last 40 lines)*", "*pyqvm-guest-ready*"])
 
 
+def test_a_failure_report_names_the_last_screenshot(
+    pyqvm_image: GuestImage, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYQVM_CACHE_DIR", str(pyqvm_image.directory.parent.parent))
+    pytester.makepyfile(
+        """
+        import pytest
+        from pyqvm import VMSpec
+
+        @pytest.mark.pyqvm(spec=VMSpec(image="default", display="vga"), template=False)
+        def test_fails(pyqvm_vm):
+            vm = pyqvm_vm()
+            vm.screenshot()
+            assert False, "the screen was wrong"
+        """
+    )
+    shots = pytester.path / "shots"
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--pyqvm-screenshots={shots}")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*pyqvm pyqvm screen*", f"*last screenshot: {shots}/*.png*"])
+    [png] = shots.iterdir()
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
 SAMPLE = """
 import pytest
 

@@ -79,7 +79,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
         "vnc",
         parents=list(parents),
         help="let a VNC viewer see a named VM's screen",
-        description="Open the named VM's screen (display = \"vga\" or \"virtio-gpu\") to a "
+        description='Open the named VM\'s screen (display = "vga" or "virtio-gpu") to a '
         "VNC viewer: on a unix socket in its runtime dir, which is printed, or on TCP with "
         "--tcp (anyone who can reach that address sees and types into the guest).",
     )
