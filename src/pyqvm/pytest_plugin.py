@@ -39,7 +39,6 @@ default pytest's temporary directory) and named in the report.
 from __future__ import annotations
 
 import re
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ from pyqvm.vm import AsyncVM
 
 _VMS = pytest.StashKey[list[Any]]()
 _TEMPLATES = pytest.StashKey[dict[str, templates.Template]]()
+_SHOTS = pytest.StashKey[Path]()
 _CONSOLE_LINES = 40
 _QMP_LINES = 30
 
@@ -108,6 +108,12 @@ def _keep_template(
 
 def _remember(request: pytest.FixtureRequest, vm: VM | AsyncVM) -> None:
     request.node.stash.setdefault(_VMS, []).append(vm)
+    if _SHOTS not in request.node.stash:  # where a failure's screenshots go
+        where = request.config.getoption("--pyqvm-screenshots", default=None)
+        if where is None:
+            factory: pytest.TempPathFactory = request.getfixturevalue("tmp_path_factory")
+            where = factory.getbasetemp() / "pyqvm-screenshots"
+        request.node.stash[_SHOTS] = Path(where)
 
 
 def _stop_failed(vm: VM | AsyncVM, error: BaseException, errors: list[BaseException]) -> None:
@@ -224,18 +230,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
-def _save_screenshot(item: pytest.Item, vm: Any) -> Path | None:
+def _save_screenshot(item: pytest.Item, vm: VM | AsyncVM) -> Path | None:
     """The VM's last screenshot (if the test took one) as a PNG file for the report."""
-    machine = getattr(vm, "machine", None) or getattr(getattr(vm, "_vm", None), "machine", None)
-    png = getattr(machine, "last_screenshot", None)
+    png = vm.last_screenshot
     if not png:
         return None
-    where = item.config.getoption("--pyqvm-screenshots", default=None)
-    if where is None:
-        factory = getattr(item.config, "_tmp_path_factory", None)
-        base = factory.getbasetemp() if factory is not None else Path(tempfile.gettempdir())
-        where = base / "pyqvm-screenshots"
-    directory = Path(where)
+    directory = item.stash[_SHOTS]
     directory.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid).strip("_")[-120:]
     path = directory / f"{stem}-{vm.name}.png"

@@ -384,6 +384,11 @@ class AsyncVM:
 
     # --- screen (pyqvm.ops.screen) -----------------------------------------------------------
 
+    @property
+    def last_screenshot(self) -> bytes | None:
+        """The last screenshot taken (PNG), for a failure report; None before any."""
+        return self.machine.last_screenshot
+
     async def screenshot(self, path: Path | str | None = None) -> bytes:
         """The screen as PNG bytes (also written to ``path`` if given); needs a ``display``."""
         return await screen.screenshot(self.machine, path)

@@ -25,6 +25,7 @@ def log(line):
 
 class FakeVM:
     count = 0
+    last_screenshot = None
 
     def __init__(self, spec):
         FakeVM.count += 1

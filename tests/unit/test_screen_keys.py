@@ -88,3 +88,40 @@ def test_a_display_needs_a_machine_with_pci() -> None:
         VMSpec(image="default", display="vga", machine="microvm")
     with pytest.raises(SpecError, match="virtio-gpu"):
         VMSpec(arch="aarch64", image="default", display="vga")
+
+
+def _bootindex(argv: list[str]) -> dict[str, int]:
+    devices = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-device"]
+    return {d["id"]: d["bootindex"] for d in devices if "bootindex" in d}
+
+
+def test_the_boot_order_puts_a_cdrom_before_the_disk(files: dict[str, Path]) -> None:
+    from pyqvm.spec import Disk
+
+    iso = files["raw"]
+    base = {"profile": "emulated", "guest_agent": False, "ready": "none",
+            "disks": (Disk(files["qcow2"]),), "cdroms": (iso,)}  # fmt: skip
+    assert _bootindex(preview_argv(VMSpec(**base))) == {"disk0": 0}  # type: ignore[arg-type]
+    spec = VMSpec(boot_order=("cdrom", "disk"), **base)  # type: ignore[arg-type]
+    assert _bootindex(preview_argv(spec)) == {"cd0": 0, "disk0": 1}
+    spec = VMSpec(boot_order=["network", "cdrom"], networks=(Network(),), **base)  # type: ignore[arg-type]
+    assert _bootindex(preview_argv(spec)) == {"net0": 0, "cd0": 1}
+
+
+@pytest.mark.parametrize(
+    ("kw", "field", "message"),
+    [
+        ({"boot_order": ("cdrom",)}, "boot_order[0]", "no cdrom"),
+        ({"boot_order": ("floppy",)}, "boot_order[0]", "floppy"),
+        ({"boot_order": ("network", "network"), "networks": (Network(),)}, "boot_order[1]",
+         "twice"),
+        ({"boot_order": ("network",), "networks": (Network(),), "image": "default"}, "boot_order",
+         "kernel boots directly"),
+    ],
+)  # fmt: skip
+def test_a_boot_order_that_cannot_be_is_refused(
+    kw: dict[str, object], field: str, message: str
+) -> None:
+    with pytest.raises(SpecError, match=message) as e:
+        VMSpec(**kw)  # type: ignore[arg-type]
+    assert e.value.field == field

@@ -109,8 +109,8 @@ def disk_args(
             dev |= {"driver": "scsi-hd", "bus": f"{scsi_bus}.0"}
         else:
             dev |= {"driver": "ide-hd", **ide.take(f"{where}.interface")}
-        if spec.kernel is None and i == 0:
-            dev["bootindex"] = 1 if any(n.bootfile for n in spec.networks) else 0
+        if i == 0 and (index := spec.boot_index("disk")) is not None:
+            dev["bootindex"] = index
         argv += ["-device", qjson(dev)]
     for i, cd in enumerate(spec.cdroms):
         node = f"cd{i}"
@@ -125,7 +125,15 @@ def disk_args(
                 }
             ),
             "-device",
-            qjson({"driver": "ide-cd", "id": node, "drive": node, **ide.take(f"cdroms[{i}]")}),
+            qjson(
+                {
+                    "driver": "ide-cd",
+                    "id": node,
+                    "drive": node,
+                    **ide.take(f"cdroms[{i}]"),
+                    "bootindex": spec.boot_index("cdrom") if i == 0 else None,
+                }
+            ),
         ]
     if seed is not None:
         file = {"driver": "file", "filename": str(seed), "read-only": True}
@@ -212,6 +220,12 @@ def netdev_props(
     return netdev
 
 
+def _first_nic(spec: VMSpec) -> Network | None:
+    """The NIC that network-boots: the first with a bootfile, else the first."""
+    nics = [n for n in spec.networks if n.mode != "none"]
+    return next((n for n in nics if n.bootfile is not None), nics[0] if nics else None)
+
+
 def nic_props(spec: VMSpec, net: Network) -> dict[str, object]:
     """The ``-device`` (or QMP ``device_add``) members for one NIC; None members are unset."""
     # A directly booted kernel never network-boots: skip the iPXE option ROM,
@@ -223,8 +237,8 @@ def nic_props(spec: VMSpec, net: Network) -> dict[str, object]:
         "netdev": net.id,
         "mac": net.mac,
         "romfile": rom,
-        # A NIC that network-boots (PXE) goes first; the firmware tries the rest after.
-        "bootindex": 0 if net.bootfile is not None else None,
+        # The first NIC is where the firmware network-boots (PXE), if the boot order says so.
+        "bootindex": spec.boot_index("network") if net is _first_nic(spec) else None,
     }
 
 

@@ -228,6 +228,11 @@ class VM(BlockingVMBase):
         """Run a QMP command; see `QMPSession.execute`."""
         return self._run(self._vm.execute(command, arguments, timeout=timeout))
 
+    @property
+    def last_screenshot(self) -> bytes | None:
+        """The last screenshot taken (PNG), for a failure report; None before any."""
+        return self._vm.last_screenshot
+
     def screenshot(self, path: Path | str | None = None) -> bytes:
         """The screen as PNG bytes (also written to ``path`` if given); needs a ``display``."""
         return self._run(self._vm.screenshot(path))

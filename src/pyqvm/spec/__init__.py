@@ -52,6 +52,7 @@ Accelerator = Literal["auto", "kvm", "tcg"]
 Profile = Literal["virtio", "emulated", "passthrough"]
 Firmware = Literal["seabios", "ovmf"]
 Display = Literal["none", "vga", "virtio-gpu"]
+BootDevice = Literal["disk", "cdrom", "network"]
 GuestOS = Literal["linux", "windows", "other"]
 Readiness = Literal["auto", "agent", "console", "none"]
 ExecVia = Literal["auto", "agent", "serial"]
@@ -104,6 +105,9 @@ class VMSpec:
     ovmf_code: Path | None = None
     disks: tuple[Disk, ...] = ()
     cdroms: tuple[Path, ...] = ()
+    # What the firmware tries, in order: the first disk, the first CD-ROM, the network (PXE).
+    # Empty: a NIC with a bootfile, then the first disk.
+    boot_order: tuple[BootDevice, ...] = ()
     networks: tuple[Network, ...] = ()
     host_devices: tuple[HostDevice, ...] = ()
     shares: tuple[Share, ...] = ()
@@ -190,7 +194,7 @@ class VMSpec:
                 raise SpecError("ssh_key", f"cannot read '{key}'; give a private key file of yours")
             set_field(self, "ssh_key", key)
 
-        for name in ("disks", "cdroms", "networks", "host_devices", "extra_args"):
+        for name in ("disks", "cdroms", "boot_order", "networks", "host_devices", "extra_args"):
             set_field(self, name, tuple(getattr(self, name)))
         set_field(self, "disks", tuple(_with_id(d, f"disk{i}") for i, d in enumerate(self.disks)))
         set_field(
@@ -295,6 +299,7 @@ class VMSpec:
                 raise SpecError(
                     "vmgenid", f"needs ACPI: machine q35 or pc on x86_64, not {machine}"
                 )
+        self._check_boot_order()
         if self.display == "vga" and self.arch != "x86_64":
             raise SpecError("display", f'"vga" is a PC card; use "virtio-gpu" on {self.arch}')
         if self.profile == "passthrough" and not self.host_devices:
@@ -342,6 +347,31 @@ class VMSpec:
                     raise SpecError(
                         f"disks[{i}].id", f"{d.id!r} is the built-in image's disk; pick another id"
                     )
+
+    def _check_boot_order(self) -> None:
+        have = {"disk": bool(self.disks), "cdrom": bool(self.cdroms), "network": bool(
+            [n for n in self.networks if n.mode != "none"]
+        )}  # fmt: skip
+        for i, item in enumerate(self.boot_order):
+            where = f"boot_order[{i}]"
+            choice(item, get_args(BootDevice), where)
+            if item in self.boot_order[:i]:
+                raise SpecError(where, f"{item!r} is listed twice")
+            if not have[item]:
+                raise SpecError(where, f"{item!r}: the spec has no {item} to boot")
+        if self.boot_order and (self.kernel is not None or self.image is not None):
+            raise SpecError("boot_order", "a kernel boots directly; boot_order is for firmware")
+
+    def boot_index(self, kind: BootDevice) -> int | None:
+        """Where the firmware tries the first device of ``kind`` (QEMU's ``bootindex``);
+        None: not at all, or a kernel boots directly."""
+        if self.kernel is not None or self.image is not None:
+            return None
+        order = self.boot_order
+        if not order:
+            pxe = any(n.bootfile is not None for n in self.networks)
+            order = ("network", "disk") if pxe else ("disk",)
+        return order.index(kind) if kind in order else None
 
     def _check_machine(self, info: MachineInfo) -> None:
         """What the machine type cannot give (`pyqvm.spec.machines`): a feature it refuses,
