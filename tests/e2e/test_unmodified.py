@@ -1,6 +1,8 @@
 """Guests none of us wrote (issue 25): Debian's installer, from the package
 ``debian-installer-12-netboot-amd64``, driven with no agent and no pyqvm part in it.
 
+- its kernel and initrd with a serial console: its text front end is answered with
+  ``expect``/``sendline`` through language, location and keyboard to the next screen;
 - PXE: the emulated profile's firmware (SeaBIOS) and e1000 ROM network-boot the package's
   netboot tree from QEMU's own TFTP server; its boot menu is found on the VGA screen by
   OCR and chosen with a key, and the installer's first screen follows.
@@ -9,17 +11,54 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageStat
 
-from pyqvm import AsyncVM, Network, VMSpec
+from pyqvm import AsyncVM, KernelBoot, Network, VMSpec
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 
 #: The netboot tree of the text installer (pxelinux.0, its menus, linux and initrd.gz).
 NETBOOT = Path("/usr/lib/debian-installer/images/12/amd64/text")
+INSTALLER = NETBOOT / "debian-installer" / "amd64"
+#: The text front end's question line, after the numbered choices.
+QUESTION = r"Prompt: '\?' for help, default=\d+> "
+
+
+async def answer(vm: AsyncVM, heading: str, choice: str) -> None:
+    """Answer the text front end's question under ``heading`` with ``choice``'s number."""
+    await vm.console.expect(re.escape(heading), timeout=300)
+    number = await vm.console.expect(rf"(\d+): {re.escape(choice)}\b", timeout=60)
+    await vm.console.expect(QUESTION, timeout=60)
+    await vm.console.sendline(number.groups[0] or "")
+
+
+async def test_the_installer_is_answered_on_its_serial_console() -> None:
+    spec = VMSpec(
+        name="d-i-serial",
+        machine="q35",
+        kernel=KernelBoot(
+            INSTALLER / "linux",
+            INSTALLER / "initrd.gz",
+            "console=ttyS0,115200 DEBIAN_FRONTEND=text TERM=dumb",
+        ),
+        guest_agent=False,
+        ready="none",
+        memory=1024,
+    )
+    async with AsyncVM(spec) as vm:
+        await answer(vm, "Select a language", "English")
+        await answer(vm, "Select your location", "United States")
+        await answer(vm, "Configure the keyboard", "American English")
+        later = await vm.console.expect(
+            ["Detect network hardware", "No network interfaces detected", "hostname"],
+            timeout=600,
+        )
+        assert later.pattern in later.text
+        assert "Configure the keyboard" not in later.before  # a screen after it
 
 
 def non_blank(png: bytes) -> bool:
