@@ -35,11 +35,11 @@ if [ "$mode" = --test ]; then
     # openssh-server: its sshd, which the `--host ssh://` tests run in a network namespace of
     # their own (the package's service is not used); debian-installer-12-netboot-amd64: the
     # guest none of us wrote that the unmodified-guest tests drive (its kernel, initrd and
-    # PXE tree); tesseract-ocr: reading its screen.
+    # PXE tree); tesseract-ocr: reading its screen; swtpm: the virtual TPM of `tpm = true`.
     PACKAGES+=(qemu-system-xen iproute2 gdb vde-switch openssh-client openssh-server dropbear-bin
                qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross
                ovmf qemu-efi-aarch64 qemu-guest-agent cpio zstd xz-utils
-               debian-installer-12-netboot-amd64 tesseract-ocr)
+               debian-installer-12-netboot-amd64 tesseract-ocr swtpm)
 fi
 
 missing=()

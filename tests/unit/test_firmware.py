@@ -86,7 +86,7 @@ def test_the_plain_build_for_each_arch_and_machine(debian: Path) -> None:
     assert choose_firmware(found, "riscv64", "virt") is None
 
 
-def test_secure_boot_is_chosen_only_when_asked_and_never_one_that_needs_smm(
+def test_secure_boot_is_chosen_only_when_asked_and_smm_only_for_it(
     debian: Path,
 ) -> None:
     found = read_firmware(debian, user_dir=None)
@@ -94,8 +94,11 @@ def test_secure_boot_is_chosen_only_when_asked_and_never_one_that_needs_smm(
     assert arm is not None and arm.code.name == "AAVMF_CODE.secboot.fd"
     arm = choose_firmware(found, "aarch64", "virt", secure_boot=True, enrolled_keys=True)
     assert arm is not None and arm.code.name == "AAVMF_CODE.ms.fd"
-    # x86's Secure Boot builds need SMM, which pyqvm's machines do not set up
-    assert choose_firmware(found, "x86_64", "q35", secure_boot=True) is None
+    # x86's Secure Boot builds need SMM, which pyqvm turns on for Secure Boot only
+    pc = choose_firmware(found, "x86_64", "q35", secure_boot=True)
+    assert pc is not None and "requires-smm" in pc.features
+    plain = choose_firmware(found, "x86_64", "q35")
+    assert plain is not None and not plain.features & {"requires-smm", "secure-boot"}
 
 
 def test_etc_and_the_user_override_and_mask_by_file_name(debian: Path, tmp_path: Path) -> None:

@@ -102,6 +102,8 @@ class LaunchContext:
     append_extra: tuple[str, ...] = ()  # for the kernel command line (pyqvm.ip=...)
     fw_cfg: Mapping[str, Path] = field(default_factory=dict)  # name -> file (SSH keys)
     seed: Path | None = None  # the cloud-init seed volume (pyqvm.launch.seed), a read-only disk
+    efi_vars: Path | None = None  # this launch's copy of spec.ovmf_vars (UEFI's variables)
+    tpm_socket: Path | None = None  # swtpm's (pyqvm.launch.swtpm), with spec.tpm
 
 
 def console_chardev(ctx: LaunchContext) -> str:
@@ -192,6 +194,10 @@ def machine_arg(spec: VMSpec, accel: str) -> str:
         props |= {"sata": False, "smbus": False}
     if spec.firmware == "ovmf":
         props["pflash0"] = "pq-ovmf-code"
+        if spec.ovmf_vars is not None:
+            props["pflash1"] = "pq-ovmf-vars"
+    if spec.secure_boot and spec.arch == "x86_64":
+        props["smm"] = True  # what keeps the guest from writing UEFI's keys itself
     if spec.effective_machine == "virt":
         # GICv3: more than 8 vCPUs, and what KVM hosts have ("host" takes theirs).
         props["gic-version"] = "host" if accel == "kvm" else "3"
@@ -269,6 +275,13 @@ def _boot(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         code = {"driver": "file", "node-name": "pq-ovmf-code", "read-only": True,
                 "filename": str(spec.ovmf_code)}  # fmt: skip
         argv += ["-blockdev", qjson(code)]
+    if spec.firmware == "ovmf" and spec.ovmf_vars is not None:
+        if ctx.efi_vars is None:
+            raise ValueError("ovmf_vars is set but the launch made no copy of it (efi_vars)")
+        store = {"driver": "file", "node-name": "pq-ovmf-vars", "filename": str(ctx.efi_vars)}
+        argv += ["-blockdev", qjson(store)]
+    if spec.secure_boot and spec.arch == "x86_64":  # only SMM may write the variables' flash
+        argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
     if spec.kernel is not None:
         argv += ["-kernel", str(spec.kernel.kernel)]
         if spec.kernel.initrd is not None:
@@ -343,6 +356,20 @@ def _panic(spec: VMSpec, ctx: LaunchContext) -> list[str]:
     return ["-device", qjson({"driver": device, "id": "pq-panic"}), "-action", "panic=pause"]
 
 
+def _tpm(spec: VMSpec, ctx: LaunchContext) -> list[str]:
+    """A TPM 2.0 backed by swtpm (`pyqvm.launch.swtpm`): CRB on a PC, TIS on aarch64."""
+    if not spec.tpm:
+        return []
+    if ctx.tpm_socket is None:
+        raise ValueError("tpm is on but the launch has no swtpm socket")
+    device = "tpm-crb" if spec.arch == "x86_64" else "tpm-tis-device"
+    return [
+        "-chardev", opts("socket", {"id": "pq-tpm-chr", "path": str(ctx.tpm_socket)}),
+        "-tpmdev", opts("emulator", {"id": "pq-tpm", "chardev": "pq-tpm-chr"}),
+        "-device", qjson({"driver": device, "id": "pq-tpm-dev", "tpmdev": "pq-tpm"}),
+    ]  # fmt: skip
+
+
 #: The graphics card of each `VMSpec.display`.
 DISPLAY_DEVICES = {"vga": "VGA", "virtio-gpu": "virtio-gpu-pci"}
 
@@ -375,6 +402,7 @@ SECTIONS: tuple[Callable[[VMSpec, LaunchContext], list[str]], ...] = (
     lambda spec, ctx: vmgenid_args(spec),
     lambda spec, ctx: hostdev_args(spec),
     _panic,
+    _tpm,
     _display,
     _shares,
     gdb_args,

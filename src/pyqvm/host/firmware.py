@@ -39,7 +39,7 @@ MACHINE_PREFIXES: Mapping[str, str] = MappingProxyType(
 #: Features a descriptor may carry only when asked for: without them it is the plain build.
 _ON_REQUEST = frozenset({"secure-boot", "enrolled-keys"})
 #: Features that need machine setup pyqvm does not do: never chosen.
-_UNSUPPORTED = frozenset({"requires-smm", "amd-sev-es", "amd-sev-snp", "intel-tdx"})
+_UNSUPPORTED = frozenset({"amd-sev-es", "amd-sev-snp", "intel-tdx"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,12 +129,15 @@ def choose_firmware(
 ) -> Firmware | None:
     """The first descriptor that fits ``arch`` and ``machine`` and whose code file exists,
     with Secure Boot exactly when ``secure_boot``, and with the distribution's keys
-    (Microsoft's, which signed shim) enrolled exactly when ``enrolled_keys``."""
+    (Microsoft's, which signed shim) enrolled exactly when ``enrolled_keys``. A build that
+    needs SMM is chosen only for Secure Boot (pyqvm turns SMM on for it: SMM is what keeps
+    the guest from writing its own keys)."""
     wanted = {"secure-boot"} if secure_boot else set()
     if enrolled_keys:
         wanted.add("enrolled-keys")
+    unsupported = _UNSUPPORTED if secure_boot else _UNSUPPORTED | {"requires-smm"}
     for fw in available:
-        if not fw.fits(arch, machine) or fw.features & _UNSUPPORTED:
+        if not fw.fits(arch, machine) or fw.features & unsupported:
             continue
         if (fw.features & _ON_REQUEST) != wanted or not fw.code.is_file():
             continue

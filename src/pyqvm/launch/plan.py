@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pyqvm.argv.build import LaunchContext, RamFile, build_argv
 from pyqvm.argv.devices import DiskFile
 from pyqvm.errors import SpecError
 from pyqvm.host.sshkeys import SshKeys, make_keys, ssh_keys_in
+from pyqvm.launch import swtpm
 from pyqvm.launch.overlays import overlay_disks, overlay_path
 from pyqvm.launch.privnet import Membership, guest_cmdline, preview_memberships
 from pyqvm.launch.resolve import Resolved, resolve
@@ -29,6 +31,7 @@ from pyqvm.spec import VMSpec
 #: The serial console's unix socket in the runtime dir, served by `ConsolePort`.
 CONSOLE_SOCKET = "console.sock"
 GDB_SOCKET = "gdb.sock"
+EFI_VARS = "efivars.fd"  # this launch's UEFI variables, a copy of spec.ovmf_vars
 SSH_DIR = "ssh"  # the VM's key set (pyqvm.host.sshkeys)
 SSH_FW_CFG_HOST_KEY = "opt/pyqvm/ssh/host_key"
 SSH_FW_CFG_AUTHORIZED = "opt/pyqvm/ssh/authorized_keys"
@@ -169,6 +172,8 @@ def launch_argv(
         fw_cfg=fw_cfg,
         # Written by make_seed before QEMU starts.
         seed=rundir / SEED_FILE if spec.cloud_init is not None else None,
+        efi_vars=rundir / EFI_VARS if spec.ovmf_vars is not None else None,
+        tpm_socket=rundir / swtpm.SOCKET if spec.tpm else None,
     )
     return build_argv(spec, ctx)
 
@@ -179,6 +184,17 @@ def make_ssh_keys(resolved: Resolved, rundir: Path) -> SshKeys | None:
     if not (resolved.spec.ssh and resolved.builtin_guest):
         return None
     return make_keys(rundir / SSH_DIR)
+
+
+def make_efi_vars(resolved: Resolved, rundir: Path) -> Path | None:
+    """This launch's UEFI variable store: a private copy of the spec's template."""
+    template = resolved.spec.ovmf_vars
+    if template is None:
+        return None
+    dest = rundir / EFI_VARS
+    shutil.copyfile(template, dest)
+    dest.chmod(0o600)
+    return dest
 
 
 def make_seed(resolved: Resolved, rundir: Path) -> Path | None:
@@ -220,6 +236,7 @@ __all__ = [
     "Channels",
     "LaunchPlan",
     "launch_argv",
+    "make_efi_vars",
     "make_ssh_keys",
     "preview_argv",
 ]

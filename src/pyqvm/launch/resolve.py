@@ -152,7 +152,7 @@ def resolve(
         concrete = _mount_at_boot(concrete)
     concrete = pick_machine(concrete, accel, facts)
     if concrete.firmware == "ovmf" and concrete.ovmf_code is None:
-        concrete = dataclasses.replace(concrete, ovmf_code=uefi_code(concrete, facts))
+        concrete = with_uefi(concrete, facts)
     if spec.kernel is not None:
         check_kernel(spec)
     return Resolved(
@@ -165,20 +165,27 @@ def resolve(
     )
 
 
-def uefi_code(spec: VMSpec, facts: HostFacts) -> Path:
-    """The UEFI code image QEMU's firmware descriptors give for ``spec``'s arch and machine
+def with_uefi(spec: VMSpec, facts: HostFacts) -> VMSpec:
+    """``spec`` with the UEFI code image (and, for Secure Boot, the variable store with
+    keys enrolled) that QEMU's firmware descriptors give for its arch and machine
     (`pyqvm.host.firmware`); `HostError` saying what to install when none fits."""
     machine = spec.effective_machine
-    fw = choose_firmware(facts.firmware, spec.arch, machine)
+    sb = spec.secure_boot
+    fw = choose_firmware(facts.firmware, spec.arch, machine, secure_boot=sb, enrolled_keys=sb)
     if fw is None:
         info = arch_info(spec.arch)
+        what = "UEFI firmware with Secure Boot and keys enrolled" if sb else "UEFI firmware"
         raise HostError(
-            f'firmware = "ovmf": no UEFI firmware for {spec.arch} on {machine} among QEMU\'s '
+            f'firmware = "ovmf": no {what} for {spec.arch} on {machine} among QEMU\'s '
             "firmware descriptors (/usr/share/qemu/firmware, /etc/qemu/firmware); install "
             f"it ({install_hint(info.firmware_package)}), or set ovmf_code to its code image"
         )
     log.debug("UEFI firmware for %s %s: %s (%s)", spec.arch, machine, fw.code, fw.descriptor)
-    return fw.code
+    if sb and spec.ovmf_vars is None:
+        if fw.vars_template is None:
+            raise HostError(f"{fw.descriptor} names no variable store template for its keys")
+        return dataclasses.replace(spec, ovmf_code=fw.code, ovmf_vars=fw.vars_template)
+    return dataclasses.replace(spec, ovmf_code=fw.code)
 
 
 def _image_traits(concrete: VMSpec) -> tuple[bool, bool]:

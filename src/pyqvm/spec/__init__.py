@@ -103,6 +103,13 @@ class VMSpec:
     kernel: KernelBoot | None = None
     firmware: Firmware = "seabios"
     ovmf_code: Path | None = None
+    # UEFI's variable store template (keys enrolled for Secure Boot): each launch writes a
+    # copy of its own. None: the firmware descriptor's when secure_boot, else none at all.
+    ovmf_vars: Path | None = None
+    # Secure Boot enforced (OVMF with Microsoft's keys enrolled, SMM on), and a virtual
+    # TPM 2.0 (swtpm, one per VM, gone with it): what current unmodified systems require.
+    secure_boot: bool = False
+    tpm: bool = False
     disks: tuple[Disk, ...] = ()
     cdroms: tuple[Path, ...] = ()
     # What the firmware tries, in order: the first disk, the first CD-ROM, the network (PXE).
@@ -213,6 +220,10 @@ class VMSpec:
         )
         if self.ovmf_code is not None:
             set_field(self, "ovmf_code", absolute_path(self.ovmf_code, "ovmf_code"))
+        if self.ovmf_vars is not None:
+            set_field(self, "ovmf_vars", absolute_path(self.ovmf_vars, "ovmf_vars"))
+        boolean(self.secure_boot, "secure_boot")
+        boolean(self.tpm, "tpm")
         if self.serial_log is not None:
             log_path = absolute_path(self.serial_log, "serial_log", must_exist=False)
             writable_file(log_path, "serial_log")
@@ -300,6 +311,14 @@ class VMSpec:
                     "vmgenid", f"needs ACPI: machine q35 or pc on x86_64, not {machine}"
                 )
         self._check_boot_order()
+        if self.secure_boot and self.firmware != "ovmf":
+            raise SpecError("secure_boot", 'Secure Boot is UEFI\'s: set firmware = "ovmf"')
+        if self.secure_boot and self.arch == "x86_64" and self.effective_machine != "q35":
+            raise SpecError(
+                "secure_boot", 'Secure Boot on x86_64 needs SMM: machine = "q35" (or "auto")'
+            )
+        if self.tpm and self.effective_machine == "microvm":
+            raise SpecError("tpm", f"microvm has no TPM interface; {'use q35 or pc'}")
         if self.display == "vga" and self.arch != "x86_64":
             raise SpecError("display", f'"vga" is a PC card; use "virtio-gpu" on {self.arch}')
         if self.profile == "passthrough" and not self.host_devices:
@@ -516,7 +535,13 @@ class VMSpec:
             return True  # firmware boot: SeaBIOS/OVMF disk boot wants PCI storage
         if self.profile != "virtio" or self.guest_os != "linux" or self.firmware != "seabios":
             return True
-        if self.host_devices or self.cdroms or self.extra_args or self.display != "none":
+        if (
+            self.host_devices
+            or self.cdroms
+            or self.extra_args
+            or self.display != "none"
+            or self.tpm
+        ):
             return True  # extra_args are opaque: they may name PCI devices
         if self.hotplug_slots or self.max_memory is not None or self.memory_slots:
             return True
