@@ -6,6 +6,8 @@
 - PXE: the emulated profile's firmware (SeaBIOS) and e1000 ROM network-boot the package's
   netboot tree from QEMU's own TFTP server; its boot menu is found on the VGA screen by
   OCR and chosen with a key, and the installer's first screen follows.
+
+And a signed boot chain none of us wrote, under Secure Boot with a virtual TPM.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import re
 from pathlib import Path
 
 import pytest
+from fixtures.secureboot import MIN_MEMORY_MIB, PROOF, signed_boot_disk
 from PIL import Image, ImageStat
 
-from pyqvm import AsyncVM, KernelBoot, Network, VMSpec
+from pyqvm import AsyncVM, Disk, KernelBoot, Network, VMSpec
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 
@@ -92,3 +95,30 @@ async def test_the_installer_network_boots_and_its_menu_is_driven_by_screen_and_
     for png in (menu, first):
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and non_blank(png)
     assert (tmp_path / "menu.png").read_bytes() == menu
+
+
+async def test_a_uefi_guest_with_secure_boot_enforced_sees_its_tpm(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A boot chain none of us signed (shim by Microsoft's UEFI CA, GRUB and the kernel by
+    Debian) under OVMF with Secure Boot enforced and a swtpm TPM 2.0; the guest says what it
+    sees, and swtpm is gone with the VM."""
+    disk = signed_boot_disk(tmp_path_factory.mktemp("secureboot"))
+    spec = VMSpec(
+        name="sb",
+        firmware="ovmf",
+        secure_boot=True,
+        tpm=True,
+        disks=(Disk(disk, format="raw"),),
+        guest_agent=False,
+        ready="none",
+        memory=MIN_MEMORY_MIB,
+    )
+    async with AsyncVM(spec) as vm:
+        swtpm = vm.machine.companions.swtpm.pid
+        assert swtpm is not None and Path(f"/proc/{swtpm}").exists()
+        proof = await vm.console.expect(PROOF, timeout=300)
+        assert proof.groups == ("01", "2")  # Secure Boot on, a TPM 2.0
+        rundir = vm.runtime_dir
+    assert rundir is not None and not rundir.exists()
+    assert not Path(f"/proc/{swtpm}").exists()
