@@ -475,15 +475,21 @@ class Machine:
             )
 
     async def until_exit(self, aw: Awaitable[_T], what: str) -> _T:
-        """Await ``aw``, but fail with `LaunchError` as soon as QEMU exits or ``aw`` fails."""
+        """Await ``aw``, but fail with `LaunchError` as soon as QEMU exits or ``aw`` fails,
+        and with `GuestPanicError` as soon as the guest panics."""
         if self._process is None:
             raise VMStateError(f"VM {self.name!r}: QEMU was not started", state=self.state)
         task = asyncio.ensure_future(aw)
         exited = asyncio.ensure_future(self._process.wait(None))
+        stops: set[asyncio.Future[Any]] = {exited}
+        if self._qmp is not None:  # a guest that panics will not get ready either
+            stops.add(asyncio.ensure_future(self.guest_panicked()))
         try:
-            done, _ = await asyncio.wait({task, exited}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({task, *stops}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            exited.cancel()
+            for stop in stops:
+                stop.cancel()
+            await asyncio.gather(*stops, return_exceptions=True)
             if not task.done():
                 task.cancel()
                 # Retrieve what it ends with: an unretrieved error would be logged at
@@ -491,6 +497,8 @@ class Machine:
                 await asyncio.gather(task, return_exceptions=True)
         if task in done and task.exception() is None:
             return task.result()
+        if (panic := self.guest_panic()) is not None:
+            raise panic
         if task in done and self._process.returncode is None:
             err = task.exception()
             assert err is not None

@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from pyqvm import VM, AsyncVM
+from pyqvm import VM, AsyncVM, KernelBoot
 from pyqvm.errors import ConsoleError, GuestPanicError, PyqvmTimeoutError, SpecError
+from pyqvm.image import GuestImage
 from pyqvm.ops.template import Template
 from pyqvm.spec import VMSpec
 from pyqvm.state import VMState
@@ -135,3 +136,19 @@ async def test_run_over_the_serial_shell_is_run_over_the_agent(
         assert len(s.stdout) > 0
         await by_serial.write_file("/tmp/f", b"\x00data\xff")
         assert await by_serial.read_file("/tmp/f") == b"\x00data\xff"
+
+
+@pytest.mark.asyncio
+async def test_a_guest_that_panics_while_booting_fails_its_start_at_once(
+    default_image: GuestImage,
+) -> None:
+    """No init to run: the kernel panics, and start() says so instead of waiting out its
+    readiness timeout for an agent that will never answer."""
+    kernel = KernelBoot(default_image.kernel, default_image.initrd, "console=ttyS0 rdinit=/none")
+    vm = AsyncVM(VMSpec(kernel=kernel, ready="agent", ready_timeout=300))
+    started = time.monotonic()
+    with pytest.raises(GuestPanicError) as e:
+        await vm.start()
+    assert time.monotonic() - started < 60
+    assert "Kernel panic" in e.value.console
+    await vm.stop()
