@@ -86,6 +86,11 @@ def tail(text: str, lines: int) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
+def _with_console(message: str, console: str) -> str:
+    """``message`` and, if there is one, the console's last 20 lines."""
+    return f"{message}\nconsole tail:\n{tail(console, 20)}" if console.strip() else message
+
+
 class LaunchError(PyqvmError):
     """QEMU refused its command line or died before the guest became ready."""
 
@@ -275,10 +280,9 @@ class GuestPanicError(GuestError):
     """
 
     def __init__(self, name: str, *, source: str, detail: str, console: str) -> None:
-        msg = f"VM {name!r}: the guest panicked ({source}: {detail})"
-        if console.strip():
-            msg += "\nconsole tail:\n" + tail(console, 20)
-        super().__init__(msg)
+        super().__init__(
+            _with_console(f"VM {name!r}: the guest panicked ({source}: {detail})", console)
+        )
         self.name = name
         self.source = source
         self.detail = detail
@@ -296,10 +300,7 @@ class ConsoleError(GuestError):
     def __init__(
         self, message: str, *, pattern: str | None = None, text: str = "", console: str = ""
     ) -> None:
-        msg = message
-        if console.strip():
-            msg += "\nconsole tail:\n" + tail(console, 20)
-        super().__init__(msg)
+        super().__init__(_with_console(message, console))
         self.pattern = pattern
         self.text = text
         self.console = console

@@ -1,9 +1,9 @@
 """Helper for test_vm_killed: start a paused VM through the sync facade, report, then idle.
 
-``_vm_child.py [share:DIR | net:NAME]...``: the VM shares DIR over virtiofs (a virtiofsd of
-pyqvm's own runs beside QEMU), or has a NIC on private network NAME (a switch and its
-owner process run beside it). Prints one JSON line ``{"pid": ..., "rundir": ...}`` and
-sleeps until killed (at most 120 s).
+``_vm_child.py [share:DIR | net:NAME | tpm:on]...``: the VM shares DIR over virtiofs (a
+virtiofsd of pyqvm's own runs beside QEMU), has a NIC on private network NAME (a switch and
+its owner process run beside it), or a TPM (a swtpm beside it). Prints one JSON line
+``{"pid": ..., "rundir": ...}`` and sleeps until killed (at most 120 s).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main() -> int:
         extra_args=("-S",),
         shares=shares,
         networks=nets,
+        tpm=("tpm", "on") in [tuple(a) for a in args],
     )
     vm = VM(spec)
     vm.start()

@@ -1,5 +1,6 @@
-"""SIGKILL the Python process that holds a VM: QEMU (and the virtiofsd of each share) must die
-with it, and the runtime dir it could not remove is reclaimed by the next pyqvm process."""
+"""SIGKILL the Python process that holds a VM: QEMU (and the virtiofsd of each share, the
+swtpm of a TPM) must die with it, and the runtime dir it could not remove is reclaimed by
+the next pyqvm process; a launch that fails leaves no swtpm either."""
 
 from __future__ import annotations
 
@@ -72,6 +73,34 @@ def test_sigkilled_launcher_leaves_no_virtiofsd(
     assert processes_naming(rundir) == []
     RuntimeDir().cleanup()
     assert not rundir.exists()
+
+
+def test_sigkilled_launcher_leaves_no_swtpm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    with launcher("tpm:on") as (pid, rundir):
+        helpers = [p for p in processes_naming(rundir) if p != pid]
+        names = {Path(f"/proc/{p}/exe").resolve().name for p in helpers}
+        assert names == {"swtpm"}, (helpers, names)
+    left = [p for p in (pid, *helpers) if not wait_gone([p], 10)]
+    assert not left, f"{left} outlived their launcher"
+    RuntimeDir().cleanup()
+    assert not rundir.exists()
+
+
+def test_a_launch_that_fails_leaves_no_swtpm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyqvm import VM, VMSpec
+    from pyqvm.errors import LaunchError
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    vm = VM(VMSpec(tpm=True, guest_agent=False, ready="none", extra_args=("-no-such-option",)))
+    with pytest.raises(LaunchError, match="no-such-option"):
+        vm.start()
+    assert processes_naming(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sigkilled_launcher_leaves_no_network_switch(monkeypatch: pytest.MonkeyPatch) -> None:
