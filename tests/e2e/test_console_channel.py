@@ -11,7 +11,13 @@ import time
 import pytest
 
 from pyqvm import VM, AsyncVM, KernelBoot
-from pyqvm.errors import ConsoleError, GuestPanicError, PyqvmTimeoutError, SpecError
+from pyqvm.errors import (
+    ConsoleError,
+    GuestPanicError,
+    PyqvmTimeoutError,
+    SpecError,
+    VMStateError,
+)
 from pyqvm.image import GuestImage
 from pyqvm.ops.template import Template
 from pyqvm.spec import VMSpec
@@ -152,3 +158,19 @@ async def test_a_guest_that_panics_while_booting_fails_its_start_at_once(
     assert time.monotonic() - started < 60
     assert "Kernel panic" in e.value.console
     await vm.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_screen_without_a_display_and_a_console_of_a_stopped_vm_are_refused(
+    default_template: Template,
+) -> None:
+    vm = await AsyncVM.from_template(default_template)
+    async with vm:
+        with pytest.raises(VMStateError, match='display = "vga"'):
+            await vm.screenshot()
+        with pytest.raises(SpecError, match=r"text\[0\]"):
+            await vm.keys.type("é")
+    with pytest.raises(VMStateError, match="stopped"):
+        await vm.console.expect("anything", timeout=1)
+    with pytest.raises(VMStateError, match="stopped"):
+        await vm.console.sendline("true")

@@ -125,3 +125,12 @@ def test_a_boot_order_that_cannot_be_is_refused(
     with pytest.raises(SpecError, match=message) as e:
         VMSpec(**kw)  # type: ignore[arg-type]
     assert e.value.field == field
+
+
+def test_ocr_without_tesseract_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyqvm.errors import HostError
+    from pyqvm.ops import screen
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(HostError, match="apt-get install tesseract-ocr"):
+        screen.ocr(_png((0, 0, 0)))
