@@ -35,6 +35,7 @@ tails) as attributes, not only inside the message.
 from __future__ import annotations
 
 import enum
+import re
 import shlex
 from collections.abc import Sequence
 
@@ -81,9 +82,21 @@ class ArchiveError(ImageError):
         self.unreachable = unreachable
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """``text`` (a guest's console, say) with its control characters escaped, so that a
+    message never drives the reader's terminal: a guest's ``ESC [ 6 n`` would make it
+    answer into its input."""
+    text = text.replace("\r\n", "\n")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def tail(text: str, lines: int) -> str:
-    """The last ``lines`` lines of ``text`` (QEMU's stderr, the console), for a message."""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+    """The last ``lines`` lines of ``text`` (QEMU's stderr, the console), for a message,
+    control characters escaped (`printable`)."""
+    return "\n".join(printable(text).rstrip().splitlines()[-lines:])
 
 
 def _with_console(message: str, console: str) -> str:
@@ -419,5 +432,6 @@ __all__ = [
     "UnplugTimeoutError",
     "VMExitedError",
     "VMStateError",
+    "printable",
     "tail",
 ]

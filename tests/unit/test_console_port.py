@@ -139,3 +139,11 @@ def test_a_pattern_that_is_not_a_regular_expression_is_named(patterns: object, f
     with pytest.raises(SpecError) as e:
         compile_patterns(patterns, "patterns")  # type: ignore[arg-type]
     assert e.value.field == field
+
+
+def test_console_text_in_a_message_never_drives_the_readers_terminal() -> None:
+    from pyqvm.errors import ConsoleError, tail
+
+    assert tail("a\r\n/ # \x1b[6nb\tc\x07", 5) == "a\n/ # \\x1b[6nb\tc\\x07"
+    e = ConsoleError("failed", console="boot\r\n\x1b[2J\x1b[Hprompt")
+    assert "\x1b" not in str(e) and "\\x1b[2J" in str(e)

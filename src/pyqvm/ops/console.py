@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from pyqvm.channels.console import ConsolePort
 from pyqvm.deadline import Deadline
-from pyqvm.errors import ConsoleError, PyqvmTimeoutError, SpecError
+from pyqvm.errors import ConsoleError, PyqvmTimeoutError, SpecError, printable
 from pyqvm.machine import Machine
 from pyqvm.state import VMState
 
@@ -132,7 +132,7 @@ async def expect(
         if deadline.expired:
             raise PyqvmTimeoutError(
                 f"VM {vm.name!r}: none of {texts!r} on the console in {timeout:g} s; "
-                f"it printed last:\n{_text(data[-2000:])}"
+                f"it printed last:\n{printable(_text(data[-2000:]))}"
             )
         await _changed(vm, port, version, deadline)
 
