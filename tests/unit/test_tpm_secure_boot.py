@@ -32,6 +32,15 @@ def test_secure_boot_takes_the_enrolled_store_with_smm_and_a_tpm_its_swtpm() -> 
     assert {"driver": "tpm-crb", "id": "pq-tpm-dev", "tpmdev": "pq-tpm"} in devices
 
 
+def test_secure_boot_without_enrolled_keys_takes_the_empty_store() -> None:
+    spec = VMSpec(firmware="ovmf", secure_boot=True, enrolled_keys=False, **BARE)  # type: ignore[arg-type]
+    assert spec.enrolled_keys is False
+    argv = preview_argv(spec)
+    code = json.loads(argv[argv.index("-blockdev") + 1])
+    assert code["filename"].endswith("OVMF_CODE_4M.secboot.fd")
+    assert "smm=on" in argv[argv.index("-machine") + 1]
+
+
 def test_plain_uefi_keeps_no_variable_store_and_no_smm() -> None:
     argv = preview_argv(VMSpec(firmware="ovmf", **BARE))  # type: ignore[arg-type]
     machine = argv[argv.index("-machine") + 1]

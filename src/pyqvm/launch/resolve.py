@@ -171,10 +171,12 @@ def with_uefi(spec: VMSpec, facts: HostFacts) -> VMSpec:
     (`pyqvm.host.firmware`); `HostError` saying what to install when none fits."""
     machine = spec.effective_machine
     sb = spec.secure_boot
-    fw = choose_firmware(facts.firmware, spec.arch, machine, secure_boot=sb, enrolled_keys=sb)
+    keys = sb and spec.enrolled_keys
+    fw = choose_firmware(facts.firmware, spec.arch, machine, secure_boot=sb, enrolled_keys=keys)
     if fw is None:
         info = arch_info(spec.arch)
-        what = "UEFI firmware with Secure Boot and keys enrolled" if sb else "UEFI firmware"
+        what = "UEFI firmware" + (" with Secure Boot" if sb else "")
+        what += " and keys enrolled" if keys else ""
         raise HostError(
             f'firmware = "ovmf": no {what} for {spec.arch} on {machine} among QEMU\'s '
             "firmware descriptors (/usr/share/qemu/firmware, /etc/qemu/firmware); install "

@@ -109,6 +109,9 @@ class VMSpec:
     # Secure Boot enforced (OVMF with Microsoft's keys enrolled, SMM on), and a virtual
     # TPM 2.0 (swtpm, one per VM, gone with it): what current unmodified systems require.
     secure_boot: bool = False
+    # With secure_boot: the firmware build with Microsoft's keys enrolled (what shim and
+    # Windows are signed for), or, False, one with an empty store to enroll your own.
+    enrolled_keys: bool = True
     tpm: bool = False
     disks: tuple[Disk, ...] = ()
     cdroms: tuple[Path, ...] = ()
@@ -223,6 +226,7 @@ class VMSpec:
         if self.ovmf_vars is not None:
             set_field(self, "ovmf_vars", absolute_path(self.ovmf_vars, "ovmf_vars"))
         boolean(self.secure_boot, "secure_boot")
+        boolean(self.enrolled_keys, "enrolled_keys")
         boolean(self.tpm, "tpm")
         if self.serial_log is not None:
             log_path = absolute_path(self.serial_log, "serial_log", must_exist=False)
