@@ -1,8 +1,9 @@
 """What the by-hand sides of the benches share: a pyqvm launch's argv, run with plain Popen.
 
-pyqvm hands QEMU its sockets (QMP, the guest agent, pyqvm-wake's port) as inherited fds named
-in the argv (``socket,id=pq-qmp,fd=N``). A by-hand run makes its own socket pair for each of
-them and puts QEMU's end in the argv instead.
+pyqvm hands QEMU its sockets (QMP, the serial console, the guest agent, pyqvm-wake's port) as
+inherited fds named in the argv (``socket,id=pq-qmp,fd=N``, perhaps with more options after
+it). A by-hand run makes its own socket pair for each of them and puts QEMU's end in the argv
+instead. (A boot's console output fits in the pair's buffer: nobody needs to read it.)
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import re
 import socket
 
-_FD_CHARDEV = re.compile(r"socket,id=([\w-]+),fd=\d+")
+_FD_CHARDEV = re.compile(r"socket,id=([\w-]+),fd=\d+(,.*)?")
 
 
 def fd_chardevs(argv: list[str]) -> list[str]:
@@ -24,7 +25,7 @@ def with_fds(argv: list[str], fds: dict[str, int]) -> list[str]:
     for a in argv:
         m = _FD_CHARDEV.fullmatch(a)
         if m and m.group(1) in fds:
-            a = f"socket,id={m.group(1)},fd={fds[m.group(1)]}"
+            a = f"socket,id={m.group(1)},fd={fds[m.group(1)]}{m.group(2) or ''}"
         out.append(a)
     return out
 

@@ -5,7 +5,8 @@
   ``expect``/``sendline`` through language, location and keyboard to the next screen;
 - PXE: the emulated profile's firmware (SeaBIOS) and e1000 ROM network-boot the package's
   netboot tree from QEMU's own TFTP server; its boot menu is found on the VGA screen by
-  OCR and chosen with a key, and the installer's first screen follows.
+  OCR and by a reference image, moved through and chosen with keys, and the installer's
+  first screen follows.
 
 And a signed boot chain none of us wrote, under Secure Boot with a virtual TPM.
 """
@@ -21,6 +22,7 @@ from fixtures.secureboot import MIN_MEMORY_MIB, PROOF, signed_boot_disk
 from PIL import Image, ImageStat
 
 from pyqvm import AsyncVM, Disk, KernelBoot, Network, VMSpec
+from pyqvm.errors import PyqvmTimeoutError
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 
@@ -64,6 +66,19 @@ async def test_the_installer_is_answered_on_its_serial_console() -> None:
         assert "Configure the keyboard" not in later.before  # a screen after it
 
 
+def crop(png: bytes, region: tuple[int, int, int, int]) -> bytes:
+    left, top, width, height = region
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png)).crop((left, top, left + width, top + height)).save(out, "PNG")
+    return out.getvalue()
+
+
+def black(region: tuple[int, int, int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", region[2:], (0, 0, 0)).save(out, "PNG")
+    return out.getvalue()
+
+
 def non_blank(png: bytes) -> bool:
     """More than one colour on the screen, and not all of it dark."""
     stat = ImageStat.Stat(Image.open(io.BytesIO(png)).convert("L"))
@@ -88,6 +103,17 @@ async def test_the_installer_network_boots_and_its_menu_is_driven_by_screen_and_
         read = await vm.wait_for_text(r"installer menu", timeout=180)
         assert "Advanced options" in read  # (the highlighted "Install" reads poorly)
         menu = await vm.screenshot(tmp_path / "menu.png")
+        # The menu's title as a reference image (an openQA needle): matched in its region,
+        # and a black one of that size is not.
+        title = (128, 148, 384, 24)
+        needle = crop(menu, title)
+        assert await vm.wait_for_screen(needle, region=title, threshold=0.01) <= 0.01
+        with pytest.raises(PyqvmTimeoutError, match="did not match"):
+            await vm.wait_for_screen(black(title), region=title, timeout=1)
+        await vm.keys.press("down")  # the highlight moves to "Advanced options"
+        await vm.wait_screen_change(timeout=60)
+        await vm.keys.press("up")
+        await vm.wait_screen_stable(seconds=1.0, timeout=60)
         await vm.keys.press("ret")  # "Install", the first item
         read = await vm.wait_for_text(r"(?i)select a language", timeout=600)
         assert "Choose the language" in read
