@@ -50,7 +50,7 @@ QEMU_FUZZ = settings(
 )
 
 #: pyqvm's own devices in a spec with guest_agent = false (docs/spec.md, "Ids").
-OWN_DEVICES = {"pq-rng-dev", "pq-balloon", "pq-vmgenid"}  # q35: these specs need PCI
+OWN_DEVICES = {"pq-rng-dev", "pq-balloon", "pq-vmgenid", "pq-panic"}  # q35: these specs need PCI
 
 _count = itertools.count()
 
