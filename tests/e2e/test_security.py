@@ -108,15 +108,17 @@ async def test_qemu_listens_only_where_asked_and_keeps_its_files_to_itself(
     async with AsyncVM(spec) as vm:
         assert vm.pid is not None and vm.runtime_dir is not None
         # TCP/UDP: the one forwarded port, on loopback; nothing else (QMP, the agent and
-        # the console are unix sockets; no VNC, SPICE, gdbstub or migration listener).
+        # the console are socket pairs; no VNC, SPICE, gdbstub or migration listener).
         assert listening(vm.pid) == [f"tcp 127.0.0.1:{port}"]
+        assert listening(os.getpid()) == []  # nor pyqvm's own console server
         assert not {"-vnc", "-spice", "-gdb", "-s"} & set(vm.argv)
         assert (await vm.execute("query-vnc"))["enabled"] is False
         # Unix sockets only in the runtime dir, which is ours alone; QEMU's own files too.
         rundir = vm.runtime_dir
         assert stat.S_IMODE(rundir.stat().st_mode) == 0o700
-        socks = unix_sockets(vm.pid)
-        assert socks and all(Path(p).parent == rundir for p in socks), socks
+        socks = unix_sockets(vm.pid) + unix_sockets(os.getpid())
+        assert rundir / "console.sock" in map(Path, socks)  # pyqvm's, for `pyqvm console`
+        assert all(Path(p).parent == rundir for p in socks), socks
         for p in rundir.iterdir():
             assert stat.S_IMODE(p.stat().st_mode) & 0o077 == 0, (p, oct(p.stat().st_mode))
         # The seccomp sandbox is on (mode 2: a filter).
@@ -141,7 +143,7 @@ def registry_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     subprocess.run(["rm", "-rf", str(d)], check=False)
 
 
-async def test_a_named_vm_owner_listens_on_one_private_unix_socket(
+async def test_a_named_vm_owner_listens_on_private_unix_sockets_only(
     registry_dir: Path, default_template: Template, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PYQVM_TEMPLATES_DIR", str(default_template.directory.parent))
@@ -159,6 +161,9 @@ async def test_a_named_vm_owner_listens_on_one_private_unix_socket(
     for p in entry.iterdir():
         assert stat.S_IMODE(p.lstat().st_mode) & 0o077 == 0, (p, oct(p.lstat().st_mode))
     assert listening(owner) == [] and listening(qemu) == []
-    assert unix_sockets(owner) == [str(entry / "owner.sock")]
+    # Its own socket, and its VM's console (`pyqvm console`) in the VM's runtime dir.
+    console = Path(info["runtime_dir"]) / "console.sock"
+    assert unix_sockets(owner) == sorted([str(entry / "owner.sock"), str(console)])
+    assert stat.S_IMODE(console.lstat().st_mode) == 0o600
     assert seccomp_mode(qemu) == 2
     subprocess.run([sys.executable, "-m", "pyqvm", "stop", "sec"], check=True)

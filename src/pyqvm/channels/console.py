@@ -116,6 +116,7 @@ class ConsolePort:
         if listen is not None:
             self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._listener.bind(str(listen))
+            os.chmod(listen, 0o600)  # ours alone, as everything in the runtime dir
             self._listener.listen(8)
         self._thread = threading.Thread(target=self._pump, name=f"{name}-console", daemon=True)
         self._thread.start()
