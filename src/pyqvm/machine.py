@@ -294,14 +294,16 @@ class Machine:
     def guest_panic(self) -> GuestPanicError | None:
         """The guest's panic, once it has panicked: QEMU's ``GUEST_PANICKED`` (pvpanic), or
         Linux's panic line on the serial console (a kernel without pvpanic's driver)."""
-        console = self.console_text()
+        # Checked on every burst of console output: read the console file only for a panic.
         if self._qmp is not None and (data := self._qmp.guest_panic) is not None:
             info = data.get("info") or {}
             detail = ", ".join(f"{k} {v}" for k, v in info.items()) or str(data.get("action", ""))
-            return GuestPanicError(self.name, source="pvpanic", detail=detail, console=console)
-        if self.console_port is not None and (line := self.console_port.panic_line) is not None:
-            return GuestPanicError(self.name, source="console", detail=line, console=console)
-        return None
+            source = "pvpanic"
+        elif self.console_port is not None and self.console_port.panic_line is not None:
+            detail, source = self.console_port.panic_line, "console"
+        else:
+            return None
+        return GuestPanicError(self.name, source=source, detail=detail, console=self.console_text())
 
     async def guest_panicked(self) -> GuestPanicError:
         """Wait until the guest panics (`guest_panic`), and return that error."""

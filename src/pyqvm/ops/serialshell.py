@@ -85,7 +85,7 @@ async def _to_prompt(vm: Machine, deadline: Deadline) -> None:
     port = vm.console_port
     if port is not None:
         port.consume(len(port.pending()))  # what the guest printed before is not an answer
-    await _send(vm, console.ENTER)
+    console.send(vm, console.ENTER)
     logged_in = False
     while True:
         try:
@@ -117,17 +117,13 @@ async def _to_prompt(vm: Machine, deadline: Deadline) -> None:
                     "was refused; check console_user and console_password"
                 )
             logged_in = True
-            await _send(vm, spec.console_user + console.ENTER)
+            console.send(vm, spec.console_user + console.ENTER)
         else:
             if spec.console_password is None:
                 raise ConsoleError(
                     f"VM {vm.name!r}: the serial console asks for a password; set console_password"
                 )
-            await _send(vm, spec.console_password + console.ENTER)
-
-
-async def _send(vm: Machine, text: str) -> None:
-    console.send(vm, text)
+            console.send(vm, spec.console_password + console.ENTER)
 
 
 async def _expect(vm: Machine, pattern: str, deadline: Deadline) -> console.ConsoleMatch:
@@ -153,13 +149,13 @@ async def run(
         await _to_prompt(vm, Deadline(min(LOGIN_TIMEOUT, timeout)))
         token = secrets.token_hex(6)
         code, ready = _marker(token, "dir")
-        await _send(vm, _line(f"pqT=$(mktemp -d) && {code}") + console.ENTER)
+        console.send(vm, _line(f"pqT=$(mktemp -d) && {code}") + console.ENTER)
         await _expect(vm, ready, deadline)
         data = input or b""
         for i in range(0, len(data), INPUT_CHUNK):
             piece = base64.b64encode(data[i : i + INPUT_CHUNK]).decode("ascii")
             code, ack = _marker(token, f"in{i}")
-            await _send(vm, f'printf %s {piece} >>"$pqT/i"; {code}' + console.ENTER)
+            console.send(vm, f'printf %s {piece} >>"$pqT/i"; {code}' + console.ENTER)
             await _expect(vm, ack, deadline)
         stdin = '<"$pqT/in"' if data else "</dev/null"
         decode = 'base64 -d "$pqT/i" >"$pqT/in" && ' if data else ""
@@ -172,11 +168,11 @@ async def run(
             f'base64 "$pqT/o"; '
             f'{out_code}; base64 "$pqT/e"; {err_code}; rm -rf "$pqT"'
         )
-        await _send(vm, _line(line) + console.ENTER)
+        console.send(vm, _line(line) + console.ENTER)
         try:
             status = await console.expect(vm, rf"{rc} (\d+)\r?\n", deadline.left() or 0.01)
         except PyqvmTimeoutError:
-            await _send(vm, "\x03")  # Ctrl-C: the command, not the shell
+            console.send(vm, "\x03")  # Ctrl-C: the command, not the shell
             raise PyqvmTimeoutError(
                 f"{vm.name}: {shlex.join(argv)!r} did not finish in {timeout:g} s on the "
                 "serial shell (interrupted)"

@@ -166,13 +166,6 @@ class VMSpec:
         choice(self.firmware, get_args(Firmware), "firmware")
         choice(self.display, get_args(Display), "display")
         choice(self.ready, get_args(Readiness), "ready")
-        choice(self.exec_via, get_args(ExecVia), "exec_via")
-        if not isinstance(self.console_user, str) or not SSH_USER_RE.fullmatch(self.console_user):
-            raise SpecError(
-                "console_user", f"{show(self.console_user)} is not a user name, e.g. root"
-            )
-        if self.console_password is not None:
-            text(self.console_password, "console_password")
         if self.image is not None:
             choice(self.image, get_args(ImageFlavour), "image")
         if self.cpu is not None and (
@@ -315,16 +308,8 @@ class VMSpec:
                     "vmgenid", f"needs ACPI: machine q35 or pc on x86_64, not {machine}"
                 )
         self._check_boot_order()
-        if self.secure_boot and self.firmware != "ovmf":
-            raise SpecError("secure_boot", 'Secure Boot is UEFI\'s: set firmware = "ovmf"')
-        if self.secure_boot and self.arch == "x86_64" and self.effective_machine != "q35":
-            raise SpecError(
-                "secure_boot", 'Secure Boot on x86_64 needs SMM: machine = "q35" (or "auto")'
-            )
-        if self.tpm and self.effective_machine == "microvm":
-            raise SpecError("tpm", f"microvm has no TPM interface; {'use q35 or pc'}")
-        if self.display == "vga" and self.arch != "x86_64":
-            raise SpecError("display", f'"vga" is a PC card; use "virtio-gpu" on {self.arch}')
+        self._check_firmware_devices()
+        self._check_exec_via()
         if self.profile == "passthrough" and not self.host_devices:
             raise SpecError(
                 "host_devices",
@@ -351,10 +336,6 @@ class VMSpec:
             raise SpecError("ready_pattern", 'ready = "console" needs a ready_pattern to look for')
         if self.ready == "agent" and not self.guest_agent:
             raise SpecError("ready", 'ready = "agent" needs guest_agent = true')
-        if self.exec_via == "agent" and not self.guest_agent:
-            raise SpecError(
-                "exec_via", 'exec_via = "agent" needs guest_agent = true; or use "serial"'
-            )
         if self.cloud_init is not None:
             if not isinstance(self.cloud_init, CloudInit):
                 raise SpecError("cloud_init", "expected a table (user_data, meta_data, ...)")
@@ -370,6 +351,33 @@ class VMSpec:
                     raise SpecError(
                         f"disks[{i}].id", f"{d.id!r} is the built-in image's disk; pick another id"
                     )
+
+    def _check_exec_via(self) -> None:
+        """How commands reach the guest, and who logs in on its serial console."""
+        choice(self.exec_via, get_args(ExecVia), "exec_via")
+        if not isinstance(self.console_user, str) or not SSH_USER_RE.fullmatch(self.console_user):
+            raise SpecError(
+                "console_user", f"{show(self.console_user)} is not a user name, e.g. root"
+            )
+        if self.console_password is not None:
+            text(self.console_password, "console_password")
+        if self.exec_via == "agent" and not self.guest_agent:
+            raise SpecError(
+                "exec_via", 'exec_via = "agent" needs guest_agent = true; or use "serial"'
+            )
+
+    def _check_firmware_devices(self) -> None:
+        """Secure Boot, a TPM and a graphics card: what the firmware and machine can give."""
+        if self.secure_boot and self.firmware != "ovmf":
+            raise SpecError("secure_boot", 'Secure Boot is UEFI\'s: set firmware = "ovmf"')
+        if self.secure_boot and self.arch == "x86_64" and self.effective_machine != "q35":
+            raise SpecError(
+                "secure_boot", 'Secure Boot on x86_64 needs SMM: machine = "q35" (or "auto")'
+            )
+        if self.tpm and self.effective_machine == "microvm":
+            raise SpecError("tpm", f"microvm has no TPM interface; {'use q35 or pc'}")
+        if self.display == "vga" and self.arch != "x86_64":
+            raise SpecError("display", f'"vga" is a PC card; use "virtio-gpu" on {self.arch}')
 
     def _check_boot_order(self) -> None:
         have = {"disk": bool(self.disks), "cdrom": bool(self.cdroms), "network": bool(
