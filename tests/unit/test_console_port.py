@@ -117,6 +117,23 @@ def test_a_viewer_that_does_not_read_is_dropped_not_waited_for(tmp_path: Path) -
         for _ in range(64):  # 4 MiB: far more than the viewer's socket buffers hold
             qemu.sendall(chunk)
         _until(lambda: len(port.pending()) >= 4 * 1024 * 1024 - 65536)
+        viewer.close()
+        # The dropped viewer is forgotten everywhere: the next one (which may get its file
+        # descriptor number) is served, and closing while output flows kills nothing.
+        for _ in range(20):
+            nxt = socket.socket(socket.AF_UNIX)
+            nxt.connect(str(tmp_path / "console.sock"))
+            nxt.settimeout(5)
+            with nxt:
+                time.sleep(0.02)
+                qemu.sendall(b"after")
+                seen = b""
+                while b"after" not in seen:
+                    got = nxt.recv(65536)
+                    assert got, f"the port hung up on a new viewer after {seen!r}"
+                    seen += got
+            qemu.sendall(b"x" * 4096)  # output while that viewer's end is closing
+        assert not port.eof
     finally:
         viewer.close()
         port.close()

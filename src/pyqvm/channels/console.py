@@ -221,13 +221,13 @@ class ConsolePort:
                     if sock is self._qemu:
                         if events & selectors.EVENT_WRITE:
                             self._write_out()
-                        if events & selectors.EVENT_READ and not self._read_in(clients):
+                        if events & selectors.EVENT_READ and not self._read_in(sel, clients):
                             return
                     elif sock is self._wake_r:
                         sock.recv(4096)
                     elif sock is self._listener:
                         self._accept(sel, clients)
-                    else:
+                    elif sock in clients:  # not dropped earlier in this same batch
                         self._from_client(sel, clients, sock)
         except OSError as e:  # our sockets closed under us (close), or QEMU's end broke
             log.debug("%s: console thread ends: %s", self.name, e)
@@ -239,7 +239,7 @@ class ConsolePort:
                 self.eof = True
                 self._changed()
 
-    def _read_in(self, clients: list[socket.socket]) -> bool:
+    def _read_in(self, sel: selectors.BaseSelector, clients: list[socket.socket]) -> bool:
         try:
             data = self._qemu.recv(65536)
         except BlockingIOError:
@@ -254,8 +254,7 @@ class ConsolePort:
             except OSError:
                 pass
             # A viewer that cannot keep up loses its connection rather than hold up the guest.
-            clients.remove(c)
-            c.close()
+            _drop(sel, clients, c)
         return True
 
     def _write_out(self) -> None:
@@ -288,12 +287,17 @@ class ConsolePort:
         except OSError:
             data = b""
         if not data:
-            sel.unregister(c)
-            clients.remove(c)
-            c.close()
+            _drop(sel, clients, c)
             return
         with self._lock:
             self._outbox += data
+
+
+def _drop(sel: selectors.BaseSelector, clients: list[socket.socket], c: socket.socket) -> None:
+    """Forget a client everywhere at once, so no later event in a batch sees it closed."""
+    sel.unregister(c)
+    clients.remove(c)
+    c.close()
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
