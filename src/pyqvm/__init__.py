@@ -9,7 +9,7 @@ Public API (everything a user handles is importable from here)::
     Plugged: a hot-plugged device, as it travels to a migration destination
     MigrationTuning, MigrationProgress, MigrationStats, Incoming, SavedState: migration
     Template, templates (create/load/list/remove): a frozen, ready guest;
-    AsyncVM.from_template(t) clones it
+    AsyncVM.from_template(t) clones it; AsyncPool / Pool keep clones warm for acquire()
     attach(name) / NamedVM, attach_async(name) / AsyncNamedVM, up(spec, name=...): VMs that
     live in an owner process of their own (``pyqvm up``) and are driven from anywhere
     Machine, LaunchPlan: one launch's resources, for code that builds operations
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 # keeps the two equal.
 _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None: the module)
     "AsyncNamedVM": ("pyqvm.faces.derived_named", "AsyncNamedVM"),
+    "AsyncPool": ("pyqvm.pool", "AsyncPool"),
     "AsyncVM": ("pyqvm.vm", "AsyncVM"),
     "attach": ("pyqvm.faces.derived_named", "attach"),
     "attach_async": ("pyqvm.faces.derived_named", "attach_async"),
@@ -63,6 +64,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None
     "OperationError": ("pyqvm.errors", "OperationError"),
     "PassthroughError": ("pyqvm.errors", "PassthroughError"),
     "Plugged": ("pyqvm.channels.devices", "Plugged"),
+    "Pool": ("pyqvm.pool", "Pool"),
+    "PoolError": ("pyqvm.errors", "PoolError"),
     "PortForward": ("pyqvm.spec", "PortForward"),
     "Share": ("pyqvm.spec.shares", "Share"),
     "preview_argv": ("pyqvm.launch.plan", "preview_argv"),
@@ -107,6 +110,7 @@ if TYPE_CHECKING:
         NamedVMError,
         OperationError,
         PassthroughError,
+        PoolError,
         PyqvmError,
         PyqvmTimeoutError,
         QMPCommandError,
@@ -133,6 +137,7 @@ if TYPE_CHECKING:
     )
     from pyqvm.ops.snapshot import SnapshotInfo
     from pyqvm.ops.template import Template
+    from pyqvm.pool import AsyncPool, Pool
     from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec
     from pyqvm.spec.io import load_spec
     from pyqvm.spec.shares import Share
@@ -158,6 +163,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "VM",
     "AsyncNamedVM",
+    "AsyncPool",
     "AsyncVM",
     "ChainLink",
     "CodecError",
@@ -191,6 +197,8 @@ __all__ = [
     "OperationError",
     "PassthroughError",
     "Plugged",
+    "Pool",
+    "PoolError",
     "PortForward",
     "PyqvmError",
     "PyqvmTimeoutError",

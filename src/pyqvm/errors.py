@@ -384,6 +384,19 @@ class TemplateError(OperationError):
         self.name = name
 
 
+class PoolError(OperationError):
+    """A pool cannot be made (its size, the host's memory) or used (not open, closed);
+    ``size`` is the pool's, and for memory ``needed_mib`` and ``available_mib``."""
+
+    def __init__(
+        self, message: str, *, size: int = 0, needed_mib: int = 0, available_mib: int = 0
+    ) -> None:
+        super().__init__(message)
+        self.size = size
+        self.needed_mib = needed_mib
+        self.available_mib = available_mib
+
+
 class NamedVMError(PyqvmError):
     """A named VM (``pyqvm up``) is unknown, its name is taken, or its owner process died
     or does not answer; ``name`` is the VM's."""

@@ -18,7 +18,7 @@ from typing import Any, Self, TypeVar
 
 from pyqvm.channels.qmp import EventFilter
 from pyqvm.errors import PyqvmError
-from pyqvm.faces.loop import SyncEvents, ThreadLoop
+from pyqvm.faces.loop import Loop, SyncEvents, ThreadLoop
 from pyqvm.host.facts import HostFacts
 from pyqvm.launch.passthrough import PassthroughHost
 from pyqvm.ops import template as templates
@@ -44,8 +44,17 @@ class BlockingVMBase:
         self._vm = AsyncVM(
             spec, host=host, image_cache=image_cache, passthrough_host=passthrough_host
         )
-        self._loop = ThreadLoop.current()
+        self._loop: Loop = ThreadLoop.current()
         self._loop.adopt(self._vm)
+
+    @classmethod
+    def _driving(cls, vm: AsyncVM, loop: Loop) -> Self:
+        """The blocking face of ``vm``, which runs on ``loop`` (a pool's VMs)."""
+        face = cls.__new__(cls)
+        face._vm = vm
+        face._loop = loop
+        loop.adopt(vm)
+        return face
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         return self._loop.run(coro)
@@ -113,7 +122,7 @@ class BlockingGroup:
     """A group of `VM`'s operations (``vm.console``): its `AsyncVM` group's methods, run
     on the VM's loop."""
 
-    def __init__(self, group: Any, loop: ThreadLoop) -> None:
+    def __init__(self, group: Any, loop: Loop) -> None:
         self._vm = group
         self._loop = loop
 

@@ -1,4 +1,6 @@
-"""One event loop per thread, for the blocking faces (`VM`, `NamedVM`).
+"""The event loops the blocking faces (`VM`, `NamedVM`) run their calls on.
+
+`ThreadLoop`: one per thread, running only during a call.
 
 Every `VM` made in a thread runs on that thread's loop, so two VMs of one thread can work
 together (``src.migrate(dst)`` is `AsyncVM.migrate` run on that loop). The loop is closed
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from qemu.qmp import EventListener
 
 from pyqvm.channels.qmp import Event
-from pyqvm.errors import PyqvmError, PyqvmTimeoutError
+from pyqvm.errors import PyqvmError, PyqvmTimeoutError, VMStateError
 from pyqvm.state import VMState
 
 if TYPE_CHECKING:  # the blocking named face runs here too, and needs no AsyncVM
@@ -74,10 +76,56 @@ class ThreadLoop:
 _local = threading.local()
 
 
+class BackgroundLoop:
+    r"""An event loop that runs on a thread of its own, between calls too: a blocking
+    `Pool` refills there while the caller's thread does other things, and the `VM`\ s it
+    hands out are driven there (each call waits for its coroutine, from any thread)."""
+
+    def __init__(self, name: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+        self.thread = self._thread.ident
+
+    def adopt(self, vm: AsyncVM) -> None:
+        """Nothing to keep: this loop runs until `close`, whatever its VMs do."""
+
+    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coro`` on the loop's thread and wait for its end here."""
+        if self.closed or not self._thread.is_alive():
+            coro.close()
+            raise VMStateError("the pool that made this VM is closed")
+        if threading.get_ident() == self._thread.ident:
+            coro.close()
+            raise PyqvmError("a blocking pyqvm call from inside its pool's own loop")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # Ctrl-C here ends the coroutine there too
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return self._loop.is_closed()
+
+    def close(self) -> None:
+        """Stop the loop and its thread (after the VMs on it were stopped)."""
+        if self.closed:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+#: What a blocking face runs its calls on.
+Loop = ThreadLoop | BackgroundLoop
+
+
 class SyncEvents:
     """Blocking view of an event listener: ``get(timeout)`` returns the next event."""
 
-    def __init__(self, loop: ThreadLoop, listener: EventListener) -> None:
+    def __init__(self, loop: Loop, listener: EventListener) -> None:
         self._loop = loop
         self._listener = listener
 
@@ -89,4 +137,4 @@ class SyncEvents:
         return event
 
 
-__all__ = ["SyncEvents", "ThreadLoop"]
+__all__ = ["BackgroundLoop", "Loop", "SyncEvents", "ThreadLoop"]

@@ -458,6 +458,14 @@ async def clone_into(machine: Machine, template: Template) -> None:
     broken template (before QEMU starts); `MigrationError` with QEMU's stderr
     if QEMU refuses the state.
     """
+    await restore_clone(machine, template)
+    await make_own(machine)
+
+
+async def restore_clone(machine: Machine, template: Template) -> None:
+    """The first half of `clone_into`: QEMU runs the template's guest, which is not its
+    own yet (the template's clock and random state). A pool's spare waits here, warmed,
+    until `make_own` at its hand-out."""
     async with _locked(template.directory.parent, template.name, shared=True):
         template.check(
             machine.spec,
@@ -482,12 +490,21 @@ async def clone_into(machine: Machine, template: Template) -> None:
             "migrate-set-capabilities",
             {"capabilities": [{"capability": "x-ignore-shared", "state": False}]},
         )
-        await wake.make_own(machine)
     except BaseException:
-        # Not its own yet (it would share the template's random key): nobody gets it.
         await machine.kill()
         raise
-    log.info("%s: cloned from template %s", machine.name, template.name)
+    log.info("%s: restored from template %s", machine.name, template.name)
+
+
+async def make_own(machine: Machine) -> None:
+    """The second half of `clone_into`: the clone gets the host's clock and a random
+    generator of its own (`wake.make_own`); if that fails, QEMU is killed, since the
+    guest would share the template's random key."""
+    try:
+        await wake.make_own(machine)
+    except BaseException:
+        await machine.kill()
+        raise
 
 
 __all__ = [
@@ -499,8 +516,10 @@ __all__ = [
     "get",
     "list_templates",
     "load",
+    "make_own",
     "refuse_untemplatable",
     "remove",
+    "restore_clone",
     "spec_hash",
     "templatable",
     "templates_dir",
