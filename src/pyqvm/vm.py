@@ -602,11 +602,19 @@ class AsyncVM:
         resume: bool = False,
         progress: ProgressCallback | None = None,
         timeout: float | None = 600.0,
+        portable: bool = False,
     ) -> SavedState:
         """Save the guest's state and disk overlays into ``directory``; then stop (or
-        ``resume``). See `pyqvm.ops.migration.save`."""
+        ``resume``). ``portable``: with standalone disks, the kernel and every file the
+        VM needs, to restore on another host with the same QEMU. See
+        `pyqvm.ops.migration.save`."""
         return await migration.save(
-            self.machine, directory, resume=resume, progress=progress, timeout=timeout
+            self.machine,
+            directory,
+            resume=resume,
+            progress=progress,
+            timeout=timeout,
+            portable=portable,
         )
 
     async def restore(self, directory: Path | str, *, timeout: float | None = 600.0) -> None:

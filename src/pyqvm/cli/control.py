@@ -116,6 +116,12 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     )
     sv.add_argument("name", metavar="NAME")
     sv.add_argument("directory", type=Path, metavar="DIR")
+    sv.add_argument(
+        "--portable",
+        action="store_true",
+        help="carry standalone disks, the kernel and every file the VM needs, to restore "
+        "DIR on another host with the same QEMU",
+    )
     sv.set_defaults(run=run_save)
 
 
@@ -281,6 +287,6 @@ class _ProgressBar:
 
 
 def run_save(args: argparse.Namespace) -> int:
-    saved = on_vm(args, lambda vm: vm.save(args.directory.resolve()))
+    saved = on_vm(args, lambda vm: vm.save(args.directory.resolve(), portable=args.portable))
     print(saved.directory)
     return 0

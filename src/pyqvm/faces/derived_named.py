@@ -485,9 +485,12 @@ class AsyncNamedVM(AsyncNamedVMBase):
         resume: bool = False,
         progress: ProgressCallback | None = None,
         timeout: float | None = 600.0,
+        portable: bool = False,
     ) -> SavedState:
         """Save the guest's state and disk overlays into ``directory``; then stop (or
-        ``resume``). See `pyqvm.ops.migration.save`.
+        ``resume``). ``portable``: with standalone disks, the kernel and every file the
+        VM needs, to restore on another host with the same QEMU. See
+        `pyqvm.ops.migration.save`.
         """
         return cast(
             "SavedState",
@@ -498,6 +501,7 @@ class AsyncNamedVM(AsyncNamedVMBase):
                 resume=(resume, "bool"),
                 progress=(progress, "ProgressCallback | None"),
                 timeout=(timeout, "float | None"),
+                portable=(portable, "bool"),
             ),
         )
 
@@ -814,9 +818,12 @@ class NamedVM(NamedVMBase):
         resume: bool = False,
         progress: ProgressCallback | None = None,
         timeout: float | None = 600.0,
+        portable: bool = False,
     ) -> SavedState:
         """Save the guest's state and disk overlays into ``directory``; then stop (or
-        ``resume``). See `pyqvm.ops.migration.save`.
+        ``resume``). ``portable``: with standalone disks, the kernel and every file the
+        VM needs, to restore on another host with the same QEMU. See
+        `pyqvm.ops.migration.save`.
         """
         return cast(
             "SavedState",
@@ -827,6 +834,7 @@ class NamedVM(NamedVMBase):
                 resume=(resume, "bool"),
                 progress=(progress, "ProgressCallback | None"),
                 timeout=(timeout, "float | None"),
+                portable=(portable, "bool"),
             ),
         )
 

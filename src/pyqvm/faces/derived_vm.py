@@ -444,12 +444,17 @@ class VM(BlockingVMBase):
         resume: bool = False,
         progress: ProgressCallback | None = None,
         timeout: float | None = 600.0,
+        portable: bool = False,
     ) -> SavedState:
         """Save the guest's state and disk overlays into ``directory``; then stop (or
-        ``resume``). See `pyqvm.ops.migration.save`.
+        ``resume``). ``portable``: with standalone disks, the kernel and every file the
+        VM needs, to restore on another host with the same QEMU. See
+        `pyqvm.ops.migration.save`.
         """
         return self._run(
-            self._vm.save(directory, resume=resume, progress=progress, timeout=timeout)
+            self._vm.save(
+                directory, resume=resume, progress=progress, timeout=timeout, portable=portable
+            )
         )
 
     def restore(self, directory: Path | str, *, timeout: float | None = 600.0) -> None:

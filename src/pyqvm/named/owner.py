@@ -44,6 +44,7 @@ from pyqvm.named.wire import CALLBACK_EVENT, OP_COMMAND
 from pyqvm.ops import template as templates
 from pyqvm.ops.hotplug import hostfwds
 from pyqvm.ops.migration import SavedState
+from pyqvm.ops.migration.portable import portable_spec
 from pyqvm.spec import VMSpec
 from pyqvm.spec.io import spec_from_dict, spec_to_dict
 from pyqvm.state import VMState
@@ -356,6 +357,8 @@ async def _start(
 
 
 def _saved_spec(directory: Path, name: str) -> dict[str, Any]:
+    if (spec := portable_spec(directory, name)) is not None:  # it carries its files
+        return spec_to_dict(spec)
     try:
         saved = json.loads((directory / "spec.json").read_text())
     except (OSError, ValueError) as e:

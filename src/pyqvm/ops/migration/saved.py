@@ -25,6 +25,7 @@ from pyqvm.channels.devices import DeviceTable, Plugged
 from pyqvm.deadline import Deadline
 from pyqvm.errors import MigrationError, PyqvmError
 from pyqvm.host.accel import KvmStatus, choose_accelerator, kvm_status
+from pyqvm.host.facts import qemu_binary, read_host_facts
 from pyqvm.launch.plan import LaunchPlan
 from pyqvm.launch.resolve import with_image
 from pyqvm.machine import Machine
@@ -37,6 +38,7 @@ from pyqvm.ops.migration.common import (
 )
 from pyqvm.ops.migration.incoming import accept
 from pyqvm.ops.migration.outgoing import recover_source, run_migration
+from pyqvm.ops.migration.portable import check_portable, make_portable
 from pyqvm.ops.migration.qapi import FD_NAME
 from pyqvm.ops.migration.types import (
     MANIFEST,
@@ -60,6 +62,7 @@ async def save(
     progress: ProgressCallback | None = None,
     timeout: float | None = 600.0,
     tuning: MigrationTuning | None = None,
+    portable: bool = False,
 ) -> SavedState:
     """Save the guest's state (RAM and devices) and its disk overlays into ``directory``.
 
@@ -68,7 +71,8 @@ async def save(
     with ``resume=True``. ``directory`` is created; it must not hold a saved
     state already. Restore with `restore` (with the same ``tuning``
     capabilities: a template saves with ``x-ignore-shared``, leaving its RAM
-    in its memory file).
+    in its memory file). ``portable``: the directory also carries every file the VM
+    needs, for a restore on another machine (`pyqvm.ops.migration.portable`).
     """
     tuning = tuning or MigrationTuning()
     vm.require(*LIVE, what="saving")
@@ -117,6 +121,8 @@ async def save(
             "devices": vm.devices.to_json(),
         }
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if portable:
+            await make_portable(vm, out, {d: out / f"{d}.qcow2" for d in overlays})
     size = (out / STATE_FILE).stat().st_size
     log.info("%s: saved to %s (%d MiB) in %.2f s", vm.name, out, size >> 20, time.monotonic() - t0)
     if resume:
@@ -212,6 +218,7 @@ async def restore(
         raise MigrationError(f"'{directory}' holds no saved VM state ({STATE_FILE} missing)")
     vm.require(VMState.CREATED, what="restoring into it")
     refuse_blocked(vm, "restore")  # restored_spec changes the disks only
+    check_portable(directory, qemu_binary(vm.host or read_host_facts(), vm.spec.arch))
     try:
         check_accelerator(
             _manifest(directory).get("accelerator"), vm.spec, vm.host.kvm if vm.host else None
