@@ -84,6 +84,24 @@ def check_memory(template: Template, size: int, available_mib: int | None = None
         )
 
 
+def auto_size(
+    template: Template,
+    workers: int = 1,
+    *,
+    cores: int | None = None,
+    available_mib: int | None = None,
+) -> int:
+    """A pool size for one of ``workers`` processes (pytest-xdist's) on this host: a spare
+    per core each (refills then keep up with one test per core), at most 4, and room in
+    half of the host's available memory for each VM handed out; 0 where there is none."""
+    cores = cores or os.cpu_count() or 1
+    available = mem_available_mib() if available_mib is None else available_mib
+    ram = template.spec.memory
+    assert isinstance(ram, int)
+    by_memory = available // 2 // (ram + OVERHEAD_MIB) // max(1, workers)
+    return max(0, min(max(1, cores // max(1, workers)), 4, by_memory))
+
+
 class AsyncPool:
     """``size`` warm, paused clones of ``template``, handed out by `acquire`.
 
@@ -377,4 +395,4 @@ async def _make(
     )
 
 
-__all__ = ["WARM", "AsyncPool", "Pool", "check_memory", "mem_available_mib"]
+__all__ = ["WARM", "AsyncPool", "Pool", "auto_size", "check_memory", "mem_available_mib"]

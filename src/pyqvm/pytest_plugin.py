@@ -26,6 +26,21 @@ per test with ``@pytest.mark.pyqvm(template=False)``, or for the run with
 ``--pyqvm-no-template``; ``@pytest.mark.pyqvm(spec=VMSpec(...))`` gives a test's
 VMs their spec when the factory is called without one.
 
+Pools: ``pyqvm_vm`` takes its clones from a warm `pyqvm.Pool` of the template, one per
+spec and process (each pytest-xdist worker has its own), sized from the host's cores and
+memory (`pyqvm.pool.auto_size`), or ``--pyqvm-pool N`` (0: none), or per test
+``@pytest.mark.pyqvm(pool=N)`` (0: a fresh clone; N: the size of a pool it makes). An
+async test's loop is its own (pytest-asyncio), and a pool's VMs belong to the pool's
+loop: ``pyqvm_async_vm`` clones the template as before (use `pyqvm.AsyncPool` on a
+session-scoped loop for pooled async VMs).
+
+Failure snapshots: with ``--pyqvm-keep-failed DIR``, the VMs of a failing test are saved
+before they are stopped (`AsyncVM.save` with ``portable=True``: the state, standalone
+disks, the image, the console log and the QMP transcript) into ``DIR/<test>-<vm>``, and
+the report prints the one command that brings each back as a named VM:
+``pyqvm restore DIR/... --name NAME``. A VM that cannot be saved (VFIO, shares, private
+networks) is named with the reason instead.
+
 The fixtures build their VMs from this module's ``VM`` and ``AsyncVM`` names, so a
 test of a plugin user can monkeypatch them with stand-ins.
 
@@ -38,6 +53,7 @@ default pytest's temporary directory) and named in the report.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -46,15 +62,21 @@ from typing import Any
 import pytest
 
 from pyqvm import image, imagebuild
+from pyqvm.errors import PyqvmError
 from pyqvm.faces.derived_vm import VM
 from pyqvm.faces.loop import ThreadLoop
 from pyqvm.ops import template as templates
+from pyqvm.pool import Pool, auto_size
 from pyqvm.spec import VMSpec
+from pyqvm.state import VMState
 from pyqvm.vm import AsyncVM
 
 _VMS = pytest.StashKey[list[Any]]()
 _TEMPLATES = pytest.StashKey[dict[str, templates.Template]]()
 _SHOTS = pytest.StashKey[Path]()
+_FAILED = pytest.StashKey[bool]()
+_KEPT = pytest.StashKey[list[str]]()
+_LIVE = (VMState.RUNNING, VMState.PAUSED)
 _CONSOLE_LINES = 40
 _QMP_LINES = 30
 
@@ -64,6 +86,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--pyqvm-no-template",
         action="store_true",
         help="boot every VM of the pyqvm fixtures instead of cloning a template",
+    )
+    parser.getgroup("pyqvm").addoption(
+        "--pyqvm-pool",
+        type=int,
+        metavar="N",
+        help="spares per warm pool of clones (one per spec and process; default: from the "
+        "host's cores and memory; 0: no pools)",
+    )
+    parser.getgroup("pyqvm").addoption(
+        "--pyqvm-keep-failed",
+        metavar="DIR",
+        help="save each VM of a failing test into DIR (portable), and print the command "
+        "that restores it",
     )
     parser.getgroup("pyqvm").addoption(
         "--pyqvm-screenshots",
@@ -76,8 +111,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "pyqvm(template=True, spec=None): pyqvm fixture options: clone a template or boot; "
-        "the spec the factory uses when called without one",
+        "pyqvm(template=True, spec=None, pool=None): pyqvm fixture options: clone a "
+        "template or boot; the spec the factory uses when called without one; the size of "
+        "the warm pool the clones come from (0: none)",
     )
 
 
@@ -104,6 +140,63 @@ def _keep_template(
 ) -> templates.Template:
     request.config.stash.setdefault(_TEMPLATES, {})[templates.spec_hash(spec)] = template
     return template
+
+
+def _pool(request: pytest.FixtureRequest, template: templates.Template) -> Pool | None:
+    """This process's warm pool of ``template`` (made on first use), or None when the
+    test, the run or the host says no pool."""
+    marker = request.node.get_closest_marker("pyqvm")
+    size = marker.kwargs.get("pool") if marker else None
+    if size is None:
+        size = request.config.getoption("--pyqvm-pool", default=None)
+    if size == 0:
+        return None
+    pools: dict[str, Pool] = request.getfixturevalue("pyqvm_pools")
+    if template.name in pools:
+        return pools[template.name]
+    if size is None:
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        size = auto_size(template, workers)
+        if size == 0:
+            return None
+    pool = pools[template.name] = Pool(template, size)
+    pool.open()
+    return pool
+
+
+def _keep_failed_dir(request: pytest.FixtureRequest, vm: VM | AsyncVM) -> Path | None:
+    """Where a VM of a failed test is kept (``--pyqvm-keep-failed``), or None."""
+    where = request.config.getoption("--pyqvm-keep-failed", default=None)
+    if where is None or not request.node.stash.get(_FAILED, False) or vm.state not in _LIVE:
+        return None
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid).strip("_")[-100:]
+    return Path(where).resolve() / f"{stem}-{vm.name}"
+
+
+def _keep_failed(
+    request: pytest.FixtureRequest, vm: VM, save: Callable[[VM, Path], object]
+) -> None:
+    if (where := _keep_failed_dir(request, vm)) is None:
+        return
+    try:
+        save(vm, where)
+    except PyqvmError as e:
+        _not_kept(request, vm, e)
+    else:
+        _kept(request, vm, where)
+
+
+def _kept(request: pytest.FixtureRequest, vm: VM | AsyncVM, where: Path) -> None:
+    (where / "console.log").write_text(vm.console_text())
+    (where / "qmp.log").write_text("\n".join(vm.qmp_transcript()) + "\n")
+    request.node.stash.setdefault(_KEPT, []).append(
+        f"{vm.name}: kept in {where}; bring it back with:\n"
+        f"    pyqvm restore {where} --name {vm.name}"
+    )
+
+
+def _not_kept(request: pytest.FixtureRequest, vm: VM | AsyncVM, error: PyqvmError) -> None:
+    request.node.stash.setdefault(_KEPT, []).append(f"{vm.name}: not kept: {error}")
 
 
 def _remember(request: pytest.FixtureRequest, vm: VM | AsyncVM) -> None:
@@ -144,6 +237,21 @@ def pyqvm_image() -> image.GuestImage:
     return imagebuild.ensure("default")
 
 
+@pytest.fixture(scope="session")
+def pyqvm_pools() -> Iterator[dict[str, Pool]]:
+    """This process's warm pools (`pyqvm.Pool`), by template name: made by ``pyqvm_vm``
+    on first use, closed when the session ends (with every VM they handed out)."""
+    pools: dict[str, Pool] = {}
+    yield pools
+    errors: list[BaseException] = []
+    for pool in pools.values():
+        try:
+            pool.close()
+        except BaseException as e:  # close the others first, then report
+            errors.append(e)
+    _raise_stop_errors(errors)
+
+
 @pytest.fixture
 def pyqvm_vm(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
     """Factory: ``pyqvm_vm(spec=None)`` -> a started `VM`; all are stopped at teardown."""
@@ -155,9 +263,13 @@ def pyqvm_vm(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
             template = _known_template(request, spec) or _keep_template(
                 request, spec, ThreadLoop.current().run(templates.ensure(spec))
             )
-            vm = VM(template.clone_spec())
-            _remember(request, vm)
-            vm.start_from_template(template)
+            if pool := _pool(request, template):
+                vm = pool.acquire()
+                _remember(request, vm)
+            else:
+                vm = VM(template.clone_spec())
+                _remember(request, vm)
+                vm.start_from_template(template)
         else:
             vm = VM(spec)
             _remember(request, vm)
@@ -166,6 +278,8 @@ def pyqvm_vm(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
         return vm
 
     yield start
+    for vm in started:
+        _keep_failed(request, vm, lambda vm, where: vm.save(where, portable=True))
     errors: list[BaseException] = []
     for vm in reversed(started):
         try:
@@ -205,6 +319,14 @@ else:
             return vm
 
         yield start
+        for vm in started:
+            if (where := _keep_failed_dir(request, vm)) is not None:
+                try:
+                    await vm.save(where, portable=True)
+                except PyqvmError as e:
+                    _not_kept(request, vm, e)
+                else:
+                    _kept(request, vm, where)
         errors: list[BaseException] = []
         for vm in reversed(started):
             try:
@@ -217,6 +339,11 @@ else:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
+    if report.when == "call" and report.failed:
+        item.stash[_FAILED] = True  # for the fixtures' teardown: keep the VMs
+    if report.when == "teardown" and (kept := item.stash.get(_KEPT, [])):
+        # pytest shows a failed test's teardown sections (only those) with its failure.
+        report.sections.append(("pyqvm failure snapshots (teardown)", "\n".join(kept)))
     if report.failed:
         for vm in item.stash.get(_VMS, []):
             tail = "\n".join(vm.console_text().splitlines()[-_CONSOLE_LINES:])

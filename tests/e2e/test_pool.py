@@ -12,9 +12,27 @@ from pathlib import Path
 
 import pytest
 
-from pyqvm import AsyncPool, AsyncVM, Pool, PoolError, Template, TemplateError, VMState
+from pyqvm import (
+    AsyncPool,
+    AsyncVM,
+    Pool,
+    PoolError,
+    Template,
+    TemplateError,
+    VMSpec,
+    VMState,
+    templates,
+)
 
 pytestmark = [pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def pool_template(default_image: object, tmp_path_factory: pytest.TempPathFactory) -> Template:
+    """A template of the built-in guest under a name of its own: the pytest plugin's pools
+    (other tests of the session) hold clones of ``pool_template``'s name."""
+    where = tmp_path_factory.mktemp("pool-templates")
+    return asyncio.run(templates.create(VMSpec(image="default"), "pooled", directory=where))
 
 
 def _spare_pids(template: Template) -> set[int]:
@@ -44,8 +62,8 @@ async def _sh(vm: AsyncVM, script: str) -> str:
 
 
 @pytest.mark.asyncio
-async def test_acquired_vms_are_ready_their_own_and_isolated(default_template: Template) -> None:
-    async with AsyncPool(default_template, size=2) as pool:
+async def test_acquired_vms_are_ready_their_own_and_isolated(pool_template: Template) -> None:
+    async with AsyncPool(pool_template, size=2) as pool:
         a = await pool.acquire()
         b = await pool.acquire()
         assert a.state is VMState.RUNNING and b.state is VMState.RUNNING
@@ -62,14 +80,14 @@ async def test_acquired_vms_are_ready_their_own_and_isolated(default_template: T
         await a.stop()
         c = await pool.acquire()
         assert "mine" not in await _sh(c, "cat /tmp/ram.txt /mnt/data/disk.txt 2>&1 || true")
-    default_template.check()  # the template's files are as they were made
+    pool_template.check()  # the template's files are as they were made
 
 
 @pytest.mark.asyncio
-async def test_a_spare_killed_while_idle_is_never_handed_out(default_template: Template) -> None:
-    async with AsyncPool(default_template, size=2) as pool:
+async def test_a_spare_killed_while_idle_is_never_handed_out(pool_template: Template) -> None:
+    async with AsyncPool(pool_template, size=2) as pool:
         await _until_full(pool)
-        spares = _spare_pids(default_template)
+        spares = _spare_pids(pool_template)
         assert len(spares) == 2
         victim = min(spares)
         os.kill(victim, signal.SIGKILL)
@@ -84,25 +102,27 @@ async def test_a_spare_killed_while_idle_is_never_handed_out(default_template: T
 
 @pytest.mark.asyncio
 async def test_closing_a_pool_leaves_no_process_and_no_directory(
-    default_template: Template,
+    pool_template: Template,
 ) -> None:
-    pool = AsyncPool(default_template, size=2)
+    pool = AsyncPool(pool_template, size=2)
     await pool.open()
-    kept = await pool.acquire()  # handed out, never stopped by the test
-    await _until_full(pool)
-    clones = _clones(default_template)
-    assert kept.pid in clones and len(clones) == 3
-    assert all(d.is_dir() for d in clones.values())
-    await pool.close()
-    assert _spare_pids(default_template) == set()
+    try:
+        kept = await pool.acquire()  # handed out, never stopped by the test
+        await _until_full(pool)
+        clones = _clones(pool_template)
+        assert kept.pid in clones and len(clones) == 3
+        assert all(d.is_dir() for d in clones.values())
+    finally:
+        await pool.close()
+    assert _spare_pids(pool_template) == set()
     assert not any(d.exists() for d in clones.values())
     assert kept.state is VMState.STOPPED
     with pytest.raises(PoolError, match="closed"):
         await pool.acquire()
 
 
-def test_the_blocking_pool_refills_between_calls(default_template: Template) -> None:
-    with Pool(default_template, size=1) as pool:
+def test_the_blocking_pool_refills_between_calls(pool_template: Template) -> None:
+    with Pool(pool_template, size=1) as pool:
         first = pool.acquire()
         assert first.run(["uname"]).stdout_text == "Linux\n"
         deadline = time.monotonic() + 60
@@ -119,19 +139,19 @@ def test_the_blocking_pool_refills_between_calls(default_template: Template) -> 
         worker.start()
         worker.join()
         assert out == ["t\n"]
-    assert _spare_pids(default_template) == set()
+    assert _spare_pids(pool_template) == set()
     assert first.state is VMState.STOPPED
 
 
 @pytest.mark.asyncio
 async def test_a_missing_template_or_a_closed_pool_is_refused(
-    default_template: Template, tmp_path: Path
+    pool_template: Template, tmp_path: Path
 ) -> None:
     with pytest.raises(TemplateError, match="nope"):
         AsyncPool("nope", directory=tmp_path)
     with pytest.raises(PoolError, match="size"):
-        AsyncPool(default_template, size=0)
-    pool = AsyncPool(default_template, size=1)
+        AsyncPool(pool_template, size=0)
+    pool = AsyncPool(pool_template, size=1)
     with pytest.raises(PoolError, match="open"):
         await pool.acquire()
     await pool.close()

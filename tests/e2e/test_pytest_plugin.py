@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from _cli import pyqvm
 
 from pyqvm import VM, VMSpec
 from pyqvm.image import GuestImage
@@ -72,10 +75,18 @@ import pytest
 from pyqvm import VMSpec
 
 
-def test_clone(pyqvm_vm):
+def test_clone(pyqvm_vm, pyqvm_pools):
     vm = pyqvm_vm()
     assert vm.name.startswith("auto-") and vm.boot_seconds is None  # a clone: no boot
     assert vm.run(["cat", "/proc/uptime"]).returncode == 0
+    [pool] = pyqvm_pools.values()  # it came from this process's warm pool
+    assert pool.template.name == vm.name.rsplit("-", 2)[0]
+
+
+@pytest.mark.pyqvm(pool=0)
+def test_fresh_clone(pyqvm_vm, pyqvm_pools):
+    vm = pyqvm_vm()
+    assert vm.name.startswith("auto-") and vm.boot_seconds is None
 
 
 def test_another_clone(pyqvm_vm):
@@ -99,6 +110,7 @@ async def test_async_clone_of_the_marker_spec(pyqvm_async_vm):
 
 def test_fails(pyqvm_vm):
     vm = pyqvm_vm()
+    vm.run(["sh", "-c", "echo only-in-ram-$PPID > /tmp/ram.txt"], check=True)
     assert vm.run(["false"]).returncode == 0
 """
 
@@ -115,8 +127,11 @@ def test_a_sample_project_uses_clones(
         "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
     )
     pytester.makepyfile(SAMPLE)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *workers)
-    result.assert_outcomes(passed=4, failed=1)
+    kept = pytester.path / "kept"
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--pyqvm-keep-failed={kept}", *workers
+    )
+    result.assert_outcomes(passed=5, failed=1)
     # The failing clone's report: its console, which starts with the template's boot.
     result.stdout.fnmatch_lines(
         [
@@ -125,5 +140,17 @@ def test_a_sample_project_uses_clones(
             "*cloned from template auto-*",
             "*pyqvm auto-* QMP (last * messages)*",
             "* -> migrate-incoming *",  # the clone's restore, as QMP saw it
+            "*pyqvm failure snapshots (teardown)*",
+            "*pyqvm restore * --name auto-*",
         ]
     )
+    # The one command the report prints brings the VM back in another process, as it was.
+    [command] = re.findall(r"^\s*(pyqvm restore \S+ --name \S+)$", result.stdout.str(), re.M)
+    name = command.split()[-1]
+    restored = pyqvm(*command.split()[1:])
+    assert restored.returncode == 0, restored.stderr
+    try:
+        seen = pyqvm("exec", name, "--", "cat", "/tmp/ram.txt")
+        assert re.fullmatch(r"only-in-ram-\d+\n", seen.stdout), (seen.stdout, seen.stderr)
+    finally:
+        assert pyqvm("stop", name).returncode == 0
