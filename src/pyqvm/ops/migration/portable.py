@@ -136,16 +136,23 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def portable_spec(directory: Path, name: str) -> VMSpec | None:
-    """The spec a portable save in ``directory`` holds (its files found there), named
-    ``name``; None if the save is not portable. `MigrationError` if it was written by
-    another QEMU than this host's (checked when the VM launches: `check_portable`)."""
+def _record(directory: Path) -> dict[str, Any] | None:
     try:
-        record = json.loads((directory / PORTABLE).read_text())
+        record: dict[str, Any] = json.loads((directory / PORTABLE).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
         raise MigrationError(f"'{directory / PORTABLE}' is unreadable: {e}") from None
+    return record
+
+
+def portable_spec(directory: Path, name: str) -> VMSpec | None:
+    """The spec a portable save in ``directory`` holds (its files found there), named
+    ``name``; None if the save is not portable. `MigrationError` if it was written by
+    another QEMU than this host's (checked when the VM launches: `check_portable`)."""
+    record = _record(directory)
+    if record is None:
+        return None
     if record.get("format") != FORMAT:
         raise MigrationError(
             f"'{directory}' is a portable save of format {record.get('format')!r}, this "
@@ -158,12 +165,9 @@ def portable_spec(directory: Path, name: str) -> VMSpec | None:
 def check_portable(directory: Path, binary: str | Path) -> None:
     """`MigrationError` naming both versions if ``binary`` is not the QEMU that wrote the
     portable save in ``directory`` (a device state loads only into its own QEMU)."""
-    try:
-        record = json.loads((directory / PORTABLE).read_text())
-    except FileNotFoundError:
+    record = _record(directory)
+    if record is None:
         return
-    except (OSError, ValueError) as e:
-        raise MigrationError(f"'{directory / PORTABLE}' is unreadable: {e}") from None
     here = qemu_version_of(binary)
     if record.get("qemu") != here:
         raise MigrationError(

@@ -38,7 +38,7 @@ from pyqvm.ops.migration.common import (
 )
 from pyqvm.ops.migration.incoming import accept
 from pyqvm.ops.migration.outgoing import recover_source, run_migration
-from pyqvm.ops.migration.portable import check_portable, make_portable
+from pyqvm.ops.migration.portable import PORTABLE, check_portable, make_portable
 from pyqvm.ops.migration.qapi import FD_NAME
 from pyqvm.ops.migration.types import (
     MANIFEST,
@@ -218,7 +218,8 @@ async def restore(
         raise MigrationError(f"'{directory}' holds no saved VM state ({STATE_FILE} missing)")
     vm.require(VMState.CREATED, what="restoring into it")
     refuse_blocked(vm, "restore")  # restored_spec changes the disks only
-    check_portable(directory, qemu_binary(vm.host or read_host_facts(), vm.spec.arch))
+    if (directory / PORTABLE).is_file():  # from elsewhere, maybe: its QEMU must be this one
+        check_portable(directory, qemu_binary(vm.host or read_host_facts(), vm.spec.arch))
     try:
         check_accelerator(
             _manifest(directory).get("accelerator"), vm.spec, vm.host.kvm if vm.host else None
