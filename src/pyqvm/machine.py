@@ -434,6 +434,7 @@ class Machine:
                     ram=plan.ram,
                     networks=prepared.networks,
                     ssh_keys=prepared.ssh_keys,
+                    tb_size=plan.qemu_memory.tb_size,
                 )
                 log.info(
                     "%s: starting %s (accel %s)", self.name, resolved.qemu.name, resolved.accel
@@ -444,6 +445,7 @@ class Machine:
                     self._argv,
                     pass_fds=[s.fileno() for s in channels.theirs.values()],
                     stderr_path=rundir / "qemu.stderr",
+                    transparent_hugepages=plan.qemu_memory.transparent_hugepages,
                 )
                 self._process = process  # only a started process: teardown reaps it
             finally:

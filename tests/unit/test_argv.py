@@ -8,6 +8,7 @@ import pytest
 
 from pyqvm.argv import DiskFile, LaunchContext, RamFile, build_argv, escape, opts, qjson
 from pyqvm.errors import SpecError
+from pyqvm.launch.plan import FILE_RAM, QEMU_DEFAULTS, LaunchPlan, QemuMemory
 from pyqvm.spec import Disk, HostDevice, KernelBoot, Network, PortForward, VMSpec
 
 
@@ -259,6 +260,25 @@ def test_guest_ram_is_always_the_named_backend(tmp_path: Path) -> None:
     filed = json.loads(values(argv, "-object")[0])
     assert filed["qom-type"] == "memory-backend-file" and filed["share"] is False
     assert filed["mem-path"] == str(tmp_path / "mem,x")  # JSON: no escaping needed
+
+
+def test_tb_size_caps_tcg_translation_cache_only(tmp_path: Path) -> None:
+    spec = VMSpec(guest_agent=False)
+    assert values(build_argv(spec, ctx(tmp_path, tb_size=32)), "-accel") == ["tcg,tb-size=32"]
+    # KVM translates nothing: QEMU refuses tb-size there ("kvm-accel.tb-size not found").
+    kvm = ctx(tmp_path, accel="kvm", tb_size=32)
+    assert values(build_argv(spec, kvm), "-accel") == ["kvm"]
+
+
+def test_templates_and_clones_trim_qemus_own_memory(tmp_path: Path) -> None:
+    """RAM in a file: a smaller translation cache and no THP (plan.FILE_RAM); other
+    launches keep QEMU's defaults."""
+    assert LaunchPlan().qemu_memory == QEMU_DEFAULTS == QemuMemory(None, True)
+    for share in (True, False):
+        plan = LaunchPlan(ram=RamFile(tmp_path / "memory", share=share))
+        assert plan.qemu_memory == FILE_RAM
+    assert FILE_RAM.tb_size is not None and 16 < FILE_RAM.tb_size < 1024
+    assert not FILE_RAM.transparent_hugepages
 
 
 @pytest.mark.parametrize("ram", [None, "file"])

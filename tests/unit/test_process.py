@@ -224,6 +224,24 @@ async def test_child_has_pdeathsig_devnull_stdin_and_own_group(tmp_path: Path) -
     assert p.stdout_text().split() == [str(int(signal.SIGKILL)), "True", "/dev/null"]
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("thp", [True, False])
+async def test_child_can_be_kept_off_transparent_hugepages(tmp_path: Path, thp: bool) -> None:
+    """A template's or a clone's QEMU has THP off (pyqvm.launch.plan.FILE_RAM): the flag
+    survives the exec; other children keep the host's setting."""
+    p = ChildProcess()
+    code = "import ctypes; print(ctypes.CDLL(None).prctl(42, 0, 0, 0, 0))"  # PR_GET_THP_DISABLE
+    out = tmp_path / "out.log"
+    await p.start(
+        [PY, "-c", code],
+        stderr_path=tmp_path / "err.log",
+        stdout_path=out,
+        transparent_hugepages=thp,
+    )
+    assert await p.wait(10) == 0, p.stderr_text()
+    assert p.stdout_text().split() == ["0" if thp else "1"]
+
+
 def test_child_starts_with_no_blocked_signals(tmp_path: Path) -> None:
     # The spawner thread is born in whichever thread spawns first; that one blocks SIGTERM.
     p: ChildProcess | None = None

@@ -104,6 +104,7 @@ class LaunchContext:
     seed: Path | None = None  # the cloud-init seed volume (pyqvm.launch.seed), a read-only disk
     efi_vars: Path | None = None  # this launch's copy of spec.ovmf_vars (UEFI's variables)
     tpm_socket: Path | None = None  # swtpm's (pyqvm.launch.swtpm), with spec.tpm
+    tb_size: int | None = None  # MiB of TCG's translation cache; None: QEMU's 1 GiB
 
 
 def console_chardev(ctx: LaunchContext) -> str:
@@ -153,6 +154,14 @@ def gdb_args(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         host, port = gdb_tcp_address(spec.gdb)
         chardev |= {"host": host, "port": str(port)}
     return ["-chardev", opts("socket", chardev), "-gdb", "chardev:pq-gdb"]
+
+
+def accel_arg(ctx: LaunchContext) -> str:
+    """``-accel``: the accelerator, under TCG with ``tb-size`` when the launch caps it (host
+    memory only: the guest sees no difference, and a migration stream does not carry it)."""
+    if ctx.accel == "tcg" and ctx.tb_size is not None:
+        return opts("tcg", {"tb-size": ctx.tb_size})
+    return ctx.accel
 
 
 def cpu_arg(spec: VMSpec, accel: str) -> str | None:
@@ -250,7 +259,7 @@ def _machine(spec: VMSpec, ctx: LaunchContext) -> list[str]:
         "-machine",
         machine_arg(spec, ctx.accel),
         "-accel",
-        ctx.accel,
+        accel_arg(ctx),
         "-m",
         memory_arg(spec, ctx.accel),
         "-smp",

@@ -38,6 +38,36 @@ SSH_FW_CFG_AUTHORIZED = "opt/pyqvm/ssh/authorized_keys"
 
 
 @dataclass(frozen=True, slots=True)
+class QemuMemory:
+    """What QEMU spends of its own memory (not the guest's RAM), where pyqvm chooses.
+
+    ``tb_size``: TCG's translation cache in MiB (``-accel tcg,tb-size``); None: QEMU's
+    default for system emulation, 1 GiB. Only the code QEMU has generated is resident, so
+    a cap bounds what a busy VM can pile up there; when it is full QEMU flushes it and
+    translates again. ``transparent_hugepages``: False turns THP off for QEMU's process
+    (``PR_SET_THP_DISABLE``). QEMU asks for huge pages on its code buffer and its RAM
+    blocks, so each of those is resident in 2 MiB steps.
+    """
+
+    tb_size: int | None
+    transparent_hugepages: bool
+
+
+#: QEMU's own choices.
+QEMU_DEFAULTS = QemuMemory(tb_size=None, transparent_hugepages=True)
+
+#: A launch whose guest RAM is a file (a template, a clone of one): QEMU's own memory is
+#: then nearly all a clone has to itself, so it is trimmed. THP off saves 2-3 MiB per
+#: idle clone (of ~37 MiB): the code buffer and the 2 MiB ACPI table block stop filling
+#: whole 2 MiB pages; the guest's RAM, a file, never had huge pages. 32 MiB of translation
+#: cache holds all that clones generate here (~16 MiB after their first commands, ~19 MiB
+#: after heavier work) and a template's boot (~51 MiB) flushes it; 16 MiB or less makes
+#: clones flush and run slower (docs/templates.md). Read at each launch:
+#: bench/template.py swaps in `QEMU_DEFAULTS` to measure the difference.
+FILE_RAM = QemuMemory(tb_size=32, transparent_hugepages=False)
+
+
+@dataclass(frozen=True, slots=True)
 class LaunchPlan:
     """How to launch a machine, beyond its spec.
 
@@ -59,6 +89,12 @@ class LaunchPlan:
     spec: VMSpec | None = None
     ram: RamFile | None = None
     console_prefix: bytes = b""
+
+    @property
+    def qemu_memory(self) -> QemuMemory:
+        """QEMU's own memory in this launch: `FILE_RAM` with the RAM in a file, else
+        `QEMU_DEFAULTS`."""
+        return FILE_RAM if self.ram is not None else QEMU_DEFAULTS
 
     def applied_to(self, resolved: Resolved) -> Resolved:
         """``resolved`` as this plan launches it (``without_forwards``: NICs without them)."""
@@ -122,9 +158,11 @@ def launch_argv(
     ram: RamFile | None = None,
     networks: Mapping[str, Membership] | None = None,
     ssh_keys: SshKeys | None = None,
+    tb_size: int | None = None,
 ) -> list[str]:
     """The argv for one launch of a resolved spec, given its runtime dir and inherited fds,
-    and the private networks its NICs joined (`pyqvm.launch.privnet`), by NIC id."""
+    and the private networks its NICs joined (`pyqvm.launch.privnet`), by NIC id.
+    ``tb_size``: TCG's translation cache in MiB (`QemuMemory`)."""
     spec = resolved.spec
     members = dict(networks or {})
     missing = [n.id for n in spec.networks if n.mode == "private" and n.id not in members]
@@ -174,6 +212,7 @@ def launch_argv(
         seed=rundir / SEED_FILE if spec.cloud_init is not None else None,
         efi_vars=rundir / EFI_VARS if spec.ovmf_vars is not None else None,
         tpm_socket=rundir / swtpm.SOCKET if spec.tpm else None,
+        tb_size=tb_size,
     )
     return build_argv(spec, ctx)
 
@@ -231,10 +270,13 @@ def preview_argv(spec: VMSpec, *, image_cache: Path | None = None) -> list[str]:
 
 __all__ = [
     "CONSOLE_SOCKET",
+    "FILE_RAM",
     "GDB_SOCKET",
+    "QEMU_DEFAULTS",
     "SSH_DIR",
     "Channels",
     "LaunchPlan",
+    "QemuMemory",
     "launch_argv",
     "make_efi_vars",
     "make_ssh_keys",

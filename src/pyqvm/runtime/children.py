@@ -45,6 +45,7 @@ _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PR_SET_THP_DISABLE = 41
 TAIL_BYTES = 64 * 1024
 
 
@@ -144,7 +145,9 @@ def _c_functions() -> Any:
     return _libc
 
 
-def _child_setup(parent_pid: int, readonly: Sequence[Path] = ()) -> Callable[[], None]:
+def _child_setup(
+    parent_pid: int, readonly: Sequence[Path] = (), transparent_hugepages: bool = True
+) -> Callable[[], None]:
     """Build the preexec_fn: set PDEATHSIG, then make sure the parent did not already die.
 
     Why preexec_fn despite its thread-safety warning: the getppid re-check has to run in
@@ -157,6 +160,10 @@ def _child_setup(parent_pid: int, readonly: Sequence[Path] = ()) -> Callable[[],
 
     ``readonly``: directories the child sees read-only, whatever it does (a mount
     namespace of its own with read-only bind mounts of them; needs CAP_SYS_ADMIN).
+
+    ``transparent_hugepages=False``: ``PR_SET_THP_DISABLE``, which the exec keeps, so the
+    child's anonymous memory is never backed by 2 MiB pages even where it asks for them
+    (``madvise``). Best effort: a kernel that refuses it leaves THP as it is.
     """
     libc = _c_functions()
     sigkill = int(signal.SIGKILL)
@@ -172,6 +179,8 @@ def _child_setup(parent_pid: int, readonly: Sequence[Path] = ()) -> Callable[[],
         check(libc.prctl(PR_SET_PDEATHSIG, sigkill, 0, 0, 0), "prctl(PR_SET_PDEATHSIG) failed")
         if os.getppid() != parent_pid:  # parent died before prctl: nobody will signal us
             os._exit(127)
+        if not transparent_hugepages:
+            libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
         if targets:
             check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS) failed")
             # Private first: the read-only mounts below must not reach the host's namespace.
@@ -198,6 +207,7 @@ def _spawn(
     stdin_devnull: bool,
     own_process_group: bool,
     readonly: tuple[Path, ...],
+    transparent_hugepages: bool = True,
 ) -> _Spawned:
     """Runs on the spawner thread: open the log files, fork/exec, get a pidfd."""
     files: list[IO[bytes]] = []
@@ -218,7 +228,7 @@ def _spawn(
                 close_fds=True,
                 # Own group: a terminal's Ctrl-C reaches only us, and we run the stepwise stop.
                 process_group=0 if own_process_group else None,
-                preexec_fn=_child_setup(os.getpid(), readonly),
+                preexec_fn=_child_setup(os.getpid(), readonly, transparent_hugepages),
             )
         except OSError as exc:
             what = exc.filename or argv[0]
@@ -305,6 +315,7 @@ class ChildProcess:
         stdin_devnull: bool = True,
         own_process_group: bool = True,
         readonly: Sequence[Path] = (),
+        transparent_hugepages: bool = True,
     ) -> None:
         """Start ``argv`` (no shell) with output in files and a parent-death SIGKILL.
 
@@ -317,6 +328,7 @@ class ChildProcess:
             own_process_group: put the child in its own process group; pass False for an
                 interactive console on the terminal.
             readonly: directories the child sees read-only (see `_child_setup`).
+            transparent_hugepages: False turns THP off for the child (see `_child_setup`).
 
         Raises:
             LaunchError: the program could not be executed.
@@ -337,6 +349,7 @@ class ChildProcess:
                 stdin_devnull,
                 own_process_group,
                 tuple(readonly),
+                transparent_hugepages,
             )
         )
         try:
