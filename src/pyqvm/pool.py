@@ -165,6 +165,11 @@ class AsyncPool:
         """How many spares wait, warm, for `acquire` now."""
         return sum(1 for vm in self._spares if vm.state is VMState.PAUSED)
 
+    @property
+    def spare_pids(self) -> tuple[int, ...]:
+        """The QEMU processes of the spares waiting now (to watch what they cost)."""
+        return tuple(vm.pid for vm in self._spares if vm.pid is not None)
+
     async def open(self, *, wait: bool = False) -> None:
         """Check the template and the host's memory, and start filling the pool (with
         ``wait``, return once it is full)."""
@@ -357,6 +362,11 @@ class Pool:
     def ready(self) -> int:
         """How many spares wait, warm, for `acquire` now."""
         return self._pool.ready
+
+    @property
+    def spare_pids(self) -> tuple[int, ...]:
+        """The QEMU processes of the spares waiting now (to watch what they cost)."""
+        return self._pool.spare_pids
 
     def open(self, *, wait: bool = False) -> None:
         """`AsyncPool.open`."""
