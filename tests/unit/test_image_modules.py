@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pyqvm.image.modules import (
+    boot_modules,
     module_name,
     parse_module_list,
+    parse_modules_alias,
     parse_modules_builtin,
     parse_modules_dep,
     plan_modules,
@@ -67,3 +69,43 @@ virtio_pci
 """
     assert parse_module_list(text, "default") == ("virtio_pci", "virtio_rng")
     assert parse_module_list(text, "full") == ("virtio_pci", "virtio_rng", "e1000", "special")
+
+
+MODULES_ALIAS = """\
+# Aliases extracted from modules themselves.
+alias fs-virtiofs virtiofs
+alias virtio:d0000001Av* virtiofs
+alias acpi*:LNRO0005:* virtio_mmio
+alias of:N*T*Cvirtio,mmio virtio_mmio
+alias pci:v00001AF4d*sv*sd*bc*sc*i* virtio_pci
+alias virtio:d00000002v* virtio_blk
+alias scsi:t-0x00* sd_mod
+alias block-major-8-* sd_mod
+alias devname:fuse fuse
+alias acpi*:QEMU0002:* qemu_fw_cfg
+alias platform:odd$(x) odd
+"""
+
+
+def test_boot_modules_sorts_device_drivers_from_the_rest() -> None:
+    aliases = parse_modules_alias(MODULES_ALIAS)
+    assert aliases[0] == ("fs-virtiofs", "virtiofs")
+    boot = boot_modules(["virtio_mmio", "virtio_pci", "virtio_blk", "sd_mod", "libata"], aliases)
+    assert boot.drivers == (
+        ("acpi*:LNRO0005:*", "virtio_mmio"),
+        ("of:N*T*Cvirtio,mmio", "virtio_mmio"),
+        ("pci:v00001AF4d*sv*sd*bc*sc*i*", "virtio_pci"),
+        ("virtio:d00000002v*", "virtio_blk"),
+        ("scsi:t-0x00*", "sd_mod"),  # not block-major-8-*: that names no device
+    )
+    # No device alias: loaded at every boot.
+    assert boot.always == ("libata",)
+
+
+def test_boot_modules_leaves_out_modules_not_loaded_at_boot_and_unsafe_patterns() -> None:
+    aliases = parse_modules_alias(MODULES_ALIAS)
+    boot = boot_modules(["virtio_blk", "odd"], aliases)
+    # qemu_fw_cfg and virtiofs are not asked for (on demand); odd's pattern is not one init
+    # puts in a shell `case` as it is: odd loads at every boot instead.
+    assert boot.drivers == (("virtio:d00000002v*", "virtio_blk"),)
+    assert boot.always == ("odd",)

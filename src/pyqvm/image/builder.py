@@ -49,8 +49,10 @@ from pyqvm.image.guest import (
 )
 from pyqvm.image.modules import (
     ModulePlan,
+    boot_modules,
     on_demand_modules,
     parse_module_list,
+    parse_modules_alias,
     parse_modules_builtin,
     parse_modules_dep,
     plan_modules,
@@ -62,8 +64,9 @@ log = logging.getLogger(__name__)
 # Bump when the build steps change in a way the recipe files do not show.
 # 2: LZ4 initramfs; 3: packages of GUEST_PACKAGES, libraries from .debs; 4: INITRD_PROGRAMS;
 # 5: the UEFI boot disk; 6: the manifest says "wake_port"; 7: packages from pyqvm's archive
-# client, and every library from the .debs on every arch
-BUILDER_VERSION = "7"
+# client, and every library from the .debs on every arch; 8: /etc/pyqvm/drivers (init loads
+# a driver only for a device that is there)
+BUILDER_VERSION = "8"
 LOADER_PACKAGE = esp.LOADER_PACKAGE  # the boot disk's UEFI loader
 #: Called with the bytes downloaded so far and the total (a progress display).
 BytesProgress = Callable[[int, int], None]
@@ -444,7 +447,16 @@ def _modules(moddir: Path, version: str, flavour: str, initrd: Path) -> ModulePl
     tools.run(["depmod", "-b", str(initrd), version], what="depmod (initramfs)")
     (initrd / "etc/pyqvm").mkdir(parents=True, exist_ok=True)
     at_boot = [name for name in plan.load if name not in on_demand]
-    (initrd / "etc/pyqvm/modules").write_text(" ".join(at_boot) + "\n")
+    # Device drivers load by the modalias of a device that is there (init's coldplug, and
+    # pyqvm-hotplug for one that comes later): a module costs ~10 ms to load under TCG
+    # (its signature is checked, its BTF parsed) and most of the list drives devices a
+    # guest may lack (virtio_pci on microvm, the SCSI stack without a SCSI disk).
+    aliases = parse_modules_alias((dest / "modules.alias").read_text())
+    boot = boot_modules(at_boot, aliases)
+    (initrd / "etc/pyqvm/modules").write_text(" ".join(boot.always) + "\n")
+    (initrd / "etc/pyqvm/drivers").write_text(
+        "".join(f"{pattern} {module}\n" for pattern, module in boot.drivers)
+    )
     return plan
 
 

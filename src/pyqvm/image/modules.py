@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -102,3 +103,49 @@ def plan_modules(
         else:
             missing.append(name)
     return ModulePlan(tuple(load), tuple(files), tuple(built), tuple(missing))
+
+
+# A modalias pattern init can put in a shell `case` as it is: glob characters and the
+# punctuation of bus aliases (pci:v00001AF4d*sv*, acpi*:LNRO0005:*, of:N*T*Cvirtio,mmio).
+_SAFE_PATTERN = re.compile(r"[A-Za-z0-9_:*?,.+-]+")
+# Aliases with a colon that name no device: a /dev node, a symbol.
+_NOT_DEVICES = ("devname:", "symbol:")
+
+
+def parse_modules_alias(text: str) -> list[tuple[str, str]]:
+    """modules.alias -> (pattern, module name) pairs, in the file's order."""
+    pairs: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == "alias":
+            pairs.append((words[1], module_name(words[2])))
+    return pairs
+
+
+@dataclass(frozen=True, slots=True)
+class BootModules:
+    """How init loads the modules it loads at boot.
+
+    ``drivers`` are device drivers, as (modalias pattern, module) pairs: init loads one
+    only when a device it drives is there (or comes, on hotplug). ``always`` drive no
+    device a modalias names (a library, a file system): init loads them at every boot.
+    """
+
+    drivers: tuple[tuple[str, str], ...]
+    always: tuple[str, ...]
+
+
+def boot_modules(at_boot: Iterable[str], aliases: Iterable[tuple[str, str]]) -> BootModules:
+    """Sort the modules init loads at boot into device drivers (by their device aliases,
+    from `parse_modules_alias`) and the rest."""
+    wanted = tuple(dict.fromkeys(at_boot))
+    drivers = tuple(
+        (pattern, module)
+        for pattern, module in aliases
+        if module in wanted
+        and ":" in pattern
+        and not pattern.startswith(_NOT_DEVICES)
+        and _SAFE_PATTERN.fullmatch(pattern)
+    )
+    driven = {module for _, module in drivers}
+    return BootModules(drivers, tuple(m for m in wanted if m not in driven))
