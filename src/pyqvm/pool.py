@@ -336,7 +336,10 @@ class Pool:
         t = templates.get(template, directory=directory)
         self._loop = BackgroundLoop(f"pyqvm-pool-{t.name}")
         try:
-            self._pool = self._loop.run(_make(t, size, image_cache, warm, refills, nice))
+            # asyncio's primitives bind to a loop at first use: the pool's thread's, here.
+            self._pool = AsyncPool(
+                t, size, image_cache=image_cache, warm=warm, refills=refills, nice=nice
+            )
         except BaseException:
             self._loop.close()
             raise
@@ -384,25 +387,6 @@ class Pool:
             self._loop.run(self._pool.close())
         finally:
             self._loop.close()
-
-
-async def _make(
-    template: Template,
-    size: int,
-    image_cache: Path | None,
-    warm: Sequence[Sequence[str]],
-    refills: int,
-    nice: int,
-) -> AsyncPool:
-    """An `AsyncPool` made on the loop it will run on (its events belong to that loop)."""
-    return AsyncPool(
-        template,
-        size,
-        image_cache=image_cache,
-        warm=warm,
-        refills=refills,
-        nice=nice,
-    )
 
 
 __all__ = ["WARM", "AsyncPool", "Pool", "auto_size", "check_memory", "mem_available_mib"]
