@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import os
 import textwrap
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pysequoia
 import pytest
@@ -429,7 +431,7 @@ def test_a_passing_network_failure_is_retried_and_an_answer_is_not(
             )
         return io.BytesIO(b"release")
 
-    monkeypatch.setattr(urllib.request, "urlopen", flaky)
+    monkeypatch.setattr(fetch, "_urlopen", flaky)
     assert fetch.fetch_bytes("http://mirror.invalid/InRelease") == b"release"
     assert len(calls) == 3
 
@@ -438,7 +440,37 @@ def test_a_passing_network_failure_is_retried_and_an_answer_is_not(
         raise urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
 
     calls.clear()
-    monkeypatch.setattr(urllib.request, "urlopen", missing)
+    monkeypatch.setattr(fetch, "_urlopen", missing)
     with pytest.raises(ArchiveError, match="unreachable"):
         fetch.fetch_bytes("http://mirror.invalid/InRelease")
     assert len(calls) == 1
+
+
+def test_a_host_name_is_looked_up_once_for_every_file(
+    archive: TestArchive, mirror: MirrorServer, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each file is a connection of its own, but not a DNS lookup of its own: a resolver that
+    drops a query costs 5 s each time (~35 s of a debian build's downloads)."""
+    import socket
+
+    from pyqvm.image.archive import fetch
+
+    monkeypatch.setattr(fetch, "_addresses", {}, raising=False)
+    lookups: list[object] = []
+    real = socket.getaddrinfo
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        lookups.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", counting)
+    a = client(mirror.url.replace("127.0.0.1", "localhost"), archive.keyring, cache)
+    debs = a.download(a.closure(["app"], "amd64"))
+    assert len(debs) == 4 and len(mirror.requests) >= 6  # release, index, four packages
+    assert lookups.count("localhost") == 1
+    # A host that no longer answers is looked up again on the next try.
+    gone = real("127.0.0.1", 1, 0, socket.SOCK_STREAM)
+    fetch._addresses[("localhost", 1)] = (time.monotonic(), gone)
+    with pytest.raises(OSError):
+        fetch._connect(("localhost", 1), 5.0)
+    assert ("localhost", 1) not in fetch._addresses
