@@ -164,3 +164,18 @@ async def _until_full(pool: AsyncPool) -> None:
     while pool.ready < pool.size:
         assert time.monotonic() < deadline, pool
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.asyncio
+async def test_a_stale_template_is_refused_before_any_qemu_starts(pool_template: Template) -> None:
+    """A template whose files changed since it was made (here: its memory file's time)."""
+    memory = pool_template.memory_file
+    was = memory.stat()
+    os.utime(memory, ns=(was.st_atime_ns, was.st_mtime_ns + 1))
+    try:
+        with pytest.raises(TemplateError, match="stale"):
+            await AsyncPool(pool_template).open()
+        assert _spare_pids(pool_template) == set()
+    finally:
+        os.utime(memory, ns=(was.st_atime_ns, was.st_mtime_ns))
+    pool_template.check()

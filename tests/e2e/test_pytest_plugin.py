@@ -3,15 +3,37 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import pytest
 from _cli import pyqvm
 
-from pyqvm import VM, VMSpec
+from pyqvm import VM, Pool, VMSpec
 from pyqvm.image import GuestImage
 from pyqvm.vm import AsyncVM, VMState
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def pyqvm_pools() -> Iterator[dict[str, Pool]]:
+    """This module's own pools, in place of the plugin's session-wide ones: closed when the
+    module ends, so no spare outlives these tests (others count their VMs' processes and
+    sockets)."""
+    pools: dict[str, Pool] = {}
+    yield pools
+    for pool in pools.values():
+        pool.close()
+
+
+def test_the_sync_factory_hands_out_pool_clones(
+    pyqvm_image: GuestImage, pyqvm_vm: object, pyqvm_pools: dict[str, Pool]
+) -> None:
+    a, b = pyqvm_vm(), pyqvm_vm()  # type: ignore[operator]
+    [pool] = pyqvm_pools.values()
+    assert a.name.startswith(pool.template.name) and b.name.startswith(pool.template.name)
+    a.write_file("/tmp/x", b"a")
+    assert b.run(["cat", "/tmp/x"]).returncode != 0
 
 
 def test_sync_factory(pyqvm_image: GuestImage, pyqvm_vm: object) -> None:
@@ -154,3 +176,30 @@ def test_a_sample_project_uses_clones(
         assert re.fullmatch(r"only-in-ram-\d+\n", seen.stdout), (seen.stdout, seen.stderr)
     finally:
         assert pyqvm("stop", name).returncode == 0
+
+
+def test_a_vm_that_cannot_be_kept_is_named_with_the_reason(
+    pyqvm_image: GuestImage, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYQVM_CACHE_DIR", str(pyqvm_image.directory.parent.parent))
+    (pytester.path / "shared").mkdir()
+    pytester.makepyfile(
+        f"""
+        import pytest
+        from pyqvm import Share, VMSpec
+
+        SPEC = VMSpec(image="default", shares=(Share({str(pytester.path / "shared")!r}),))
+
+        @pytest.mark.pyqvm(spec=SPEC, template=False)
+        def test_fails(pyqvm_vm):
+            pyqvm_vm()
+            assert False, "looked wrong"
+        """
+    )
+    kept = pytester.path / "kept"
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--pyqvm-keep-failed={kept}")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*pyqvm failure snapshots (teardown)*", "*: not kept: cannot save VM *share*"]
+    )
+    assert not kept.exists() or not any(kept.iterdir())
