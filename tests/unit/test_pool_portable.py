@@ -97,3 +97,18 @@ def test_another_qemu_version_or_format_is_refused_naming_both(tmp_path: Path) -
     _portable(tmp_path / "c", "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7)", fmt=99)
     with pytest.raises(MigrationError, match="format 99"):
         portable_spec(tmp_path / "c", "x")
+
+
+def test_the_blocking_pool_takes_what_the_async_one_takes() -> None:
+    """The twins' constructors are written twice (a signature, no logic): kept equal here."""
+    import inspect
+
+    from pyqvm import AsyncPool, Pool
+
+    blocking = inspect.signature(Pool.__init__).parameters
+    async_ = inspect.signature(AsyncPool.__init__).parameters
+    assert list(blocking.items()) == list(async_.items())
+    for name in ("open", "acquire", "close"):
+        b = inspect.signature(getattr(Pool, name)).parameters
+        a = inspect.signature(getattr(AsyncPool, name)).parameters
+        assert list(b.items()) == list(a.items()), name
