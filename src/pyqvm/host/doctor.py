@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pyqvm.host.facts import (
     QEMU_PACKAGES,
     find_qemu_binaries,
     find_xen_device_model,
+    qemu_version_line,
     search_path,
 )
 from pyqvm.host.modes import MODES, Mode
@@ -94,13 +94,7 @@ class Report:
 
 
 def _qemu_version(binary: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            [str(binary), "--version"], capture_output=True, text=True, timeout=20, check=False
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = _VERSION_RE.search(out)
+    m = _VERSION_RE.search(qemu_version_line(binary) or "")
     return m.group(1) if m else None
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import shutil
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,15 @@ from pyqvm.host.accel import KvmStatus, host_tsc_khz, kvm_status
 from pyqvm.host.firmware import Firmware, read_firmware
 from pyqvm.host.packages import install_hint
 
-__all__ = ["QEMU_PACKAGES", "HostFacts", "qemu_binary", "read_host_facts", "search_path"]
+__all__ = [
+    "QEMU_PACKAGES",
+    "HostFacts",
+    "pyqvm_version",
+    "qemu_binary",
+    "qemu_version_line",
+    "read_host_facts",
+    "search_path",
+]
 
 # QEMU architecture → Debian package that ships qemu-system-<arch>.
 QEMU_PACKAGES: Mapping[str, str] = MappingProxyType(
@@ -108,3 +118,23 @@ def qemu_binary(facts: HostFacts, arch: str) -> Path:
             else "install the QEMU system emulator for that architecture"
         )
         raise HostError(f"qemu-system-{arch} not found; {fix}") from None
+
+
+def pyqvm_version() -> str:
+    """This installation's pyqvm version ("unknown" when run from a bare source tree)."""
+    try:
+        return importlib.metadata.version("pyqvm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def qemu_version_line(binary: str | Path, timeout: float = 20.0) -> str | None:
+    """The first line of ``BINARY --version`` ("QEMU emulator version 7.2.19 (Debian
+    ...)"), or None when it cannot be run."""
+    try:
+        out = subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, timeout=timeout, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None

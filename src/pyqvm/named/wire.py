@@ -23,27 +23,19 @@ from __future__ import annotations
 import base64
 import contextlib
 import enum
-import importlib.metadata
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import pyqvm.errors as errors
 from pyqvm.errors import PyqvmError
+from pyqvm.host.facts import pyqvm_version
 from pyqvm.state import VMState
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("pyqvm")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
 
 #: The version of the owner's protocol, in its greeting; a client refuses another.
 PROTOCOL = 2
 #: This pyqvm's version, in the greeting (a refusal says both sides').
-VERSION = _version()
+VERSION = pyqvm_version()
 #: The owner's command that runs one of AsyncVM's operations (`pyqvm.faces.operations`):
 #: ``{"operation", "arguments", "callbacks", "call"}`` in, ``{"result", "ended"}`` out.
 OP_COMMAND = "pyqvm-op"

@@ -15,17 +15,16 @@ it, and a mismatch there is a cryptic "Unknown savevm section").
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from pyqvm import image
 from pyqvm.errors import MigrationError
+from pyqvm.host.facts import pyqvm_version, qemu_version_line
 from pyqvm.image.guest import MANIFEST
 from pyqvm.machine import Machine
 from pyqvm.runtime.children import ChildProcess
@@ -41,21 +40,11 @@ IMAGE = "image"
 
 
 def qemu_version_of(binary: str | Path) -> str:
-    """The first line of ``BINARY --version`` ("QEMU emulator version 7.2.19 (Debian ...)")."""
-    try:
-        out = subprocess.run(
-            [str(binary), "--version"], capture_output=True, text=True, timeout=30, check=True
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise MigrationError(f"cannot ask '{binary}' for its version: {e}") from None
-    return out.splitlines()[0].strip() if out else ""
-
-
-def pyqvm_version() -> str:
-    try:
-        return importlib.metadata.version("pyqvm")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    """`qemu_version_line`, or `MigrationError` when ``binary`` does not say it."""
+    line = qemu_version_line(binary)
+    if line is None:
+        raise MigrationError(f"cannot ask '{binary}' for its version (--version)")
+    return line
 
 
 async def make_portable(vm: Machine, out: Path, disks: dict[str, Path]) -> None:
