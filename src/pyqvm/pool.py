@@ -200,6 +200,8 @@ class AsyncPool:
                 log.warning("%s: a spare of the pool failed at its hand-out: %s", vm.name, e)
                 await _discard(vm)
                 continue
+            # Only what may still run is kept: a long session hands out thousands.
+            self._handed_out = [v for v in self._handed_out if v.state not in _ENDED]
             self._handed_out.append(vm)
             log.info("%s: handed out by the pool of %s", vm.name, self.template.name)
             return vm
@@ -240,7 +242,6 @@ class AsyncPool:
                     return vm
                 log.warning("%s: a spare of the pool died while idle; replacing it", vm.name)
                 await _discard(vm)
-                self._top_up()
             if self._error is not None:
                 error, self._error = self._error, None
                 raise error
@@ -262,8 +263,7 @@ class AsyncPool:
         """Start refills until spares and refills make ``size``."""
         if self._state != "open":
             return
-        live = sum(1 for vm in self._spares if vm.state is VMState.PAUSED)
-        for _ in range(self.size - live - len(self._refilling)):
+        for _ in range(self.size - self.ready - len(self._refilling)):
             task = asyncio.ensure_future(self._refill())
             self._refilling.add(task)
             task.add_done_callback(self._refilled)
