@@ -173,13 +173,12 @@ def _keep_failed_dir(request: pytest.FixtureRequest, vm: VM | AsyncVM) -> Path |
     return Path(where).resolve() / f"{stem}-{vm.name}"
 
 
-def _keep_failed(
-    request: pytest.FixtureRequest, vm: VM, save: Callable[[VM, Path], object]
-) -> None:
+def _keep_failed(request: pytest.FixtureRequest, vm: VM) -> None:
+    """A blocking VM of a failed test, saved (the async fixture awaits the same steps)."""
     if (where := _keep_failed_dir(request, vm)) is None:
         return
     try:
-        save(vm, where)
+        vm.save(where, portable=True)
     except PyqvmError as e:
         _not_kept(request, vm, e)
     else:
@@ -279,7 +278,7 @@ def pyqvm_vm(request: pytest.FixtureRequest) -> Iterator[Callable[..., VM]]:
 
     yield start
     for vm in started:
-        _keep_failed(request, vm, lambda vm, where: vm.save(where, portable=True))
+        _keep_failed(request, vm)
     errors: list[BaseException] = []
     for vm in reversed(started):
         try:
