@@ -85,7 +85,6 @@ class BackgroundLoop:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
         self._thread.start()
-        self.thread = self._thread.ident
 
     def adopt(self, vm: AsyncVM) -> None:
         """Nothing to keep: this loop runs until `close`, whatever its VMs do."""
