@@ -21,7 +21,13 @@ _T = TypeVar("_T")
 
 
 def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """The verbs that drive a named VM through its owner, a family at a time."""
     par = list(parents)
+    for add in (_add_qmp, _add_stop_and_wait, _add_snapshot, _add_plugging, _add_moves):
+        add(sub, par)
+
+
+def _add_qmp(sub: Any, par: list[argparse.ArgumentParser]) -> None:
     q = sub.add_parser(
         "qmp",
         parents=par,
@@ -34,6 +40,8 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     q.add_argument("arguments", nargs="?", metavar="JSON-ARGS", help='e.g. \'{"device": "x"}\'')
     q.set_defaults(run=run_qmp, over_owner=True)
 
+
+def _add_stop_and_wait(sub: Any, par: list[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("stop", parents=par, help="stop named VMs")
     s.add_argument("names", nargs="*", metavar="NAME")
     s.add_argument("--all", action="store_true", help="every named VM of this user")
@@ -50,6 +58,8 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     w.add_argument("name", metavar="NAME")
     w.set_defaults(run=run_wait, over_owner=True)
 
+
+def _add_snapshot(sub: Any, par: list[argparse.ArgumentParser]) -> None:
     sn = sub.add_parser("snapshot", parents=par, help="internal snapshots of a named VM")
     sn.add_argument("name", metavar="NAME")
     sn.add_argument("action", choices=["save", "load", "list", "delete"])
@@ -58,6 +68,8 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     sn.add_argument("--overwrite", action="store_true", help="save over an existing TAG")
     sn.set_defaults(run=run_snapshot, over_owner=True)
 
+
+def _add_plugging(sub: Any, par: list[argparse.ArgumentParser]) -> None:
     h = sub.add_parser(
         "hotplug",
         parents=par,
@@ -88,6 +100,8 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> Non
     u.add_argument("--timeout", type=float, default=30.0)
     u.set_defaults(run=run_unplug, over_owner=True)
 
+
+def _add_moves(sub: Any, par: list[argparse.ArgumentParser]) -> None:
     mg = sub.add_parser(
         "migrate",
         parents=par,
